@@ -1,0 +1,25 @@
+"""mace_core: MACE (Model Adaptation with the Cross-Entropy method) for robot manipulation.
+
+Pure PyTorch + NumPy: kinematics, batched collision checks, generative priors, the MACE loop
+(Krupnik et al., CoRL 2023, Algorithm 1), exact refinement, data generation and training. No ROS.
+Submodules import their heavy dependencies (pybullet, pytracik) only where they are used.
+"""
+
+from .collision import CollisionWorld, PyBulletCollisionChecker, RobotSpheres, SphereCollisionChecker
+from .config import ServiceConfig, load_service_config
+from .errors import InvalidRequestError, MaceError, ModelLoadError
+from .ik import IKAdaptConfig, IKAdapter, IKAdaptResult, IKRequest, IKSolution
+from .ik_prior import ARGMMConfig, ARGMMPrior
+from .kinematics import RobotKinematics
+from .mace import MACEConfig, adapt
+from .refinement import DLSRefiner, IKTarget, RefinementConfig, TracIKRefiner
+from .scenes import Obstacle, Scene, load_scene
+from .tensor import TensorSpec
+
+__all__ = [
+    "ARGMMConfig", "ARGMMPrior", "CollisionWorld", "DLSRefiner", "IKAdaptConfig", "IKAdaptResult",
+    "IKAdapter", "IKRequest", "IKSolution", "IKTarget", "InvalidRequestError", "MACEConfig",
+    "MaceError", "ModelLoadError", "Obstacle", "PyBulletCollisionChecker", "RefinementConfig",
+    "RobotKinematics", "RobotSpheres", "Scene", "ServiceConfig", "SphereCollisionChecker",
+    "TensorSpec", "TracIKRefiner", "adapt", "load_scene", "load_service_config",
+]

@@ -1,0 +1,453 @@
+"""Collision-aware IK by MACE: adapt the IK prior to a scene at query time, then refine exactly.
+
+The product's pipeline for one request (Algorithm 1 with the IK score of paper Sec. 4.2):
+
+1. sampling: N configurations from the prior p(q | p_target); score 0 on collision (or outside the
+   joint limits), else exp(−‖p_target − p_ee(q)‖);
+2. adaptation: MACE iterations on all the prior's weights, stopped by T, by the time budget, or as
+   soon as enough valid candidates near the target are pooled (T = 0: prior samples only);
+3. refinement: diverse valid candidates seed an exact solver (DLS, TRAC-IK, or an external one such
+   as MoveIt) that reaches the target within the tolerance; results are re-checked for collision,
+   and more batches are drawn from the adapted model while solutions are missing and time is left.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from .collision import CollisionWorld, SphereCollisionChecker
+from .errors import InvalidRequestError, ModelLoadError
+from .ik_prior import ARGMMPrior
+from .kinematics import RobotKinematics, panda_urdf_path
+from .mace import MACEConfig, adapt
+from .refinement import DLSRefiner, IKTarget, RefinementConfig, Refiner, TracIKRefiner, pose_errors
+from .registry import load_ik_prior, load_registry
+from .scenes import Obstacle
+from .tensor import TensorSpec
+
+REFINEMENTS = ("none", "dls", "tracik", "moveit")
+#: Origin of joint 2 (the shoulder) in the base frame, m; reach is measured from there.
+_SHOULDER = (0.0, 0.0, 0.333)
+
+
+@dataclass
+class IKLimits:
+    """Hard limits on what one request may ask for (the node's safety net)."""
+
+    max_solutions: int = 64  #: K at most
+    max_samples: int = 16384  #: N at most
+    max_iterations: int = 2000  #: T at most
+    max_time_budget_s: float = 30.0  #: s
+    max_obstacles: int = 512  #: primitives per request
+    reach_m: float = 1.0  #: farthest target from the shoulder (joint 2), m
+
+
+@dataclass
+class IKAdaptConfig:
+    """Defaults of the IK service; every field but ``limits`` can be overridden per request."""
+
+    mace: MACEConfig = field(default_factory=lambda: MACEConfig(
+        num_samples=512, quantile=1.0 / 16.0, gradient_steps=4, iterations=40,
+        learning_rate=3e-4, objective="cem", pool_size=512))  #: Algorithm 1 settings
+    refinement: RefinementConfig = field(default_factory=RefinementConfig)  #: exact solvers
+    num_solutions: int = 8  #: K, solutions returned
+    time_budget_s: float = 1.0  #: s for the whole request
+    refinement_mode: str = "dls"  #: one of ``REFINEMENTS``
+    refine_seeds: int = 32  #: candidates refined per round
+    seed_radius_m: float = 0.05  #: a valid sample this close to the target counts as a good seed
+    early_stop: bool = True  #: stop adapting once ``refine_seeds`` good seeds are pooled
+    min_joint_distance: float = 0.1  #: rad (max-norm); closer solutions are duplicates
+    refine_reserve_s: float = 0.1  #: s of the budget kept for refinement after adaptation
+    limits: IKLimits = field(default_factory=IKLimits)  #: hard limits per request
+
+    def validate(self) -> None:
+        """Raise InvalidRequestError naming the first field that is out of range."""
+        lim, ref = self.limits, self.refinement
+
+        def check(ok: bool, name: str, want: str, value) -> None:
+            if not ok:
+                raise InvalidRequestError(f"{name} must be {want}, got {value!r}")
+
+        for name in ("max_solutions", "max_samples", "max_iterations", "max_obstacles"):
+            check(getattr(lim, name) >= 1, f"limits.{name}", ">= 1", getattr(lim, name))
+        for name in ("max_time_budget_s", "reach_m"):
+            value = getattr(lim, name)
+            check(math.isfinite(value) and value > 0, f"limits.{name}", "> 0", value)
+        check(1 <= self.num_solutions <= lim.max_solutions, "num_solutions",
+              f"in [1, {lim.max_solutions}]", self.num_solutions)
+        check(math.isfinite(self.time_budget_s) and 0 < self.time_budget_s
+              <= lim.max_time_budget_s, "time_budget_s", f"in (0, {lim.max_time_budget_s}] s",
+              self.time_budget_s)
+        check(self.refinement_mode in REFINEMENTS, "refinement", f"one of {REFINEMENTS}",
+              self.refinement_mode)
+        check(self.refine_seeds >= 1, "refine_seeds", ">= 1", self.refine_seeds)
+        for name in ("seed_radius_m", "min_joint_distance", "refine_reserve_s"):
+            value = getattr(self, name)
+            check(math.isfinite(value) and value >= 0, name, ">= 0", value)
+        check(self.mace.num_samples <= lim.max_samples, "num_samples",
+              f"at most {lim.max_samples}", self.mace.num_samples)
+        check(self.mace.iterations <= lim.max_iterations, "iterations",
+              f"at most {lim.max_iterations}", self.mace.iterations)
+        self.mace.validate()
+        check(ref.max_iterations >= 1, "refinement.max_iterations", ">= 1", ref.max_iterations)
+        for name in ("damping", "max_step", "position_tolerance", "orientation_weight",
+                     "tracik_timeout"):
+            value = getattr(ref, name)
+            check(math.isfinite(value) and value > 0, f"refinement.{name}", "> 0", value)
+
+
+@dataclass
+class IKRequest:
+    """One IK query in the robot's base frame. ``None`` fields take the config's defaults."""
+
+    position: np.ndarray  #: (3,) target of the end effector, m
+    obstacles: list[Obstacle] = field(default_factory=list)  #: obstacles, base frame
+    rotation: np.ndarray | None = None  #: (3, 3) target orientation, or None: position-only
+    orientation_tolerance: float = 0.0  #: rad, used with ``rotation``
+    num_solutions: int | None = None  #: K
+    time_budget_s: float | None = None  #: s
+    iterations: int | None = None  #: T (0: prior samples only)
+    refinement: str | None = None  #: one of ``REFINEMENTS``
+    objective: str | None = None  #: "cem" or "is"
+    num_samples: int | None = None  #: N
+    quantile: float | None = None  #: q
+    gradient_steps: int | None = None  #: M
+    learning_rate: float | None = None  #: Adam step size
+    seed: int | None = None  #: random seed; None draws a fresh one
+
+
+@dataclass
+class IKSolution:
+    """One returned configuration."""
+
+    q: np.ndarray  #: (7,) joint positions, rad, order of ``IKAdaptResult.joint_names``
+    score: float  #: S in [0, 1]: 0 on collision, else exp(−position error)
+    position_error: float  #: m
+    orientation_error: float  #: rad (0 for position-only requests)
+    collision_free: bool  #: free of self-collision and obstacles, within joint limits
+    clearance: float  #: m, smallest distance from the robot's spheres to an obstacle
+
+
+@dataclass
+class IKTimings:
+    """Seconds spent in each stage of a request."""
+
+    sampling: float = 0.0  #: drawing and scoring prior samples (and later batches)
+    adaptation: float = 0.0  #: MACE iterations
+    refinement: float = 0.0  #: exact solvers and re-checks
+    total: float = 0.0  #: the whole request
+
+
+@dataclass
+class IKAdaptResult:
+    """What :meth:`IKAdapter.solve` returns."""
+
+    solutions: list[IKSolution]  #: at most K, best first
+    joint_names: list[str]  #: names of the 7 joints
+    num_requested: int  #: K asked for
+    valid_fraction_prior: float  #: share of prior samples that are valid
+    valid_fraction_adapted: float  #: share of samples of the adapted model that are valid
+    iterations_run: int  #: MACE iterations actually run
+    timings: IKTimings  #: stage times
+    message: str = ""  #: what happened, for humans
+
+    @property
+    def success(self) -> bool:
+        """True when at least one collision-free solution within tolerance was found."""
+        return bool(self.solutions) and self.solutions[0].collision_free
+
+
+class _ConditionedPrior:
+    """The IK prior at one target position, as :func:`mace.adapt` sees it (all weights tuned)."""
+
+    def __init__(self, prior: ARGMMPrior, initial: ARGMMPrior, position: torch.Tensor,
+                 lower: torch.Tensor, upper: torch.Tensor):
+        self.prior, self.initial, self.position = prior, initial, position
+        self.lower, self.upper = lower, upper  # (7,) joint limits, rad
+
+    def adapted_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.prior.parameters())
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``(n, 7)`` samples projected onto the joint limits: the mixtures' tails spill over
+        the limits (a fifth of raw samples), and the nearest in-limit configuration is as good a
+        candidate."""
+        q = self.prior.sample(self.position.expand(n, 3), generator)
+        return q.clamp(self.lower, self.upper)
+
+    def log_likelihood_fn(self, q: torch.Tensor):
+        p = self.position.expand(q.shape[0], 3)
+        return lambda: self.prior.log_prob(q, p)
+
+    def initial_log_likelihood(self, q: torch.Tensor) -> torch.Tensor:
+        return self.initial.log_prob(q, self.position.expand(q.shape[0], 3))
+
+
+def farthest_point_order(q: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy max-min selection of ``k`` rows of ``q (B, 7)`` from row 0: indices ``(k,)``."""
+    k = min(k, q.shape[0])
+    chosen = [0]
+    dist = (q - q[0]).abs().amax(-1)
+    for _ in range(1, k):
+        nxt = int(torch.argmax(dist))
+        chosen.append(nxt)
+        dist = torch.minimum(dist, (q - q[nxt]).abs().amax(-1))
+    return torch.tensor(chosen, device=q.device)
+
+
+class IKAdapter:
+    """Serves IK requests with one pretrained prior (built once, reused for every request).
+
+    Not thread-safe: a request adapts the prior's weights in place and restores them at the next
+    request's start, so requests must be served one at a time.
+    """
+
+    def __init__(self, prior: ARGMMPrior, initial_prior: ARGMMPrior, kin: RobotKinematics,
+                 checker: SphereCollisionChecker, config: IKAdaptConfig, spec: TensorSpec,
+                 urdf_text: str | None = None, refiners: dict[str, Refiner] | None = None):
+        self.prior = prior.requires_grad_(True)
+        self.initial_prior = initial_prior.requires_grad_(False)
+        self._pristine = {k: v.detach().clone() for k, v in prior.state_dict().items()}
+        self.kin, self.checker, self.config, self.spec = kin, checker, config, spec
+        self.refiners: dict[str, Refiner] = {"dls": DLSRefiner(kin, config.refinement)}
+        if urdf_text is not None:
+            self.refiners["tracik"] = TracIKRefiner(kin, urdf_text, config.refinement)
+        self.refiners.update(refiners or {})
+        self._last_position: torch.Tensor | None = None  # (3,) target of the last solve()
+
+    @classmethod
+    def from_models(cls, models_dir: str, model_name: str, config: IKAdaptConfig,
+                    spec: TensorSpec, refiners: dict[str, Refiner] | None = None) -> "IKAdapter":
+        """Build the adapter from the model registry in ``models_dir`` (done once, at start).
+
+        Raises:
+            ModelLoadError: the registry, the weights or the sphere model is missing or corrupt.
+        """
+        entries = load_registry(os.path.join(models_dir, "registry.yaml"))
+        entry = entries.get(model_name)
+        if entry is None or entry.kind != "ik_argmm":
+            raise ModelLoadError(f"no IK prior named '{model_name}' in {models_dir}/registry.yaml"
+                                 f" (known: {sorted(entries)})")
+        weights = os.path.join(models_dir, entry.file)
+        kin = RobotKinematics.panda(spec)
+        checker = SphereCollisionChecker.from_file(
+            kin, spec, os.path.join(models_dir, "panda_spheres.yaml"))
+        with open(panda_urdf_path()) as f:
+            urdf_text = f.read()
+        return cls(load_ik_prior(weights, spec), load_ik_prior(weights, spec), kin, checker,
+                   config, spec, urdf_text=urdf_text, refiners=refiners)
+
+    # -- request handling ------------------------------------------------------------------------
+
+    def effective_config(self, request: IKRequest) -> IKAdaptConfig:
+        """The config with the request's overrides applied, validated."""
+        cfg = self.config
+        mace_over = {name: getattr(request, name) for name in
+                     ("iterations", "objective", "num_samples", "quantile", "gradient_steps",
+                      "learning_rate") if getattr(request, name) is not None}
+        mace = replace(cfg.mace, **mace_over)
+        cfg = replace(cfg, mace=mace, **{k: v for k, v in (
+            ("num_solutions", request.num_solutions), ("time_budget_s", request.time_budget_s),
+            ("refinement_mode", request.refinement)) if v is not None})
+        self._validate(cfg, request)
+        return cfg
+
+    def _validate(self, cfg: IKAdaptConfig, request: IKRequest) -> None:
+        lim = cfg.limits
+        pos = np.asarray(request.position, dtype=float)
+        if pos.shape != (3,) or not np.isfinite(pos).all():
+            raise InvalidRequestError(f"target position must be 3 finite numbers, got {pos}")
+        if request.rotation is not None:
+            rot = np.asarray(request.rotation, dtype=float)
+            if rot.shape != (3, 3) or not np.isfinite(rot).all():
+                raise InvalidRequestError("target orientation must be a finite rotation")
+            if np.abs(rot @ rot.T - np.eye(3)).max() > 1e-3 or np.linalg.det(rot) < 0:
+                raise InvalidRequestError("target orientation is not a rotation (normalize the "
+                                          "quaternion)")
+            tol = request.orientation_tolerance
+            if not (math.isfinite(tol) and 0.0 <= tol <= math.pi):
+                raise InvalidRequestError(
+                    f"orientation tolerance must be in [0, pi] rad, got {tol}")
+        reach = float(np.linalg.norm(pos - np.asarray(_SHOULDER)))
+        if reach > lim.reach_m:
+            raise InvalidRequestError(
+                f"target {pos.round(3).tolist()} is unreachable: {reach:.3f} m from the shoulder, "
+                f"the Panda reaches {lim.reach_m:.2f} m")
+        cfg.validate()
+        if cfg.refinement_mode != "none" and cfg.refinement_mode not in self.refiners:
+            hint = (" (MoveIt's /compute_ik needs moveit_msgs, which is not installed)"
+                    if cfg.refinement_mode == "moveit" else "")
+            raise InvalidRequestError(
+                f"refinement '{cfg.refinement_mode}' is not available{hint}")
+        if len(request.obstacles) > lim.max_obstacles:
+            raise InvalidRequestError(f"at most {lim.max_obstacles} obstacles per request, "
+                                      f"got {len(request.obstacles)}")
+        for obstacle in request.obstacles:
+            obstacle.validate()
+
+    def solve(self, request: IKRequest) -> IKAdaptResult:
+        """Answer one request; raises InvalidRequestError on bad input."""
+        t0 = time.perf_counter()
+        cfg = self.effective_config(request)
+        spec, kin = self.spec, self.kin
+        deadline = t0 + cfg.time_budget_s
+        world = CollisionWorld.from_obstacles(request.obstacles, spec)
+        target = IKTarget(
+            position=spec.tensor(request.position),
+            rotation=None if request.rotation is None else spec.tensor(request.rotation),
+            orientation_tolerance=request.orientation_tolerance)
+        generator = spec.generator(request.seed)
+        self.prior.load_state_dict(self._pristine)
+        model = _ConditionedPrior(self.prior, self.initial_prior, target.position, kin.lower,
+                                  kin.upper)
+        self._last_position = target.position
+        w_rot = cfg.refinement.orientation_weight
+
+        def score(q: torch.Tensor) -> torch.Tensor:
+            poses = kin.link_poses(q)
+            pos_err, rot_err = pose_errors(kin, q, target, poses)
+            valid = self.checker.valid(q, world, poses=poses)
+            return torch.where(valid, torch.exp(-(pos_err + w_rot * rot_err)), 0.0)
+
+        timings = IKTimings()
+        # 1. sampling from the prior
+        with torch.no_grad():
+            q = model.sample(cfg.mace.num_samples, generator)
+            s = score(q)
+        valid_prior = float((s > 0).float().mean())
+        timings.sampling = time.perf_counter() - t0
+        # 2. adaptation (Algorithm 1)
+        good = math.exp(-cfg.seed_radius_m)
+
+        def enough(_x: torch.Tensor, pool_s: torch.Tensor) -> bool:
+            return cfg.early_stop and int((pool_s >= good).sum()) >= cfg.refine_seeds
+
+        t1 = time.perf_counter()
+        adapt_deadline = deadline - min(cfg.refine_reserve_s, 0.5 * cfg.time_budget_s)
+        if cfg.mace.iterations > 0 and not enough(q, s):
+            trace = adapt(model, score, cfg.mace, generator, deadline=adapt_deadline,
+                          first_batch=(q, s), stop_when=enough)
+            cand_q, cand_s = trace.pool_x, trace.pool_scores
+            iters = trace.iterations_run
+            valid_adapted = trace.iterations[-1].positive_fraction if iters else valid_prior
+        else:
+            order = torch.argsort(s, descending=True)[:cfg.mace.pool_size]
+            cand_q, cand_s, iters, valid_adapted = q[order], s[order], 0, valid_prior
+        timings.adaptation = time.perf_counter() - t1
+        # 3. refinement rounds until K solutions or the deadline
+        solutions = self._refine_rounds(cfg, cand_q, cand_s, target, world, model, score,
+                                        generator, deadline, timings)
+        timings.total = time.perf_counter() - t0
+        k = cfg.num_solutions
+        found = sum(1 for sol in solutions if sol.collision_free)
+        message = (f"found {found} of {k} solutions" + (
+            f" within {cfg.refinement.position_tolerance * 1e3:.2f} mm"
+            if cfg.refinement_mode != "none" else "") +
+            f" ({iters} MACE iterations, {timings.total * 1e3:.0f} ms)")
+        return IKAdaptResult(solutions=solutions, joint_names=list(kin.joint_names),
+                             num_requested=k, valid_fraction_prior=valid_prior,
+                             valid_fraction_adapted=valid_adapted, iterations_run=iters,
+                             timings=timings, message=message)
+
+    def sample_adapted(self, n: int, seed: int | None = None) -> torch.Tensor:
+        """``n`` samples ``(n, 7)`` of the model as the last :meth:`solve` left it, at its target.
+
+        This is what the paper's Table 1 evaluates (1,000 samples after adaptation).
+        """
+        if self._last_position is None:
+            raise InvalidRequestError("sample_adapted needs a solve() first")
+        model = _ConditionedPrior(self.prior, self.initial_prior, self._last_position,
+                                  self.kin.lower, self.kin.upper)
+        with torch.no_grad():
+            return model.sample(n, self.spec.generator(seed))
+
+    def warm_up(self) -> None:
+        """Run one small request so the first real one pays no one-time costs (the optimizer's
+        first construction imports torch's compiler stack: seconds)."""
+        self.solve(IKRequest(position=np.array([0.5, 0.0, 0.4]), num_solutions=1,
+                             iterations=1, num_samples=16, time_budget_s=60.0, seed=0))
+        self._last_position = None
+
+    # -- refinement ------------------------------------------------------------------------------
+
+    def _refine_rounds(self, cfg: IKAdaptConfig, cand_q: torch.Tensor, cand_s: torch.Tensor,
+                       target: IKTarget, world: CollisionWorld, model: _ConditionedPrior, score,
+                       generator: torch.Generator, deadline: float,
+                       timings: IKTimings) -> list[IKSolution]:
+        k = cfg.num_solutions
+        accepted = torch.empty(0, self.kin.num_joints, device=self.spec.device,
+                               dtype=self.spec.dtype)
+        while True:
+            t = time.perf_counter()
+            valid = cand_s > 0
+            seeds = cand_q[valid] if bool(valid.any()) else cand_q
+            seeds = seeds[farthest_point_order(seeds, cfg.refine_seeds)]
+            refined = self._refine(cfg, seeds, target)
+            ok = self._acceptable(cfg, refined, target, world)
+            accepted = self._merge(cfg, accepted, refined[ok])
+            round_time = time.perf_counter() - t
+            timings.refinement += round_time
+            # Another round samples a batch and refines it: start it only if it fits the budget.
+            if accepted.shape[0] >= k or time.perf_counter() + 2.0 * round_time >= deadline:
+                break
+            t = time.perf_counter()
+            with torch.no_grad():
+                cand_q = model.sample(cfg.mace.num_samples, generator)
+                cand_s = score(cand_q)
+            timings.sampling += time.perf_counter() - t
+        if accepted.shape[0] == 0:
+            # Nothing reached the target collision-free: report the best candidates as they are.
+            fallback = cand_q[torch.argsort(cand_s, descending=True)][:k]
+            return self._describe(fallback, target, world)[:k]
+        return self._describe(accepted, target, world)[:k]
+
+    def _refine(self, cfg: IKAdaptConfig, seeds: torch.Tensor, target: IKTarget) -> torch.Tensor:
+        if cfg.refinement_mode == "none":
+            return seeds
+        return self.refiners[cfg.refinement_mode].refine(seeds, target)
+
+    def _acceptable(self, cfg: IKAdaptConfig, q: torch.Tensor, target: IKTarget,
+                    world: CollisionWorld) -> torch.Tensor:
+        """``(B,)`` bool: valid, and within tolerance when refinement is on."""
+        poses = self.kin.link_poses(q)
+        ok = self.checker.valid(q, world, poses=poses)
+        if cfg.refinement_mode != "none":
+            pos_err, rot_err = pose_errors(self.kin, q, target, poses)
+            ok &= pos_err <= cfg.refinement.position_tolerance
+            if target.rotation is not None:
+                ok &= rot_err <= max(target.orientation_tolerance, 1e-3)
+        return ok
+
+    def _merge(self, cfg: IKAdaptConfig, accepted: torch.Tensor,
+               new: torch.Tensor) -> torch.Tensor:
+        """Append rows of ``new`` that are not duplicates of accepted ones (or of each other)."""
+        for row in new:
+            if accepted.shape[0] == 0 or bool(
+                    ((accepted - row).abs().amax(-1) >= cfg.min_joint_distance).all()):
+                accepted = torch.cat([accepted, row.unsqueeze(0)])
+        return accepted
+
+    def _describe(self, q: torch.Tensor, target: IKTarget,
+                  world: CollisionWorld) -> list[IKSolution]:
+        """Solutions for rows of ``q``, diverse first choice kept, ranked best first.
+
+        Rank: collision-free first, then by clearance from the obstacles (all accepted solutions
+        reach the target within tolerance, so their scores differ only in the fifth decimal).
+        """
+        poses = self.kin.link_poses(q)
+        pos_err, rot_err = pose_errors(self.kin, q, target, poses)
+        valid = self.checker.valid(q, world, poses=poses)
+        clearance = self.checker.clearance(q, world, poses=poses)
+        score = torch.where(valid, torch.exp(-pos_err), 0.0)
+        key = valid.to(q.dtype) * 1e3 + clearance.clamp(-1.0, 1.0)
+        order = torch.argsort(key, descending=True)
+        return [IKSolution(q=q[i].detach().cpu().double().numpy(), score=float(score[i]),
+                           position_error=float(pos_err[i]),
+                           orientation_error=float(rot_err[i]), collision_free=bool(valid[i]),
+                           clearance=float(clearance[i])) for i in order.tolist()]

@@ -1,0 +1,660 @@
+"""Benchmark of collision-aware IK on a scene: MACE against MoveIt's TRAC-IK protocol.
+
+Every method answers the same targets (drawn uniformly in the scene's target region with one seed)
+and every configuration it returns is judged by the same ground truth: PyBullet exact collision
+checks on the URDF's collision meshes (joint limits, self-collision, obstacles) and the position
+error of the end effector by double-precision forward kinematics, within 0.1 mm.
+
+Two protocols:
+
+- ``requests`` (default): one IK request per target and method, K solutions wanted, wall time of
+  the request in this process (after one untimed warm-up per method). Methods: ``prior`` (prior
+  samples only), ``mace`` (adapted, no refinement), ``mace_refine`` (adapted + DLS refinement, the
+  product's default), ``is`` (Eq. 2 objective, no refinement) and ``tracik_restarts`` (MoveIt's
+  protocol: TRAC-IK from random seeds, exact validity check of each answer, retry until K valid or
+  the timeout; see :class:`TracIKRestarts` for how a position-only target is posed).
+- ``table1`` (paper Table 1): per target, adapt the prior for at most a wall-time budget, draw
+  1,000 samples from the adapted model and report the share PyBullet calls valid, their mean
+  score and the adaptation time; for the prior, MACE (Eq. 3) and IS (Eq. 2).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .collision import PyBulletCollisionChecker
+from .errors import InvalidRequestError
+from .ik import IKAdaptConfig, IKAdapter, IKRequest
+from .kinematics import RobotKinematics, panda_urdf_path
+from .refinement import matrix_to_quaternion_xyzw
+from .scenes import Scene
+from .tensor import TensorSpec
+
+#: Methods of the ``requests`` protocol, in table order.
+METHODS = ("prior", "mace", "mace_refine", "is", "tracik_restarts")
+#: Methods served by :class:`IKAdapter`, as per-request overrides.
+MACE_METHODS = {
+    "prior": dict(iterations=0, refinement="none"),
+    "mace": dict(refinement="none"),
+    "mace_refine": dict(refinement="dls"),
+    "is": dict(objective="is", refinement="none"),
+}
+#: Methods of the ``table1`` protocol.
+TABLE1_METHODS = ("prior", "mace", "is")
+#: How :class:`TracIKRestarts` picks the orientation it asks TRAC-IK for.
+TRACIK_ORIENTATIONS = ("free", "seed", "jacobian")
+PROTOCOLS = ("requests", "table1")
+
+
+def default_models_dir() -> str:
+    """The ``models/`` folder of this repository (registry, weights, robot spheres)."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration and results
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class IKBenchmarkConfig:
+    """What ``mace-bench ik`` runs."""
+
+    num_targets: int = 20  #: targets drawn uniformly in the scene's target region
+    seed: int = 0  #: seeds the targets, every request and the TRAC-IK restarts
+    protocol: str = "requests"  #: "requests" or "table1"
+    methods: tuple[str, ...] = METHODS  #: methods to run, among METHODS (TABLE1_METHODS)
+    num_solutions: int = 8  #: K, valid solutions wanted per target
+    time_budget_s: float = 1.0  #: s, budget of one MACE request
+    position_tolerance: float = 1e-4  #: m, a valid solution reaches the target this closely
+    warmup: bool = True  #: run each method once, untimed, before timing it
+    tracik_timeout_s: float = 1.0  #: s, TRAC-IK restarts give up after this per target
+    tracik_attempt_s: float = 0.005  #: s, TRAC-IK's timeout per attempt (MoveIt's default)
+    tracik_epsilon: float = 1e-5  #: TRAC-IK's convergence tolerance (MoveIt plugin default)
+    tracik_orientation: str = "free"  #: "free", "seed" or "jacobian" (see TracIKRestarts)
+    tracik_jacobian_steps: int = 2  #: position-only DLS steps before reading the orientation
+    min_joint_distance: float = 0.1  #: rad (max-norm): closer TRAC-IK answers are duplicates
+    table1_samples: int = 1000  #: samples drawn from each adapted model
+    table1_budget_s: float = 1.0  #: s, wall-time budget of one adaptation (table1)
+    table1_iterations: int = 40  #: T at most (table1); N, q, M, step size: the service config
+
+    def validate(self) -> None:
+        """Raise InvalidRequestError on settings the benchmark cannot run with."""
+        if self.protocol not in PROTOCOLS:
+            raise InvalidRequestError(f"protocol must be one of {PROTOCOLS}, "
+                                      f"got '{self.protocol}'")
+        allowed = METHODS if self.protocol == "requests" else TABLE1_METHODS
+        unknown = [m for m in self.methods if m not in allowed]
+        if unknown or not self.methods:
+            raise InvalidRequestError(f"methods of protocol '{self.protocol}' are {allowed}, "
+                                      f"got {list(self.methods)}")
+        if self.num_targets < 1 or self.num_solutions < 1 or self.table1_samples < 1:
+            raise InvalidRequestError("targets, solutions and samples must be >= 1")
+        for name in ("time_budget_s", "position_tolerance", "tracik_timeout_s",
+                     "tracik_attempt_s", "tracik_epsilon", "table1_budget_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0.0):
+                raise InvalidRequestError(f"{name} must be > 0, got {value}")
+        if self.tracik_orientation not in TRACIK_ORIENTATIONS:
+            raise InvalidRequestError(f"tracik_orientation must be one of "
+                                      f"{TRACIK_ORIENTATIONS}, got '{self.tracik_orientation}'")
+        if self.tracik_jacobian_steps < 0 or self.table1_iterations < 0:
+            raise InvalidRequestError("step and iteration counts must be >= 0")
+
+
+@dataclass
+class TargetOutcome:
+    """One method's answer to one target, judged by the ground truth."""
+
+    solutions: np.ndarray  #: (S, 7) rad, returned configurations, the method's order
+    time_s: float  #: s, wall time of the request (K valid solutions, or gave up)
+    time_first_s: float  #: s, until the first valid solution (= time_s when answers come at once)
+    valid: np.ndarray  #: (S,) bool, collision-free (PyBullet) and within the position tolerance
+    collision_free: np.ndarray  #: (S,) bool, PyBullet: within limits, no collision
+    position_error: np.ndarray  #: (S,) m
+    valid_fraction_prior: float | None = None  #: MACE: share of prior samples valid (spheres)
+    valid_fraction_adapted: float | None = None  #: MACE: share of adapted samples valid
+    iterations_run: int | None = None  #: MACE iterations (None for TRAC-IK)
+    attempts: int | None = None  #: TRAC-IK calls (None for MACE)
+    converged: int | None = None  #: TRAC-IK calls that reached the target (valid or not)
+
+
+@dataclass
+class MethodSummary:
+    """Figures of one method over all targets (the ``methods`` entries of the JSON)."""
+
+    success_rate: float  #: share of targets with >= 1 valid solution
+    k_success_rate: float  #: share of targets with K distinct valid solutions
+    median_time_s: float  #: s, median over targets of ``time_s``
+    p90_time_s: float  #: s, 90th percentile of ``time_s``
+    time_basis: str  #: what ``time_s`` measures for this method
+    median_time_first_s: float  #: s, median time to the first valid solution (censored)
+    p90_time_first_s: float  #: s
+    mean_position_error_m: float  #: m, over every returned solution
+    mean_pairwise_joint_distance_rad: float  #: rad, L2 between returned solutions, per target
+    mean_pairwise_joint_distance_valid_rad: float  #: rad, same over valid solutions only
+    mean_valid_per_target: float  #: valid solutions per target (at most K)
+    collision_free_fraction: float  #: share of returned solutions PyBullet calls collision-free
+    valid_fraction_prior: float | None  #: MACE methods: mean over targets
+    valid_fraction_adapted: float | None  #: MACE methods: mean over targets
+    mean_iterations: float | None  #: MACE methods: mean MACE iterations run
+    mean_attempts: float | None  #: TRAC-IK: mean attempts per target
+    per_target: list[dict] = field(default_factory=list)  #: time_s, valid count, ... per target
+    solutions: list[list[list[float]]] = field(default_factory=list)  #: per target, (S, 7) rad
+
+
+# ----------------------------------------------------------------------------------------------
+# Ground truth
+# ----------------------------------------------------------------------------------------------
+
+class SolutionJudge:
+    """Ground truth of the benchmark: PyBullet validity + double-precision FK position error."""
+
+    def __init__(self, scene: Scene, position_tolerance: float,
+                 checker: PyBulletCollisionChecker | None = None):
+        self.scene = scene
+        self.position_tolerance = position_tolerance
+        self.checker = checker or PyBulletCollisionChecker(scene.obstacles)
+        self.kin = RobotKinematics.panda(TensorSpec(torch.device("cpu"), torch.float64))
+
+    def position_error(self, q: np.ndarray, target: np.ndarray) -> np.ndarray:
+        """``(S,)`` m: distance of the end effector of ``q (S, 7)`` to ``target (3,)``."""
+        if len(q) == 0:
+            return np.zeros(0)
+        ee = self.kin.ee_position(torch.as_tensor(q, dtype=torch.float64)).numpy()
+        return np.linalg.norm(ee - np.asarray(target, dtype=float), axis=1)
+
+    def judge(self, q: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, ...]:
+        """``(valid, collision_free, position_error)`` of ``q (S, 7)``, each ``(S,)``."""
+        q = np.asarray(q, dtype=float).reshape(-1, 7)
+        free = self.checker.valid(q) if len(q) else np.zeros(0, dtype=bool)
+        err = self.position_error(q, target)
+        return free & (err <= self.position_tolerance), free, err
+
+    def close(self) -> None:
+        self.checker.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# TRAC-IK restarts (MoveIt's protocol)
+# ----------------------------------------------------------------------------------------------
+
+class _NumpyChain:
+    """Forward kinematics and position Jacobian of one configuration in numpy (float64).
+
+    Used by the TRAC-IK baseline for its per-attempt position-only steps, where torch's per-call
+    overhead on a batch of one would dominate.
+    """
+
+    def __init__(self, kin: RobotKinematics):
+        self.steps = []  # (origin (4, 4), axis (3,) or None, column of q or -1)
+        for joint in kin.urdf.path_to_root(kin.ee_link):
+            col = kin.joint_names.index(joint.name) if joint.name in kin.joint_names else -1
+            self.steps.append((joint.origin, joint.axis, col))
+        # The URDF's own (double) limits: kin.lower may be float32-rounded past them.
+        self.lower = np.array([kin.urdf.joints[n].lower for n in kin.joint_names])
+        self.upper = np.array([kin.urdf.joints[n].upper for n in kin.joint_names])
+
+    @staticmethod
+    def _rot(axis: np.ndarray, angle: float) -> np.ndarray:
+        x, y, z = axis
+        c, s = math.cos(angle), math.sin(angle)
+        t = 1.0 - c
+        return np.array([[t * x * x + c, t * x * y - s * z, t * x * z + s * y],
+                         [t * x * y + s * z, t * y * y + c, t * y * z - s * x],
+                         [t * x * z - s * y, t * y * z + s * x, t * z * z + c]])
+
+    def fk(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """End-effector pose ``(4, 4)`` and position Jacobian ``(3, 7)`` of ``q (7,)``."""
+        pose = np.eye(4)
+        axes, origins = np.zeros((len(q), 3)), np.zeros((len(q), 3))
+        for origin, axis, col in self.steps:
+            pose = pose @ origin
+            if col >= 0:
+                axes[col] = pose[:3, :3] @ axis
+                origins[col] = pose[:3, 3]
+                rot = np.eye(4)
+                rot[:3, :3] = self._rot(axis, float(q[col]))
+                pose = pose @ rot
+        jac = np.cross(axes, pose[:3, 3] - origins).T
+        return pose, jac
+
+    def position_steps(self, q: np.ndarray, target: np.ndarray, steps: int,
+                       damping: float = 1e-2, max_step: float = 0.3) -> tuple[np.ndarray, ...]:
+        """``steps`` damped least-squares steps on the position only; returns (q, pose)."""
+        pose, jac = self.fk(q)
+        for _ in range(steps):
+            err = target - pose[:3, 3]
+            dq = jac.T @ np.linalg.solve(jac @ jac.T + damping ** 2 * np.eye(3), err)
+            dq *= min(1.0, max_step / max(np.abs(dq).max(), 1e-12))
+            q = np.clip(q + dq, self.lower, self.upper)
+            pose, jac = self.fk(q)
+        return q, pose
+
+
+#: Links and joints :func:`with_free_wrist` appends after the end effector.
+FREE_WRIST_LINKS = ("mace_free_rx", "mace_free_ry", "mace_free_tip")
+
+
+def with_free_wrist(urdf_text: str, ee_link: str) -> str:
+    """URDF text with a virtual ball joint at the end effector's origin.
+
+    Three zero-length revolute joints (x, y, z axes, limits ±π) lead from ``ee_link`` to
+    ``mace_free_tip``. A full-pose target for the tip then constrains the end effector's position
+    only: the virtual joints absorb any orientation. This is how a position-only target is posed
+    to a solver that takes full poses only.
+    """
+    parents = (ee_link,) + FREE_WRIST_LINKS[:-1]
+    xml = [f'<link name="{name}"/>' for name in FREE_WRIST_LINKS]
+    for k, (axis, parent, child) in enumerate(zip(("1 0 0", "0 1 0", "0 0 1"), parents,
+                                                  FREE_WRIST_LINKS)):
+        xml.append(f'<joint name="mace_free_joint{k}" type="revolute"><parent link="{parent}"/>'
+                   f'<child link="{child}"/><origin xyz="0 0 0" rpy="0 0 0"/>'
+                   f'<axis xyz="{axis}"/><limit lower="{-math.pi:.6f}" upper="{math.pi:.6f}" '
+                   f'effort="0" velocity="0"/></joint>')
+    head, sep, tail = urdf_text.rpartition("</robot>")
+    if not sep:
+        raise InvalidRequestError("URDF text has no closing </robot> tag")
+    return head + "\n".join(xml) + "\n" + sep + tail
+
+
+@dataclass
+class TracIKRestartsConfig:
+    """Settings of :class:`TracIKRestarts`."""
+
+    num_solutions: int = 8  #: K distinct valid solutions wanted
+    timeout_s: float = 1.0  #: s, give up after this
+    attempt_s: float = 0.005  #: s, TRAC-IK's own timeout per call
+    epsilon: float = 1e-5  #: TRAC-IK convergence tolerance
+    orientation: str = "free"  #: "free", "seed" or "jacobian" (see TracIKRestarts)
+    jacobian_steps: int = 2  #: position-only steps before reading the orientation ("jacobian")
+    min_joint_distance: float = 0.1  #: rad (max-norm); closer answers count once
+
+
+class TracIKRestarts:
+    """MoveIt's IK protocol with TRAC-IK: random restarts, each answer checked exactly.
+
+    Per attempt: a seed q0 uniform in the joint limits; TRAC-IK (``Speed``, ``attempt_s``) from it;
+    the answer is checked with the exact PyBullet checker inside the timed loop; valid answers
+    that differ from the ones kept by at least ``min_joint_distance`` are kept; stop at K or at
+    ``timeout_s``.
+
+    Position-only targets: MoveIt's TRAC-IK plugin in ``position_only_ik`` mode leaves the
+    orientation free through TRAC-IK's tolerance bounds (rotational bounds at infinity). The
+    ``pytracik`` wheel binds ``TRAC_IK::CartToJnt`` with bounds only for KDL types it does not
+    expose to Python, so every call is a full pose. Three ways to pose the target:
+
+    - ``"free"`` (default): TRAC-IK solves for a chain extended by a virtual ball joint at the
+      end effector (:func:`with_free_wrist`), asked for the target position with the hand
+      orientation of FK(q0), seeded at (q0, 0, 0, 0). The virtual joints absorb any orientation,
+      so the first seven joints solve the position-only problem, as with infinite rotational
+      bounds (zero orientation error at the seed; the pseudo-inverse spreads the orientation
+      correction over the arm's joints and the virtual ones alike).
+    - ``"seed"``: the 7-joint chain asked for the hand orientation of FK(q0), seeded at q0.
+    - ``"jacobian"``: ``jacobian_steps`` damped least-squares steps on the position only from q0
+      give q1; the 7-joint chain is asked for FK(q1)'s orientation, seeded at q1 (the time of the
+      steps counts).
+    """
+
+    def __init__(self, kin: RobotKinematics, urdf_text: str, checker: PyBulletCollisionChecker,
+                 config: TracIKRestartsConfig):
+        import pytracik
+
+        if config.orientation not in TRACIK_ORIENTATIONS:
+            raise InvalidRequestError(f"orientation must be one of {TRACIK_ORIENTATIONS}, "
+                                      f"got '{config.orientation}'")
+        self._tracik = pytracik
+        self.config = config
+        self.checker = checker
+        self.chain = _NumpyChain(kin)
+        lower, upper = self.chain.lower.tolist(), self.chain.upper.tolist()
+        tip = kin.ee_link
+        self._extra = 0
+        if config.orientation == "free":
+            urdf_text = with_free_wrist(urdf_text, kin.ee_link)
+            tip = FREE_WRIST_LINKS[-1]
+            self._extra = len(FREE_WRIST_LINKS)
+            lower += [-math.pi] * self._extra
+            upper += [math.pi] * self._extra
+        self.solver = pytracik.TRAC_IK(kin.base_link, tip, urdf_text, config.attempt_s,
+                                       config.epsilon, pytracik.Speed)
+        # Without this call the wheel reads every joint limit as zero.
+        pytracik.set_joint_limits(self.solver, lower, upper)
+
+    def _pose_attempt(self, q0: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, ...]:
+        """TRAC-IK seed and target quaternion (x, y, z, w) for one attempt from ``q0 (7,)``."""
+        cfg = self.config
+        if cfg.orientation == "free":
+            seed = np.concatenate([q0, np.zeros(self._extra)])
+            rot = self._tracik.fk(self.solver, seed)[:3, :3]
+        elif cfg.orientation == "seed":
+            seed, rot = q0, self._tracik.fk(self.solver, q0)[:3, :3]
+        else:
+            seed, pose = self.chain.position_steps(q0, position, cfg.jacobian_steps)
+            rot = pose[:3, :3]
+        return seed, matrix_to_quaternion_xyzw(rot)
+
+    def solve(self, position: np.ndarray, rng: np.random.Generator) -> TargetOutcome:
+        """Run the protocol for one target ``(3,)``; ``valid`` etc. are left for the judge."""
+        cfg, chain, ik = self.config, self.chain, self._tracik.ik
+        position = np.asarray(position, dtype=float)
+        kept: list[np.ndarray] = []
+        attempts = converged = 0
+        t_first = math.inf
+        t0 = time.perf_counter()
+        deadline = t0 + cfg.timeout_s
+        while len(kept) < cfg.num_solutions and time.perf_counter() < deadline:
+            seed, quat = self._pose_attempt(rng.uniform(chain.lower, chain.upper), position)
+            out = ik(self.solver, seed, *position, *quat)
+            attempts += 1
+            if out[0] < 0:
+                continue
+            converged += 1
+            q = np.asarray(out[1:8], dtype=float)
+            if not bool(self.checker.valid(q[None])[0]):
+                continue
+            if all(np.abs(q - other).max() >= cfg.min_joint_distance for other in kept):
+                kept.append(q)
+                if len(kept) == 1:
+                    t_first = time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        sols = np.asarray(kept, dtype=float).reshape(-1, 7)
+        empty = np.zeros(0, dtype=bool)
+        return TargetOutcome(solutions=sols, time_s=elapsed,
+                             time_first_s=min(t_first, elapsed), valid=empty,
+                             collision_free=empty, position_error=np.zeros(0),
+                             attempts=attempts, converged=converged)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running the methods
+# ----------------------------------------------------------------------------------------------
+
+def sample_targets(scene: Scene, n: int, seed: int) -> np.ndarray:
+    """``(n, 3)`` m: targets uniform in the scene's region (float64 draw, seeded)."""
+    spec = TensorSpec(torch.device("cpu"), torch.float64)
+    return scene.sample_targets(n, spec.generator(seed), spec).numpy()
+
+
+def _mace_outcome(adapter: IKAdapter, scene: Scene, target: np.ndarray, cfg: IKBenchmarkConfig,
+                  overrides: dict, seed: int) -> TargetOutcome:
+    request = IKRequest(position=np.asarray(target, dtype=float),
+                        obstacles=list(scene.obstacles), num_solutions=cfg.num_solutions,
+                        time_budget_s=cfg.time_budget_s, seed=seed, **overrides)
+    t0 = time.perf_counter()
+    result = adapter.solve(request)
+    elapsed = time.perf_counter() - t0
+    sols = np.asarray([s.q for s in result.solutions], dtype=float).reshape(-1, 7)
+    empty = np.zeros(0, dtype=bool)
+    return TargetOutcome(solutions=sols, time_s=elapsed, time_first_s=elapsed, valid=empty,
+                         collision_free=empty, position_error=np.zeros(0),
+                         valid_fraction_prior=result.valid_fraction_prior,
+                         valid_fraction_adapted=result.valid_fraction_adapted,
+                         iterations_run=result.iterations_run)
+
+
+def _pairwise_mean(q: np.ndarray) -> float | None:
+    if len(q) < 2:
+        return None
+    d = np.linalg.norm(q[:, None] - q[None], axis=-1)
+    iu = np.triu_indices(len(q), 1)
+    return float(d[iu].mean())
+
+
+def _mean(values: Sequence[float | None]) -> float:
+    vals = [v for v in values if v is not None]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def summarize(outcomes: list[TargetOutcome], k: int, time_basis: str,
+              timeout_s: float | None = None) -> MethodSummary:
+    """Figures of one method from its judged outcomes (one per target).
+
+    The time to the first valid solution is censored at ``time_s`` (the method gave up) when
+    a target got none.
+    """
+    times = np.array([o.time_s for o in outcomes])
+    firsts = np.array([o.time_first_s if o.valid.any() else o.time_s for o in outcomes])
+    all_err = np.concatenate([o.position_error for o in outcomes]) if outcomes else np.zeros(0)
+    all_free = np.concatenate([o.collision_free for o in outcomes]) if outcomes else np.zeros(0)
+    mace = outcomes[0].iterations_run is not None
+    per_target = []
+    for o in outcomes:
+        row = dict(time_s=o.time_s, time_first_s=o.time_first_s, returned=int(len(o.solutions)),
+                   valid=int(o.valid.sum()), collision_free=int(o.collision_free.sum()),
+                   mean_position_error_m=float(o.position_error.mean())
+                   if len(o.position_error) else None)
+        if mace:
+            row.update(valid_fraction_prior=o.valid_fraction_prior,
+                       valid_fraction_adapted=o.valid_fraction_adapted,
+                       iterations_run=o.iterations_run)
+        else:
+            row.update(attempts=o.attempts, converged=o.converged)
+        per_target.append(row)
+    return MethodSummary(
+        success_rate=float(np.mean([o.valid.any() for o in outcomes])),
+        k_success_rate=float(np.mean([o.valid.sum() >= k for o in outcomes])),
+        median_time_s=float(np.median(times)), p90_time_s=float(np.percentile(times, 90)),
+        time_basis=time_basis,
+        median_time_first_s=float(np.median(firsts)),
+        p90_time_first_s=float(np.percentile(firsts, 90)),
+        mean_position_error_m=float(all_err.mean()) if len(all_err) else float("nan"),
+        mean_pairwise_joint_distance_rad=_mean([_pairwise_mean(o.solutions) for o in outcomes]),
+        mean_pairwise_joint_distance_valid_rad=_mean(
+            [_pairwise_mean(o.solutions[o.valid]) for o in outcomes]),
+        mean_valid_per_target=float(np.mean([min(int(o.valid.sum()), k) for o in outcomes])),
+        collision_free_fraction=float(all_free.mean()) if len(all_free) else float("nan"),
+        valid_fraction_prior=_mean([o.valid_fraction_prior for o in outcomes]) if mace else None,
+        valid_fraction_adapted=(_mean([o.valid_fraction_adapted for o in outcomes])
+                                if mace else None),
+        mean_iterations=_mean([o.iterations_run for o in outcomes]) if mace else None,
+        mean_attempts=None if mace else _mean([o.attempts for o in outcomes]),
+        per_target=per_target,
+        solutions=[o.solutions.round(9).tolist() for o in outcomes])
+
+
+def _time_basis(method: str, cfg: IKBenchmarkConfig) -> str:
+    if method == "tracik_restarts":
+        return (f"until K={cfg.num_solutions} distinct valid solutions (PyBullet checks inside "
+                f"the loop) or the {cfg.tracik_timeout_s:g} s timeout")
+    if method == "mace_refine":
+        return (f"request wall time: returns at K={cfg.num_solutions} refined solutions "
+                f"(sphere-checked, within tolerance) or the {cfg.time_budget_s:g} s budget")
+    return (f"request wall time: returns at K={cfg.num_solutions} sphere-valid samples (no "
+            f"refinement: not within 0.1 mm) or the {cfg.time_budget_s:g} s budget")
+
+
+def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
+                 urdf_text: str | None = None,
+                 log: Callable[[str], None] = lambda _s: None) -> dict:
+    """The ``requests`` protocol: the JSON-ready dict of :func:`run_benchmark`."""
+    targets = sample_targets(scene, cfg.num_targets, cfg.seed)
+    judge = SolutionJudge(scene, cfg.position_tolerance)
+    methods: dict[str, dict] = {}
+    try:
+        for method in cfg.methods:
+            if method == "tracik_restarts":
+                if urdf_text is None:
+                    with open(panda_urdf_path()) as f:
+                        urdf_text = f.read()
+                baseline = TracIKRestarts(adapter.kin, urdf_text, judge.checker,
+                                          TracIKRestartsConfig(
+                                              num_solutions=cfg.num_solutions,
+                                              timeout_s=cfg.tracik_timeout_s,
+                                              attempt_s=cfg.tracik_attempt_s,
+                                              epsilon=cfg.tracik_epsilon,
+                                              orientation=cfg.tracik_orientation,
+                                              jacobian_steps=cfg.tracik_jacobian_steps,
+                                              min_joint_distance=cfg.min_joint_distance))
+
+                def run_one(i: int, target: np.ndarray) -> TargetOutcome:
+                    return baseline.solve(target, np.random.default_rng([cfg.seed, i]))
+            else:
+                overrides = MACE_METHODS[method]
+
+                def run_one(i: int, target: np.ndarray) -> TargetOutcome:
+                    return _mace_outcome(adapter, scene, target, cfg, overrides,
+                                         seed=cfg.seed * 100003 + i)
+            if cfg.warmup:  # on the first target, with its own seed (index n)
+                run_one(len(targets), targets[0])
+            outcomes = []
+            for i, target in enumerate(targets):
+                o = run_one(i, target)
+                o.valid, o.collision_free, o.position_error = judge.judge(o.solutions, target)
+                outcomes.append(o)
+            methods[method] = asdict(summarize(outcomes, cfg.num_solutions,
+                                               _time_basis(method, cfg)))
+            log(f"[{scene.name}] {method}: done")
+    finally:
+        judge.close()
+    return dict(targets=targets.round(9).tolist(), methods=methods)
+
+
+# ----------------------------------------------------------------------------------------------
+# Table 1 protocol
+# ----------------------------------------------------------------------------------------------
+
+def run_table1(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
+               log: Callable[[str], None] = lambda _s: None) -> dict:
+    """The paper's Table 1 protocol: the JSON-ready dict of :func:`run_benchmark`.
+
+    Per target and method, one request to the adapter (no refinement, at most
+    ``table1_iterations`` MACE iterations, ``table1_budget_s`` of wall time for sampling and
+    adapting; the objective "cem" for ``mace``, "is" for ``is``, no iteration for ``prior``), then
+    ``table1_samples`` samples of the model as the request left it
+    (:meth:`IKAdapter.sample_adapted`), judged with PyBullet: ``valid_fraction`` (within limits,
+    collision-free: the paper's "success rate") and ``score`` (exp(-position error), 0 when
+    invalid). The adapter should have ``early_stop`` off (:func:`table1_service_config`), or
+    adaptation ends as soon as enough seeds for refinement are pooled.
+    """
+    targets = sample_targets(scene, cfg.num_targets, cfg.seed)
+    judge = SolutionJudge(scene, cfg.position_tolerance)
+    reserve = min(adapter.config.refine_reserve_s, cfg.table1_budget_s)
+
+    def run_one(method: str, target: np.ndarray, seed: int) -> dict:
+        request = IKRequest(
+            position=np.asarray(target, dtype=float), obstacles=list(scene.obstacles),
+            num_solutions=1, refinement="none", seed=seed,
+            # the adapter keeps refine_reserve_s of the budget for its refinement rounds
+            time_budget_s=cfg.table1_budget_s + reserve,
+            iterations=0 if method == "prior" else cfg.table1_iterations,
+            objective="is" if method == "is" else "cem")
+        result = adapter.solve(request)
+        q = adapter.sample_adapted(cfg.table1_samples, seed=seed + 1)
+        _, free, err = judge.judge(q.detach().double().cpu().numpy(), target)
+        first_batch_s = result.timings.total - result.timings.adaptation \
+            - result.timings.refinement
+        return dict(valid_fraction=float(free.mean()),
+                    score=float(np.where(free, np.exp(-err), 0.0).mean()),
+                    adaptation_time_s=result.timings.adaptation,
+                    sampling_and_adaptation_time_s=result.timings.adaptation + first_batch_s,
+                    request_time_s=result.timings.total,
+                    iterations_run=result.iterations_run,
+                    valid_fraction_prior_spheres=result.valid_fraction_prior,
+                    valid_fraction_adapted_spheres=result.valid_fraction_adapted)
+
+    methods = {}
+    try:
+        for method in cfg.methods:
+            if cfg.warmup:  # on the first target, with its own seed
+                run_one(method, targets[0], seed=cfg.seed * 100003 + 2 * len(targets))
+            rows = [run_one(method, t, seed=cfg.seed * 100003 + 2 * i)
+                    for i, t in enumerate(targets)]
+            vf = np.array([r["valid_fraction"] for r in rows])
+            sc = np.array([r["score"] for r in rows])
+            at = np.array([r["adaptation_time_s"] for r in rows])
+            methods[method] = dict(
+                valid_fraction=float(vf.mean()), valid_fraction_std=float(vf.std()),
+                score=float(sc.mean()), score_std=float(sc.std()),
+                median_adaptation_time_s=float(np.median(at)),
+                p90_adaptation_time_s=float(np.percentile(at, 90)),
+                max_adaptation_time_s=float(at.max()),
+                mean_iterations=float(np.mean([r["iterations_run"] for r in rows])),
+                per_target=rows)
+            log(f"[{scene.name}] table1 {method}: done")
+    finally:
+        judge.close()
+    return dict(targets=targets.round(9).tolist(), methods=methods)
+
+
+def table1_service_config(service: IKAdaptConfig) -> IKAdaptConfig:
+    """The service config for the Table 1 protocol: the same, with ``early_stop`` off."""
+    return replace(service, early_stop=False)
+
+
+def run_benchmark(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
+                  urdf_text: str | None = None,
+                  log: Callable[[str], None] = lambda _s: None) -> dict:
+    """Run the configured protocol on ``scene``; returns the JSON-ready report.
+
+    Keys: ``scene``, ``protocol``, ``config`` (the benchmark settings), ``service`` (the IK
+    service's config), ``environment``, ``targets`` ((n, 3) m) and ``methods`` (name -> figures,
+    see :class:`MethodSummary`, or the table1 figures).
+    """
+    cfg.validate()
+    if cfg.protocol == "table1":
+        body = run_table1(adapter, scene, cfg, log)
+    else:
+        body = run_requests(adapter, scene, cfg, urdf_text, log)
+    return dict(scene=scene.name, protocol=cfg.protocol, config=asdict(cfg),
+                service=asdict(adapter.config), environment=environment(), **body)
+
+
+def environment() -> dict:
+    """Where the timings were taken (for the JSON report)."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return dict(cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+                torch_version=torch.__version__, load_average_1m=load[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Printing
+# ----------------------------------------------------------------------------------------------
+
+def _fmt(value, scale: float = 1.0, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value * scale:.{digits}f}"
+
+
+def format_table(report: dict) -> str:
+    """The report as a text table (one row per method)."""
+    methods = report["methods"]
+    k = report["config"]["num_solutions"]
+    head = f"scene {report['scene']}, {len(report['targets'])} targets, protocol " \
+           f"{report['protocol']}, load {report['environment']['load_average_1m']:.1f}"
+    if report["protocol"] == "table1":
+        lines = [head, f"{'method':<8} {'valid frac':>14} {'score':>14} {'adapt med s':>11} "
+                       f"{'adapt max s':>11} {'iters':>6}"]
+        for name, m in methods.items():
+            lines.append(f"{name:<8} {m['valid_fraction']:>7.3f} ±{m['valid_fraction_std']:.3f}"
+                         f" {m['score']:>7.3f} ±{m['score_std']:.3f} "
+                         f"{m['median_adaptation_time_s']:>11.3f} "
+                         f"{m['max_adaptation_time_s']:>11.3f} {m['mean_iterations']:>6.1f}")
+        return "\n".join(lines)
+    lines = [head, f"{'method':<16} {'succ':>5} {'succK':>5} {'med s':>7} {'p90 s':>7} "
+                   f"{'1st med':>7} {'1st p90':>7} {'valid/t':>7} {'err mm':>8} {'div rad':>7} "
+                   f"{'free':>5} {'vf pri':>6} {'vf ada':>6} {'iters':>5}"]
+    for name, m in methods.items():
+        lines.append(
+            f"{name:<16} {_fmt(m['success_rate'], digits=2):>5} "
+            f"{_fmt(m['k_success_rate'], digits=2):>5} {_fmt(m['median_time_s']):>7} "
+            f"{_fmt(m['p90_time_s']):>7} {_fmt(m['median_time_first_s']):>7} "
+            f"{_fmt(m['p90_time_first_s']):>7} {_fmt(m['mean_valid_per_target'], digits=1):>7} "
+            f"{_fmt(m['mean_position_error_m'], 1e3, 3):>8} "
+            f"{_fmt(m['mean_pairwise_joint_distance_rad'], digits=2):>7} "
+            f"{_fmt(m['collision_free_fraction'], digits=2):>5} "
+            f"{_fmt(m['valid_fraction_prior'], digits=2):>6} "
+            f"{_fmt(m['valid_fraction_adapted'], digits=2):>6} "
+            f"{_fmt(m['mean_iterations'], digits=1):>5}")
+    lines.append(f"succ: share of targets with >= 1 valid solution (PyBullet exact, within "
+                 f"{report['config']['position_tolerance'] * 1e3:g} mm); succK: with K={k}; "
+                 f"med/p90 s: time until K valid or give-up; 1st: time to the first valid one "
+                 f"(MACE answers all at once)")
+    return "\n".join(lines)

@@ -1,0 +1,135 @@
+"""The autoregressive Gaussian-mixture IK prior p(q | p_ee) (paper Sec. 4.2 and App. B).
+
+p(q | p_ee) = Π_i p(q_i | q_<i, p_ee), each factor a mixture of Gaussians whose parameters come
+from its own MLP (5 hidden layers of 200, LeakyReLU). The seven MLPs are stored as stacked weights
+``(7, in, out)`` so the likelihood of a batch runs all of them in one batched matmul chain, with a
+mask on the first layer that hides q_j (j >= i) from network i (teacher forcing). Sampling is
+sequential over the joints by nature: seven passes, each through one network.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError
+from .tensor import TensorSpec
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+@dataclass(frozen=True)
+class ARGMMConfig:
+    """Architecture of :class:`ARGMMPrior` (stored next to its weights)."""
+
+    num_joints: int = 7  #: J, length of a configuration
+    context_dim: int = 3  #: size of the conditioning vector (end-effector position, m)
+    hidden: int = 200  #: width of each hidden layer
+    layers: int = 5  #: number of hidden layers of each per-joint MLP
+    components: int = 2  #: Gaussian components per joint
+    min_std: float = 1e-3  #: floor of each component's standard deviation (normalized units)
+
+    @staticmethod
+    def from_dict(d: dict) -> "ARGMMConfig":
+        known = set(ARGMMConfig.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ModelLoadError(f"unknown ARGMM config keys: {sorted(unknown)}")
+        return ARGMMConfig(**d)
+
+
+class ARGMMPrior(nn.Module):
+    """Autoregressive 2-component GMM over the 7 Panda joints, conditioned on the target position.
+
+    Joint values are normalized to [-1, 1] by the joint limits and positions by the training data's
+    mean and standard deviation; :meth:`log_prob` returns the density of the raw joint values
+    (radians), the normalization's Jacobian included.
+    """
+
+    def __init__(self, config: ARGMMConfig, spec: TensorSpec):
+        super().__init__()
+        self.config = config
+        self.spec = spec
+        j, c, h = config.num_joints, config.context_dim, config.hidden
+        dims = [c + j] + [h] * config.layers + [3 * config.components]
+        kw = dict(device=spec.device, dtype=spec.dtype)
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for din, dout in zip(dims[:-1], dims[1:]):
+            w = torch.empty(j, din, dout, **kw)
+            for k in range(j):
+                nn.init.kaiming_uniform_(w[k].T, a=0.2)
+            self.weights.append(nn.Parameter(w))
+            self.biases.append(nn.Parameter(torch.zeros(j, 1, dout, **kw)))
+        mask = torch.ones(j, c + j, 1, **kw)
+        for k in range(j):
+            mask[k, c + k:] = 0.0  # network k sees p_ee and q_<k only
+        self.register_buffer("input_mask", mask)
+        self.register_buffer("q_low", torch.full((j,), -math.pi, **kw))
+        self.register_buffer("q_high", torch.full((j,), math.pi, **kw))
+        self.register_buffer("ctx_mean", torch.zeros(c, **kw))
+        self.register_buffer("ctx_std", torch.ones(c, **kw))
+
+    def set_normalization(self, q_low: torch.Tensor, q_high: torch.Tensor,
+                          ctx_mean: torch.Tensor, ctx_std: torch.Tensor) -> None:
+        """Fix the joint range ``(J,)`` and context statistics ``(C,)`` (done once, before training)."""
+        self.q_low.copy_(q_low)
+        self.q_high.copy_(q_high)
+        self.ctx_mean.copy_(ctx_mean)
+        self.ctx_std.copy_(ctx_std)
+
+    def _normalize_q(self, q: torch.Tensor) -> torch.Tensor:
+        return 2.0 * (q - self.q_low) / (self.q_high - self.q_low) - 1.0
+
+    def _mixture(self, h: torch.Tensor):
+        """Split network outputs ``(..., 3K)`` into log-weights, means and stds ``(..., K)``."""
+        k = self.config.components
+        logits, mean, raw_std = h[..., :k], h[..., k:2 * k], h[..., 2 * k:]
+        std = nn.functional.softplus(raw_std) + self.config.min_std
+        return torch.log_softmax(logits, -1), mean, std
+
+    def _forward_all(self, x: torch.Tensor) -> torch.Tensor:
+        """All J networks on inputs ``(B, C + J)`` -> outputs ``(J, B, 3K)``."""
+        h = x.unsqueeze(0) @ (self.weights[0] * self.input_mask) + self.biases[0]
+        for w, b in zip(self.weights[1:], self.biases[1:]):
+            h = torch.baddbmm(b, nn.functional.leaky_relu(h, 0.2), w)
+        return h
+
+    def _forward_one(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """Network ``k`` alone on inputs ``(B, C + J)`` -> ``(B, 3K)``."""
+        h = torch.addmm(self.biases[0][k], x, self.weights[0][k] * self.input_mask[k])
+        for w, b in zip(self.weights[1:], self.biases[1:]):
+            h = torch.addmm(b[k], nn.functional.leaky_relu(h, 0.2), w[k])
+        return h
+
+    def log_prob(self, q: torch.Tensor, p_ee: torch.Tensor) -> torch.Tensor:
+        """log p(q | p_ee) of joint configurations ``(B, J)`` (rad) at positions ``(B, 3)``: ``(B,)``."""
+        qn = self._normalize_q(q)
+        x = torch.cat([(p_ee - self.ctx_mean) / self.ctx_std, qn], -1)
+        log_w, mean, std = self._mixture(self._forward_all(x))  # (J, B, K)
+        z = (qn.T.unsqueeze(-1) - mean) / std
+        comp = log_w - 0.5 * z * z - torch.log(std) - 0.5 * _LOG_2PI
+        log_norm = torch.log(2.0 / (self.q_high - self.q_low)).sum()
+        return torch.logsumexp(comp, -1).sum(0) + log_norm
+
+    def sample(self, p_ee: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Draw one configuration per row of ``p_ee`` ``(B, 3)``: ``(B, J)`` in radians."""
+        batch, j = p_ee.shape[0], self.config.num_joints
+        x = torch.cat([(p_ee - self.ctx_mean) / self.ctx_std,
+                       torch.zeros(batch, j, device=p_ee.device, dtype=p_ee.dtype)], -1)
+        c = self.config.context_dim
+        rows = torch.arange(batch, device=p_ee.device)
+        for k in range(j):
+            log_w, mean, std = self._mixture(self._forward_one(k, x))
+            comp = torch.multinomial(log_w.exp(), 1, generator=generator).squeeze(1)
+            eps = torch.randn(batch, device=p_ee.device, dtype=p_ee.dtype, generator=generator)
+            x[:, c + k] = mean[rows, comp] + std[rows, comp] * eps
+        qn = x[:, c:]
+        return self.q_low + (qn + 1.0) * 0.5 * (self.q_high - self.q_low)
+
+    def architecture(self) -> dict:
+        """Hyper-parameters to store next to the weights."""
+        return asdict(self.config)

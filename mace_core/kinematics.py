@@ -1,0 +1,300 @@
+"""Batched forward kinematics of a robot built from URDF text (the Franka Panda by default).
+
+Every link's frame is computed at once for a batch of joint configurations, on the device of the
+:class:`TensorSpec` the model was built with. Links form a tree (the Panda's hand carries two fingers
+and the grasp target); joints that are not actuated (fixed, or prismatic fingers held at a fixed
+opening) are folded into constant transforms.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import InvalidRequestError, ModelLoadError
+from .tensor import TensorSpec
+
+#: Joint names of the Panda arm, in the order of every ``(B, 7)`` configuration tensor.
+PANDA_JOINTS = tuple(f"panda_joint{i}" for i in range(1, 8))
+#: Finger opening used everywhere (each finger joint at 0.04 m: fingers open, as the scenes say).
+PANDA_FINGERS = {"panda_finger_joint1": 0.04, "panda_finger_joint2": 0.04}
+PANDA_BASE = "panda_link0"
+PANDA_EE = "panda_grasptarget"
+
+
+def pybullet_data_path() -> str:
+    """Folder of the pybullet_data package (URDFs and meshes), without importing pybullet."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pybullet_data")
+    if spec is None or spec.origin is None:
+        raise ModelLoadError("pybullet_data is not installed (it ships with the pybullet wheel)")
+    return os.path.dirname(spec.origin)
+
+
+def panda_urdf_path() -> str:
+    """Path of ``franka_panda/panda.urdf`` shipped by pybullet_data."""
+    return os.path.join(pybullet_data_path(), "franka_panda", "panda.urdf")
+
+
+def _rpy_matrix(r: float, p: float, y: float) -> np.ndarray:
+    """URDF fixed-axis roll-pitch-yaw: R = Rz(y) Ry(p) Rx(r)."""
+    cr, sr, cp, sp, cy, sy = math.cos(r), math.sin(r), math.cos(p), math.sin(p), math.cos(y), \
+        math.sin(y)
+    return np.array([[cy * cp, cy * sp * sr - sy * cr, cy * sp * cr + sy * sr],
+                     [sy * cp, sy * sp * sr + cy * cr, sy * sp * cr - cy * sr],
+                     [-sp, cp * sr, cp * cr]])
+
+
+def _origin(elem: ET.Element | None) -> np.ndarray:
+    """4x4 transform of a URDF ``<origin xyz rpy>`` element (identity when absent)."""
+    t = np.eye(4)
+    if elem is not None:
+        xyz = [float(v) for v in elem.get("xyz", "0 0 0").split()]
+        rpy = [float(v) for v in elem.get("rpy", "0 0 0").split()]
+        t[:3, :3] = _rpy_matrix(*rpy)
+        t[:3, 3] = xyz
+    return t
+
+
+@dataclass
+class CollisionGeometry:
+    """One ``<collision>`` element of a link."""
+
+    kind: str  #: "mesh", "box", "sphere" or "cylinder"
+    origin: np.ndarray  #: (4, 4) pose of the geometry in the link frame
+    mesh_path: str = ""  #: absolute path of the mesh file (kind "mesh")
+    scale: tuple[float, float, float] = (1.0, 1.0, 1.0)  #: mesh scale
+    size: tuple[float, ...] = ()  #: box (x, y, z) m; sphere (r,); cylinder (length, radius)
+
+
+@dataclass
+class JointSpec:
+    """A URDF joint as the kinematic tree uses it."""
+
+    name: str
+    kind: str  #: "revolute", "continuous", "prismatic" or "fixed"
+    parent: str  #: parent link name
+    child: str  #: child link name
+    origin: np.ndarray  #: (4, 4) child joint frame in the parent link frame
+    axis: np.ndarray  #: (3,) unit axis in the joint frame
+    lower: float = -math.inf  #: rad or m
+    upper: float = math.inf  #: rad or m
+
+
+@dataclass
+class URDFModel:
+    """The parts of a URDF that kinematics and collision checks need."""
+
+    name: str
+    links: list[str]  #: link names, in document order
+    joints: dict[str, JointSpec]  #: by joint name
+    collisions: dict[str, list[CollisionGeometry]] = field(default_factory=dict)  #: by link
+
+    @staticmethod
+    def from_text(text: str, mesh_root: str = "") -> "URDFModel":
+        """Parse URDF text. ``package://`` mesh paths are resolved against ``mesh_root``."""
+        try:
+            root = ET.fromstring(text)
+        except ET.ParseError as exc:
+            raise ModelLoadError(f"URDF is not valid XML: {exc}") from exc
+        links = [lk.get("name") for lk in root.findall("link")]
+        joints: dict[str, JointSpec] = {}
+        for j in root.findall("joint"):
+            axis = np.array([float(v) for v in
+                             (j.find("axis").get("xyz") if j.find("axis") is not None
+                              else "1 0 0").split()])
+            norm = np.linalg.norm(axis)
+            limit = j.find("limit")
+            joints[j.get("name")] = JointSpec(
+                name=j.get("name"), kind=j.get("type"),
+                parent=j.find("parent").get("link"), child=j.find("child").get("link"),
+                origin=_origin(j.find("origin")), axis=axis / norm if norm > 0 else axis,
+                lower=float(limit.get("lower", -math.inf)) if limit is not None else -math.inf,
+                upper=float(limit.get("upper", math.inf)) if limit is not None else math.inf)
+        collisions: dict[str, list[CollisionGeometry]] = {}
+        for lk in root.findall("link"):
+            geoms = []
+            for c in lk.findall("collision"):
+                g = c.find("geometry")
+                origin = _origin(c.find("origin"))
+                if g.find("mesh") is not None:
+                    m = g.find("mesh")
+                    fname = m.get("filename")
+                    if fname.startswith("package://"):
+                        fname = fname[len("package://"):]
+                    scale = tuple(float(v) for v in m.get("scale", "1 1 1").split())
+                    geoms.append(CollisionGeometry("mesh", origin,
+                                                   os.path.join(mesh_root, fname), scale))
+                elif g.find("box") is not None:
+                    size = tuple(float(v) for v in g.find("box").get("size").split())
+                    geoms.append(CollisionGeometry("box", origin, size=size))
+                elif g.find("sphere") is not None:
+                    geoms.append(CollisionGeometry(
+                        "sphere", origin, size=(float(g.find("sphere").get("radius")),)))
+                elif g.find("cylinder") is not None:
+                    cyl = g.find("cylinder")
+                    geoms.append(CollisionGeometry(
+                        "cylinder", origin,
+                        size=(float(cyl.get("length")), float(cyl.get("radius")))))
+            collisions[lk.get("name")] = geoms
+        return URDFModel(root.get("name", ""), links, joints, collisions)
+
+    def path_to_root(self, link: str) -> list[JointSpec]:
+        """Joints from the root down to ``link`` (root first)."""
+        by_child = {j.child: j for j in self.joints.values()}
+        chain = []
+        while link in by_child:
+            chain.append(by_child[link])
+            link = by_child[link].parent
+        return chain[::-1]
+
+
+def _axis_rotation(axis: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """Rotations about unit axes by angles (Rodrigues): axis (..., 3), angle (B, ...) -> (B, ..., 3, 3)."""
+    x, y, z = axis.unbind(-1)
+    c, s = torch.cos(angle), torch.sin(angle)
+    t = 1.0 - c
+    return torch.stack([
+        torch.stack([t * x * x + c, t * x * y - s * z, t * x * z + s * y], -1),
+        torch.stack([t * x * y + s * z, t * y * y + c, t * y * z - s * x], -1),
+        torch.stack([t * x * z - s * y, t * y * z + s * x, t * z * z + c], -1)], -2)
+
+
+class RobotKinematics:
+    """Batched forward kinematics of every link of a URDF robot.
+
+    Attributes:
+        joint_names: the actuated joints, in the order of the columns of ``q`` ``(B, J)``.
+        link_names: every link reachable from the base, parents before children; the order of
+            the link axis of :meth:`link_poses` ``(B, L, 4, 4)``.
+        lower, upper: ``(J,)`` joint limits (rad).
+    """
+
+    def __init__(self, urdf: URDFModel, spec: TensorSpec, base_link: str = PANDA_BASE,
+                 ee_link: str = PANDA_EE, joint_names: tuple[str, ...] = PANDA_JOINTS,
+                 fixed_positions: dict[str, float] | None = None):
+        self.urdf = urdf
+        self.spec = spec
+        self.base_link = base_link
+        self.ee_link = ee_link
+        self.joint_names = list(joint_names)
+        fixed_positions = dict(PANDA_FINGERS if fixed_positions is None else fixed_positions)
+        for name in self.joint_names:
+            if name not in urdf.joints:
+                raise ModelLoadError(f"joint '{name}' is not in the URDF")
+            if urdf.joints[name].kind not in ("revolute", "continuous"):
+                raise ModelLoadError(f"joint '{name}' is {urdf.joints[name].kind}; only revolute "
+                                     "joints can be actuated")
+        children: dict[str, list[JointSpec]] = {}
+        for j in urdf.joints.values():
+            children.setdefault(j.parent, []).append(j)
+        # Breadth-first from the base: parents come before children.
+        order: list[tuple[str, JointSpec | None]] = [(base_link, None)]
+        i = 0
+        while i < len(order):
+            for j in children.get(order[i][0], []):
+                order.append((j.child, j))
+            i += 1
+        self.link_names = [name for name, _ in order]
+        if ee_link not in self.link_names:
+            raise ModelLoadError(f"end-effector link '{ee_link}' is not below '{base_link}'")
+        index = {name: k for k, name in enumerate(self.link_names)}
+        self.ee_index = index[ee_link]
+        self.parent_index: list[int] = [-1]
+        self.joint_index: list[int] = [-1]  # column of q driving the link, -1 for constant joints
+        origins, axes = [np.eye(4)], [np.zeros(3)]
+        for name, joint in order[1:]:
+            self.parent_index.append(index[joint.parent])
+            origin = joint.origin.copy()
+            if joint.name in self.joint_names:
+                self.joint_index.append(self.joint_names.index(joint.name))
+            else:
+                self.joint_index.append(-1)
+                value = fixed_positions.get(joint.name, 0.0)
+                if joint.kind == "prismatic":
+                    origin[:3, 3] += origin[:3, :3] @ (joint.axis * value)
+                elif joint.kind in ("revolute", "continuous") and value:
+                    rot = _axis_rotation(torch.tensor(joint.axis), torch.tensor([value]))[0]
+                    origin[:3, :3] = origin[:3, :3] @ rot.numpy()
+            origins.append(origin)
+            axes.append(joint.axis)
+        self._origins = spec.tensor(np.stack(origins))  # (L, 4, 4)
+        self._axes = spec.tensor(np.stack(axes))  # (L, 3)
+        self.lower = spec.tensor([urdf.joints[n].lower for n in self.joint_names])
+        self.upper = spec.tensor([urdf.joints[n].upper for n in self.joint_names])
+        # Links driven by each joint column: used for the analytic Jacobian.
+        self._joint_links = [self.joint_index.index(c) for c in range(len(self.joint_names))]
+        self._act_links = torch.tensor(self._joint_links, device=spec.device)
+        self._act_axes = self._axes[self._joint_links]  # (J, 3)
+
+    @classmethod
+    def panda(cls, spec: TensorSpec, urdf_text: str | None = None,
+              mesh_root: str | None = None) -> "RobotKinematics":
+        """The Franka Panda of pybullet_data (or of ``urdf_text``), end effector panda_grasptarget."""
+        path = panda_urdf_path()
+        if urdf_text is None:
+            with open(path) as f:
+                urdf_text = f.read()
+        urdf = URDFModel.from_text(urdf_text, mesh_root or os.path.dirname(path))
+        return cls(urdf, spec)
+
+    @property
+    def num_joints(self) -> int:
+        return len(self.joint_names)
+
+    def _check(self, q: torch.Tensor) -> torch.Tensor:
+        if q.ndim != 2 or q.shape[1] != self.num_joints:
+            raise InvalidRequestError(
+                f"joint configurations must be (B, {self.num_joints}), got {tuple(q.shape)}")
+        return q.to(device=self.spec.device, dtype=self.spec.dtype)
+
+    def link_poses(self, q: torch.Tensor) -> torch.Tensor:
+        """Pose of every link frame in the base frame: ``(B, 7)`` -> ``(B, L, 4, 4)``."""
+        q = self._check(q)
+        batch = q.shape[0]
+        local = self._origins.expand(batch, -1, -1, -1).clone()  # (B, L, 4, 4)
+        rot = _axis_rotation(self._act_axes, q)  # (B, J, 3, 3), all joints in one call
+        local[:, self._act_links, :3, :3] = self._origins[self._act_links, :3, :3] @ rot
+        poses = [local[:, 0]]
+        for k in range(1, len(self.link_names)):
+            poses.append(poses[self.parent_index[k]] @ local[:, k])
+        return torch.stack(poses, 1)
+
+    def ee_pose(self, q: torch.Tensor) -> torch.Tensor:
+        """End-effector pose in the base frame: ``(B, 7)`` -> ``(B, 4, 4)``."""
+        return self.link_poses(q)[:, self.ee_index]
+
+    def ee_position(self, q: torch.Tensor) -> torch.Tensor:
+        """End-effector position in the base frame: ``(B, 7)`` -> ``(B, 3)``."""
+        return self.ee_pose(q)[:, :3, 3]
+
+    def jacobian(self, q: torch.Tensor, poses: torch.Tensor | None = None) -> torch.Tensor:
+        """Geometric Jacobian of the end effector (linear rows first): ``(B, 7)`` -> ``(B, 6, 7)``.
+
+        Column i is (a_i × (p_ee − p_i), a_i) for the world axis a_i and origin p_i of joint i.
+        """
+        if poses is None:
+            poses = self.link_poses(q)
+        frames = poses[:, self._joint_links]  # (B, J, 4, 4)
+        axes = frames[:, :, :3, :3] @ self._axes[self._joint_links].unsqueeze(-1)  # (B, J, 3, 1)
+        axes = axes.squeeze(-1)
+        p_ee = poses[:, self.ee_index, :3, 3]
+        lin = torch.cross(axes, p_ee.unsqueeze(1) - frames[:, :, :3, 3], dim=-1)
+        return torch.cat([lin, axes], -1).transpose(1, 2)
+
+    def within_limits(self, q: torch.Tensor) -> torch.Tensor:
+        """``(B, 7)`` -> ``(B,)`` bool: every joint inside its URDF limits."""
+        q = self._check(q)
+        return ((q >= self.lower) & (q <= self.upper)).all(-1)
+
+    def sample_uniform(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``n`` configurations uniform within the joint limits: ``(n, 7)``."""
+        u = torch.rand(n, self.num_joints, generator=generator, device=self.spec.device,
+                       dtype=self.spec.dtype)
+        return self.lower + u * (self.upper - self.lower)

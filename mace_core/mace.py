@@ -1,0 +1,197 @@
+"""MACE: Model Adaptation with the Cross-Entropy method (Krupnik et al., CoRL 2023, Algorithm 1).
+
+The loop is generic: anything that can sample, and give a differentiable (surrogate) log-likelihood
+of its own samples, can be adapted. The IK prior tunes all its weights (Sec. 3.2.1, autoregressive
+models); the point-cloud VAE tunes only its latent prior (MACE-VAE, Sec. 3.2.1).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from .errors import InvalidRequestError
+
+OBJECTIVES = ("cem", "is")
+
+
+@dataclass
+class MACEConfig:
+    """Hyper-parameters of Algorithm 1. Every field can be overridden per request."""
+
+    num_samples: int = 1024  #: N, samples drawn per iteration
+    quantile: float = 1.0 / 64.0  #: q, fraction of the N samples kept as elite
+    gradient_steps: int = 4  #: M, optimizer steps per iteration
+    iterations: int = 20  #: T, iterations; 0 means no adaptation (prior samples only)
+    learning_rate: float = 1e-4  #: Adam step size
+    objective: str = "cem"  #: "cem" (Eq. 3, the paper's method) or "is" (Eq. 2 baseline)
+    pool_size: int = 256  #: best samples kept across all iterations (the answer if time runs out)
+
+    def validate(self) -> None:
+        """Raise InvalidRequestError on values the loop cannot run with."""
+        if self.num_samples < 1:
+            raise InvalidRequestError(f"num_samples must be >= 1, got {self.num_samples}")
+        if not 0.0 < self.quantile <= 1.0:
+            raise InvalidRequestError(f"quantile must be in (0, 1], got {self.quantile}")
+        if self.gradient_steps < 1:
+            raise InvalidRequestError(f"gradient_steps must be >= 1, got {self.gradient_steps}")
+        if self.iterations < 0:
+            raise InvalidRequestError(f"iterations must be >= 0, got {self.iterations}")
+        if not (self.learning_rate > 0.0 and math.isfinite(self.learning_rate)):
+            raise InvalidRequestError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.objective not in OBJECTIVES:
+            raise InvalidRequestError(
+                f"objective must be one of {OBJECTIVES}, got '{self.objective}'")
+        if self.pool_size < 1:
+            raise InvalidRequestError(f"pool_size must be >= 1, got {self.pool_size}")
+
+
+class AdaptiveModel(Protocol):
+    """What :func:`adapt` needs of a generative model p(x; θ)."""
+
+    def adapted_parameters(self) -> list[torch.nn.Parameter]:
+        """θ: the parameters the loop optimizes (all weights, or only (μ_z, σ_z))."""
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Draw ``n`` samples x ~ p(x; θ) without gradients: ``(n, ...)``."""
+
+    def log_likelihood_fn(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Return ``f`` with ``f() -> (n,)`` = log p(x_i; θ) (or its surrogate) under the current θ.
+
+        Work that does not depend on θ (e.g. encoding x with a frozen encoder) is done once here,
+        not on each of the M gradient steps.
+        """
+
+    def initial_log_likelihood(self, x: torch.Tensor) -> torch.Tensor:
+        """log p(x_i; θ_0) under the unadapted prior: ``(n,)``. Needed by the Eq. 2 baseline only."""
+
+
+ScoreFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class MACEIteration:
+    """Figures of one iteration of Algorithm 1."""
+
+    mean_score: float  #: mean S over the N samples
+    threshold: float  #: δ, the ⌊qN⌋-th best score
+    positive_fraction: float  #: fraction of samples with S > 0 (e.g. collision-free)
+    elapsed_s: float  #: wall time since the loop started
+
+
+@dataclass
+class MACETrace:
+    """What :func:`adapt` returns: the best samples seen and how the run went."""
+
+    pool_x: torch.Tensor  #: best samples over all iterations, best first: (P, ...)
+    pool_scores: torch.Tensor  #: their scores: (P,)
+    iterations: list[MACEIteration] = field(default_factory=list)  #: one entry per iteration run
+    stopped_by_deadline: bool = False  #: True when the time budget cut the loop short
+
+    @property
+    def iterations_run(self) -> int:
+        return len(self.iterations)
+
+
+class _Pool:
+    """Running top-P of (sample, score) pairs across iterations."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.x: torch.Tensor | None = None
+        self.s: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor, s: torch.Tensor) -> None:
+        if self.x is not None:
+            x = torch.cat([self.x, x])
+            s = torch.cat([self.s, s])
+        k = min(self.size, s.shape[0])
+        best = torch.topk(s, k).indices
+        self.x, self.s = x[best], s[best]
+
+
+def elite_indices(scores: torch.Tensor, quantile: float) -> torch.Tensor:
+    """Indices of the top ⌊qN⌋ samples (at least one), Algorithm 1 line 5.
+
+    The paper keeps every sample with S >= δ; taking exactly ⌊qN⌋ differs only on ties, and stops
+    a batch of all-zero scores from fitting every sample.
+    """
+    k = max(1, int(math.floor(quantile * scores.shape[0])))
+    return torch.topk(scores, k).indices
+
+
+def adapt(model: AdaptiveModel, score: ScoreFn, config: MACEConfig, generator: torch.Generator,
+          deadline: float | None = None,
+          first_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+          stop_when: Callable[[torch.Tensor, torch.Tensor], bool] | None = None) -> MACETrace:
+    """Run Algorithm 1 on ``model`` in place and return the best samples seen.
+
+    Args:
+        model: the generative model; its ``adapted_parameters()`` are changed in place.
+        score: maps samples ``(N, ...)`` to scores S(o_i, o) in [0, 1]: ``(N,)``.
+        config: N, q, M, T, learning rate and objective.
+        generator: random source for sampling (seeded by the caller for reproducibility).
+        deadline: ``time.perf_counter()`` value after which no new iteration starts.
+        first_batch: samples ``(N, ...)`` already drawn from the unadapted model and their scores
+            ``(N,)``, used as the first iteration's batch instead of drawing a new one.
+        stop_when: called with the pool (samples, scores) after each iteration; returning True ends
+            the loop early (e.g. once enough good samples are pooled).
+
+    Objectives: "cem" maximizes Σ 1[S ≥ δ] log p(x_i; θ) (Eq. 3); "is" maximizes
+    Σ w_i S_i log p(x_i; θ) with w_i = p(x_i; θ_0) / p(x_i; θ_{t-1}) (Eq. 2), self-normalized over
+    the batch because the raw ratios overflow as soon as θ moves away from θ_0.
+    """
+    config.validate()
+    start = time.perf_counter()
+    pool = _Pool(config.pool_size)
+    trace_iters: list[MACEIteration] = []
+    params = model.adapted_parameters()
+    # The fused kernel steps all 1.15M IK-prior weights in ~2 ms on a CPU core, ~15x the default.
+    optimizer = (torch.optim.Adam(params, lr=config.learning_rate, fused=True)
+                 if config.iterations else None)
+    stopped = False
+    for _ in range(config.iterations):
+        if deadline is not None and time.perf_counter() >= deadline:
+            stopped = True
+            break
+        if first_batch is not None:
+            (x, s), first_batch = first_batch, None
+        else:
+            with torch.no_grad():
+                x = model.sample(config.num_samples, generator)
+                s = score(x)
+        pool.add(x, s)
+        elite = elite_indices(s, config.quantile)
+        if config.objective == "cem":
+            x_fit, weights = x[elite], None
+        else:
+            x_fit = x
+            with torch.no_grad():
+                log_w = model.initial_log_likelihood(x) - model.log_likelihood_fn(x)()
+                weights = torch.softmax(log_w, dim=0) * s
+        log_lik = model.log_likelihood_fn(x_fit)
+        for _ in range(config.gradient_steps):
+            optimizer.zero_grad(set_to_none=True)
+            ll = log_lik()
+            loss = -ll.mean() if weights is None else -(weights * ll).sum()
+            loss.backward()
+            optimizer.step()
+        trace_iters.append(MACEIteration(
+            mean_score=float(s.mean()), threshold=float(s[elite[-1]]),
+            positive_fraction=float((s > 0).float().mean()),
+            elapsed_s=time.perf_counter() - start))
+        if stop_when is not None and stop_when(pool.x, pool.s):
+            break
+    if pool.x is None:
+        if first_batch is not None:
+            pool.add(*first_batch)
+        else:
+            with torch.no_grad():
+                x = model.sample(config.num_samples, generator)
+                pool.add(x, score(x))
+    return MACETrace(pool_x=pool.x, pool_scores=pool.s, iterations=trace_iters,
+                     stopped_by_deadline=stopped)

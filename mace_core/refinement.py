@@ -1,0 +1,176 @@
+"""Exact refinement of sampled IK candidates (the paper's "MACE + MoveIt", Sec. 4.2 / Table 2).
+
+MACE's samples land within centimetres of the target; an exact solver seeded from them closes the
+gap to 0.1 mm in a few steps while staying in the seed's (collision-free) homotopy class. Two solvers
+ship in the core: a batched damped least squares in torch, and TRAC-IK (the solver behind MoveIt's
+TRAC-IK kinematics plugin) through ``pytracik``. Others (MoveIt's ``/compute_ik``) plug in through
+the :class:`Refiner` protocol from outside the core.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .errors import InvalidRequestError
+from .kinematics import RobotKinematics
+
+
+@dataclass
+class RefinementConfig:
+    """Settings shared by the refiners."""
+
+    max_iterations: int = 40  #: DLS iterations at most
+    damping: float = 1e-2  #: λ of (J Jᵀ + λ² I)⁻¹, m
+    max_step: float = 0.3  #: largest joint change per DLS iteration, rad
+    position_tolerance: float = 1e-4  #: m, a refined solution must reach the target this closely
+    orientation_weight: float = 0.2  #: m per rad when orientation is asked for
+    tracik_timeout: float = 0.005  #: s per TRAC-IK call (MoveIt's default attempt time)
+
+
+@dataclass
+class IKTarget:
+    """Where the end effector must go, in the robot's base frame."""
+
+    position: torch.Tensor  #: (3,) m
+    rotation: torch.Tensor | None = None  #: (3, 3) target orientation, or None for position-only
+    orientation_tolerance: float = 0.0  #: rad, used when ``rotation`` is given
+
+
+def pose_errors(kin: RobotKinematics, q: torch.Tensor, target: IKTarget,
+                poses: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position error (m) and orientation error (rad, 0 when position-only) of ``q (B, 7)``: ``(B,)``."""
+    ee = (kin.link_poses(q) if poses is None else poses)[:, kin.ee_index]
+    pos_err = (ee[:, :3, 3] - target.position).norm(dim=-1)
+    if target.rotation is None:
+        return pos_err, torch.zeros_like(pos_err)
+    rel = target.rotation.T @ ee[:, :3, :3]
+    cos = ((rel.diagonal(dim1=-2, dim2=-1).sum(-1) - 1.0) * 0.5).clamp(-1.0, 1.0)
+    return pos_err, torch.arccos(cos)
+
+
+class Refiner(Protocol):
+    """An exact IK solver seeded from candidate configurations."""
+
+    def refine(self, q0: torch.Tensor, target: IKTarget) -> torch.Tensor:
+        """Refine seeds ``(B, 7)`` towards ``target``; returns ``(B, 7)`` (failed rows unchanged)."""
+
+
+class DLSRefiner:
+    """Batched damped least squares on the end-effector pose, clamped to the joint limits."""
+
+    def __init__(self, kin: RobotKinematics, config: RefinementConfig):
+        self.kin = kin
+        self.config = config
+
+    def refine(self, q0: torch.Tensor, target: IKTarget) -> torch.Tensor:
+        """Run at most ``max_iterations`` DLS steps on ``q0 (B, 7)``; converged rows stop moving."""
+        cfg, kin = self.config, self.kin
+        q = q0.clone().clamp(kin.lower, kin.upper)
+        lam2 = cfg.damping ** 2
+        prev = torch.full(q.shape[:1], math.inf, dtype=q.dtype, device=q.device)
+        with torch.no_grad():
+            for it in range(cfg.max_iterations):
+                poses = kin.link_poses(q)
+                ee = poses[:, kin.ee_index]
+                err = target.position - ee[:, :3, 3]  # (B, 3)
+                jac = kin.jacobian(q, poses)  # (B, 6, 7)
+                norm = err.norm(dim=-1)
+                done = norm < 0.1 * cfg.position_tolerance
+                if target.rotation is not None:
+                    rel = target.rotation @ ee[:, :3, :3].transpose(1, 2)
+                    w = torch.stack([rel[:, 2, 1] - rel[:, 1, 2], rel[:, 0, 2] - rel[:, 2, 0],
+                                     rel[:, 1, 0] - rel[:, 0, 1]], -1) * 0.5
+                    err = torch.cat([err, cfg.orientation_weight * w], -1)
+                    jac = torch.cat([jac[:, :3], cfg.orientation_weight * jac[:, 3:]], 1)
+                    norm = err.norm(dim=-1)
+                    done = done & (w.norm(dim=-1) < 1e-4)
+                else:
+                    jac = jac[:, :3]
+                # A row that stopped improving (stuck at a limit or a singularity) is given up.
+                stalled = (norm > 0.9 * prev) if it >= 8 else torch.zeros_like(done)
+                if bool((done | stalled).all()):
+                    break
+                prev = norm
+                jjt = jac @ jac.transpose(1, 2)
+                eye = torch.eye(jjt.shape[-1], dtype=q.dtype, device=q.device)
+                dq = (jac.transpose(1, 2) @ torch.linalg.solve(jjt + lam2 * eye,
+                                                               err.unsqueeze(-1))).squeeze(-1)
+                scale = (cfg.max_step / dq.abs().amax(-1, keepdim=True).clamp_min(1e-12)).clamp(
+                    max=1.0)
+                q = torch.where(done.unsqueeze(-1), q, (q + dq * scale).clamp(kin.lower,
+                                                                              kin.upper))
+        return q
+
+
+class TracIKRefiner:
+    """TRAC-IK seeded from each candidate (the solver behind MoveIt's TRAC-IK plugin).
+
+    The ``pytracik`` wheel solves full poses only, while MoveIt's plugin in position-only mode leaves
+    the orientation free (TRAC-IK's rotational bounds at infinity). For a position-only target each
+    seed is therefore asked for the target position with an orientation known to be reachable near
+    the seed: the hand orientation after a few batched position-only DLS steps from it. (The seed's
+    own orientation fails for about a quarter of seeds 10 cm off: it is often unreachable at the
+    target position.)
+    """
+
+    def __init__(self, kin: RobotKinematics, urdf_text: str, config: RefinementConfig):
+        try:
+            import pytracik
+        except ImportError as exc:  # pragma: no cover - pytracik is a declared dependency
+            raise InvalidRequestError("refinement 'tracik' needs the pytracik package") from exc
+        self._tracik = pytracik
+        self.kin = kin
+        self.config = config
+        self._orienter = DLSRefiner(kin, RefinementConfig(max_iterations=8))
+        # KDL warns on every start about the root link's inertia; the solver does not use it.
+        urdf_text = re.sub(r"(<link\s+name=\"%s\"\s*>.*?)<inertial>.*?</inertial>"
+                           % re.escape(kin.base_link), r"\1", urdf_text, count=1, flags=re.S)
+        self._solver = pytracik.TRAC_IK(kin.base_link, kin.ee_link, urdf_text,
+                                        config.tracik_timeout, 1e-5, pytracik.Speed)
+        pytracik.set_joint_limits(self._solver, kin.lower.tolist(), kin.upper.tolist())
+
+    def solve(self, seed: np.ndarray, position: np.ndarray, quat_xyzw: np.ndarray) -> np.ndarray | None:
+        """One TRAC-IK call: seed ``(7,)``, target position ``(3,)``, orientation (x, y, z, w)."""
+        out = self._tracik.ik(self._solver, seed, *position, *quat_xyzw)
+        return out[1:] if out[0] >= 0 else None
+
+    def refine(self, q0: torch.Tensor, target: IKTarget) -> torch.Tensor:
+        """Refine each row of ``q0 (B, 7)``; rows TRAC-IK fails on come back unchanged."""
+        seeds = q0.detach().cpu().double().numpy()
+        if target.rotation is None:
+            reachable = self._orienter.refine(q0, target)
+            rots = self.kin.ee_pose(reachable)[:, :3, :3].detach().cpu().double().numpy()
+        else:
+            rots = np.broadcast_to(target.rotation.cpu().double().numpy(), (len(seeds), 3, 3))
+        position = target.position.cpu().double().numpy()
+        out = seeds.copy()
+        for b in range(len(seeds)):  # TRAC-IK is a per-seed C++ call; B is small (seeds only)
+            sol = self.solve(seeds[b], position, matrix_to_quaternion_xyzw(rots[b]))
+            if sol is not None:
+                out[b] = sol
+        return torch.as_tensor(out, dtype=q0.dtype, device=q0.device)
+
+
+def matrix_to_quaternion_xyzw(r: np.ndarray) -> np.ndarray:
+    """Rotation matrix ``(3, 3)`` -> unit quaternion (x, y, z, w) (Shepperd's method)."""
+    tr = r[0, 0] + r[1, 1] + r[2, 2]
+    if tr > 0:
+        s = 2.0 * np.sqrt(tr + 1.0)
+        q = [(r[2, 1] - r[1, 2]) / s, (r[0, 2] - r[2, 0]) / s, (r[1, 0] - r[0, 1]) / s, 0.25 * s]
+    elif r[0, 0] > r[1, 1] and r[0, 0] > r[2, 2]:
+        s = 2.0 * np.sqrt(1.0 + r[0, 0] - r[1, 1] - r[2, 2])
+        q = [0.25 * s, (r[0, 1] + r[1, 0]) / s, (r[0, 2] + r[2, 0]) / s, (r[2, 1] - r[1, 2]) / s]
+    elif r[1, 1] > r[2, 2]:
+        s = 2.0 * np.sqrt(1.0 + r[1, 1] - r[0, 0] - r[2, 2])
+        q = [(r[0, 1] + r[1, 0]) / s, 0.25 * s, (r[1, 2] + r[2, 1]) / s, (r[0, 2] - r[2, 0]) / s]
+    else:
+        s = 2.0 * np.sqrt(1.0 + r[2, 2] - r[0, 0] - r[1, 1])
+        q = [(r[0, 2] + r[2, 0]) / s, (r[1, 2] + r[2, 1]) / s, 0.25 * s, (r[1, 0] - r[0, 1]) / s]
+    q = np.asarray(q)
+    return q / np.linalg.norm(q)

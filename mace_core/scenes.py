@@ -1,0 +1,211 @@
+"""Benchmark scenes: primitive obstacles around the Panda and a region of end-effector targets.
+
+Every pose is in the robot's base frame (origin of ``panda_link0``, z up), lengths in metres.
+Obstacle sizes follow ``shape_msgs/SolidPrimitive``: box (x, y, z) full lengths, sphere (radius,),
+cylinder (height, radius) with its axis along the local z axis, centred on its position.
+The YAML format is the one of ``config/scenes/*.yaml`` (described in ``scenes/README.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import yaml
+
+from .errors import InvalidRequestError
+from .tensor import TensorSpec
+
+#: Number of size values of each obstacle kind (SolidPrimitive conventions).
+OBSTACLE_DIMENSIONS = {"box": 3, "sphere": 1, "cylinder": 2}
+#: Largest deviation of R R^T from the identity (and of det R from 1) accepted as a rotation.
+ROTATION_TOLERANCE = 1e-5
+#: Largest deviation of a quaternion's norm from 1 accepted (it is then normalized).
+QUATERNION_TOLERANCE = 1e-3
+
+IDENTITY = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+
+
+def quaternion_xyzw_to_matrix(quat: Sequence[float]) -> tuple[tuple[float, ...], ...]:
+    """Rotation matrix (3x3, row-major nested tuples) of a quaternion given as (x, y, z, w).
+
+    The quaternion is normalized; one whose norm is off 1 by more than QUATERNION_TOLERANCE
+    (a zero quaternion included) is rejected.
+
+    Raises:
+        InvalidRequestError: not 4 finite values, or not a unit quaternion.
+    """
+    q = np.asarray(quat, dtype=float)
+    if q.shape != (4,) or not np.all(np.isfinite(q)):
+        raise InvalidRequestError(f"quaternion must be 4 finite values (x, y, z, w), got {quat}")
+    norm = float(np.linalg.norm(q))
+    if abs(norm - 1.0) > QUATERNION_TOLERANCE:
+        raise InvalidRequestError(f"quaternion (x, y, z, w) {list(quat)} is not unit "
+                                  f"(norm {norm:.6g})")
+    x, y, z, w = q / norm
+    m = ((1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)),
+         (2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)),
+         (2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)))
+    return tuple(tuple(float(v) for v in row) for row in m)
+
+
+def _finite_vector(values, length: int, what: str) -> tuple[float, ...]:
+    try:
+        arr = np.asarray(values, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestError(f"{what} must be {length} numbers, got {values!r}") from exc
+    if arr.shape != (length,):
+        raise InvalidRequestError(f"{what} must be {length} numbers, got {values!r}")
+    if not np.all(np.isfinite(arr)):
+        raise InvalidRequestError(f"{what} must be finite, got {values!r}")
+    return tuple(float(v) for v in arr)
+
+
+@dataclass(frozen=True)
+class Obstacle:
+    """One primitive obstacle, posed in the robot's base frame."""
+
+    name: str  #: identifier, unique within a scene
+    kind: str  #: "box", "sphere" or "cylinder"
+    size: tuple[float, ...]  #: m; box (x, y, z) full lengths, sphere (r,), cylinder (height, r)
+    position: tuple[float, float, float]  #: (3,) m, centre of the primitive in the base frame
+    #: (3, 3) row-major rotation base-from-primitive (a cylinder's axis is its local z)
+    rotation: tuple[tuple[float, ...], ...] = IDENTITY
+
+    def validate(self) -> None:
+        """Raise InvalidRequestError on an unknown kind, bad sizes, NaN/inf or a non-rotation."""
+        label = f"obstacle '{self.name}'"
+        if self.kind not in OBSTACLE_DIMENSIONS:
+            raise InvalidRequestError(f"{label}: kind must be one of "
+                                      f"{tuple(OBSTACLE_DIMENSIONS)}, got '{self.kind}'")
+        dims = OBSTACLE_DIMENSIONS[self.kind]
+        size = _finite_vector(self.size, dims, f"{label}: {self.kind} size")
+        if min(size) <= 0.0:
+            raise InvalidRequestError(f"{label}: sizes must be > 0, got {list(self.size)}")
+        _finite_vector(self.position, 3, f"{label}: position")
+        try:
+            rot = np.asarray(self.rotation, dtype=float)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequestError(f"{label}: rotation must be 3x3 numbers") from exc
+        if rot.shape != (3, 3) or not np.all(np.isfinite(rot)):
+            raise InvalidRequestError(f"{label}: rotation must be a finite 3x3 matrix, got "
+                                      f"{self.rotation!r}")
+        if (np.abs(rot @ rot.T - np.eye(3)).max() > ROTATION_TOLERANCE
+                or abs(np.linalg.det(rot) - 1.0) > ROTATION_TOLERANCE):
+            raise InvalidRequestError(f"{label}: rotation is not orthonormal with det +1")
+
+    @property
+    def rotation_matrix(self) -> np.ndarray:
+        """(3, 3) rotation base-from-primitive."""
+        return np.asarray(self.rotation, dtype=float)
+
+
+@dataclass(frozen=True)
+class TargetRegion:
+    """Axis-aligned box of end-effector target positions, in the base frame."""
+
+    min: tuple[float, float, float]  #: (3,) m, lower corner
+    max: tuple[float, float, float]  #: (3,) m, upper corner
+
+    def validate(self) -> None:
+        """Raise InvalidRequestError unless both corners are finite and min <= max."""
+        lo = _finite_vector(self.min, 3, "targets.min")
+        hi = _finite_vector(self.max, 3, "targets.max")
+        if any(a > b for a, b in zip(lo, hi)):
+            raise InvalidRequestError(f"targets.min {list(lo)} exceeds targets.max {list(hi)}")
+
+    def sample(self, n: int, generator: torch.Generator, spec: TensorSpec) -> torch.Tensor:
+        """``n`` positions drawn uniformly in the region: ``(n, 3)`` m, base frame.
+
+        ``generator`` must live on ``spec.device``.
+        """
+        lo, hi = spec.tensor(self.min), spec.tensor(self.max)
+        u = torch.rand(n, 3, generator=generator, device=spec.device, dtype=spec.dtype)
+        return lo + u * (hi - lo)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A benchmark scene: obstacles and the region its IK targets are drawn from."""
+
+    name: str  #: scene identifier
+    ee_link: str  #: link whose origin must reach the targets (e.g. panda_grasptarget)
+    obstacles: tuple[Obstacle, ...]  #: every obstacle, the floor included
+    targets: TargetRegion  #: where target positions are drawn
+
+    def validate(self) -> None:
+        """Validate every obstacle and the target region; obstacle names must be unique."""
+        names = [o.name for o in self.obstacles]
+        if len(set(names)) != len(names):
+            raise InvalidRequestError(f"scene '{self.name}': obstacle names are not unique")
+        for obstacle in self.obstacles:
+            obstacle.validate()
+        self.targets.validate()
+
+    def sample_targets(self, n: int, generator: torch.Generator,
+                       spec: TensorSpec) -> torch.Tensor:
+        """``n`` target positions uniform in the target region: ``(n, 3)`` m, base frame."""
+        return self.targets.sample(n, generator, spec)
+
+
+_SCENE_KEYS = {"name", "ee_link", "obstacles", "targets"}
+_OBSTACLE_KEYS = {"name", "type", "center", "size", "quat"}
+_TARGET_KEYS = {"min", "max"}
+
+
+def _check_keys(data, allowed: set[str], required: set[str], where: str) -> None:
+    if not isinstance(data, dict):
+        raise InvalidRequestError(f"{where}: expected a mapping, got {type(data).__name__}")
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise InvalidRequestError(f"{where}: unknown key(s) {unknown}; allowed: "
+                                  f"{sorted(allowed)}")
+    missing = sorted(required - set(data))
+    if missing:
+        raise InvalidRequestError(f"{where}: missing key(s) {missing}")
+
+
+def scene_from_dict(data: dict, source: str = "scene") -> Scene:
+    """Build and validate a Scene from the parsed YAML mapping (see module docstring)."""
+    _check_keys(data, _SCENE_KEYS, _SCENE_KEYS, source)
+    obstacles = []
+    if not isinstance(data["obstacles"], list):
+        raise InvalidRequestError(f"{source}: obstacles must be a list")
+    for i, item in enumerate(data["obstacles"]):
+        where = f"{source}: obstacles[{i}]"
+        _check_keys(item, _OBSTACLE_KEYS, {"name", "type", "center", "size"}, where)
+        kind = item["type"]
+        if kind not in OBSTACLE_DIMENSIONS:
+            raise InvalidRequestError(f"{where}: type must be one of "
+                                      f"{tuple(OBSTACLE_DIMENSIONS)}, got '{kind}'")
+        rotation = IDENTITY
+        if item.get("quat") is not None:
+            rotation = quaternion_xyzw_to_matrix(_finite_vector(item["quat"], 4,
+                                                                f"{where}: quat"))
+        obstacles.append(Obstacle(
+            name=str(item["name"]), kind=kind,
+            size=_finite_vector(item["size"], OBSTACLE_DIMENSIONS[kind], f"{where}: size"),
+            position=_finite_vector(item["center"], 3, f"{where}: center"),
+            rotation=rotation))
+    _check_keys(data["targets"], _TARGET_KEYS, _TARGET_KEYS, f"{source}: targets")
+    targets = TargetRegion(_finite_vector(data["targets"]["min"], 3, "targets.min"),
+                           _finite_vector(data["targets"]["max"], 3, "targets.max"))
+    scene = Scene(str(data["name"]), str(data["ee_link"]), tuple(obstacles), targets)
+    scene.validate()
+    return scene
+
+
+def load_scene(path: str) -> Scene:
+    """Read a scene YAML file (``quat`` is x, y, z, w there).
+
+    Raises:
+        InvalidRequestError: unreadable YAML, unknown or missing keys, or invalid values.
+    """
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as exc:
+        raise InvalidRequestError(f"cannot read scene file '{path}': {exc}") from exc
+    return scene_from_dict(data, source=path)

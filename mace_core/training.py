@@ -1,0 +1,28 @@
+"""``mace-train``: the project's training command for every shipped prior.
+
+    mace-train ik [--samples N --epochs E ...]        the Panda IK prior (models/panda_ik.*)
+    mace-train shape --prior boxes|objects [...]      a point-cloud VAE prior
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch to the training command of one prior family."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("ik", "shape"):
+        print(__doc__.strip())
+        return 2
+    if argv[0] == "ik":
+        from .ik_training import main_ik
+
+        return main_ik(argv[1:])
+    from .shape_training import main_shape
+
+    return main_shape(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

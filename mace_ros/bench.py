@@ -1,0 +1,118 @@
+"""``mace-bench``: benchmarks of the mace core, one subcommand per capability.
+
+``mace-bench ik --scene config/scenes/box.yaml --targets 20 --seed 0 --json out/bench_box.json``
+runs MACE and the TRAC-IK restarts baseline on one scene (see :mod:`mace_core.ik_benchmark`);
+``--protocol table1`` runs the paper's Table 1 protocol instead. Runs in-process, without ROS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from mace_core.config import load_service_config
+from mace_core.errors import MaceError
+from mace_core.ik import IKAdaptConfig, IKAdapter
+from mace_core.ik_benchmark import (METHODS, PROTOCOLS, TABLE1_METHODS, TRACIK_ORIENTATIONS,
+                                    IKBenchmarkConfig, default_models_dir, format_table,
+                                    run_benchmark, table1_service_config)
+from mace_core.scenes import load_scene
+from mace_core.tensor import TensorSpec
+
+
+def _add_ik_parser(sub) -> None:
+    d = IKBenchmarkConfig()
+    p = sub.add_parser("ik", help="collision-aware IK: MACE vs TRAC-IK restarts on a scene",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--scene", required=True, help="scene YAML (format of config/scenes/)")
+    p.add_argument("--targets", type=int, default=d.num_targets, help="number of targets")
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds targets and requests")
+    p.add_argument("--json", default="", help="write the report to this file")
+    p.add_argument("--protocol", choices=PROTOCOLS, default=d.protocol,
+                   help="requests: K solutions per target; table1: the paper's Table 1")
+    p.add_argument("--methods", default="",
+                   help=f"comma-separated subset (requests: {','.join(METHODS)}; "
+                        f"table1: {','.join(TABLE1_METHODS)})")
+    p.add_argument("--models-dir", default=default_models_dir(),
+                   help="folder of registry.yaml, the weights and panda_spheres.yaml")
+    p.add_argument("--model", default="panda_ik", help="registry name of the IK prior")
+    p.add_argument("--config", default=None,
+                   help="service parameters YAML (config/panda.yaml) for the IK defaults")
+    p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (0: torch's default; 1 is fastest on a shared 2-core "
+                        "machine)")
+    p.add_argument("--num-solutions", type=int, default=d.num_solutions, help="K")
+    p.add_argument("--budget", type=float, default=d.time_budget_s,
+                   help="s per MACE request")
+    p.add_argument("--tracik-timeout", type=float, default=d.tracik_timeout_s,
+                   help="s per target for the TRAC-IK restarts")
+    p.add_argument("--tracik-orientation", choices=TRACIK_ORIENTATIONS,
+                   default=d.tracik_orientation, help="orientation asked of TRAC-IK")
+    p.add_argument("--tracik-jacobian-steps", type=int, default=d.tracik_jacobian_steps,
+                   help="position-only steps before reading the orientation")
+    p.add_argument("--table1-samples", type=int, default=d.table1_samples,
+                   help="samples judged per adapted model")
+    p.add_argument("--table1-budget", type=float, default=d.table1_budget_s,
+                   help="s of adaptation per target")
+    p.add_argument("--table1-iterations", type=int, default=d.table1_iterations,
+                   help="MACE iterations at most per target")
+    p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run")
+    p.set_defaults(func=_run_ik)
+
+
+def _run_ik(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    protocol_methods = METHODS if args.protocol == "requests" else TABLE1_METHODS
+    methods = tuple(m for m in args.methods.split(",") if m) or protocol_methods
+    cfg = IKBenchmarkConfig(
+        num_targets=args.targets, seed=args.seed, protocol=args.protocol, methods=methods,
+        num_solutions=args.num_solutions, time_budget_s=args.budget,
+        warmup=not args.no_warmup, tracik_timeout_s=args.tracik_timeout,
+        tracik_orientation=args.tracik_orientation,
+        tracik_jacobian_steps=args.tracik_jacobian_steps, table1_samples=args.table1_samples,
+        table1_budget_s=args.table1_budget, table1_iterations=args.table1_iterations)
+    cfg.validate()
+    service = load_service_config(args.config).ik if args.config else IKAdaptConfig()
+    if cfg.protocol == "table1":
+        service = table1_service_config(service)
+    scene = load_scene(args.scene)
+    adapter = IKAdapter.from_models(args.models_dir, args.model, service,
+                                    TensorSpec.resolve(args.device))
+    report = run_benchmark(adapter, scene, cfg,
+                           log=lambda s: print(s, file=sys.stderr, flush=True))
+    report["scene_file"] = os.path.abspath(args.scene)
+    print(format_table(report))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"report written to {args.json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mace-bench`` parser; each capability adds one subcommand."""
+    parser = argparse.ArgumentParser(prog="mace-bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_ik_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mace-bench`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (MaceError, ValueError, OSError) as exc:
+        print(f"mace-bench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,410 @@
+"""The one place that knows ROS messages: AdaptIK requests and responses, markers, PointCloud2.
+
+Data flows one way: message -> ``*_from_msg`` -> core dataclass -> core -> result ->
+``*_to_msg`` -> message. Quaternions are (x, y, z, w) in ROS; they are turned into rotation
+matrices here and nowhere else. Every function raises
+:class:`mace_core.errors.InvalidRequestError` with a message naming the offending field.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+from geometry_msgs.msg import Point, Pose, PoseStamped, Quaternion
+from sensor_msgs.msg import PointCloud2, PointField
+from shape_msgs.msg import SolidPrimitive
+from std_msgs.msg import ColorRGBA, Header
+from visualization_msgs.msg import Marker, MarkerArray
+
+from mace_core.errors import InvalidRequestError
+from mace_core.ik import IKAdaptResult, IKRequest, IKSolution, IKTimings
+from mace_core.kinematics import RobotKinematics
+from mace_core.refinement import matrix_to_quaternion_xyzw
+from mace_core.scenes import Obstacle, quaternion_xyzw_to_matrix
+from mace_ros.msg import CollisionObject, IKSolution as IKSolutionMsg
+from mace_ros.srv import AdaptIK
+
+#: The robot's base frame: every pose of a request must be in it (there is no tf2 here).
+BASE_FRAME = "panda_link0"
+
+#: SolidPrimitive type -> (Obstacle kind, number of dimensions).
+_PRIMITIVES = {SolidPrimitive.BOX: ("box", 3), SolidPrimitive.SPHERE: ("sphere", 1),
+               SolidPrimitive.CYLINDER: ("cylinder", 2)}
+_PRIMITIVE_TYPES = {kind: (ptype, dims) for ptype, (kind, dims) in _PRIMITIVES.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Small helpers
+# ------------------------------------------------------------------------------------------------
+
+def _check_frame(frame_id: str, base_frame: str, what: str) -> None:
+    """Accept the base frame or an empty frame id (which means the base frame)."""
+    if frame_id not in ("", base_frame):
+        raise InvalidRequestError(f"{what}: unknown frame '{frame_id}': targets must be in "
+                                  f"{base_frame}")
+
+
+def _vector(values: Sequence[float], what: str) -> np.ndarray:
+    """Finite float64 array of ``values``."""
+    arr = np.asarray(values, dtype=float)
+    if not np.all(np.isfinite(arr)):
+        raise InvalidRequestError(f"{what} must be finite, got {arr.tolist()}")
+    return arr
+
+
+def _point(p) -> list[float]:
+    return [p.x, p.y, p.z]
+
+
+def _quaternion(q) -> list[float]:
+    return [q.x, q.y, q.z, q.w]
+
+
+def _rotation_from_quaternion(q: Quaternion, what: str) -> np.ndarray:
+    """(3, 3) rotation of a ROS quaternion (x, y, z, w); zero, non-unit or NaN ones are errors."""
+    xyzw = _vector(_quaternion(q), f"{what} quaternion (x, y, z, w)")
+    if float(np.linalg.norm(xyzw)) < 1e-9:
+        raise InvalidRequestError(f"{what} quaternion (x, y, z, w) is zero: give a unit "
+                                  f"quaternion")
+    try:
+        return np.asarray(quaternion_xyzw_to_matrix(xyzw), dtype=float)
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(f"{what}: {exc}") from exc
+
+
+def _quaternion_msg(rotation: np.ndarray) -> Quaternion:
+    x, y, z, w = matrix_to_quaternion_xyzw(np.asarray(rotation, dtype=float))
+    return Quaternion(x=float(x), y=float(y), z=float(z), w=float(w))
+
+
+def _pose_msg(position: Sequence[float], rotation: np.ndarray) -> Pose:
+    x, y, z = (float(v) for v in position)
+    return Pose(position=Point(x=x, y=y, z=z), orientation=_quaternion_msg(rotation))
+
+
+# ------------------------------------------------------------------------------------------------
+# Obstacles: mace_ros/CollisionObject <-> mace_core.scenes.Obstacle
+# ------------------------------------------------------------------------------------------------
+
+def obstacles_from_msgs(objects: Sequence[CollisionObject],
+                        base_frame: str = BASE_FRAME) -> list[Obstacle]:
+    """One :class:`Obstacle` per primitive, named ``id`` (or ``id/i`` for several primitives)."""
+    out = []
+    for n, obj in enumerate(objects):
+        label = f"obstacle '{obj.id}'" if obj.id else f"obstacles[{n}]"
+        _check_frame(obj.header.frame_id, base_frame, label)
+        if len(obj.primitives) != len(obj.primitive_poses):
+            raise InvalidRequestError(
+                f"{label}: {len(obj.primitives)} primitives but {len(obj.primitive_poses)} "
+                f"primitive_poses (one pose per primitive)")
+        for i, (prim, pose) in enumerate(zip(obj.primitives, obj.primitive_poses)):
+            name = obj.id or f"obstacles[{n}]"
+            if len(obj.primitives) > 1:
+                name = f"{name}/{i}"
+            where = f"{label} primitive {i}"
+            if prim.type not in _PRIMITIVES:
+                raise InvalidRequestError(f"{where}: primitive type {prim.type} not supported "
+                                          f"(box, sphere, cylinder)")
+            kind, dims = _PRIMITIVES[prim.type]
+            size = np.asarray(prim.dimensions, dtype=float)
+            if size.shape != (dims,):
+                raise InvalidRequestError(
+                    f"{where}: a {kind} needs {dims} dimensions, got {len(size)}")
+            size = _vector(size, f"{where}: {kind} dimensions")
+            if np.any(size <= 0.0):
+                raise InvalidRequestError(
+                    f"{where}: {kind} dimensions must be > 0, got {size.tolist()}")
+            position = _vector(_point(pose.position), f"{where}: position")
+            rotation = _rotation_from_quaternion(pose.orientation, f"{where}: orientation")
+            obstacle = Obstacle(name=name, kind=kind, size=tuple(size.tolist()),
+                                position=tuple(position.tolist()),
+                                rotation=tuple(tuple(row) for row in rotation.tolist()))
+            obstacle.validate()
+            out.append(obstacle)
+    return out
+
+
+def obstacles_to_msgs(obstacles: Sequence[Obstacle],
+                      base_frame: str = BASE_FRAME) -> list[CollisionObject]:
+    """One single-primitive :class:`CollisionObject` per obstacle, in ``base_frame``."""
+    out = []
+    for obstacle in obstacles:
+        ptype, _ = _PRIMITIVE_TYPES[obstacle.kind]
+        out.append(CollisionObject(
+            header=Header(frame_id=base_frame), id=obstacle.name,
+            primitives=[SolidPrimitive(type=ptype, dimensions=[float(s) for s in obstacle.size])],
+            primitive_poses=[_pose_msg(obstacle.position, obstacle.rotation_matrix)]))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# AdaptIK request <-> IKRequest
+# ------------------------------------------------------------------------------------------------
+
+def ik_request_from_msg(req: AdaptIK.Request, base_frame: str = BASE_FRAME) -> IKRequest:
+    """Convert an AdaptIK request; 0 (and -1 for iterations and seed) takes the node's default.
+
+    ``num_solutions`` and ``time_budget`` are passed on as given: the core rejects 0.
+    """
+    _check_frame(req.target.header.frame_id, base_frame, "target")
+    position = np.asarray(_point(req.target.pose.position), dtype=float)
+    if not np.all(np.isfinite(position)):
+        raise InvalidRequestError(f"target position must be finite, got {position.tolist()}")
+    rotation = None
+    if req.use_orientation:
+        rotation = _rotation_from_quaternion(req.target.pose.orientation, "target orientation")
+    if req.iterations < -1:
+        raise InvalidRequestError(f"iterations must be -1 (the node's default) or >= 0, got "
+                                  f"{req.iterations}")
+    if req.seed < -1:
+        raise InvalidRequestError(f"seed must be -1 (random) or >= 0, got {req.seed}")
+    return IKRequest(
+        position=position,
+        obstacles=obstacles_from_msgs(req.obstacles, base_frame),
+        rotation=rotation,
+        orientation_tolerance=float(req.orientation_tolerance) if req.use_orientation else 0.0,
+        num_solutions=int(req.num_solutions),
+        time_budget_s=float(req.time_budget),
+        iterations=None if req.iterations == -1 else int(req.iterations),
+        refinement=req.refinement or None,
+        objective=req.objective or None,
+        num_samples=int(req.num_samples) or None,
+        quantile=float(req.quantile) or None,
+        gradient_steps=int(req.gradient_steps) or None,
+        learning_rate=float(req.learning_rate) or None,
+        seed=None if req.seed == -1 else int(req.seed))
+
+
+def ik_request_to_msg(request: IKRequest, base_frame: str = BASE_FRAME) -> AdaptIK.Request:
+    """Build an AdaptIK request (the client's side); ``None`` overrides become 0 / -1 / "".
+
+    Raises:
+        ValueError: ``num_solutions`` or ``time_budget_s`` is None (the service needs both).
+    """
+    if request.num_solutions is None or request.time_budget_s is None:
+        raise ValueError("an AdaptIK request needs num_solutions and time_budget_s")
+    msg = AdaptIK.Request()
+    msg.target = PoseStamped(header=Header(frame_id=base_frame))
+    x, y, z = (float(v) for v in request.position)
+    msg.target.pose.position = Point(x=x, y=y, z=z)
+    if request.rotation is not None:
+        msg.target.pose.orientation = _quaternion_msg(request.rotation)
+        msg.use_orientation = True
+        msg.orientation_tolerance = float(request.orientation_tolerance)
+    msg.obstacles = obstacles_to_msgs(request.obstacles, base_frame)
+    msg.num_solutions = int(request.num_solutions)
+    msg.time_budget = float(request.time_budget_s)
+    msg.iterations = -1 if request.iterations is None else int(request.iterations)
+    msg.refinement = request.refinement or ""
+    msg.objective = request.objective or ""
+    msg.num_samples = int(request.num_samples or 0)
+    msg.quantile = float(request.quantile or 0.0)
+    msg.gradient_steps = int(request.gradient_steps or 0)
+    msg.learning_rate = float(request.learning_rate or 0.0)
+    msg.seed = -1 if request.seed is None else int(request.seed)
+    return msg
+
+
+# ------------------------------------------------------------------------------------------------
+# IKAdaptResult <-> AdaptIK response
+# ------------------------------------------------------------------------------------------------
+
+def ik_result_to_msg(result: IKAdaptResult, response: AdaptIK.Response) -> AdaptIK.Response:
+    """Fill ``response`` from a core result (best solution first) and return it."""
+    response.success = result.success
+    response.message = result.message
+    response.solutions = [
+        IKSolutionMsg(joint_names=list(result.joint_names),
+                      positions=[float(v) for v in sol.q], score=float(sol.score),
+                      position_error=float(sol.position_error),
+                      orientation_error=float(sol.orientation_error),
+                      collision_free=bool(sol.collision_free))
+        for sol in result.solutions]
+    response.valid_fraction_prior = float(result.valid_fraction_prior)
+    response.valid_fraction_adapted = float(result.valid_fraction_adapted)
+    response.iterations_run = int(result.iterations_run)
+    response.sampling_time = float(result.timings.sampling)
+    response.adaptation_time = float(result.timings.adaptation)
+    response.refinement_time = float(result.timings.refinement)
+    response.total_time = float(result.timings.total)
+    return response
+
+
+def ik_result_from_msg(response: AdaptIK.Response) -> IKAdaptResult:
+    """The client's view of a response as a core result.
+
+    The message carries no clearance (NaN here) and no K asked for (the number of solutions).
+    """
+    names = list(response.solutions[0].joint_names) if response.solutions else []
+    solutions = [IKSolution(q=np.asarray(s.positions, dtype=float), score=s.score,
+                            position_error=s.position_error,
+                            orientation_error=s.orientation_error,
+                            collision_free=s.collision_free, clearance=math.nan)
+                 for s in response.solutions]
+    timings = IKTimings(sampling=response.sampling_time, adaptation=response.adaptation_time,
+                        refinement=response.refinement_time, total=response.total_time)
+    return IKAdaptResult(solutions=solutions, joint_names=names, num_requested=len(solutions),
+                         valid_fraction_prior=response.valid_fraction_prior,
+                         valid_fraction_adapted=response.valid_fraction_adapted,
+                         iterations_run=response.iterations_run, timings=timings,
+                         message=response.message)
+
+
+# ------------------------------------------------------------------------------------------------
+# Markers
+# ------------------------------------------------------------------------------------------------
+
+def arm_points(kin: RobotKinematics, q: np.ndarray) -> np.ndarray:
+    """Origins of the links from the base to the end effector: ``(B, 7)`` -> ``(B, C, 3)`` m.
+
+    The chain follows the URDF tree (fingers left out), so a polyline through these points draws
+    the arm.
+    """
+    chain, k = [], kin.ee_index
+    while k >= 0:
+        chain.append(k)
+        k = kin.parent_index[k]
+    q = np.asarray(q, dtype=float).reshape(-1, kin.num_joints)
+    poses = kin.link_poses(kin.spec.tensor(q))
+    return poses[:, chain[::-1], :3, 3].detach().cpu().double().numpy()
+
+
+def rank_color(rank: int, count: int, collision_free: bool = True) -> tuple[float, float, float]:
+    """RGB of solution ``rank`` (0 best) among ``count``: green to blue; red on collision."""
+    if not collision_free:
+        return (0.9, 0.1, 0.1)
+    t = rank / max(count - 1, 1)
+    return (0.1, 0.8 * (1.0 - t) + 0.2 * t, 0.2 * (1.0 - t) + 0.9 * t)
+
+
+def markers_from_ik_result(result: IKAdaptResult, kin: RobotKinematics, header: Header,
+                           target: Sequence[float] | None = None,
+                           line_width: float = 0.015) -> MarkerArray:
+    """A DELETEALL, then one LINE_STRIP per solution (colored by rank) and the target sphere."""
+    markers = [Marker(header=header, action=Marker.DELETEALL)]
+    if result.solutions:
+        arms = arm_points(kin, np.stack([s.q for s in result.solutions]))
+        for rank, (sol, pts) in enumerate(zip(result.solutions, arms)):
+            r, g, b = rank_color(rank, len(result.solutions), sol.collision_free)
+            markers.append(Marker(
+                header=header, ns="ik_solutions", id=rank, type=Marker.LINE_STRIP,
+                action=Marker.ADD, points=[Point(x=x, y=y, z=z) for x, y, z in pts.tolist()],
+                color=ColorRGBA(r=r, g=g, b=b, a=1.0 if rank == 0 else 0.6)))
+            markers[-1].pose.orientation.w = 1.0
+            markers[-1].scale.x = line_width
+    if target is not None:
+        x, y, z = (float(v) for v in target)
+        sphere = Marker(header=header, ns="ik_target", id=0, type=Marker.SPHERE,
+                        action=Marker.ADD, color=ColorRGBA(r=1.0, g=0.6, b=0.0, a=1.0))
+        sphere.pose.position = Point(x=x, y=y, z=z)
+        sphere.pose.orientation.w = 1.0
+        sphere.scale.x = sphere.scale.y = sphere.scale.z = 0.03
+        markers.append(sphere)
+    return MarkerArray(markers=markers)
+
+
+# ------------------------------------------------------------------------------------------------
+# MoveIt /compute_ik (moveit_msgs/srv/GetPositionIK; the messages are passed in, not imported)
+# ------------------------------------------------------------------------------------------------
+
+def fill_compute_ik_request(req, seed: np.ndarray, joint_names: Sequence[str],
+                            position: Sequence[float], rotation: np.ndarray, group: str,
+                            ik_link: str, timeout_s: float, base_frame: str = BASE_FRAME):
+    """Fill a ``GetPositionIK.Request`` seeded from ``seed (7,)``; collisions left to MACE."""
+    ik = req.ik_request
+    ik.group_name = group
+    ik.robot_state.joint_state.name = list(joint_names)
+    ik.robot_state.joint_state.position = [float(v) for v in seed]
+    ik.avoid_collisions = False
+    ik.ik_link_name = ik_link
+    ik.pose_stamped.header.frame_id = base_frame
+    ik.pose_stamped.pose = _pose_msg(position, rotation)
+    ik.timeout.sec = int(timeout_s)
+    ik.timeout.nanosec = int(round((timeout_s - int(timeout_s)) * 1e9))
+    return req
+
+
+def joints_from_compute_ik(response, joint_names: Sequence[str]) -> np.ndarray | None:
+    """``(7,)`` solution of a ``GetPositionIK.Response`` in ``joint_names`` order, or None."""
+    if response is None or response.error_code.val != 1:  # MoveItErrorCodes.SUCCESS
+        return None
+    state = response.solution.joint_state
+    index = {name: k for k, name in enumerate(state.name)}
+    if any(name not in index for name in joint_names):
+        return None
+    return np.asarray([state.position[index[name]] for name in joint_names], dtype=float)
+
+
+# ------------------------------------------------------------------------------------------------
+# PointCloud2 (x, y, z as float32)
+# ------------------------------------------------------------------------------------------------
+
+_XYZ = ("x", "y", "z")
+
+
+def points_from_cloud(msg: PointCloud2, skip_nans: bool = True) -> np.ndarray:
+    """The x, y, z fields of a cloud as a ``(P, 3)`` float64 array (other fields ignored).
+
+    Handles padding (point_step larger than 12), row padding (row_step), organized clouds
+    (height > 1) and big-endian data. Points with a NaN or inf coordinate are dropped when
+    ``skip_nans``.
+
+    Raises:
+        InvalidRequestError: a missing or non-float32 x/y/z field, or sizes that disagree.
+    """
+    fields = {f.name: f for f in msg.fields}
+    missing = [n for n in _XYZ if n not in fields]
+    if missing:
+        raise InvalidRequestError(f"point cloud has no field(s) {missing} (fields: "
+                                  f"{sorted(fields)}); x, y, z float32 are required")
+    for name in _XYZ:
+        f = fields[name]
+        if f.datatype != PointField.FLOAT32 or f.count > 1:
+            raise InvalidRequestError(f"point cloud field '{name}' must be one FLOAT32 "
+                                      f"(datatype 7, count 1), got datatype {f.datatype} "
+                                      f"count {f.count}")
+        if f.offset + 4 > msg.point_step:
+            raise InvalidRequestError(f"point cloud field '{name}' at offset {f.offset} does not "
+                                      f"fit in point_step {msg.point_step}")
+    width, height, step, row = msg.width, msg.height, msg.point_step, msg.row_step
+    if row < width * step:
+        raise InvalidRequestError(f"point cloud row_step {row} is smaller than width * "
+                                  f"point_step = {width} * {step}")
+    if len(msg.data) != row * height:
+        raise InvalidRequestError(f"point cloud data has {len(msg.data)} bytes, expected "
+                                  f"row_step * height = {row} * {height}")
+    if width * height == 0:
+        return np.zeros((0, 3))
+    order = ">" if msg.is_bigendian else "<"
+    dtype = np.dtype({"names": list(_XYZ), "formats": [order + "f4"] * 3,
+                      "offsets": [fields[n].offset for n in _XYZ], "itemsize": step})
+    raw = np.frombuffer(msg.data, dtype=np.uint8).reshape(height, row)[:, :width * step]
+    records = np.frombuffer(np.ascontiguousarray(raw).tobytes(), dtype=dtype)
+    points = np.stack([records[n].astype(np.float64) for n in _XYZ], axis=-1)
+    if skip_nans:
+        points = points[np.isfinite(points).all(axis=1)]
+    return points
+
+
+def cloud_from_points(points: np.ndarray, header: Header) -> PointCloud2:
+    """An unorganized little-endian cloud with x, y, z float32 fields from ``(P, 3)`` points."""
+    pts = np.asarray(points, dtype=float)
+    if pts.ndim != 2 or pts.shape[1] != 3:
+        raise InvalidRequestError(f"points must be (P, 3), got {pts.shape}")
+    data = pts.astype("<f4").tobytes()
+    return PointCloud2(
+        header=header, height=1, width=pts.shape[0],
+        fields=[PointField(name=n, offset=4 * i, datatype=PointField.FLOAT32, count=1)
+                for i, n in enumerate(_XYZ)],
+        is_bigendian=False, point_step=12, row_step=12 * pts.shape[0], data=data,
+        is_dense=bool(np.isfinite(pts).all()))
+
+
+__all__ = [
+    "BASE_FRAME", "arm_points", "cloud_from_points", "fill_compute_ik_request",
+    "ik_request_from_msg", "ik_request_to_msg", "ik_result_from_msg", "ik_result_to_msg",
+    "joints_from_compute_ik", "markers_from_ik_result", "obstacles_from_msgs",
+    "obstacles_to_msgs", "points_from_cloud", "rank_color",
+]

@@ -1,0 +1,148 @@
+"""``mace-demo``: start the mace node, ask it for IK solutions in the box scene, draw them.
+
+1. starts ``python -m mace_ros.node --ros-args --params-file config/panda.yaml`` in its own
+   process (its log goes to ``out/mace_node.log``) and waits for ``/mace/adapt_ik``;
+2. calls the service through a real ROS client with the scene's obstacles and a target at the
+   centre of its target region, and prints the solutions and timings;
+3. writes ``out/ik_box.png`` (the arm of each solution, the scene's boxes and the target);
+4. stops the node (SIGINT, then SIGKILL if it does not exit).
+
+Without ROS_DOMAIN_ID set, the demo picks a private domain so that it talks to its own node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+#: Seconds to wait for the node's service (the node loads its models and warms up first).
+SERVICE_WAIT_S = 30.0
+
+
+def data_file(relative: str) -> str:
+    """``relative`` under the working directory (a source checkout), else in the installed
+    package's share folder."""
+    if os.path.exists(relative):
+        return os.path.abspath(relative)
+    from ament_index_python.packages import get_package_share_directory
+
+    return os.path.join(get_package_share_directory("mace_ros"), relative)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mace-demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--params-file", default=None, help="default: config/panda.yaml")
+    parser.add_argument("--scene", default=None, help="default: config/scenes/box.yaml")
+    parser.add_argument("--models-dir", default=None,
+                        help="overrides the params file's models_dir")
+    parser.add_argument("--out", default="out", help="folder of the PNG and the node's log")
+    parser.add_argument("-k", "--num-solutions", type=int, default=8)
+    parser.add_argument("--time-budget", type=float, default=1.0, help="s")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def start_node(params_file: str, models_dir: str | None, log_path: str) -> subprocess.Popen:
+    """Start the node in its own process, its output into ``log_path``."""
+    cmd = [sys.executable, "-m", "mace_ros.node", "--ros-args", "--params-file", params_file]
+    if models_dir:
+        cmd += ["-p", f"models_dir:={os.path.abspath(models_dir)}"]
+    with open(log_path, "w") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+
+
+def stop_node(proc: subprocess.Popen, timeout_s: float = 10.0) -> int:
+    """SIGINT, wait, then SIGKILL: the node's exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def _tail(path: str, lines: int = 20) -> str:
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-lines:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; exit status 0 when the node answered with collision-free solutions."""
+    args = _parser().parse_args(argv)
+    if "ROS_DOMAIN_ID" not in os.environ:
+        os.environ["ROS_DOMAIN_ID"] = str(os.getpid() % 90 + 10)
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    # ROS and torch are imported after the environment is set, for the node and this client.
+    import rclpy
+
+    from mace_core.kinematics import RobotKinematics
+    from mace_core.scenes import load_scene
+    from mace_core.tensor import TensorSpec
+    from mace_ros.client import MaceClient, format_solutions
+    from mace_ros.conversions import arm_points, ik_result_from_msg
+    from mace_ros.plotting import plot_ik_solutions
+
+    params_file = args.params_file or data_file("config/panda.yaml")
+    scene_path = args.scene or data_file("config/scenes/box.yaml")
+    scene = load_scene(scene_path)
+    target = (np.asarray(scene.targets.min) + np.asarray(scene.targets.max)) / 2.0
+    os.makedirs(args.out, exist_ok=True)
+    log_path = os.path.join(args.out, "mace_node.log")
+    print(f"[demo] ROS_DOMAIN_ID={os.environ['ROS_DOMAIN_ID']}; starting the mace node "
+          f"({params_file}), log: {log_path}")
+    proc = start_node(params_file, args.models_dir, log_path)
+    rclpy.init()
+    client = MaceClient(node_name="mace_demo")
+    try:
+        t0 = time.monotonic()
+        while not client.wait(0.5):
+            if proc.poll() is not None:
+                print(f"[demo] the node exited with status {proc.returncode}:\n"
+                      f"{_tail(log_path)}", file=sys.stderr)
+                return 1
+            if time.monotonic() - t0 > SERVICE_WAIT_S:
+                print(f"[demo] /mace/adapt_ik did not appear within {SERVICE_WAIT_S:.0f} s:\n"
+                      f"{_tail(log_path)}", file=sys.stderr)
+                return 1
+        print(f"[demo] /mace/adapt_ik is up after {time.monotonic() - t0:.1f} s")
+        print(f"[demo] scene '{scene.name}' ({len(scene.obstacles)} boxes), target "
+              f"{np.round(target, 3).tolist()} (centre of its target region), "
+              f"K={args.num_solutions}, budget {args.time_budget} s")
+        t1 = time.monotonic()
+        response = client.adapt_ik(target, scene.obstacles, num_solutions=args.num_solutions,
+                                   time_budget_s=args.time_budget, seed=args.seed)
+        print(f"[demo] response after {(time.monotonic() - t1) * 1e3:.0f} ms (round trip)")
+        print(format_solutions(response))
+        result = ik_result_from_msg(response)
+        if result.solutions:
+            kin = RobotKinematics.panda(TensorSpec())
+            arms = arm_points(kin, np.stack([s.q for s in result.solutions]))
+            labels = [f"#{i + 1} {'free' if s.collision_free else 'COLLIDES'}, "
+                      f"error {s.position_error * 1e6:.1f} µm"
+                      for i, s in enumerate(result.solutions)]
+            png = plot_ik_solutions(
+                os.path.join(args.out, f"ik_{scene.name}.png"), arms,
+                [s.collision_free for s in result.solutions], scene.obstacles, target,
+                title=f"MACE IK in scene '{scene.name}': {response.message}", labels=labels)
+            print(f"[demo] wrote {png}")
+        return 0 if response.success else 1
+    except (TimeoutError, KeyboardInterrupt) as exc:
+        print(f"[demo] {exc or 'interrupted'}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+        rclpy.try_shutdown()
+        print(f"[demo] node stopped (exit status {stop_node(proc)})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""The ``mace`` node: serves ``~/adapt_ik`` (collision-aware IK by MACE) and its markers.
+
+Everything is built once at start (device, kinematics, collision spheres, the IK prior, the
+adapter) and warmed up with one request; a missing or corrupt model stops the node with a clear
+error and exit status 1. Callbacks only convert (:mod:`mace_ros.conversions`), call the core and
+convert back.
+
+Concurrency: the services run in a reentrant callback group on a multi-threaded executor, so every
+request is taken off the wire at once; a :class:`RequestGate` then serves them one at a time in
+arrival order (the adapter tunes the prior's weights in place). Above ``max_concurrent_waiting``
+waiting requests, a new one is answered at once with ``success = false``, "busy: N requests
+waiting".
+
+    python -m mace_ros.node --ros-args --params-file config/panda.yaml -p device:=cpu
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Callable, Iterator
+
+import numpy as np
+import rclpy
+import torch
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from std_msgs.msg import Header
+from visualization_msgs.msg import MarkerArray
+
+from mace_core.config import ServiceConfig
+from mace_core.errors import InvalidRequestError, MaceError
+from mace_core.ik import IKAdapter, IKRequest
+from mace_core.kinematics import RobotKinematics
+from mace_core.refinement import IKTarget, Refiner
+from mace_core.tensor import TensorSpec
+from mace_ros import conversions, params
+from mace_ros.params import ParameterError
+from mace_ros.srv import AdaptIK
+
+#: A reachable target in free space, for the warm-up request (base frame, m).
+WARMUP_TARGET = (0.4, 0.0, 0.4)
+#: MoveIt planning group of the Panda arm (moveit_resources_panda).
+MOVEIT_GROUP = "panda_arm"
+
+
+class BusyError(MaceError):
+    """Too many requests are already waiting for their turn."""
+
+
+class RequestGate:
+    """Lets callers through one at a time, first come first served.
+
+    A caller that would find more than ``max_waiting`` others waiting is refused with
+    :class:`BusyError` at once instead of queueing.
+    """
+
+    def __init__(self, max_waiting: int):
+        self.max_waiting = max_waiting
+        self._cond = threading.Condition()
+        self._next_ticket = 0  # next ticket to hand out
+        self._serving = 0  # ticket whose turn it is
+
+    @property
+    def waiting(self) -> int:
+        """Callers waiting for their turn (the one being served not counted)."""
+        with self._cond:
+            return max(self._next_ticket - self._serving - 1, 0)
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        """Block until it is this caller's turn; raises BusyError if the queue is full."""
+        with self._cond:
+            admitted = self._next_ticket - self._serving  # running + waiting
+            if admitted > self.max_waiting:
+                raise BusyError(f"busy: {admitted - 1} requests waiting")
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._cond.wait_for(lambda: self._serving == ticket)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._serving += 1
+                self._cond.notify_all()
+
+
+class MoveItRefiner:
+    """:class:`~mace_core.refinement.Refiner` calling MoveIt's ``/compute_ik`` once per seed.
+
+    Each candidate seeds the request (``robot_state``); the pose asked for is the target position
+    with the target orientation, or the candidate's own hand orientation for position-only
+    requests. ``avoid_collisions`` is off: MACE re-checks every result for collision.
+    """
+
+    def __init__(self, node: Node, spec: TensorSpec, solver_timeout_s: float,
+                 service: str = "/compute_ik", call_timeout_s: float = 1.0):
+        from moveit_msgs.srv import GetPositionIK
+
+        self._request_type = GetPositionIK.Request
+        self._client = node.create_client(GetPositionIK, service,
+                                          callback_group=ReentrantCallbackGroup())
+        self.kin, self.service = RobotKinematics.panda(spec), service
+        self.solver_timeout_s, self.call_timeout_s = solver_timeout_s, call_timeout_s
+
+    def refine(self, q0: torch.Tensor, target: IKTarget) -> torch.Tensor:
+        """Refine each row of ``q0 (B, 7)``; rows MoveIt fails on come back unchanged."""
+        if not self._client.service_is_ready():
+            raise InvalidRequestError(f"refinement 'moveit': MoveIt's {self.service} is not "
+                                      f"available (is move_group running?)")
+        seeds = q0.detach().cpu().double().numpy()
+        if target.rotation is None:
+            rotations = self.kin.ee_pose(q0)[:, :3, :3].detach().cpu().double().numpy()
+        else:
+            rotations = np.broadcast_to(target.rotation.cpu().double().numpy(),
+                                        (len(seeds), 3, 3))
+        position = target.position.cpu().double().numpy()
+        out = seeds.copy()
+        for b, seed in enumerate(seeds):
+            request = conversions.fill_compute_ik_request(
+                self._request_type(), seed, self.kin.joint_names, position, rotations[b],
+                MOVEIT_GROUP, self.kin.ee_link, self.solver_timeout_s, self.kin.base_link)
+            try:
+                response = self._client.call(request, timeout_sec=self.call_timeout_s)
+            except TimeoutError:
+                response = None
+            q = conversions.joints_from_compute_ik(response, self.kin.joint_names)
+            if q is not None:
+                out[b] = q
+        return torch.as_tensor(out, dtype=q0.dtype, device=q0.device)
+
+
+def resolve_models_dir(models_dir: str) -> str:
+    """``models_dir``, or the installed package's ``share/mace_ros/models`` when empty."""
+    if models_dir:
+        return os.path.abspath(os.path.expanduser(models_dir))
+    from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+
+    try:
+        return os.path.join(get_package_share_directory("mace_ros"), "models")
+    except PackageNotFoundError as exc:
+        raise ParameterError("parameter 'models_dir' is empty and the mace_ros package is not "
+                             "in the ament index (AMENT_PREFIX_PATH): source scripts/env.sh or "
+                             "set models_dir") from exc
+
+
+class MaceNode(Node):
+    """The node named ``mace``: ``~/adapt_ik`` service and ``~/ik_solutions`` markers."""
+
+    def __init__(self, **kwargs):
+        super().__init__("mace", **kwargs)
+        try:
+            self._build()
+        except BaseException:
+            self.destroy_node()
+            raise
+
+    # -- start ---------------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        t0 = time.perf_counter()
+        log = self.get_logger()
+        self.config = params.declare_parameters(self)
+        unknown = params.unknown_overrides(list(getattr(self, "_parameter_overrides", {})))
+        if unknown:
+            log.warning(f"ignoring unknown parameters {unknown} (see config/panda.yaml)")
+        self.spec = TensorSpec.resolve(self.config.device)
+        self.models_dir = resolve_models_dir(self.config.models_dir)
+        self._refiners: dict[str, Refiner] = {}
+        if importlib.util.find_spec("moveit_msgs") is not None:
+            self._refiners["moveit"] = MoveItRefiner(
+                self, self.spec, self.config.ik.refinement.tracik_timeout)
+        self._ik = self._build_ik(self.config)
+        warmup_s = self._warm_up()
+
+        self._gate = RequestGate(self.config.max_concurrent_waiting)
+        self.num_threads = self.config.max_concurrent_waiting + 3  # running + waiting + spare
+        requests_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST,
+                                  depth=max(100, 4 * self.num_threads),
+                                  reliability=ReliabilityPolicy.RELIABLE,
+                                  durability=DurabilityPolicy.VOLATILE)
+        self._services_group = ReentrantCallbackGroup()
+        self._adapt_ik_srv = self.create_service(
+            AdaptIK, "~/adapt_ik", self._on_adapt_ik, qos_profile=requests_qos,
+            callback_group=self._services_group)
+        markers_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
+                                 reliability=ReliabilityPolicy.RELIABLE,
+                                 durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        self._markers = self.create_publisher(MarkerArray, "~/ik_solutions", markers_qos)
+        self.add_on_set_parameters_callback(self._check_parameters)
+        self.add_post_set_parameters_callback(self._apply_parameters)
+        log.info(f"ready in {time.perf_counter() - t0:.1f} s: {self._adapt_ik_srv.service_name} "
+                 f"on {self.spec.device}, IK prior '{self.config.ik_model}' from "
+                 f"{self.models_dir}, {self._ik.checker.num_spheres} collision spheres, refiners "
+                 f"{sorted(self._ik.refiners)}, warm-up {warmup_s * 1e3:.0f} ms")
+
+    def _build_ik(self, config: ServiceConfig) -> IKAdapter:
+        """An adapter loaded from the models folder, whose defaults are valid requests.
+
+        Raises:
+            ModelLoadError: missing or corrupt registry, weights or collision spheres.
+            ParameterError: ik.* defaults that no request could be served with.
+        """
+        adapter = IKAdapter.from_models(self.models_dir, config.ik_model, config.ik, self.spec,
+                                        refiners=self._refiners)
+        try:
+            adapter.effective_config(IKRequest(position=np.asarray(WARMUP_TARGET)))
+        except InvalidRequestError as exc:
+            raise ParameterError(f"invalid ik.* parameters: {exc}") from exc
+        return adapter
+
+    def _warm_up(self) -> float:
+        """Serve one small request so that the first real one runs at full speed.
+
+        Early stopping is off for it, so that the adaptation (autograd, Adam) runs too: its first
+        call costs seconds on a CPU.
+        """
+        t0 = time.perf_counter()
+        adapter, defaults = self._ik, self._ik.config
+        adapter.config = replace(defaults, early_stop=False)
+        try:
+            adapter.solve(IKRequest(position=np.asarray(WARMUP_TARGET), num_solutions=1,
+                                    iterations=min(1, defaults.mace.iterations), seed=0))
+        finally:
+            adapter.config = defaults
+        return time.perf_counter() - t0
+
+    # -- parameters at run time ------------------------------------------------------------------
+
+    def _check_parameters(self, changed) -> SetParametersResult:
+        values = params.current_values(self)
+        values.update({p.name: p.value for p in changed if p.name in values})
+        try:
+            config = params.config_from_parameters(values)
+            mode = config.ik.refinement_mode
+            if mode != "none" and mode not in self._ik.refiners:
+                raise ParameterError(f"parameter 'ik.refinement_mode': refinement '{mode}' is "
+                                     f"not available here")
+        except ParameterError as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
+        return SetParametersResult(successful=True)
+
+    def _apply_parameters(self, changed) -> None:
+        names = sorted(p.name for p in changed)
+        try:
+            config = params.config_from_parameters(params.current_values(self))
+            adapter = self._build_ik(config)
+        except MaceError as exc:
+            self.get_logger().error(f"parameters {names} set, but the IK defaults could not be "
+                                    f"rebuilt (still serving with the previous ones): {exc}")
+            return
+        self.config, self._ik = config, adapter  # requests in flight keep the previous adapter
+        self.get_logger().info(f"parameters changed: {names}")
+
+    # -- services ------------------------------------------------------------------------------
+
+    def _on_adapt_ik(self, request: AdaptIK.Request,
+                     response: AdaptIK.Response) -> AdaptIK.Response:
+        return self._serve("adapt_ik", self._adapt_ik, request, response)
+
+    def _adapt_ik(self, request: AdaptIK.Request, response: AdaptIK.Response) -> str:
+        adapter = self._ik  # parameter changes swap in a new adapter; this request keeps its own
+        kin = adapter.kin
+        ik_request = conversions.ik_request_from_msg(request, kin.base_link)
+        with self._gate.turn():
+            result = adapter.solve(ik_request)
+            conversions.ik_result_to_msg(result, response)
+            if self.config.publish_markers:
+                header = Header(frame_id=kin.base_link, stamp=self.get_clock().now().to_msg())
+                self._markers.publish(conversions.markers_from_ik_result(
+                    result, kin, header, ik_request.position))
+        return (f"target {np.round(ik_request.position, 3).tolist()}, "
+                f"{len(ik_request.obstacles)} obstacles: {result.message}")
+
+    def _serve(self, name: str, handler: Callable[[object, object], str], request, response):
+        """Run ``handler``; a failure answers a fresh response with success = false."""
+        log = self.get_logger()
+        try:
+            log.info(f"{name}: {handler(request, response)}")
+            return response
+        except BusyError as exc:
+            message = str(exc)
+            log.warning(f"{name}: {message}")
+        except MaceError as exc:
+            message = str(exc)
+            log.warning(f"{name}: rejected: {message}")
+        except Exception as exc:  # noqa: BLE001 - keep serving; the traceback goes to the log
+            message = f"internal error: {type(exc).__name__}: {exc}"
+            log.error(f"{name}: internal error\n{traceback.format_exc()}")
+        failed = type(response)()
+        failed.success, failed.message = False, message
+        return failed
+
+
+def main(args: list[str] | None = None) -> int:
+    """Run the node until Ctrl-C or shutdown; exit status 1 when it cannot start."""
+    rclpy.init(args=sys.argv if args is None else args)
+    try:
+        node = MaceNode()
+    except MaceError as exc:
+        rclpy.logging.get_logger("mace").fatal(f"cannot start: {exc}")
+        rclpy.try_shutdown()
+        return 1
+    except (KeyboardInterrupt, ExternalShutdownException):
+        rclpy.try_shutdown()
+        return 130
+    executor = MultiThreadedExecutor(num_threads=node.num_threads)
+    executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The node's ROS parameters: one per field of :class:`mace_core.config.ServiceConfig`.
+
+Names are the dotted paths of the flattened config (``ik.mace.num_samples``), so the nested
+``config/panda.yaml`` (``mace: ros__parameters: {ik: {mace: {num_samples: ...}}}``) maps onto them
+one to one. Defaults come from the dataclasses, descriptions from their ``#:`` comments.
+:func:`config_from_parameters` is the one function that maps parameter values back onto the
+config, and validates them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
+from rclpy.node import Node
+
+from mace_core.config import ServiceConfig, flat_docs, from_flat, to_flat
+from mace_core.errors import InvalidRequestError, MaceError
+from mace_core.tensor import TensorSpec
+
+#: Parameters fixed at start: the device and the models are loaded once, and the executor's
+#: threads are sized from max_concurrent_waiting.
+READ_ONLY = frozenset({"device", "models_dir", "ik_model", "shape_priors",
+                       "max_concurrent_waiting"})
+
+
+class ParameterError(MaceError, ValueError):
+    """A parameter value the node cannot run with."""
+
+
+def parameter_defaults() -> dict[str, Any]:
+    """``{dotted.name: default}`` of every parameter, from the dataclasses."""
+    return to_flat(ServiceConfig())
+
+
+def declare_parameters(node: Node) -> ServiceConfig:
+    """Declare every parameter on ``node`` (overrides from --params-file / -p apply).
+
+    Raises:
+        ParameterError: a value of the wrong type or out of range.
+    """
+    docs = flat_docs(ServiceConfig)
+    for name, default in parameter_defaults().items():
+        read_only = name in READ_ONLY
+        descriptor = ParameterDescriptor(
+            name=name, description=docs.get(name, "") + (" (read-only)" if read_only else ""),
+            read_only=read_only)
+        try:
+            node.declare_parameter(name, default, descriptor)
+        except InvalidParameterTypeException as exc:
+            hint = " (a double needs a decimal point: 2.0, not 2)" if isinstance(
+                default, float) else ""
+            raise ParameterError(f"parameter '{name}' must be a {type(default).__name__} like "
+                                 f"its default {default!r}{hint}: {exc}") from exc
+        except InvalidParameterValueException as exc:
+            raise ParameterError(f"parameter '{name}': {exc}") from exc
+    return config_from_parameters(current_values(node))
+
+
+def current_values(node: Node) -> dict[str, Any]:
+    """Values of every declared mace parameter on ``node``."""
+    return {name: node.get_parameter(name).value for name in parameter_defaults()}
+
+
+def unknown_overrides(names: list[str]) -> list[str]:
+    """Names among ``names`` that are not mace parameters (typos in a params file)."""
+    known = parameter_defaults()
+    return sorted(n for n in names if n not in known and n != "use_sim_time"
+                  and not n.startswith("qos_overrides.")
+                  and n != "start_type_description_service")
+
+
+def config_from_parameters(values: Mapping[str, Any]) -> ServiceConfig:
+    """Build and validate a :class:`ServiceConfig` from ``{dotted.name: value}``.
+
+    Raises:
+        ParameterError: unknown names, wrong types or values out of range.
+    """
+    try:
+        config = from_flat(ServiceConfig, dict(values))
+    except InvalidRequestError as exc:
+        raise ParameterError(str(exc)) from exc
+    validate(config)
+    return config
+
+
+def _check(ok: bool, name: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ParameterError(f"parameter '{name}' must be {rule}, got {value!r}")
+
+
+def validate(config: ServiceConfig) -> None:
+    """Reject values the node cannot serve with; the message names the parameter.
+
+    Raises:
+        ParameterError: the first invalid value.
+    """
+    try:
+        TensorSpec.resolve(config.device)
+    except (ValueError, RuntimeError) as exc:
+        raise ParameterError(f"parameter 'device': {exc}") from exc
+    _check(bool(config.ik_model), "ik_model", "a registry name", config.ik_model)
+    _check(config.max_concurrent_waiting >= 0, "max_concurrent_waiting", ">= 0",
+           config.max_concurrent_waiting)
+    try:
+        config.ik.validate()
+    except InvalidRequestError as exc:
+        raise ParameterError(f"parameter ik.{exc}") from exc

@@ -1,0 +1,137 @@
+"""3D pictures of IK solutions in a scene, drawn with matplotlib on an Agg canvas.
+
+Only this module imports matplotlib. It draws arrays and obstacles; it knows no ROS message and
+no kinematics (:func:`mace_ros.conversions.arm_points` turns joint values into arm polylines).
+No pyplot and no global backend change: the figure is rendered straight to a PNG file.
+"""
+
+from __future__ import annotations
+
+import os
+from itertools import product
+from typing import Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from mace_core.scenes import Obstacle
+
+#: Obstacles with a side longer than this (m) are clipped to the view (the floor, walls).
+_LARGE_M = 1.0
+_OBSTACLE_COLOR = "0.35"
+#: Colors of the solutions by rank (matplotlib's cycle without orange, the target's color).
+_PALETTE = ("C0", "C2", "C4", "C9", "C6", "C5", "C8", "C3", "C7")
+
+
+def _box_corners(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """(8, 3) corners of an axis-aligned box; corner k has bit i set when axis i is at hi."""
+    return np.array([[hi[i] if (k >> i) & 1 else lo[i] for i in range(3)] for k in range(8)])
+
+
+_BOX_EDGES = [(a, b) for a, b in product(range(8), range(8))
+              if a < b and bin(a ^ b).count("1") == 1]  # 12 edges: corners one bit apart
+
+
+def _obstacle_lines(obstacle: Obstacle, view_lo: np.ndarray,
+                    view_hi: np.ndarray) -> list[np.ndarray]:
+    """Wireframe polylines ``(n, 3)`` of one obstacle, large axis-aligned boxes clipped."""
+    rot, pos = obstacle.rotation_matrix, np.asarray(obstacle.position, dtype=float)
+    if obstacle.kind == "box":
+        half = np.asarray(obstacle.size, dtype=float) / 2.0
+        lo, hi = -half, half
+        if np.allclose(rot, np.eye(3)) and half.max() * 2 > _LARGE_M:
+            lo = np.maximum(pos - half, view_lo) - pos
+            hi = np.minimum(pos + half, view_hi) - pos
+            if np.any(hi < lo):
+                return []
+        corners = _box_corners(lo, hi) @ rot.T + pos
+        return [corners[[a, b]] for a, b in _BOX_EDGES]
+    t = np.linspace(0.0, 2.0 * np.pi, 48)
+    circle = np.stack([np.cos(t), np.sin(t), np.zeros_like(t)], -1)
+    if obstacle.kind == "sphere":
+        r = obstacle.size[0]
+        rings = [circle, circle[:, [0, 2, 1]], circle[:, [2, 0, 1]]]
+        return [r * ring @ rot.T + pos for ring in rings]
+    height, r = obstacle.size  # cylinder, axis along local z
+    rings = [r * circle + [0.0, 0.0, s * height / 2.0] for s in (-1.0, 1.0)]
+    sides = [np.array([[r * np.cos(a), r * np.sin(a), -height / 2.0],
+                       [r * np.cos(a), r * np.sin(a), height / 2.0]])
+             for a in np.linspace(0.0, 2.0 * np.pi, 4, endpoint=False)]
+    return [line @ rot.T + pos for line in rings + sides]
+
+
+def _view_box(arms: np.ndarray, target: np.ndarray, obstacles: Sequence[Obstacle],
+              margin: float = 0.08) -> tuple[np.ndarray, np.ndarray]:
+    """A cube around the arms, the target and the small obstacles: (lo, hi) corners, m."""
+    pts = [arms.reshape(-1, 3), target.reshape(1, 3)]
+    for o in obstacles:
+        if max(o.size) * (2 if o.kind == "sphere" else 1) <= _LARGE_M:
+            r = np.max(o.size)
+            pts.append(np.asarray(o.position) + np.array([[-r] * 3, [r] * 3]) / 2.0)
+    allp = np.concatenate(pts)
+    lo, hi = allp.min(0) - margin, allp.max(0) + margin
+    centre, half = (lo + hi) / 2.0, (hi - lo).max() / 2.0
+    return centre - half, centre + half
+
+
+def plot_ik_solutions(path: str, arms: np.ndarray, collision_free: Sequence[bool],
+                      obstacles: Sequence[Obstacle], target: Sequence[float], title: str = "",
+                      labels: Sequence[str] | None = None, elev: float = 24.0,
+                      azim: float = -58.0) -> str:
+    """Draw arm polylines (best first) over the scene's wireframes and the target; write a PNG.
+
+    Args:
+        path: PNG file to write (folders are created).
+        arms: ``(K, C, 3)`` link origins of each solution, base frame, m.
+        collision_free: ``(K,)`` flags; colliding arms are drawn dashed.
+        obstacles: obstacles to draw as wireframes.
+        target: ``(3,)`` end-effector target, m.
+        title: figure title.
+        labels: ``(K,)`` legend entries (default "solution i").
+        elev, azim: view angles, degrees.
+
+    Returns:
+        ``path``.
+    """
+    arms = np.asarray(arms, dtype=float)
+    if arms.size == 0:
+        arms = np.zeros((0, 1, 3))
+    target = np.asarray(target, dtype=float)
+    lo, hi = _view_box(arms, target, obstacles)
+    fig = Figure(figsize=(9.0, 8.0), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(projection="3d")
+    for obstacle in obstacles:
+        for line in _obstacle_lines(obstacle, lo, hi):
+            ax.plot(*line.T, color=_OBSTACLE_COLOR, linewidth=0.9, alpha=0.8)
+    handles = []
+    for k, (pts, free) in enumerate(zip(arms, collision_free)):
+        color = _PALETTE[k % len(_PALETTE)]
+        label = labels[k] if labels else f"solution {k + 1}"
+        ax.plot(*pts.T, color=color, linewidth=4.0 if k == 0 else 2.5, alpha=0.95,
+                linestyle="-" if free else "--", marker="o", markersize=3.5,
+                solid_capstyle="round", zorder=3)
+        handles.append(Line2D([], [], color=color, linewidth=3, linestyle="-" if free else "--",
+                              label=label))
+    ax.scatter(*target, color="orange", edgecolor="black", marker="*", s=320, zorder=5,
+               depthshade=False)
+    handles.append(Line2D([], [], color="orange", marker="*", markeredgecolor="black",
+                          markersize=14, linestyle="", label="target"))
+    handles.append(Line2D([], [], color=_OBSTACLE_COLOR, linewidth=1, label="obstacles"))
+    ax.set_xlim(lo[0], hi[0])
+    ax.set_ylim(lo[1], hi[1])
+    ax.set_zlim(lo[2], hi[2])
+    ax.set_box_aspect((1.0, 1.0, 1.0))
+    ax.set_xlabel("x (m)")
+    ax.set_ylabel("y (m)")
+    ax.set_zlabel("z (m)")
+    ax.view_init(elev=elev, azim=azim)
+    ax.legend(handles=handles, loc="upper left", fontsize=9, framealpha=0.9)
+    if title:
+        ax.set_title(title, fontsize=11)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    return path

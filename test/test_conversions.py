@@ -1,0 +1,413 @@
+"""mace_ros.conversions and mace_ros.params without a running ROS graph."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from geometry_msgs.msg import Pose
+from sensor_msgs.msg import PointCloud2, PointField
+from shape_msgs.msg import SolidPrimitive
+from std_msgs.msg import Header
+from visualization_msgs.msg import Marker
+
+from mace_core.config import ServiceConfig, load_service_config, to_flat
+from mace_core.errors import InvalidRequestError
+from mace_core.ik import IKAdaptResult, IKRequest, IKSolution, IKTimings
+from mace_core.kinematics import PANDA_JOINTS, RobotKinematics
+from mace_core.scenes import Obstacle, quaternion_xyzw_to_matrix
+from mace_core.tensor import TensorSpec
+from mace_ros import conversions as conv
+from mace_ros import params
+from mace_ros.msg import CollisionObject
+from mace_ros.srv import AdaptIK
+
+ROT_Z90 = np.asarray(quaternion_xyzw_to_matrix([0.0, 0.0, math.sqrt(0.5), math.sqrt(0.5)]))
+
+
+@pytest.fixture(scope="module")
+def kin():
+    return RobotKinematics.panda(TensorSpec())
+
+
+def full_request() -> IKRequest:
+    """A request that sets every field: three kinds of obstacles, orientation, overrides."""
+    obstacles = [
+        Obstacle("table", "box", (0.6, 0.8, 0.02), (0.5, 0.0, -0.01)),
+        Obstacle("ball", "sphere", (0.05,), (0.4, 0.2, 0.3)),
+        Obstacle("post", "cylinder", (0.4, 0.03), (0.3, -0.3, 0.2),
+                 tuple(tuple(r) for r in ROT_Z90.tolist())),
+    ]
+    return IKRequest(position=np.array([0.5, 0.1, 0.3]), obstacles=obstacles, rotation=ROT_Z90,
+                     orientation_tolerance=0.05, num_solutions=5, time_budget_s=0.7,
+                     iterations=0, refinement="tracik", objective="is", num_samples=256,
+                     quantile=0.1, gradient_steps=2, learning_rate=1e-3, seed=11)
+
+
+def assert_requests_equal(a: IKRequest, b: IKRequest) -> None:
+    np.testing.assert_allclose(a.position, b.position)
+    assert (a.rotation is None) == (b.rotation is None)
+    if a.rotation is not None:
+        np.testing.assert_allclose(a.rotation, b.rotation, atol=1e-9)
+    for name in ("orientation_tolerance", "num_solutions", "time_budget_s", "iterations",
+                 "refinement", "objective", "num_samples", "quantile", "gradient_steps",
+                 "learning_rate", "seed"):
+        assert getattr(a, name) == pytest.approx(getattr(b, name)), name
+    assert len(a.obstacles) == len(b.obstacles)
+    for oa, ob in zip(a.obstacles, b.obstacles):
+        assert (oa.name, oa.kind) == (ob.name, ob.kind)
+        np.testing.assert_allclose(oa.size, ob.size)
+        np.testing.assert_allclose(oa.position, ob.position)
+        np.testing.assert_allclose(oa.rotation, ob.rotation, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------
+# Requests
+# ------------------------------------------------------------------------------------------------
+
+def test_request_round_trip_keeps_every_field():
+    request = full_request()
+    msg = conv.ik_request_to_msg(request)
+    assert msg.target.header.frame_id == "panda_link0" and msg.use_orientation
+    assert [o.primitives[0].type for o in msg.obstacles] == [
+        SolidPrimitive.BOX, SolidPrimitive.SPHERE, SolidPrimitive.CYLINDER]
+    assert_requests_equal(conv.ik_request_from_msg(msg), request)
+
+
+def test_unset_overrides_travel_as_defaults():
+    request = IKRequest(position=np.array([0.4, 0.0, 0.4]), num_solutions=3, time_budget_s=1.0)
+    msg = conv.ik_request_to_msg(request)
+    assert (msg.iterations, msg.seed, msg.refinement, msg.num_samples, msg.quantile) == (
+        -1, -1, "", 0, 0.0)
+    back = conv.ik_request_from_msg(msg)
+    assert_requests_equal(back, request)
+    assert back.rotation is None and back.iterations is None and back.seed is None
+
+
+def test_iterations_zero_means_prior_only_and_empty_frame_means_base():
+    msg = conv.ik_request_to_msg(IKRequest(position=np.array([0.4, 0.0, 0.4]),
+                                           num_solutions=1, time_budget_s=1.0, iterations=0))
+    msg.target.header.frame_id = ""
+    assert conv.ik_request_from_msg(msg).iterations == 0
+
+
+def test_orientation_is_ignored_unless_asked_for():
+    msg = conv.ik_request_to_msg(IKRequest(position=np.array([0.4, 0.0, 0.4]),
+                                           num_solutions=1, time_budget_s=1.0))
+    q = msg.target.pose.orientation
+    q.x = q.y = q.z = q.w = 0.0
+    request = conv.ik_request_from_msg(msg)
+    assert request.rotation is None and request.orientation_tolerance == 0.0
+
+
+def test_quaternion_order_is_xyzw():
+    msg = conv.ik_request_to_msg(full_request())
+    q = msg.target.pose.orientation
+    assert (q.x, q.y) == pytest.approx((0.0, 0.0))
+    assert (q.z, q.w) == pytest.approx((math.sqrt(0.5), math.sqrt(0.5)))
+    np.testing.assert_allclose(conv.ik_request_from_msg(msg).rotation @ [1.0, 0.0, 0.0],
+                               [0.0, 1.0, 0.0], atol=1e-12)
+
+
+def test_several_primitives_in_one_object_are_named_by_index():
+    obj = CollisionObject(id="shelf", primitives=[
+        SolidPrimitive(type=SolidPrimitive.BOX, dimensions=[0.1, 0.2, 0.3]),
+        SolidPrimitive(type=SolidPrimitive.SPHERE, dimensions=[0.1])],
+        primitive_poses=[Pose(), Pose()])
+    obstacles = conv.obstacles_from_msgs([obj])
+    assert [(o.name, o.kind) for o in obstacles] == [("shelf/0", "box"), ("shelf/1", "sphere")]
+
+
+def _set_dims(i, dims):
+    def mutate(msg):
+        msg.obstacles[i].primitives[0].dimensions = dims
+    return mutate
+
+
+def _set(path, value):
+    def mutate(msg):
+        *parents, leaf = path.split(".")
+        obj = msg
+        for p in parents:
+            obj = obj[int(p)] if p.isdigit() else getattr(obj, p)
+        setattr(obj, leaf, value)
+    return mutate
+
+
+def _zero_orientation(msg):
+    q = msg.target.pose.orientation
+    q.x = q.y = q.z = q.w = 0.0
+
+
+def _cone(msg):
+    msg.obstacles[0].primitives[0] = SolidPrimitive(type=SolidPrimitive.CONE,
+                                                    dimensions=[0.1, 0.1])
+
+
+def _extra_pose(msg):
+    msg.obstacles[0].primitive_poses.append(Pose())
+
+
+BAD = [
+    ("nan_target", _set("target.pose.position.y", math.nan), "target position must be finite"),
+    ("inf_target", _set("target.pose.position.z", math.inf), "target position must be finite"),
+    ("frame", _set("target.header.frame_id", "world"),
+     "unknown frame 'world': targets must be in panda_link0"),
+    ("obstacle_frame", _set("obstacles.1.header.frame_id", "camera"), "unknown frame 'camera'"),
+    ("zero_quaternion", _zero_orientation, "target orientation quaternion (x, y, z, w) is zero"),
+    ("nan_quaternion", _set("target.pose.orientation.w", math.nan), "must be finite"),
+    ("non_unit_quaternion", _set("target.pose.orientation.w", 3.0), "not unit"),
+    ("box_two_dims", _set_dims(0, [0.1, 0.2]), "a box needs 3 dimensions, got 2"),
+    ("sphere_two_dims", _set_dims(1, [0.1, 0.2]), "a sphere needs 1 dimensions, got 2"),
+    ("cylinder_one_dim", _set_dims(2, [0.1]), "a cylinder needs 2 dimensions, got 1"),
+    ("negative_size", _set_dims(0, [0.1, -0.2, 0.3]), "box dimensions must be > 0"),
+    ("zero_radius", _set_dims(1, [0.0]), "sphere dimensions must be > 0"),
+    ("nan_size", _set_dims(2, [math.nan, 0.1]), "cylinder dimensions must be finite"),
+    ("cone", _cone, "primitive type 4 not supported (box, sphere, cylinder)"),
+    ("pose_count", _extra_pose, "1 primitives but 2 primitive_poses"),
+    ("nan_obstacle_position", _set("obstacles.0.primitive_poses.0.position.x", math.nan),
+     "position must be finite"),
+    ("zero_obstacle_quaternion", _set("obstacles.0.primitive_poses.0.orientation.w", 0.0),
+     "obstacle 'table' primitive 0: orientation quaternion (x, y, z, w) is zero"),
+    ("iterations", _set("iterations", -2), "iterations must be -1"),
+    ("seed", _set("seed", -5), "seed must be -1"),
+]
+
+
+@pytest.mark.parametrize("mutate,expected", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_request_fields_raise_invalid_request(mutate, expected):
+    msg = conv.ik_request_to_msg(full_request())
+    mutate(msg)
+    with pytest.raises(InvalidRequestError) as err:
+        conv.ik_request_from_msg(msg)
+    assert expected in str(err.value)
+
+
+def test_request_without_k_or_budget_cannot_be_sent():
+    with pytest.raises(ValueError, match="num_solutions and time_budget_s"):
+        conv.ik_request_to_msg(IKRequest(position=np.zeros(3)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Results and markers
+# ------------------------------------------------------------------------------------------------
+
+def make_result(k: int = 3) -> IKAdaptResult:
+    rng = np.random.default_rng(0)
+    sols = [IKSolution(q=rng.uniform(-1.0, 1.0, 7), score=0.9 - 0.1 * i, position_error=1e-5 * i,
+                       orientation_error=0.0, collision_free=i < k - 1, clearance=0.01)
+            for i in range(k)]
+    return IKAdaptResult(solutions=sols, joint_names=list(PANDA_JOINTS), num_requested=k,
+                         valid_fraction_prior=0.25, valid_fraction_adapted=0.75,
+                         iterations_run=7, timings=IKTimings(0.1, 0.2, 0.3, 0.65),
+                         message="found 2 of 3")
+
+
+def test_result_round_trip():
+    result = make_result()
+    response = conv.ik_result_to_msg(result, AdaptIK.Response())
+    assert response.success and response.message == "found 2 of 3"
+    assert list(response.solutions[0].joint_names) == list(PANDA_JOINTS)
+    assert (response.iterations_run, response.total_time) == (7, pytest.approx(0.65))
+    back = conv.ik_result_from_msg(response)
+    for a, b in zip(result.solutions, back.solutions):
+        np.testing.assert_allclose(a.q, b.q)
+        assert (a.score, a.position_error, a.collision_free) == (
+            pytest.approx(b.score), pytest.approx(b.position_error), b.collision_free)
+    assert back.timings == result.timings
+    assert back.valid_fraction_adapted == pytest.approx(0.75)
+
+
+def test_empty_result_is_a_failure():
+    result = make_result(0)
+    response = conv.ik_result_to_msg(result, AdaptIK.Response())
+    assert not response.success and not response.solutions
+    assert conv.ik_result_from_msg(response).solutions == []
+
+
+def test_arm_points_run_from_base_to_end_effector(kin):
+    q = np.zeros((2, 7))
+    pts = conv.arm_points(kin, q)
+    assert pts.shape[0] == 2 and pts.shape[2] == 3
+    np.testing.assert_allclose(pts[:, 0], 0.0, atol=1e-6)
+    ee = kin.ee_position(torch.zeros(1, 7)).numpy()[0]
+    np.testing.assert_allclose(pts[0, -1], ee, atol=1e-6)
+
+
+def test_markers_clear_then_draw_each_solution_and_the_target(kin):
+    result = make_result()
+    header = Header(frame_id="panda_link0")
+    markers = conv.markers_from_ik_result(result, kin, header, target=[0.5, 0.0, 0.2]).markers
+    assert markers[0].action == Marker.DELETEALL
+    strips = markers[1:-1]
+    assert [m.type for m in strips] == [Marker.LINE_STRIP] * 3
+    assert [m.id for m in strips] == [0, 1, 2]
+    chain = conv.arm_points(kin, result.solutions[0].q[None])[0]
+    assert len(strips[0].points) == len(chain)
+    assert strips[0].points[-1].x == pytest.approx(chain[-1][0])
+    assert strips[0].color.g > strips[1].color.g  # best is greenest
+    assert strips[2].color.r > 0.8  # the colliding one is red
+    assert markers[-1].type == Marker.SPHERE and markers[-1].pose.position.x == 0.5
+
+
+# ------------------------------------------------------------------------------------------------
+# MoveIt /compute_ik (messages faked: moveit_msgs is not installed here)
+# ------------------------------------------------------------------------------------------------
+
+def _ns(**kw):
+    return SimpleNamespace(**kw)
+
+
+def test_compute_ik_request_is_seeded_and_position_only_without_collisions():
+    req = _ns(ik_request=_ns(group_name="", robot_state=_ns(joint_state=_ns(name=[], position=[])),
+                             avoid_collisions=True, ik_link_name="",
+                             pose_stamped=_ns(header=_ns(frame_id=""), pose=None),
+                             timeout=_ns(sec=0, nanosec=0)))
+    seed = np.arange(7) * 0.1
+    conv.fill_compute_ik_request(req, seed, PANDA_JOINTS, [0.5, 0.0, 0.3], ROT_Z90, "panda_arm",
+                                 "panda_grasptarget", 0.005)
+    ik = req.ik_request
+    assert ik.robot_state.joint_state.position == pytest.approx(seed.tolist())
+    assert not ik.avoid_collisions and ik.ik_link_name == "panda_grasptarget"
+    assert ik.pose_stamped.pose.orientation.z == pytest.approx(math.sqrt(0.5))
+    assert (ik.timeout.sec, ik.timeout.nanosec) == (0, 5_000_000)
+
+
+def test_compute_ik_response_is_read_in_joint_order():
+    names = list(reversed(PANDA_JOINTS)) + ["panda_finger_joint1"]
+    response = _ns(error_code=_ns(val=1), solution=_ns(joint_state=_ns(
+        name=names, position=[float(i) for i in range(8)])))
+    np.testing.assert_allclose(conv.joints_from_compute_ik(response, PANDA_JOINTS),
+                               [6, 5, 4, 3, 2, 1, 0])
+    response.error_code.val = -31  # NO_IK_SOLUTION
+    assert conv.joints_from_compute_ik(response, PANDA_JOINTS) is None
+
+
+# ------------------------------------------------------------------------------------------------
+# PointCloud2
+# ------------------------------------------------------------------------------------------------
+
+def test_cloud_round_trip():
+    pts = np.random.default_rng(1).normal(size=(100, 3))
+    msg = conv.cloud_from_points(pts, Header(frame_id="camera"))
+    assert (msg.height, msg.width, msg.point_step, msg.row_step) == (1, 100, 12, 1200)
+    assert not msg.is_bigendian and msg.is_dense
+    np.testing.assert_allclose(conv.points_from_cloud(msg), pts.astype(np.float32))
+
+
+def _cloud(points, point_step=16, row_pad=0, height=1, big_endian=False, extra="rgb"):
+    """A cloud with padding after z, an extra field and optional row padding."""
+    pts = np.asarray(points, dtype=np.float32).reshape(height, -1, 3)
+    width = pts.shape[1]
+    order = ">" if big_endian else "<"
+    rows = []
+    for row in pts:
+        buf = bytearray()
+        for p in row:
+            buf += p.astype(order + "f4").tobytes() + b"\x07" * (point_step - 12)
+        rows.append(bytes(buf) + b"\x00" * row_pad)
+    fields = [PointField(name=n, offset=4 * i, datatype=PointField.FLOAT32, count=1)
+              for i, n in enumerate("xyz")]
+    fields.append(PointField(name=extra, offset=12, datatype=PointField.UINT32, count=1))
+    return PointCloud2(height=height, width=width, fields=fields, is_bigendian=big_endian,
+                       point_step=point_step, row_step=width * point_step + row_pad,
+                       data=b"".join(rows), is_dense=False)
+
+
+def test_cloud_with_padding_rows_and_big_endian_is_read():
+    pts = np.arange(24, dtype=float).reshape(8, 3)
+    for kw in ({}, {"row_pad": 5, "height": 2}, {"big_endian": True, "height": 4}):
+        np.testing.assert_allclose(conv.points_from_cloud(_cloud(pts, **kw)), pts)
+
+
+def test_cloud_nans_are_dropped_unless_kept():
+    pts = np.array([[0.0, 0.0, 1.0], [np.nan, 0.0, 0.0], [1.0, 2.0, 3.0]])
+    assert conv.points_from_cloud(_cloud(pts)).shape == (2, 3)
+    assert conv.points_from_cloud(_cloud(pts), skip_nans=False).shape == (3, 3)
+
+
+def test_empty_cloud_gives_no_points():
+    msg = conv.cloud_from_points(np.zeros((0, 3)), Header())
+    assert conv.points_from_cloud(msg).shape == (0, 3)
+
+
+def _without_z(msg):
+    msg.fields = [f for f in msg.fields if f.name != "z"]
+
+
+def _float64_x(msg):
+    msg.fields[0].datatype = PointField.FLOAT64
+
+
+def _offset_outside(msg):
+    msg.fields[2].offset = 14
+
+
+def _short_rows(msg):
+    msg.row_step = 10
+
+
+def _short_data(msg):
+    msg.data = bytes(msg.data)[:-1]
+
+
+@pytest.mark.parametrize("mutate,expected", [
+    (_without_z, "no field(s) ['z']"),
+    (_float64_x, "field 'x' must be one FLOAT32"),
+    (_offset_outside, "does not fit in point_step 16"),
+    (_short_rows, "row_step 10 is smaller"),
+    (_short_data, "expected row_step * height"),
+], ids=["missing_field", "float64", "offset", "row_step", "data_size"])
+def test_malformed_cloud_is_rejected(mutate, expected):
+    msg = _cloud(np.zeros((4, 3)))
+    mutate(msg)
+    with pytest.raises(InvalidRequestError) as err:
+        conv.points_from_cloud(msg)
+    assert expected in str(err.value)
+
+
+def test_cloud_from_points_rejects_bad_shapes():
+    with pytest.raises(InvalidRequestError, match=r"\(P, 3\)"):
+        conv.cloud_from_points(np.zeros((4, 2)), Header())
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameters (mace_ros.params)
+# ------------------------------------------------------------------------------------------------
+
+def test_parameter_defaults_build_the_default_config():
+    assert params.config_from_parameters(params.parameter_defaults()) == ServiceConfig()
+
+
+def test_params_file_sets_only_known_parameters():
+    flat = to_flat(load_service_config("config/panda.yaml"))
+    assert set(flat) == set(params.parameter_defaults())
+    assert params.config_from_parameters(flat) == load_service_config("config/panda.yaml")
+
+
+@pytest.mark.parametrize("name,value,expected", [
+    ("ik.num_solutions", 0, "ik.num_solutions"),
+    ("ik.num_solutions", 65, "ik.limits.max_solutions = 64"),
+    ("ik.time_budget_s", -1.0, "ik.time_budget_s"),
+    ("ik.refinement_mode", "bfgs", "ik.refinement_mode"),
+    ("ik.mace.quantile", 0.0, "quantile"),
+    ("ik.mace.num_samples", 100000, "ik.mace.num_samples"),
+    ("ik.refinement.damping", math.nan, "ik.refinement.damping"),
+    ("max_concurrent_waiting", -1, "max_concurrent_waiting"),
+    ("device", "tpu", "device"),
+    ("ik.time_budget_s", "fast", "ik.time_budget_s"),
+])
+def test_invalid_parameter_is_named(name, value, expected):
+    values = params.parameter_defaults()
+    values[name] = value
+    with pytest.raises(params.ParameterError) as err:
+        params.config_from_parameters(values)
+    assert expected in str(err.value)
+
+
+def test_unknown_overrides_are_reported():
+    assert params.unknown_overrides(["ik.mace.num_sample", "device", "use_sim_time"]) == [
+        "ik.mace.num_sample"]

@@ -1,0 +1,99 @@
+"""The IK engine with the shipped prior: adaptation, refinement, validation, judged by PyBullet."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mace_core.collision import PyBulletCollisionChecker
+from mace_core.errors import InvalidRequestError
+from mace_core.ik import IKAdaptConfig, IKAdapter, IKRequest
+from mace_core.scenes import Obstacle, load_scene
+from mace_core.tensor import TensorSpec
+
+MODELS = "models"
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    return IKAdapter.from_models(MODELS, "panda_ik", IKAdaptConfig(), TensorSpec.resolve("cpu"))
+
+
+@pytest.fixture(scope="module")
+def wall():
+    return load_scene("config/scenes/wall.yaml")
+
+
+def request_in(scene, index=0, **kw):
+    target = scene.sample_targets(index + 1, torch.Generator().manual_seed(7),
+                                  TensorSpec.resolve("cpu"))[index]
+    return IKRequest(position=target.numpy(), obstacles=list(scene.obstacles), **kw)
+
+
+def test_solutions_reach_target_and_are_valid_for_pybullet(adapter, wall):
+    req = request_in(wall, num_solutions=4, time_budget_s=5.0, seed=0)
+    result = adapter.solve(req)
+    assert result.success, result.message
+    assert len(result.solutions) == 4
+    q = np.stack([s.q for s in result.solutions])
+    with PyBulletCollisionChecker(wall.obstacles) as exact:
+        assert exact.valid(q).all()
+    assert all(s.position_error <= 1e-4 and s.collision_free for s in result.solutions)
+    dists = [np.abs(a.q - b.q).max() for i, a in enumerate(result.solutions)
+             for b in result.solutions[i + 1:]]
+    assert min(dists) >= IKAdaptConfig().min_joint_distance  # no duplicates
+    assert result.timings.total > 0 and result.joint_names[0] == "panda_joint1"
+
+
+def test_adaptation_raises_the_valid_fraction(adapter, wall):
+    # Without early stopping the loop runs all T iterations: the paper's protocol (Table 1).
+    adapter.config.early_stop = False
+    try:
+        req = request_in(wall, index=1, iterations=15, num_samples=256, time_budget_s=30.0,
+                         refinement="none", seed=1)
+        result = adapter.solve(req)
+    finally:
+        adapter.config.early_stop = True
+    assert result.iterations_run == 15
+    assert result.valid_fraction_adapted > result.valid_fraction_prior + 0.1
+
+
+def test_prior_only_mode_runs_no_iteration(adapter, wall):
+    result = adapter.solve(request_in(wall, iterations=0, num_solutions=2, seed=2))
+    assert result.iterations_run == 0
+    assert result.valid_fraction_adapted == result.valid_fraction_prior
+
+
+def test_same_seed_same_answer(adapter, wall):
+    a = adapter.solve(request_in(wall, num_solutions=2, seed=5, time_budget_s=5.0))
+    b = adapter.solve(request_in(wall, num_solutions=2, seed=5, time_budget_s=5.0))
+    assert np.allclose(a.solutions[0].q, b.solutions[0].q)
+
+
+BAD = [
+    (dict(position=np.array([np.nan, 0.0, 0.5])), "finite"),
+    (dict(position=np.array([2.0, 0.0, 0.5])), "unreachable"),
+    (dict(num_solutions=0), "num_solutions"),
+    (dict(num_solutions=10_000), "num_solutions"),
+    (dict(time_budget_s=0.0), "time_budget"),
+    (dict(time_budget_s=math.inf), "time_budget"),
+    (dict(refinement="moveit"), "moveit_msgs"),
+    (dict(refinement="magic"), "refinement"),
+    (dict(quantile=2.0), "quantile"),
+    (dict(num_samples=10**9), "num_samples"),
+    (dict(rotation=np.eye(3) * 2.0, orientation_tolerance=0.1), "rotation"),
+    (dict(obstacles=[Obstacle(name="b", kind="box", size=(0.1, -0.1, 0.1),
+                              position=(0.5, 0.0, 0.2))]), "size"),
+    (dict(obstacles=[Obstacle(name="b", kind="box", size=(0.1, 0.1),
+                              position=(0.5, 0.0, 0.2))]), "dimension"),
+]
+
+
+@pytest.mark.parametrize("override,words", BAD)
+def test_bad_requests_raise_clear_errors(adapter, override, words):
+    req = IKRequest(position=np.array([0.5, 0.0, 0.4]))
+    for key, value in override.items():
+        setattr(req, key, value)
+    with pytest.raises(InvalidRequestError, match=f"(?i){words}"):
+        adapter.solve(req)

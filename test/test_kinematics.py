@@ -1,0 +1,87 @@
+"""Forward kinematics against PyBullet, and the analytic Jacobian against finite differences."""
+
+import numpy as np
+import pybullet as p
+import pytest
+import torch
+
+from mace_core.errors import InvalidRequestError, ModelLoadError
+from mace_core.kinematics import RobotKinematics, URDFModel, panda_urdf_path
+from mace_core.tensor import TensorSpec
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module")
+def bullet():
+    cid = p.connect(p.DIRECT)
+    robot = p.loadURDF(panda_urdf_path(), useFixedBase=True, physicsClientId=cid)
+    by_link = {p.getJointInfo(robot, i, physicsClientId=cid)[12].decode(): i
+               for i in range(p.getNumJoints(robot, physicsClientId=cid))}
+    by_joint = {p.getJointInfo(robot, i, physicsClientId=cid)[1].decode(): i
+                for i in range(p.getNumJoints(robot, physicsClientId=cid))}
+    yield cid, robot, by_link, by_joint
+    p.disconnect(cid)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_link_matches_pybullet_on_1000_configurations(bullet, device):
+    cid, robot, by_link, by_joint = bullet
+    spec = TensorSpec.resolve(device, torch.float64)
+    kin = RobotKinematics.panda(spec)
+    q = kin.sample_uniform(1000, spec.generator(0))
+    poses = kin.link_poses(q).cpu().numpy()
+    assert poses.shape == (1000, len(kin.link_names), 4, 4)
+    worst_pos, worst_rot = 0.0, 0.0
+    for b in range(len(q)):
+        for k, name in enumerate(kin.joint_names):
+            p.resetJointState(robot, by_joint[name], float(q[b, k]), physicsClientId=cid)
+        for name in ("panda_finger_joint1", "panda_finger_joint2"):
+            p.resetJointState(robot, by_joint[name], 0.04, physicsClientId=cid)
+        for name, index in by_link.items():
+            state = p.getLinkState(robot, index, computeForwardKinematics=True,
+                                   physicsClientId=cid)
+            mine = poses[b, kin.link_names.index(name)]
+            rot = np.array(p.getMatrixFromQuaternion(state[5])).reshape(3, 3)
+            worst_pos = max(worst_pos, np.abs(np.array(state[4]) - mine[:3, 3]).max())
+            worst_rot = max(worst_rot, np.abs(rot - mine[:3, :3]).max())
+    assert worst_pos < 1e-5
+    assert worst_rot < 1e-5
+
+
+def test_end_effector_is_grasptarget_and_jacobian_matches_finite_differences():
+    spec = TensorSpec.resolve("cpu", torch.float64)
+    kin = RobotKinematics.panda(spec)
+    assert kin.link_names[kin.ee_index] == "panda_grasptarget"
+    q = kin.sample_uniform(16, spec.generator(1))
+    jac = kin.jacobian(q)
+    eps = 1e-6
+    for i in range(7):
+        dq = torch.zeros_like(q)
+        dq[:, i] = eps
+        numeric = (kin.ee_pose(q + dq) - kin.ee_pose(q - dq)) / (2 * eps)
+        assert torch.allclose(numeric[:, :3, 3], jac[:, :3, i], atol=1e-7)
+        # angular column: skew part of dR Rᵀ
+        w = numeric[:, :3, :3] @ kin.ee_pose(q)[:, :3, :3].transpose(1, 2)
+        omega = torch.stack([w[:, 2, 1], w[:, 0, 2], w[:, 1, 0]], -1)
+        assert torch.allclose(omega, jac[:, 3:, i], atol=1e-7)
+
+
+def test_limits_and_bad_shapes():
+    spec = TensorSpec.resolve("cpu")
+    kin = RobotKinematics.panda(spec)
+    assert kin.within_limits(kin.sample_uniform(100, spec.generator(2))).all()
+    q = torch.zeros(1, 7)  # joint 4 upper limit is 0: inside (inclusive); joint 6 lower is -0.0873
+    assert bool(kin.within_limits(q)[0])
+    q[0, 3] = 0.1
+    assert not bool(kin.within_limits(q)[0])
+    with pytest.raises(InvalidRequestError):
+        kin.link_poses(torch.zeros(3, 6))
+
+
+def test_urdf_errors_are_typed():
+    with pytest.raises(ModelLoadError):
+        URDFModel.from_text("<robot><link name=")
+    urdf = URDFModel.from_text(open(panda_urdf_path()).read())
+    with pytest.raises(ModelLoadError):
+        RobotKinematics(urdf, TensorSpec.resolve("cpu"), ee_link="no_such_link")

@@ -1,0 +1,405 @@
+"""End-to-end tests of /mace/adapt_ik over DDS, against the node in its own process.
+
+Solutions are judged independently of the node: forward kinematics of the returned joints must
+reach the target, and PyBullet (exact meshes) must find them collision-free.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from geometry_msgs.msg import Pose
+from shape_msgs.msg import SolidPrimitive
+
+from conftest import MODELS_DIR, NodeProcess, wait_for_service
+from mace_core.collision import PyBulletCollisionChecker
+from mace_core.ik import IKRequest
+from mace_core.kinematics import PANDA_JOINTS, RobotKinematics
+from mace_core.scenes import load_scene
+from mace_core.tensor import TensorSpec
+from mace_ros.client import MaceClient
+from mace_ros.conversions import ik_request_to_msg
+from mace_ros.msg import CollisionObject
+from mace_ros.srv import AdaptIK
+from mace_core.errors import InvalidRequestError
+from mace_ros.node import BusyError, MaceNode, RequestGate
+
+BOX_SCENE = "config/scenes/box.yaml"
+
+
+@pytest.fixture(scope="module")
+def box():
+    scene = load_scene(BOX_SCENE)
+    target = (np.asarray(scene.targets.min) + np.asarray(scene.targets.max)) / 2.0
+    return scene, target
+
+
+def box_request(box, **kw):
+    """A valid AdaptIK request in the box scene (K = 4, 1 s); ``kw`` overrides IKRequest."""
+    scene, target = box
+    fields = dict(position=target, obstacles=list(scene.obstacles), num_solutions=4,
+                  time_budget_s=1.0, seed=0)
+    fields.update(kw)
+    return ik_request_to_msg(IKRequest(**fields))
+
+
+def assert_valid_solutions(response, scene, target, k):
+    assert response.success, response.message
+    assert 1 <= len(response.solutions) <= k
+    kin = RobotKinematics.panda(TensorSpec())
+    q = np.array([s.positions for s in response.solutions])
+    ee = kin.ee_position(torch.as_tensor(q, dtype=torch.float32)).double().numpy()
+    with PyBulletCollisionChecker(scene.obstacles) as exact:
+        free = exact.valid(q)
+    for sol, p, ok in zip(response.solutions, ee, free):
+        assert list(sol.joint_names) == list(PANDA_JOINTS)
+        assert sol.collision_free and ok, "a returned solution collides (PyBullet)"
+        assert sol.position_error < 1e-4
+        assert np.linalg.norm(p - target) < 2e-4  # float32 forward kinematics here
+        assert 0.0 < sol.score <= 1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Valid requests
+# ------------------------------------------------------------------------------------------------
+
+def test_box_scene_returns_collision_free_solutions(ik_client, box):
+    scene, target = box
+    response = ik_client.call(box_request(box), timeout_s=30.0)
+    assert_valid_solutions(response, scene, target, 4)
+    assert response.total_time > 0.0 and response.sampling_time > 0.0
+    assert response.total_time >= response.sampling_time
+    assert 0.0 <= response.valid_fraction_prior <= 1.0
+    assert 0.0 <= response.valid_fraction_adapted <= 1.0
+
+
+@pytest.fixture
+def ros_node(rclpy_context):
+    """A plain ROS node with its own executor, for subscriptions and parameter calls."""
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+
+    node = Node("mace_test_helper")
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    yield node, executor
+    executor.shutdown()
+    node.destroy_node()
+
+
+def test_markers_follow_each_answer(ik_client, ros_node, box):
+    from rclpy.qos import DurabilityPolicy, QoSProfile
+    from visualization_msgs.msg import Marker, MarkerArray
+
+    node, executor = ros_node
+    received = []
+    qos = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+    node.create_subscription(MarkerArray, "/mace/ik_solutions", received.append, qos)
+    response = ik_client.call(box_request(box, num_solutions=2), timeout_s=30.0)
+    expected = len(response.solutions) + 2  # DELETEALL, one strip per solution, the target
+
+    def matching():
+        return [m for m in received if len(m.markers) == expected]
+
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline and not matching():
+        executor.spin_once(timeout_sec=0.1)
+    assert matching(), f"no MarkerArray of {expected} markers on /mace/ik_solutions"
+    markers = matching()[-1].markers
+    assert markers[0].action == Marker.DELETEALL
+    assert [m.type for m in markers[1:-1]] == [Marker.LINE_STRIP] * len(response.solutions)
+    assert markers[-1].type == Marker.SPHERE
+    assert markers[-1].pose.position.x == pytest.approx(box[1][0])
+    assert all(m.header.frame_id == "panda_link0" for m in markers)
+
+
+def test_two_concurrent_clients_are_both_served(mace_node, box):
+    responses = {}
+
+    def call(name):
+        client = MaceClient(node_name=f"mace_test_{name}")
+        try:
+            assert client.wait(10.0)
+            responses[name] = client.call(box_request(box, num_solutions=2, seed=None),
+                                          timeout_s=60.0)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90.0)
+    assert sorted(responses) == ["a", "b"]
+    for response in responses.values():
+        assert_valid_solutions(response, box[0], box[1], 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad requests: success = false with a message naming the problem, and the node keeps serving
+# ------------------------------------------------------------------------------------------------
+
+def _nan_target(req):
+    req.target.pose.position.x = math.nan
+
+
+def _frame(req):
+    req.target.header.frame_id = "world"
+
+
+def _unreachable(req):
+    req.target.pose.position.x = 2.0
+
+
+def _box_two_dims(req):
+    req.obstacles[1].primitives[0].dimensions = [0.3, 0.3]
+
+
+def _negative_size(req):
+    req.obstacles[1].primitives[0].dimensions = [0.3, -0.3, 0.1]
+
+
+def _zero_k(req):
+    req.num_solutions = 0
+
+
+def _k_above_limit(req):
+    req.num_solutions = 65
+
+
+def _zero_budget(req):
+    req.time_budget = 0.0
+
+
+def _negative_budget(req):
+    req.time_budget = -1.0
+
+
+def _zero_quaternion(req):
+    req.use_orientation = True
+    q = req.target.pose.orientation
+    q.x = q.y = q.z = q.w = 0.0
+
+
+def _moveit(req):
+    req.refinement = "moveit"
+
+
+def _cone(req):
+    req.obstacles.append(CollisionObject(
+        id="cone", primitives=[SolidPrimitive(type=SolidPrimitive.CONE, dimensions=[0.1, 0.1])],
+        primitive_poses=[Pose()]))
+
+
+def _missing_pose(req):
+    req.obstacles[1].primitive_poses = []
+
+
+def _nan_obstacle(req):
+    req.obstacles[2].primitive_poses[0].position.z = math.inf
+
+
+BAD_REQUESTS = [
+    (_nan_target, "target position must be finite"),
+    (_frame, "unknown frame 'world'"),
+    (_unreachable, "unreachable"),
+    (_box_two_dims, "needs 3 dimensions, got 2"),
+    (_negative_size, "must be > 0"),
+    (_zero_k, "num_solutions must be in [1, 64], got 0"),
+    (_k_above_limit, "num_solutions must be in [1, 64], got 65"),
+    (_zero_budget, "time_budget"),
+    (_negative_budget, "time_budget"),
+    (_zero_quaternion, "quaternion (x, y, z, w) is zero"),
+    (_moveit, "refinement 'moveit' is not available"),
+    (_cone, "primitive type 4 not supported (box, sphere, cylinder)"),
+    (_missing_pose, "primitive_poses"),
+    (_nan_obstacle, "must be finite"),
+]
+
+
+@pytest.mark.parametrize("mutate,expected", BAD_REQUESTS,
+                         ids=[m.__name__[1:] for m, _ in BAD_REQUESTS])
+def test_bad_request_is_rejected_with_a_reason(ik_client, box, mutate, expected):
+    request = box_request(box)
+    mutate(request)
+    t0 = time.monotonic()
+    response = ik_client.call(request, timeout_s=30.0)
+    assert not response.success
+    assert expected in response.message
+    assert not response.solutions
+    assert time.monotonic() - t0 < 5.0, "a rejected request should answer at once"
+
+
+def test_node_still_serves_after_bad_requests(ik_client, box):
+    response = ik_client.call(box_request(box, num_solutions=1, seed=3), timeout_s=30.0)
+    assert_valid_solutions(response, box[0], box[1], 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameters at run time
+# ------------------------------------------------------------------------------------------------
+
+def test_parameters_are_validated_at_run_time(mace_node, ros_node):
+    from rclpy.parameter import Parameter
+    from rclpy.parameter_client import AsyncParameterClient
+
+    node, executor = ros_node
+    params = AsyncParameterClient(node, "/mace")
+    assert params.wait_for_services(10.0)
+
+    def set_one(name, value):
+        future = params.set_parameters([Parameter(name, value=value)])
+        executor.spin_until_future_complete(future, timeout_sec=10.0)
+        return future.result().results[0]
+
+    bad = set_one("ik.num_solutions", 0)
+    assert not bad.successful and "ik.num_solutions" in bad.reason
+    assert not set_one("device", "cuda").successful  # read-only
+    assert set_one("ik.mace.num_samples", 256).successful
+    assert set_one("ik.mace.num_samples", 512).successful
+
+
+# ------------------------------------------------------------------------------------------------
+# Concurrency: one at a time, the rest wait, above max_concurrent_waiting "busy"
+# ------------------------------------------------------------------------------------------------
+
+def test_request_gate_serves_in_order_and_refuses_when_full():
+    gate = RequestGate(max_waiting=1)
+    order, release = [], threading.Event()
+
+    def holder():
+        with gate.turn():
+            order.append("first")
+            release.wait(10.0)
+
+    def waiter():
+        with gate.turn():
+            order.append("second")
+
+    threads = [threading.Thread(target=holder)]
+    threads[0].start()
+    while gate.waiting == 0 and not order:
+        time.sleep(0.01)
+    threads.append(threading.Thread(target=waiter))
+    threads[1].start()
+    while gate.waiting < 1:
+        time.sleep(0.01)
+    with pytest.raises(BusyError, match="busy: 1 requests waiting"):
+        with gate.turn():
+            pass
+    release.set()
+    for t in threads:
+        t.join(10.0)
+    assert order == ["first", "second"]
+    with gate.turn():  # free again
+        pass
+
+
+class _FakeLogger:
+    def __init__(self):
+        self.lines = []
+
+    def __getattr__(self, level):
+        return lambda text: self.lines.append((level, text))
+
+
+@pytest.mark.parametrize("error,message,level", [
+    (BusyError("busy: 3 requests waiting"), "busy: 3 requests waiting", "warning"),
+    (InvalidRequestError("target is unreachable"), "target is unreachable", "warning"),
+    (ZeroDivisionError("division by zero"), "internal error: ZeroDivisionError: division by zero",
+     "error"),
+])
+def test_failures_become_fresh_unsuccessful_responses(error, message, level):
+    logger = _FakeLogger()
+    fake_node = type("FakeNode", (), {"get_logger": lambda self: logger})()
+
+    def handler(request, response):
+        response.success = True  # half-filled when the error strikes
+        raise error
+
+    response = MaceNode._serve(fake_node, "adapt_ik", handler, None, AdaptIK.Response())
+    assert not response.success and response.message == message and not response.solutions
+    assert logger.lines[-1][0] == level
+
+
+def test_busy_node_answers_busy_and_serves_the_waiting_one(rclpy_context, tmp_path, box):
+    """A node allowing 1 waiting request: 1 runs, 1 waits, the third is told "busy"."""
+    node = NodeProcess(str(tmp_path / "busy.log"),
+                       params={"max_concurrent_waiting": 1, "ik.early_stop": "false",
+                               "publish_markers": "false"},
+                       ros_args=["-r", "__ns:=/busy"])
+    clients = [MaceClient("/busy/mace/adapt_ik", node_name=f"mace_busy_{i}") for i in range(3)]
+    responses = [None] * 3
+
+    def call(i, budget):
+        responses[i] = clients[i].call(
+            box_request(box, num_solutions=64, time_budget_s=budget, iterations=2000),
+            timeout_s=60.0)
+
+    try:
+        wait_for_service(node, clients[0])
+        for c in clients[1:]:
+            assert c.wait(10.0)
+        threads = [threading.Thread(target=call, args=(i, b))
+                   for i, b in enumerate((4.0, 0.5, 0.5))]
+        threads[0].start()
+        time.sleep(1.0)
+        threads[1].start()
+        time.sleep(0.5)
+        threads[2].start()
+        for t in threads:
+            t.join(90.0)
+    finally:
+        for c in clients:
+            c.close()
+        status = node.stop()
+    assert status == 0, node.log()
+    first, second, third = responses
+    assert first.success and "busy" not in first.message
+    assert "busy" not in second.message and second.solutions
+    assert not third.success and third.message == "busy: 1 requests waiting"
+
+
+# ------------------------------------------------------------------------------------------------
+# Start failures: clear message, non-zero exit, within seconds
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def failed_starts(tmp_path_factory):
+    """Nodes started with broken models or parameters (all at once): name -> (status, s, log)."""
+    root = tmp_path_factory.mktemp("broken")
+    missing, corrupt = root / "missing", root / "corrupt"
+    for folder in (missing, corrupt):
+        folder.mkdir()
+        for name in ("registry.yaml", "panda_spheres.yaml"):
+            (folder / name).write_text(open(f"{MODELS_DIR}/{name}").read())
+    (corrupt / "panda_ik.safetensors").write_bytes(b"\x00not a safetensors file" * 10)
+    nodes = {
+        "missing": NodeProcess(str(root / "missing.log"), models_dir=str(missing)),
+        "corrupt": NodeProcess(str(root / "corrupt.log"), models_dir=str(corrupt)),
+        "bad_param": NodeProcess(str(root / "bad_param.log"),
+                                 params={"ik.time_budget_s": -1.0}),
+    }
+    results = {}
+    for name, node in nodes.items():
+        status = node.wait_exit(60.0)
+        results[name] = (status, time.monotonic() - node.started, node.log())
+        node.stop()
+    return results
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("missing", "IK prior weights not found"),
+    ("corrupt", "corrupt"),
+    ("bad_param", "ik.time_budget_s"),
+])
+def test_node_refuses_to_start(failed_starts, name, expected):
+    status, seconds, log = failed_starts[name]
+    assert status is not None and status != 0, f"the node kept running:\n{log}"
+    assert "cannot start" in log and expected in log, log
+    assert seconds < 30.0, f"took {seconds:.1f} s to fail"
