@@ -5,7 +5,8 @@ Pure PyTorch + NumPy: kinematics, batched collision checks, generative priors, t
 Submodules import their heavy dependencies (pybullet, pytracik) only where they are used.
 """
 
-from .collision import CollisionWorld, PyBulletCollisionChecker, RobotSpheres, SphereCollisionChecker
+from .collision import (CollisionWorld, PyBulletCollisionChecker, RobotSpheres,
+                        SphereCollisionChecker)
 from .config import ServiceConfig, load_service_config
 from .errors import InvalidRequestError, MaceError, ModelLoadError
 from .ik import IKAdaptConfig, IKAdapter, IKAdaptResult, IKRequest, IKSolution

@@ -1,8 +1,8 @@
 """Batched collision checks of the Panda against primitive obstacles, with two backends.
 
-- :class:`SphereCollisionChecker`: the robot as spheres fitted around its collision meshes, in torch
-  (CPU or CUDA), a whole batch of configurations at once. Conservative: the spheres cover what
-  PyBullet collides with, so it never calls free a configuration that PyBullet calls colliding.
+- :class:`SphereCollisionChecker`: the robot as spheres fitted around its collision meshes, in
+  torch (CPU or CUDA), a whole batch of configurations at once. Conservative: the spheres cover
+  what PyBullet collides with, so it never calls free what PyBullet calls colliding.
 - :class:`PyBulletCollisionChecker`: exact checks on the URDF's collision meshes in a private
   PyBullet client (the ground truth of the benchmarks), one configuration at a time.
 
@@ -20,7 +20,9 @@ free of obstacles. Conventions shared by both (see ``config/scenes/README.md``):
 
 from __future__ import annotations
 
+import base64
 import os
+import zlib
 from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Sequence
@@ -88,6 +90,67 @@ def self_collision_link_pairs(urdf: URDFModel, links: Sequence[str]) -> list[tup
 # Robot spheres
 # ----------------------------------------------------------------------------------------------
 
+def joints_between(urdf: URDFModel, ancestor: str, link: str) -> list[str] | None:
+    """Actuated (revolute or continuous) joints on the chain from ``ancestor`` down to ``link``,
+    root first; None when ``ancestor`` is not an ancestor of ``link``."""
+    chain = urdf.path_to_root(link)
+    parents = [j.parent for j in chain]
+    if ancestor not in parents:
+        return None
+    below = chain[parents.index(ancestor):]
+    return [j.name for j in below if j.kind in ("revolute", "continuous")]
+
+
+@dataclass(frozen=True, eq=False)
+class PairTable:
+    """Where, in the space of the one or two joints that move some link pairs relative to each
+    other, those pairs may touch: a grid of cells over the joint limits, computed with PyBullet.
+
+    A cell is flagged when some pair's PyBullet distance at a corner of the cell is within
+    ``bound``, the largest distance change possible inside a cell (joint step times the largest
+    lever arm), so a configuration in an unflagged cell is certainly free for these pairs.
+    """
+
+    pairs: tuple[tuple[str, str], ...]  #: (ancestor link, descendant link) pairs answered
+    joints: tuple[str, ...]  #: the table's axes, root first
+    lower: tuple[float, ...]  #: rad, first corner along each axis
+    step: tuple[float, ...]  #: rad, cell size along each axis
+    cells: np.ndarray  #: bool (n_1, ..., n_J): True where a pair may touch
+    bound: float  #: m, distance margin used to flag cells
+
+    def to_dict(self) -> dict:
+        """YAML-friendly form; cells packed as zlib-compressed base64 bits."""
+        packed = zlib.compress(np.packbits(self.cells.reshape(-1)).tobytes(), 9)
+        return {"pairs": [list(p) for p in self.pairs], "joints": list(self.joints),
+                "lower": [float(v) for v in self.lower], "step": [float(v) for v in self.step],
+                "shape": list(self.cells.shape), "bound": float(self.bound),
+                "cells": base64.b64encode(packed).decode("ascii")}
+
+    @staticmethod
+    def from_dict(data: dict) -> "PairTable":
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            ModelLoadError: missing keys or a cell array of the wrong size.
+        """
+        keys = {"pairs", "joints", "lower", "step", "shape", "bound", "cells"}
+        if not isinstance(data, dict) or set(data) != keys:
+            raise ModelLoadError(f"pair table must have exactly the keys {sorted(keys)}")
+        shape = tuple(int(v) for v in data["shape"])
+        try:
+            bits = np.frombuffer(zlib.decompress(base64.b64decode(data["cells"])), np.uint8)
+        except (ValueError, zlib.error) as exc:
+            raise ModelLoadError(f"pair table cells are corrupt: {exc}") from exc
+        size = int(np.prod(shape))
+        if len(bits) * 8 < size or not len(shape) == len(data["joints"]) == len(data["lower"]) \
+                == len(data["step"]):
+            raise ModelLoadError("pair table cells do not match its shape")
+        cells = np.unpackbits(bits)[:size].astype(bool).reshape(shape)
+        return PairTable(tuple(tuple(p) for p in data["pairs"]), tuple(data["joints"]),
+                         tuple(float(v) for v in data["lower"]),
+                         tuple(float(v) for v in data["step"]), cells, float(data["bound"]))
+
+
 @dataclass(frozen=True, eq=False)
 class RobotSpheres:
     """Spheres rigidly attached to the robot's links, covering its collision geometry."""
@@ -95,16 +158,23 @@ class RobotSpheres:
     links: tuple[str, ...]  #: (S,) link each sphere is attached to
     centers: np.ndarray  #: (S, 3) m, sphere centres in their link's frame
     radii: np.ndarray  #: (S,) m, radii (the PyBullet mesh margin included)
+    #: link pairs that can never touch (found with PyBullet); the sphere checker skips them
+    never_colliding: tuple[tuple[str, str], ...] = ()
+    #: exact tables for link pairs moved by at most two joints; the sphere checker uses them
+    #: instead of those pairs' spheres
+    tables: tuple[PairTable, ...] = ()
     metadata: dict = field(default_factory=dict)  #: how the spheres were fitted (free form)
 
     def __post_init__(self):
-        centers = np.asarray(self.centers, dtype=float)
-        radii = np.asarray(self.radii, dtype=float)
+        centers = np.asarray(self.centers, dtype=float).reshape(-1, 3)
+        radii = np.asarray(self.radii, dtype=float).reshape(-1)
         if (centers.shape != (len(self.links), 3) or radii.shape != (len(self.links),)
                 or not np.all(np.isfinite(centers)) or not np.all(radii > 0)):
             raise ModelLoadError("robot spheres need (S, 3) finite centres and (S,) radii > 0")
         object.__setattr__(self, "centers", centers)
         object.__setattr__(self, "radii", radii)
+        object.__setattr__(self, "never_colliding",
+                           tuple((str(a), str(b)) for a, b in self.never_colliding))
 
     def __len__(self) -> int:
         return len(self.links)
@@ -115,13 +185,17 @@ class RobotSpheres:
         return self.centers[mask], self.radii[mask]
 
     def save(self, path: str, header: str = "") -> None:
-        """Write the YAML format :meth:`load` reads (``links: {name: [[x, y, z, r], ...]}``)."""
+        """Write the YAML that :meth:`load` reads: ``links: {name: [[x, y, z, r], ...]}``,
+        ``never_colliding: [[link_a, link_b], ...]``, ``tables`` (:meth:`PairTable.to_dict`)
+        and free-form ``metadata``."""
         by_link: dict[str, list[list[float]]] = {}
         for name, c, r in zip(self.links, self.centers, self.radii):
             by_link.setdefault(name, []).append([round(float(v), 6) for v in (*c, r)])
-        lines = [f"# {line}" for line in header.splitlines()]
-        doc = {"metadata": self.metadata, "links": by_link}
+        doc = {"metadata": self.metadata, "links": by_link,
+               "never_colliding": [list(p) for p in self.never_colliding],
+               "tables": [t.to_dict() for t in self.tables]}
         text = yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=99)
+        lines = [f"# {line}" for line in header.splitlines()]
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             f.write("\n".join(lines + [text]))
@@ -139,8 +213,9 @@ class RobotSpheres:
                 doc = yaml.safe_load(f)
         except (OSError, yaml.YAMLError) as exc:
             raise ModelLoadError(f"cannot read robot spheres '{path}': {exc}") from exc
-        if not isinstance(doc, dict) or set(doc) - {"metadata", "links"} or "links" not in doc:
-            raise ModelLoadError(f"'{path}': expected keys 'links' (and 'metadata')")
+        keys = {"metadata", "links", "never_colliding", "tables"}
+        if not isinstance(doc, dict) or set(doc) - keys or "links" not in doc:
+            raise ModelLoadError(f"'{path}': expected keys {sorted(keys)} ('links' required)")
         links, rows = [], []
         for name, spheres in doc["links"].items():
             for row in spheres:
@@ -148,8 +223,13 @@ class RobotSpheres:
                     raise ModelLoadError(f"'{path}': sphere of {name} must be [x, y, z, r]")
                 links.append(str(name))
                 rows.append([float(v) for v in row])
+        pairs = doc.get("never_colliding") or []
+        if any(len(pr) != 2 for pr in pairs):
+            raise ModelLoadError(f"'{path}': never_colliding entries must be [link_a, link_b]")
         rows_arr = np.asarray(rows, dtype=float).reshape(-1, 4)
+        tables = tuple(PairTable.from_dict(t) for t in doc.get("tables") or [])
         return RobotSpheres(tuple(links), rows_arr[:, :3], rows_arr[:, 3],
+                            tuple(tuple(pr) for pr in pairs), tables,
                             dict(doc.get("metadata") or {}))
 
 
@@ -157,115 +237,148 @@ class RobotSpheres:
 # Obstacles as tensors
 # ----------------------------------------------------------------------------------------------
 
-def _stack_frames(obstacles: Sequence[Obstacle], spec: TensorSpec) -> tuple[torch.Tensor, ...]:
-    """``(3, 3K)`` stacked rotations and ``(3K,)`` offsets so that ``x @ rot - off`` gives
-    every point ``x`` ``(N, 3)`` in each primitive's frame as ``(N, 3K)``."""
-    rot = np.stack([o.rotation_matrix for o in obstacles]) if obstacles else np.zeros((0, 3, 3))
-    pos = np.asarray([o.position for o in obstacles], dtype=float).reshape(-1, 3)
-    stacked = np.concatenate(list(rot), axis=1) if len(rot) else np.zeros((3, 0))
-    offsets = np.einsum("ki,kij->kj", pos, rot).reshape(-1)
-    return spec.tensor(stacked), spec.tensor(offsets)
+_KIND_CODES = {"box": 0, "sphere": 1, "cylinder": 2}
+
+
+def _outside_sq(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, dims: torch.Tensor,
+                kind: int) -> torch.Tensor:
+    """Squared distance (m^2) from points to a primitive (0 inside), coordinates ``x, y, z`` in
+    the primitive's frame, any shape; ``dims`` ``(..., 3)`` broadcast against them: box half
+    extents, sphere (R, R, R), cylinder (R, R, h/2). Component-wise: no size-3 reductions."""
+    if kind == 0:
+        out = (x.abs() - dims[..., 0]).clamp_min_(0.0).square_()
+        out += (y.abs() - dims[..., 1]).clamp_min_(0.0).square_()
+        return out.add_((z.abs() - dims[..., 2]).clamp_min_(0.0).square_())
+    if kind == 1:
+        norm = (x.square() + y.square() + z.square()).sqrt_()
+        return (norm - dims[..., 0]).clamp_min_(0.0).square_()
+    radial = (x.square() + y.square()).sqrt_()
+    out = (radial - dims[..., 0]).clamp_min_(0.0).square_()
+    return out.add_((z.abs() - dims[..., 2]).clamp_min_(0.0).square_())
+
+
+def _signed(local: torch.Tensor, dims: torch.Tensor, kind: int) -> torch.Tensor:
+    """Signed distance (m) from points ``(..., 3)`` in a primitive's frame to its surface,
+    negative inside (same ``dims`` as :func:`_outside_sq`)."""
+    if kind == 0:
+        q = local.abs() - dims
+        return q.clamp_min(0.0).norm(dim=-1) + q.max(dim=-1).values.clamp_max(0.0)
+    if kind == 1:
+        return local.norm(dim=-1) - dims[..., 0]
+    dr = local[..., :2].norm(dim=-1) - dims[..., 0]
+    dz = local[..., 2].abs() - dims[..., 2]
+    outside = torch.stack([dr, dz], -1).clamp_min(0.0).norm(dim=-1)
+    return outside + torch.maximum(dr, dz).clamp_max(0.0)
 
 
 @dataclass(frozen=True, eq=False)
 class CollisionWorld:
-    """Obstacles tensorized once per request, grouped by kind, in the robot's base frame.
+    """Obstacles tensorized once per request, in the robot's base frame.
 
-    Build it with :meth:`from_obstacles`. K* counts obstacles of each kind.
+    Build it with :meth:`from_obstacles`; obstacles are stored sorted by kind (boxes, spheres,
+    cylinders), which is the column order of :meth:`signed_distance`. K obstacles.
     """
 
-    names: tuple[str, ...]  #: obstacle names in the column order of :meth:`signed_distance`
-    box_frames: torch.Tensor  #: (3, 3Kb) stacked rotations base-from-box
-    box_offsets: torch.Tensor  #: (3Kb,) box centres expressed in their own frames
-    box_half: torch.Tensor  #: (Kb, 3) m, half extents
-    sphere_centers: torch.Tensor  #: (Ks, 3) m
-    sphere_radii: torch.Tensor  #: (Ks,) m
-    cyl_frames: torch.Tensor  #: (3, 3Kc) stacked rotations base-from-cylinder
-    cyl_offsets: torch.Tensor  #: (3Kc,)
-    cyl_half_height: torch.Tensor  #: (Kc,) m, half of the height along the local z axis
-    cyl_radii: torch.Tensor  #: (Kc,) m
-    obstacles: tuple[Obstacle, ...] = ()  #: the validated source obstacles
+    obstacles: tuple[Obstacle, ...]  #: (K,) the validated obstacles, in column order
+    kinds: torch.Tensor  #: (K,) long, 0 box, 1 sphere, 2 cylinder
+    rotations: torch.Tensor  #: (K, 3, 3) base-from-obstacle rotations
+    positions: torch.Tensor  #: (K, 3) m, obstacle centres
+    dims: torch.Tensor  #: (K, 3) m, box half extents, sphere (R, R, R), cylinder (R, R, h/2)
+    aabb_half: torch.Tensor  #: (K, 3) m, half extents of each obstacle's base-frame bounding box
+    slices: tuple[tuple[int, int, int], ...]  #: (kind, first column, end column) per kind
 
     @staticmethod
     def from_obstacles(obstacles: Sequence[Obstacle], spec: TensorSpec) -> "CollisionWorld":
-        """Validate and tensorize obstacles (columns ordered boxes, spheres, cylinders).
+        """Validate and tensorize obstacles.
 
         Raises:
             InvalidRequestError: an obstacle fails :meth:`Obstacle.validate`.
         """
         for o in obstacles:
             o.validate()
-        boxes = [o for o in obstacles if o.kind == "box"]
-        spheres = [o for o in obstacles if o.kind == "sphere"]
-        cyls = [o for o in obstacles if o.kind == "cylinder"]
-        box_frames, box_offsets = _stack_frames(boxes, spec)
-        cyl_frames, cyl_offsets = _stack_frames(cyls, spec)
+        ordered = sorted(obstacles, key=lambda o: _KIND_CODES[o.kind])
+        rot = np.stack([o.rotation_matrix for o in ordered]) if ordered else np.zeros((0, 3, 3))
+        pos = np.asarray([o.position for o in ordered], dtype=float).reshape(-1, 3)
+        dims = []
+        for o in ordered:
+            if o.kind == "box":
+                dims.append([s / 2 for s in o.size])
+            elif o.kind == "sphere":
+                dims.append([o.size[0]] * 3)
+            else:
+                dims.append([o.size[1], o.size[1], o.size[0] / 2])
+        dims_arr = np.asarray(dims, dtype=float).reshape(-1, 3)
+        codes = [_KIND_CODES[o.kind] for o in ordered]
+        slices = tuple((code, codes.index(code), len(codes) - codes[::-1].index(code))
+                       for code in sorted(set(codes)))
         return CollisionWorld(
-            names=tuple(o.name for o in boxes + spheres + cyls),
-            box_frames=box_frames, box_offsets=box_offsets,
-            box_half=spec.tensor([[s / 2 for s in o.size] for o in boxes]).reshape(-1, 3),
-            sphere_centers=spec.tensor([o.position for o in spheres]).reshape(-1, 3),
-            sphere_radii=spec.tensor([o.size[0] for o in spheres]).reshape(-1),
-            cyl_frames=cyl_frames, cyl_offsets=cyl_offsets,
-            cyl_half_height=spec.tensor([o.size[0] / 2 for o in cyls]).reshape(-1),
-            cyl_radii=spec.tensor([o.size[1] for o in cyls]).reshape(-1),
-            obstacles=tuple(boxes + spheres + cyls))
+            obstacles=tuple(ordered),
+            kinds=torch.tensor(codes, dtype=torch.long, device=spec.device),
+            rotations=spec.tensor(rot), positions=spec.tensor(pos), dims=spec.tensor(dims_arr),
+            aabb_half=spec.tensor(np.einsum("kij,kj->ki", np.abs(rot), dims_arr)),
+            slices=slices)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Obstacle names, in column order."""
+        return tuple(o.name for o in self.obstacles)
 
     def __len__(self) -> int:
-        return len(self.names)
+        return len(self.obstacles)
 
-    def _local(self, points: torch.Tensor, frames: torch.Tensor,
-               offsets: torch.Tensor) -> torch.Tensor:
-        """Points ``(N, 3)`` in the frame of each primitive: ``(N, K, 3)`` (one GEMM)."""
-        return (points @ frames - offsets).view(points.shape[0], -1, 3)
+    def _local(self, points: torch.Tensor) -> torch.Tensor:
+        """Points ``(N, 3)`` in the frame of every obstacle: ``(N, K, 3)``."""
+        return torch.einsum("nkj,kji->nki", points.unsqueeze(1) - self.positions, self.rotations)
 
     def signed_distance(self, points: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
-        """Signed distance (m) from spheres to every obstacle, negative when they overlap.
+        """Signed distance (m) between spheres and every obstacle, negative when they overlap.
 
         Args:
             points: ``(N, 3)`` sphere centres in the base frame.
             radii: ``(N,)`` sphere radii.
 
         Returns:
-            ``(N, K)`` in the column order of :attr:`names`.
+            ``(N, K)``, columns in the order of :attr:`obstacles`.
         """
-        cols = []
-        if self.box_half.shape[0]:
-            q = self._local(points, self.box_frames, self.box_offsets).abs() - self.box_half
-            outside = q.clamp_min(0.0).norm(dim=-1)
-            inside = q.max(dim=-1).values.clamp_max(0.0)
-            cols.append(outside + inside)
-        if self.sphere_radii.shape[0]:
-            cols.append(torch.cdist(points, self.sphere_centers) - self.sphere_radii)
-        if self.cyl_radii.shape[0]:
-            local = self._local(points, self.cyl_frames, self.cyl_offsets)
-            dr = local[..., :2].norm(dim=-1) - self.cyl_radii
-            dz = local[..., 2].abs() - self.cyl_half_height
-            outside = torch.stack([dr, dz], -1).clamp_min(0.0).norm(dim=-1)
-            cols.append(outside + torch.maximum(dr, dz).clamp_max(0.0))
+        local = self._local(points)
+        cols = [_signed(local[:, a:b], self.dims[a:b], kind) for kind, a, b in self.slices]
         if not cols:
             return points.new_zeros(points.shape[0], 0)
         return torch.cat(cols, 1) - radii.unsqueeze(1)
 
-    def overlaps(self, points: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
-        """``(N,)`` bool: sphere ``(N, 3)``, ``(N,)`` touches or penetrates any obstacle.
+    def overlap_matrix(self, points: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+        """``(N, K)`` bool: sphere ``(N, 3)``, ``(N,)`` touches or penetrates obstacle k.
 
-        Same answer as ``signed_distance(points, radii).min(1) <= 0`` with fewer operations
-        (squared distances, no square roots).
+        Same answer as ``signed_distance(points, radii) <= 0``, with squared distances only.
         """
-        hit = torch.zeros(points.shape[0], dtype=torch.bool, device=points.device)
+        local = self._local(points)
         r2 = radii.square().unsqueeze(1)
-        if self.box_half.shape[0]:
-            q = self._local(points, self.box_frames, self.box_offsets).abs_().sub_(self.box_half)
-            hit |= (q.clamp_min_(0.0).square_().sum(-1) <= r2).any(1)
-        if self.sphere_radii.shape[0]:
-            d2 = (points.unsqueeze(1) - self.sphere_centers).square().sum(-1)
-            hit |= (d2 <= (radii.unsqueeze(1) + self.sphere_radii).square()).any(1)
-        if self.cyl_radii.shape[0]:
-            local = self._local(points, self.cyl_frames, self.cyl_offsets)
-            dr = (local[..., :2].norm(dim=-1) - self.cyl_radii).clamp_min(0.0)
-            dz = (local[..., 2].abs() - self.cyl_half_height).clamp_min(0.0)
-            hit |= (dr.square() + dz.square() <= r2).any(1)
+        cols = [_outside_sq(*local[:, a:b].unbind(-1), self.dims[a:b], kind) <= r2
+                for kind, a, b in self.slices]
+        if not cols:
+            return torch.zeros(points.shape[0], 0, dtype=torch.bool, device=points.device)
+        return torch.cat(cols, 1)
+
+    def pair_overlaps(self, points: torch.Tensor, radii: torch.Tensor,
+                      index: torch.Tensor) -> torch.Tensor:
+        """``(N, m)`` bool: spheres ``(N, m, 3)``, ``(N, m)`` touch obstacle ``index`` ``(N,)``."""
+        return self._pair_overlaps(*points.unbind(-1), radii, index)
+
+    def _pair_overlaps(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor,
+                       radii: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """:meth:`pair_overlaps` with the centres' coordinates ``(N, m)`` given apart."""
+        hit = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+        for kind, _, _ in self.slices:
+            rows = (self.kinds[index] == kind).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            k = index[rows]
+            rot, pos = self.rotations[k].unsqueeze(1), self.positions[k].unsqueeze(1)
+            dx, dy, dz = x[rows] - pos[..., 0], y[rows] - pos[..., 1], z[rows] - pos[..., 2]
+            local = [dx * rot[..., 0, i] + dy * rot[..., 1, i] + dz * rot[..., 2, i]
+                     for i in range(3)]  # R^T (p - c)
+            d2 = _outside_sq(*local, self.dims[k].unsqueeze(1), kind)
+            hit[rows] = d2 <= radii[rows].square()
         return hit
 
 
@@ -279,37 +392,102 @@ class SphereCollisionChecker:
     Every method takes ``q`` ``(B, 7)`` (rad) and optionally the link poses ``(B, L, 4, 4)``
     of :meth:`RobotKinematics.link_poses` for the same ``q``, so that a caller who already ran
     forward kinematics does not pay for it twice. Results are ``(B,)`` tensors on ``spec.device``.
+
+    Two levels, all batched: each link's spheres are split into groups of at most
+    ``group_size`` with a bounding sphere. Group pairs (self) whose bounding spheres overlap, and
+    groups whose bounding sphere meets an obstacle's bounding box (world), are the only ones
+    whose spheres are tested. The dense first level keeps the batch as the last (contiguous)
+    dimension and works coordinate by coordinate (no tiny matrix products, no size-3
+    reductions), which is what CPUs run fast.
     """
 
-    def __init__(self, kinematics: RobotKinematics, spheres: RobotSpheres, spec: TensorSpec):
+    def __init__(self, kinematics: RobotKinematics, spheres: RobotSpheres, spec: TensorSpec,
+                 group_size: int = 8):
         self.kinematics = kinematics
         self.spec = spec
-        index = {name: k for k, name in enumerate(kinematics.link_names)}
+        self.spheres = spheres
+        names = kinematics.link_names
+        index = {name: k for k, name in enumerate(names)}
         unknown = sorted(set(spheres.links) - set(index))
         if unknown:
             raise ModelLoadError(f"spheres on links {unknown} that the robot does not have")
-        missing = [name for name in kinematics.link_names
-                   if kinematics.urdf.collisions.get(name) and name not in spheres.links]
+        missing = [n for n in names
+                   if kinematics.urdf.collisions.get(n) and n not in spheres.links]
         if missing:
             raise ModelLoadError(f"links {missing} have collision geometry but no spheres")
-        self.spheres = spheres
-        link_idx = torch.tensor([index[n] for n in spheres.links], device=spec.device)
-        self._link_idx = link_idx  # (S,)
-        self._centers = spec.tensor(spheres.centers)  # (S, 3) link frames
+        self._sphere_link = torch.tensor([index[n] for n in spheres.links], device=spec.device)
+        self._centers = spec.tensor(spheres.centers)  # (S, 3), link frames
         self._radii = spec.tensor(spheres.radii)  # (S,)
-        base = kinematics.base_link
-        world = [k for k, n in enumerate(spheres.links) if n != base]
-        self._world_idx = torch.tensor(world, device=spec.device, dtype=torch.long)
-        self._world_radii = self._radii[self._world_idx]
-        pairs = self_collision_link_pairs(kinematics.urdf, kinematics.link_names)
-        allowed = {frozenset(p) for p in pairs}
-        sphere_pairs = [(i, j) for i, j in combinations(range(len(spheres)), 2)
-                        if frozenset((spheres.links[i], spheres.links[j])) in allowed]
-        ij = torch.tensor(sphere_pairs, device=spec.device, dtype=torch.long).reshape(-1, 2)
-        self._pair_i, self._pair_j = ij[:, 0], ij[:, 1]
-        #: (P,) squared sum of radii of each checked sphere pair
-        self._pair_r2 = (self._radii[self._pair_i] + self._radii[self._pair_j]).square()
-        self.link_pairs = pairs  #: link pairs checked for self-collision
+        world = [k for k, n in enumerate(spheres.links) if n != kinematics.base_link]
+        self._world_spheres = torch.tensor(world, device=spec.device, dtype=torch.long)
+        skip = {frozenset(p) for p in spheres.never_colliding}
+        skip |= {frozenset(p) for t in spheres.tables for p in t.pairs}
+        #: link pairs whose spheres are tested for self-collision
+        self.link_pairs = [p for p in self_collision_link_pairs(kinematics.urdf, names)
+                           if frozenset(p) not in skip]
+        self._build_groups(group_size, index)
+        self._tables = []
+        for t in spheres.tables:
+            cols = [kinematics.joint_names.index(j) for j in t.joints]
+            shape = torch.tensor(t.cells.shape, device=spec.device)
+            strides = torch.tensor([int(np.prod(t.cells.shape[k + 1:]))
+                                    for k in range(len(cols))], device=spec.device)
+            self._tables.append((torch.tensor(cols, device=spec.device),
+                                 spec.tensor(t.lower), spec.tensor(t.step), shape, strides,
+                                 torch.tensor(t.cells.reshape(-1), device=spec.device)))
+
+    def _build_groups(self, group_size: int, index: dict[str, int]) -> None:
+        """Split each link's spheres into groups along the principal axis of their centres, and
+        build the constant matrices mapping flattened link frames to positions."""
+        groups: list[tuple[str, np.ndarray]] = []
+        for link in dict.fromkeys(self.spheres.links):
+            members = np.array([k for k, n in enumerate(self.spheres.links) if n == link])
+            c = self.spheres.centers[members]
+            axis = np.linalg.svd(c - c.mean(0))[2][0] if len(c) > 1 else np.zeros(3)
+            order = members[np.argsort((c - c.mean(0)) @ axis, kind="stable")]
+            for chunk in np.array_split(order, -(-len(order) // group_size)):
+                groups.append((link, chunk))
+        gmax = max(len(chunk) for _, chunk in groups)
+        centers = np.zeros((len(groups), gmax, 3))
+        radii = np.zeros((len(groups), gmax))
+        valid = np.zeros((len(groups), gmax), dtype=bool)
+        g_center, g_radius = np.zeros((len(groups), 3)), np.zeros(len(groups))
+        for g, (_, chunk) in enumerate(groups):
+            c, r = self.spheres.centers[chunk], self.spheres.radii[chunk]
+            lo, hi = (c - r[:, None]).min(0), (c + r[:, None]).max(0)
+            g_center[g] = (lo + hi) / 2
+            g_radius[g] = (np.linalg.norm(c - g_center[g], axis=1) + r).max()
+            centers[g, :len(chunk)], radii[g, :len(chunk)] = c, r
+            centers[g, len(chunk):] = g_center[g]
+            valid[g, :len(chunk)] = True
+        links = [index[n] for n, _ in groups]
+        spec = self.spec
+        base = self.kinematics.base_link
+        world = [g for g, (n, _) in enumerate(groups) if n != base]
+        allowed = {frozenset(p) for p in self.link_pairs}
+        pairs = [(a, b) for a, b in combinations(range(len(groups)), 2)
+                 if frozenset((groups[a][0], groups[b][0])) in allowed]
+        ab = torch.tensor(pairs, device=spec.device, dtype=torch.long).reshape(-1, 2)
+        # Group centre coordinate i of group g = sum_j frame[12 l + 4 i + j] * [c, 1]_j: the rows
+        # of the flattened (12 L, B) frames to gather, and their weights: (3, G, 4) each.
+        rows = np.zeros((3, len(groups), 4), dtype=np.int64)
+        weights = np.ones((3, len(groups), 4))
+        for g, lk in enumerate(links):
+            for i in range(3):
+                rows[i, g] = 12 * lk + 4 * i + np.arange(4)
+                weights[i, g, :3] = g_center[g]
+        self._center_rows = torch.tensor(rows.reshape(-1), device=spec.device)
+        self._center_weights = spec.tensor(weights).unsqueeze(-1)  # (3, G, 4, 1)
+        self._pair_a, self._pair_b = ab[:, 0], ab[:, 1]
+        self._pair_r2 = spec.tensor((g_radius[ab[:, 0].cpu().numpy()]
+                                     + g_radius[ab[:, 1].cpu().numpy()]) ** 2).unsqueeze(1)
+        self._world_groups = torch.tensor(world, device=spec.device, dtype=torch.long)
+        self._group_link = torch.tensor(links, device=spec.device)
+        self._group_xyz = spec.tensor(centers).unbind(-1)  # 3 x (G, m), link frames
+        self._group_radii = spec.tensor(radii)  # (G, m)
+        self._group_valid = torch.tensor(valid, device=spec.device)  # (G, m)
+        self._group_radius = spec.tensor(g_radius)  # (G,)
+        self.num_groups = len(groups)  #: sphere groups (bounding spheres) in total
 
     @staticmethod
     def from_file(kinematics: RobotKinematics, spec: TensorSpec,
@@ -321,63 +499,130 @@ class SphereCollisionChecker:
     def num_spheres(self) -> int:
         return len(self.spheres)
 
-    def _poses(self, q: torch.Tensor, poses: torch.Tensor | None) -> torch.Tensor:
+    def _check(self, q: torch.Tensor) -> torch.Tensor:
+        if q.ndim != 2 or q.shape[1] != self.kinematics.num_joints:
+            raise InvalidRequestError(f"joint configurations must be (B, "
+                                      f"{self.kinematics.num_joints}), got {tuple(q.shape)}")
+        return q.to(device=self.spec.device, dtype=self.spec.dtype)
+
+    def _frames(self, q: torch.Tensor, poses: torch.Tensor | None) -> torch.Tensor:
+        """Link frames flattened to ``(B, 12 L)`` (the top three rows of each pose)."""
         if poses is None:
-            return self.kinematics.link_poses(q)
-        if poses.ndim != 4 or poses.shape[1:] != (len(self.kinematics.link_names), 4, 4):
+            poses = self.kinematics.link_poses(q)
+        elif poses.ndim != 4 or poses.shape[1:] != (len(self.kinematics.link_names), 4, 4):
             raise InvalidRequestError(f"link poses must be (B, {len(self.kinematics.link_names)}"
                                       f", 4, 4), got {tuple(poses.shape)}")
-        return poses
+        return poses[:, :, :3, :].reshape(poses.shape[0], -1).to(self.spec.dtype)
 
     def sphere_positions(self, q: torch.Tensor,
                          poses: torch.Tensor | None = None) -> torch.Tensor:
-        """Sphere centres in the base frame: ``(B, S, 3)`` m."""
-        frames = self._poses(q, poses)[:, self._link_idx]  # (B, S, 4, 4)
-        return (frames[..., :3, :3] @ self._centers.unsqueeze(-1)).squeeze(-1) \
-            + frames[..., :3, 3]
+        """Sphere centres in the base frame: ``(B, S, 3)`` m, in the order of the spheres."""
+        frames = self._frames(self._check(q), poses).view(q.shape[0], -1, 3, 4)
+        frames = frames[:, self._sphere_link]  # (B, S, 3, 4)
+        return (frames[..., :3] @ self._centers.unsqueeze(-1)).squeeze(-1) + frames[..., 3]
+
+    def _group_centers(self, frames: torch.Tensor) -> torch.Tensor:
+        """Group bounding-sphere centres, batch last: ``(3, G, B)`` m."""
+        rows = frames.T.contiguous().index_select(0, self._center_rows)  # (3 G 4, B)
+        picked = rows.view(3, -1, 4, frames.shape[0])  # (3, G, 4, B)
+        return picked.mul_(self._center_weights).sum(2)
+
+    def _spheres_of(self, frames: torch.Tensor, b: torch.Tensor,
+                    g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Base-frame coordinates ``x, y, z`` ``(N, m)`` of the spheres of groups ``g`` ``(N,)``
+        in configurations ``b`` ``(N,)``."""
+        f = frames.view(frames.shape[0], -1, 12)[b, self._group_link[g]]  # (N, 12)
+        cx, cy, cz = (c[g] for c in self._group_xyz)
+        return tuple(f[:, 4 * i, None] * cx + f[:, 4 * i + 1, None] * cy
+                     + f[:, 4 * i + 2, None] * cz + f[:, 4 * i + 3, None] for i in range(3))
+
+    def _table_hits(self, q: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` bool: a pair answered by a table may touch (True outside a table's range)."""
+        hit = torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
+        for cols, lower, step, shape, strides, cells in self._tables:
+            idx = torch.floor((q[:, cols] - lower) / step).long()  # (B, J)
+            inside = ((idx >= 0) & (idx < shape)).all(1)
+            flat = (idx.clamp(min=0).minimum(shape - 1) * strides).sum(1)
+            hit |= cells[flat] | ~inside
+        return hit
+
+    def _self_hits(self, frames: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+        batch = frames.shape[0]
+        hit = torch.zeros(batch, dtype=torch.bool, device=frames.device)
+        if self._pair_a.numel() == 0:
+            return hit
+        d2 = sum((c[self._pair_a] - c[self._pair_b]).square_() for c in centers)  # (P, B)
+        p, b = (d2 <= self._pair_r2).nonzero(as_tuple=True)  # candidate group pairs
+        if b.numel() == 0:
+            return hit
+        ga, gb = self._pair_a[p], self._pair_b[p]
+        xa, xb = self._spheres_of(frames, b, ga), self._spheres_of(frames, b, gb)
+        d2 = sum((u.unsqueeze(2) - v.unsqueeze(1)).square_() for u, v in zip(xa, xb))
+        reach = self._group_radii[ga].unsqueeze(2) + self._group_radii[gb].unsqueeze(1)
+        valid = self._group_valid[ga].unsqueeze(2) & self._group_valid[gb].unsqueeze(1)
+        touch = ((d2 <= reach.square_()) & valid).flatten(1).any(1)
+        hit[b[touch]] = True
+        return hit
+
+    def _world_hits(self, frames: torch.Tensor, centers: torch.Tensor,
+                    world: CollisionWorld) -> torch.Tensor:
+        batch = frames.shape[0]
+        hit = torch.zeros(batch, dtype=torch.bool, device=frames.device)
+        if len(world) == 0 or batch == 0:
+            return hit
+        groups = self._world_groups
+        # Candidates: a group's bounding sphere meets an obstacle's bounding box; (K, Gw, B).
+        reach = (world.aabb_half.T.unsqueeze(-1) + self._group_radius[groups]).unsqueeze(-1)
+        mid = world.positions.T.unsqueeze(-1).unsqueeze(-1)  # (3, K, 1, 1)
+        near = None
+        for i in range(3):
+            c = centers[i, groups].unsqueeze(0)  # (1, Gw, B)
+            gap = (c >= mid[i] - reach[i]).logical_and_(c <= mid[i] + reach[i])
+            near = gap if near is None else near.logical_and_(gap)
+        k, gi, b = near.nonzero(as_tuple=True)
+        if b.numel() == 0:
+            return hit
+        g = groups[gi]
+        x, y, z = self._spheres_of(frames, b, g)
+        touch = world._pair_overlaps(x, y, z, self._group_radii[g], k)
+        touch = (touch & self._group_valid[g]).any(1)
+        hit[b[touch]] = True
+        return hit
 
     def self_collision(self, q: torch.Tensor,
                        poses: torch.Tensor | None = None) -> torch.Tensor:
         """``(B,)`` bool: some pair of non-adjacent links overlaps."""
-        x = self.sphere_positions(q, poses)
-        return self._self_hits(x)
-
-    def _self_hits(self, x: torch.Tensor) -> torch.Tensor:
-        d2 = (x[:, self._pair_i] - x[:, self._pair_j]).square_().sum(-1)  # (B, P)
-        return (d2 <= self._pair_r2).any(-1)
+        q = self._check(q)
+        frames = self._frames(q, poses)
+        return self._table_hits(q) | self._self_hits(frames, self._group_centers(frames))
 
     def world_collision(self, q: torch.Tensor, world: CollisionWorld,
                         poses: torch.Tensor | None = None) -> torch.Tensor:
         """``(B,)`` bool: some link other than the base touches an obstacle."""
-        x = self.sphere_positions(q, poses)
-        return self._world_hits(x, world)
-
-    def _world_hits(self, x: torch.Tensor, world: CollisionWorld) -> torch.Tensor:
-        if len(world) == 0:
-            return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        pts = x[:, self._world_idx].reshape(-1, 3)
-        radii = self._world_radii.repeat(x.shape[0])
-        return world.overlaps(pts, radii).view(x.shape[0], -1).any(-1)
+        frames = self._frames(self._check(q), poses)
+        return self._world_hits(frames, self._group_centers(frames), world)
 
     def valid(self, q: torch.Tensor, world: CollisionWorld,
               poses: torch.Tensor | None = None) -> torch.Tensor:
         """``(B,)`` bool: within joint limits, no self-collision, no obstacle collision."""
-        x = self.sphere_positions(q, poses)
-        return (self.kinematics.within_limits(q) & ~self._self_hits(x)
-                & ~self._world_hits(x, world))
+        q = self._check(q)
+        frames = self._frames(q, poses)
+        centers = self._group_centers(frames)
+        return (self.kinematics.within_limits(q) & ~self._table_hits(q)
+                & ~self._self_hits(frames, centers) & ~self._world_hits(frames, centers, world))
 
     def clearance(self, q: torch.Tensor, world: CollisionWorld,
                   poses: torch.Tensor | None = None) -> torch.Tensor:
         """``(B,)`` m: smallest signed distance between the robot's spheres (base link excluded)
         and the obstacles; negative when penetrating, +inf without obstacles.
 
-        A lower bound of the distance between the collision meshes and the obstacles.
+        A lower bound of the distance between PyBullet's collision shapes and the obstacles.
         """
         x = self.sphere_positions(q, poses)
         if len(world) == 0:
             return torch.full((x.shape[0],), float("inf"), device=x.device, dtype=x.dtype)
-        pts = x[:, self._world_idx].reshape(-1, 3)
-        radii = self._world_radii.repeat(x.shape[0])
+        pts = x[:, self._world_spheres].reshape(-1, 3)
+        radii = self._radii[self._world_spheres].repeat(x.shape[0])
         return world.signed_distance(pts, radii).view(x.shape[0], -1).min(-1).values
 
 

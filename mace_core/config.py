@@ -19,6 +19,7 @@ import yaml
 
 from .errors import InvalidRequestError
 from .ik import IKAdaptConfig
+from .shape_completion import ShapeCompletionConfig
 
 _SCALARS = (bool, int, float, str)
 
@@ -121,6 +122,7 @@ class ServiceConfig:
     max_concurrent_waiting: int = 8  #: requests queued behind a running one; more get "busy"
     publish_markers: bool = True  #: publish IK solutions as a visualization_msgs/MarkerArray
     ik: IKAdaptConfig = field(default_factory=IKAdaptConfig)  #: defaults of /mace/adapt_ik
+    shape: ShapeCompletionConfig = field(default_factory=ShapeCompletionConfig)  #: shape service
 
 
 def load_service_config(path: str, node_name: str = "mace") -> ServiceConfig:

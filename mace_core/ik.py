@@ -26,7 +26,8 @@ from .errors import InvalidRequestError, ModelLoadError
 from .ik_prior import ARGMMPrior
 from .kinematics import RobotKinematics, panda_urdf_path
 from .mace import MACEConfig, adapt
-from .refinement import DLSRefiner, IKTarget, RefinementConfig, Refiner, TracIKRefiner, pose_errors
+from .refinement import (DLSRefiner, IKTarget, PenaltyFn, RefinementConfig, Refiner,
+                         TracIKRefiner, pose_errors)
 from .registry import load_ik_prior, load_registry
 from .scenes import Obstacle
 from .tensor import TensorSpec
@@ -63,7 +64,7 @@ class IKAdaptConfig:
     seed_radius_m: float = 0.05  #: a valid sample this close to the target counts as a good seed
     early_stop: bool = True  #: stop adapting once ``refine_seeds`` good seeds are pooled
     min_joint_distance: float = 0.1  #: rad (max-norm); closer solutions are duplicates
-    refine_reserve_s: float = 0.1  #: s of the budget kept for refinement after adaptation
+    refine_reserve_s: float = 0.4  #: s of the budget kept for refinement after adaptation
     limits: IKLimits = field(default_factory=IKLimits)  #: hard limits per request
 
     def validate(self) -> None:
@@ -187,6 +188,39 @@ class _ConditionedPrior:
 
     def initial_log_likelihood(self, q: torch.Tensor) -> torch.Tensor:
         return self.initial.log_prob(q, self.position.expand(q.shape[0], 3))
+
+
+class _RefinementRounds:
+    """Refinement rounds of one request: seeds -> exact solver -> re-check -> accepted set."""
+
+    def __init__(self, adapter: "IKAdapter", cfg: "IKAdaptConfig", target: IKTarget,
+                 world: CollisionWorld, deadline: float, timings: "IKTimings"):
+        self.adapter, self.cfg, self.target, self.world = adapter, cfg, target, world
+        self.deadline, self.timings = deadline, timings
+        spec = adapter.spec
+        self.accepted = torch.empty(0, adapter.kin.num_joints, device=spec.device,
+                                    dtype=spec.dtype)  #: (A, 7) accepted solutions
+        self.last_round_s = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.accepted.shape[0] >= self.cfg.num_solutions
+
+    def time_for_another(self) -> bool:
+        """Whether a round (sampling a batch and refining it) still fits the budget."""
+        return time.perf_counter() + 2.0 * self.last_round_s < self.deadline
+
+    def run(self, candidates: torch.Tensor) -> bool:
+        """Refine seeds chosen among ``candidates (B, 7)``; True once K solutions are accepted."""
+        t = time.perf_counter()
+        ad, cfg = self.adapter, self.cfg
+        seeds = ad._select_seeds(cfg, candidates, self.target, self.world)
+        refined = ad._refine(cfg, seeds, self.target, self.world, self.deadline)
+        ok = ad._acceptable(cfg, refined, self.target, self.world)
+        self.accepted = ad._merge(cfg, self.accepted, refined[ok])
+        self.last_round_s = time.perf_counter() - t
+        self.timings.refinement += self.last_round_s
+        return self.done
 
 
 def farthest_point_order(q: torch.Tensor, k: int) -> torch.Tensor:
@@ -322,27 +356,50 @@ class IKAdapter:
             s = score(q)
         valid_prior = float((s > 0).float().mean())
         timings.sampling = time.perf_counter() - t0
-        # 2. adaptation (Algorithm 1)
+        # 2-3. anytime: refine the prior's batch (the fast path), then adapt with a refinement
+        # round after every MACE iteration, then refine fresh batches of the adapted model, until
+        # K solutions are accepted or the deadline. Without refinement the loop adapts until T,
+        # the deadline, or enough good samples are pooled, and returns the best samples.
+        refining = cfg.refinement_mode != "none"
+        rounds = _RefinementRounds(self, cfg, target, world, deadline, timings)
+        done = refining and rounds.run(q)
         good = math.exp(-cfg.seed_radius_m)
 
-        def enough(_x: torch.Tensor, pool_s: torch.Tensor) -> bool:
+        def stop_when(pool_x: torch.Tensor, pool_s: torch.Tensor) -> bool:
+            if refining:
+                return rounds.run(pool_x)
             return cfg.early_stop and int((pool_s >= good).sum()) >= cfg.refine_seeds
 
         t1 = time.perf_counter()
+        refine_before = timings.refinement
         adapt_deadline = deadline - min(cfg.refine_reserve_s, 0.5 * cfg.time_budget_s)
-        if cfg.mace.iterations > 0 and not enough(q, s):
+        cand_q, cand_s, iters, valid_adapted = q, s, 0, valid_prior
+        if cfg.mace.iterations > 0 and not done:
             trace = adapt(model, score, cfg.mace, generator, deadline=adapt_deadline,
-                          first_batch=(q, s), stop_when=enough)
+                          first_batch=(q, s), stop_when=stop_when)
             cand_q, cand_s = trace.pool_x, trace.pool_scores
             iters = trace.iterations_run
             valid_adapted = trace.iterations[-1].positive_fraction if iters else valid_prior
-        else:
-            order = torch.argsort(s, descending=True)[:cfg.mace.pool_size]
-            cand_q, cand_s, iters, valid_adapted = q[order], s[order], 0, valid_prior
-        timings.adaptation = time.perf_counter() - t1
-        # 3. refinement rounds until K solutions or the deadline
-        solutions = self._refine_rounds(cfg, cand_q, cand_s, target, world, model, score,
-                                        generator, deadline, timings)
+            done = refining and rounds.done
+        timings.adaptation = time.perf_counter() - t1 - (timings.refinement - refine_before)
+        while refining and not done and rounds.time_for_another():
+            t = time.perf_counter()
+            with torch.no_grad():
+                cand_q = model.sample(cfg.mace.num_samples, generator)
+            timings.sampling += time.perf_counter() - t
+            done = rounds.run(cand_q)
+        if refining and rounds.accepted.shape[0] > 0:
+            solutions = self._describe(rounds.accepted, target, world)
+        else:  # nothing refined to a valid solution (or no refinement): the best samples as is
+            order = torch.argsort(cand_s, descending=True)
+            if not refining:
+                cand_q = cand_q[order][cand_s[order] > 0]
+                cand_q = cand_q[farthest_point_order(cand_q, cfg.num_solutions)] \
+                    if cand_q.shape[0] else cand_q
+            else:
+                cand_q = cand_q[order]
+            solutions = self._describe(cand_q[:cfg.num_solutions], target, world)
+        solutions = solutions[:cfg.num_solutions]
         timings.total = time.perf_counter() - t0
         k = cfg.num_solutions
         found = sum(1 for sol in solutions if sol.collision_free)
@@ -371,46 +428,69 @@ class IKAdapter:
         """Run one small request so the first real one pays no one-time costs (the optimizer's
         first construction imports torch's compiler stack: seconds)."""
         self.solve(IKRequest(position=np.array([0.5, 0.0, 0.4]), num_solutions=1,
-                             iterations=1, num_samples=16, time_budget_s=60.0, seed=0))
+                             iterations=1, num_samples=16, refinement="none",
+                             time_budget_s=self.config.limits.max_time_budget_s, seed=0))
+        self.solve(IKRequest(position=np.array([0.5, 0.0, 0.4]), num_solutions=1,
+                             iterations=0, num_samples=16, seed=0, obstacles=[Obstacle(
+                                 name="warm_up", kind="box", size=(0.1, 0.1, 0.1),
+                                 position=(0.5, 0.3, 0.4))]))
         self._last_position = None
 
     # -- refinement ------------------------------------------------------------------------------
 
-    def _refine_rounds(self, cfg: IKAdaptConfig, cand_q: torch.Tensor, cand_s: torch.Tensor,
-                       target: IKTarget, world: CollisionWorld, model: _ConditionedPrior, score,
-                       generator: torch.Generator, deadline: float,
-                       timings: IKTimings) -> list[IKSolution]:
-        k = cfg.num_solutions
-        accepted = torch.empty(0, self.kin.num_joints, device=self.spec.device,
-                               dtype=self.spec.dtype)
-        while True:
-            t = time.perf_counter()
-            valid = cand_s > 0
-            seeds = cand_q[valid] if bool(valid.any()) else cand_q
-            seeds = seeds[farthest_point_order(seeds, cfg.refine_seeds)]
-            refined = self._refine(cfg, seeds, target)
-            ok = self._acceptable(cfg, refined, target, world)
-            accepted = self._merge(cfg, accepted, refined[ok])
-            round_time = time.perf_counter() - t
-            timings.refinement += round_time
-            # Another round samples a batch and refines it: start it only if it fits the budget.
-            if accepted.shape[0] >= k or time.perf_counter() + 2.0 * round_time >= deadline:
-                break
-            t = time.perf_counter()
-            with torch.no_grad():
-                cand_q = model.sample(cfg.mace.num_samples, generator)
-                cand_s = score(cand_q)
-            timings.sampling += time.perf_counter() - t
-        if accepted.shape[0] == 0:
-            # Nothing reached the target collision-free: report the best candidates as they are.
-            fallback = cand_q[torch.argsort(cand_s, descending=True)][:k]
-            return self._describe(fallback, target, world)[:k]
-        return self._describe(accepted, target, world)[:k]
+    def _select_seeds(self, cfg: IKAdaptConfig, cand_q: torch.Tensor, target: IKTarget,
+                      world: CollisionWorld) -> torch.Tensor:
+        """Diverse seeds among the candidates nearest a solution: ``(<= refine_seeds, 7)``.
 
-    def _refine(self, cfg: IKAdaptConfig, seeds: torch.Tensor, target: IKTarget) -> torch.Tensor:
+        Candidates are ranked by end-effector distance plus obstacle penetration (both m): far
+        seeds drag the arm into obstacles on their way to the target, while near ones that graze
+        an obstacle are pushed out by the refiner's null-space step. The best 2 x refine_seeds
+        are then spread out greedily (max-min joint distance).
+        """
+        with torch.no_grad():
+            poses = self.kin.link_poses(cand_q)
+            dist = (poses[:, self.kin.ee_index, :3, 3] - target.position).norm(dim=-1)
+            cost = dist + self._penalty(world)(cand_q, poses)[0]
+            cost = cost + 1.0 * self.checker.self_collision(cand_q, poses=poses)
+        near = cand_q[torch.argsort(cost)[:2 * cfg.refine_seeds]]
+        return near[farthest_point_order(near, cfg.refine_seeds)]
+
+    def _penalty(self, world: CollisionWorld, margin: float = 0.005) -> PenaltyFn:
+        """Obstacle cost for the refiner: the summed penetration (m) of the robot's spheres into
+        every obstacle, counted from ``margin`` outside it, and its joint gradient.
+
+        The gradient is analytic, g_j = a_j · Σ_s (x_s − p_j) × ∂P/∂x_s over the spheres s that
+        joint j (axis a_j, origin p_j) moves; autograd runs only through the signed distances.
+        """
+        keep = [k for k, name in enumerate(self.checker.spheres.links)
+                if name != self.kin.base_link]
+        keep_t = torch.tensor(keep, device=self.spec.device, dtype=torch.long)
+        radii = self.spec.tensor(self.checker.spheres.radii)[keep_t]
+        moves = self.kin.ancestor_mask([self.checker.spheres.links[k] for k in keep])  # (J, S)
+
+        def penalty(q: torch.Tensor, poses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            batch = q.shape[0]
+            if len(world) == 0:
+                return q.new_zeros(batch), torch.zeros_like(q)
+            x = self.checker.sphere_positions(q, poses)[:, keep_t].detach()  # (B, S, 3)
+            with torch.enable_grad():
+                xg = x.requires_grad_(True)
+                sd = world.signed_distance(xg.reshape(-1, 3), radii.repeat(batch))
+                cost = torch.relu(margin - sd).view(batch, -1).sum(-1)
+                (dx,) = torch.autograd.grad(cost.sum(), xg)  # (B, S, 3)
+            axes, origins = self.kin.joint_axes(poses)  # (B, J, 3)
+            force = torch.einsum("js,bsc->bjc", moves, dx)
+            torque = torch.einsum("js,bsc->bjc", moves, torch.cross(x, dx, dim=-1))
+            grad = (axes * (torque - torch.cross(origins, force, dim=-1))).sum(-1)
+            return cost.detach(), grad
+        return penalty
+
+    def _refine(self, cfg: IKAdaptConfig, seeds: torch.Tensor, target: IKTarget,
+                world: CollisionWorld, deadline: float) -> torch.Tensor:
         if cfg.refinement_mode == "none":
             return seeds
-        return self.refiners[cfg.refinement_mode].refine(seeds, target)
+        return self.refiners[cfg.refinement_mode].refine(seeds, target, self._penalty(world),
+                                                         deadline=deadline)
 
     def _acceptable(self, cfg: IKAdaptConfig, q: torch.Tensor, target: IKTarget,
                     world: CollisionWorld) -> torch.Tensor:

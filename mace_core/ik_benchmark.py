@@ -123,6 +123,7 @@ class TargetOutcome:
     iterations_run: int | None = None  #: MACE iterations (None for TRAC-IK)
     attempts: int | None = None  #: TRAC-IK calls (None for MACE)
     converged: int | None = None  #: TRAC-IK calls that reached the target (valid or not)
+    stage_times: dict | None = None  #: MACE: s per stage (sampling, adaptation, refinement, total)
 
 
 @dataclass
@@ -396,7 +397,8 @@ def _mace_outcome(adapter: IKAdapter, scene: Scene, target: np.ndarray, cfg: IKB
                          collision_free=empty, position_error=np.zeros(0),
                          valid_fraction_prior=result.valid_fraction_prior,
                          valid_fraction_adapted=result.valid_fraction_adapted,
-                         iterations_run=result.iterations_run)
+                         iterations_run=result.iterations_run,
+                         stage_times=asdict(result.timings))
 
 
 def _pairwise_mean(q: np.ndarray) -> float | None:
@@ -433,7 +435,7 @@ def summarize(outcomes: list[TargetOutcome], k: int, time_basis: str,
         if mace:
             row.update(valid_fraction_prior=o.valid_fraction_prior,
                        valid_fraction_adapted=o.valid_fraction_adapted,
-                       iterations_run=o.iterations_run)
+                       iterations_run=o.iterations_run, stage_times=o.stage_times)
         else:
             row.update(attempts=o.attempts, converged=o.converged)
         per_target.append(row)

@@ -75,7 +75,7 @@ class ARGMMPrior(nn.Module):
 
     def set_normalization(self, q_low: torch.Tensor, q_high: torch.Tensor,
                           ctx_mean: torch.Tensor, ctx_std: torch.Tensor) -> None:
-        """Fix the joint range ``(J,)`` and context statistics ``(C,)`` (done once, before training)."""
+        """Fix the joint range ``(J,)`` and context statistics ``(C,)`` (once, before training)."""
         self.q_low.copy_(q_low)
         self.q_high.copy_(q_high)
         self.ctx_mean.copy_(ctx_mean)
@@ -106,7 +106,7 @@ class ARGMMPrior(nn.Module):
         return h
 
     def log_prob(self, q: torch.Tensor, p_ee: torch.Tensor) -> torch.Tensor:
-        """log p(q | p_ee) of joint configurations ``(B, J)`` (rad) at positions ``(B, 3)``: ``(B,)``."""
+        """log p(q | p_ee) of configurations ``(B, J)`` (rad) at positions ``(B, 3)``: ``(B,)``."""
         qn = self._normalize_q(q)
         x = torch.cat([(p_ee - self.ctx_mean) / self.ctx_std, qn], -1)
         log_w, mean, std = self._mixture(self._forward_all(x))  # (J, B, K)

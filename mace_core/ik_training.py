@@ -53,7 +53,8 @@ def _free_worker(q: np.ndarray) -> np.ndarray:
 
 def generate_ik_dataset(n: int, seed: int, workers: int, spec: TensorSpec,
                         log=print) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``n`` self-collision-free configurations ``(n, 7)``, their EE positions ``(n, 3)``, free rate."""
+    """``n`` self-collision-free configurations ``(n, 7)``, their EE positions ``(n, 3)`` and
+    the share of uniform samples that were free."""
     kin = RobotKinematics.panda(spec)
     gen = spec.generator(seed)
     kept: list[torch.Tensor] = []
@@ -121,7 +122,7 @@ def train_ik_prior(q: torch.Tensor, p: torch.Tensor, cfg: IKTrainingConfig, spec
 
 
 def evaluate_prior(prior: ARGMMPrior, p: torch.Tensor, spec: TensorSpec, seed: int) -> dict:
-    """Raw-sample figures at positions ``p (n, 3)``: EE error, joint-limit and self-collision rates."""
+    """Raw-sample figures at ``p (n, 3)``: EE error, joint-limit and self-collision rates."""
     from .collision import exact_self_collision_free
 
     kin = RobotKinematics.panda(spec)
@@ -139,28 +140,30 @@ def evaluate_prior(prior: ARGMMPrior, p: torch.Tensor, spec: TensorSpec, seed: i
 
 MODEL_CARD = """# IK prior `{name}`: autoregressive Gaussian mixture over the 7 Panda joints
 
-p(q | p_ee) = Π_i p(q_i | q_<i, p_ee), each factor a {components}-component Gaussian mixture from its
-own MLP ({layers} hidden layers of {hidden}, LeakyReLU), as in the MACE paper (App. B).
+p(q | p_ee) = Π_i p(q_i | q_<i, p_ee), each factor a {components}-component Gaussian mixture \
+from its own MLP ({layers} hidden layers of {hidden}, LeakyReLU), as in the MACE paper (App. B).
 Conditioning: the position of `panda_grasptarget` in the `panda_link0` frame (m).
 
 | | |
 |---|---|
 | weights | `{file}` (safetensors, {size_mb:.1f} MB, {params:,} parameters, float32) |
-| data | {samples:,} configurations uniform within the URDF joint limits and free of self-collision \
-by PyBullet's exact mesh checks ({free_rate:.3f} of uniform samples are), pybullet_data `franka_panda/panda.urdf`, fingers open at 0.04 m |
+| data | {samples:,} configurations uniform within the URDF joint limits and free of \
+self-collision by PyBullet's exact mesh checks ({free_rate:.3f} of uniform samples are), \
+pybullet_data `franka_panda/panda.urdf`, fingers open at 0.04 m |
 | split | {train_size:,} training / {heldout_size:,} held out |
-| command | `{command}` |
 | data generation | {data_time_s:.0f} s ({workers} processes) |
-| training | {epochs} epochs, batch {batch_size}, Adam lr {learning_rate} cosine-decayed, \
-{train_time_s:.0f} s on {threads} CPU threads (2-core machine) |
-| held-out negative log-likelihood | {heldout_nll:.3f} nats per configuration (joint angles in rad) |
+| training | {stages_table} total {train_time_s:.0f} s of training on a 2-core machine \
+shared with other jobs |
+| held-out negative log-likelihood | {heldout_nll:.3f} nats per configuration \
+(joint angles in rad) |
 | raw samples at held-out positions ({eval_samples:,}) | mean end-effector error \
 {mean_ee_error_m:.4f} m (median {median_ee_error_m:.4f} m); within joint limits \
 {within_limits_fraction:.3f}; free of self-collision {self_collision_free_fraction:.3f}; both \
 {valid_fraction:.3f} |
 
-The paper used 10M samples and a GPU; this prior is trained on what a 2-core CPU does in about half an
-hour. Reproduce with the command above (same seed, same data).
+The paper used 10M samples and a GPU; this prior is trained on what a 2-core CPU does in \
+about forty minutes. Reproduce with the commands above, in order (same seed, same data;
+each stage continues from the weights the previous one wrote).
 """
 
 
@@ -215,12 +218,21 @@ def main_ik(argv: list[str] | None = None) -> int:
     evaluation = evaluate_prior(prior, p_eval, spec, cfg.seed)
     print("evaluation:", json.dumps(evaluation))
     card.update({("eval_samples" if k == "samples" else k): v for k, v in evaluation.items()})
-    command = "mace-train ik " + " ".join(
-        f"--{k.replace('_', '-')} {card[k]}" for k in asdict(defaults))
+    stages = card.get("stages") or [card]
+    rows = []
+    for k, stage in enumerate(stages):
+        cmd = "mace-train ik " + " ".join(
+            f"--{name.replace('_', '-')} {stage[name]}" for name in asdict(defaults)
+            if name in stage)
+        if k > 0:
+            cmd += f" --init-from {args.models_dir}/{args.name}.safetensors"
+        rows.append(f"stage {k + 1}: `{cmd}` ({stage['epochs']} epochs, Adam lr "
+                    f"{stage['learning_rate']} cosine-decayed, {stage['train_time_s']:.0f} s, "
+                    f"held-out NLL {stage['heldout_nll']:.3f});")
     with open(os.path.join(args.models_dir, f"{args.name}.md"), "w") as f:
         f.write(MODEL_CARD.format(
             name=args.name, file=os.path.basename(path), size_mb=os.path.getsize(path) / 2**20,
-            params=sum(t.numel() for t in prior.parameters()), command=command,
+            params=sum(t.numel() for t in prior.parameters()), stages_table=" ".join(rows),
             **asdict(prior.config), **card))
     print(f"wrote the model card {args.name}.md")
     return 0

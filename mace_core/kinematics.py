@@ -1,9 +1,9 @@
 """Batched forward kinematics of a robot built from URDF text (the Franka Panda by default).
 
 Every link's frame is computed at once for a batch of joint configurations, on the device of the
-:class:`TensorSpec` the model was built with. Links form a tree (the Panda's hand carries two fingers
-and the grasp target); joints that are not actuated (fixed, or prismatic fingers held at a fixed
-opening) are folded into constant transforms.
+:class:`TensorSpec` the model was built with. Links form a tree (the Panda's hand carries two
+fingers and the grasp target); joints that are not actuated (fixed, or prismatic fingers held at
+a fixed opening) are folded into constant transforms.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ class URDFModel:
 
 
 def _axis_rotation(axis: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
-    """Rotations about unit axes by angles (Rodrigues): axis (..., 3), angle (B, ...) -> (B, ..., 3, 3)."""
+    """Rotations about unit axes (Rodrigues): axis (..., 3), angle (B, ...) -> (B, ..., 3, 3)."""
     x, y, z = axis.unbind(-1)
     c, s = torch.cos(angle), torch.sin(angle)
     t = 1.0 - c
@@ -236,7 +236,7 @@ class RobotKinematics:
     @classmethod
     def panda(cls, spec: TensorSpec, urdf_text: str | None = None,
               mesh_root: str | None = None) -> "RobotKinematics":
-        """The Franka Panda of pybullet_data (or of ``urdf_text``), end effector panda_grasptarget."""
+        """The Panda of pybullet_data (or of ``urdf_text``), end effector panda_grasptarget."""
         path = panda_urdf_path()
         if urdf_text is None:
             with open(path) as f:
@@ -274,6 +274,25 @@ class RobotKinematics:
         """End-effector position in the base frame: ``(B, 7)`` -> ``(B, 3)``."""
         return self.ee_pose(q)[:, :3, 3]
 
+    def joint_axes(self, poses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """World axes ``(B, J, 3)`` and origins ``(B, J, 3)`` of the actuated joints, from link
+        poses ``(B, L, 4, 4)``."""
+        frames = poses[:, self._joint_links]  # (B, J, 4, 4)
+        axes = (frames[:, :, :3, :3] @ self._axes[self._joint_links].unsqueeze(-1)).squeeze(-1)
+        return axes, frames[:, :, :3, 3]
+
+    def ancestor_mask(self, links: list[str]) -> torch.Tensor:
+        """``(J, len(links))``: 1 where joint j moves link k (j is on its path from the base)."""
+        mask = torch.zeros(self.num_joints, len(links), device=self.spec.device,
+                           dtype=self.spec.dtype)
+        for k, name in enumerate(links):
+            i = self.link_names.index(name)
+            while i > 0:
+                if self.joint_index[i] >= 0:
+                    mask[self.joint_index[i], k] = 1.0
+                i = self.parent_index[i]
+        return mask
+
     def jacobian(self, q: torch.Tensor, poses: torch.Tensor | None = None) -> torch.Tensor:
         """Geometric Jacobian of the end effector (linear rows first): ``(B, 7)`` -> ``(B, 6, 7)``.
 
@@ -281,11 +300,9 @@ class RobotKinematics:
         """
         if poses is None:
             poses = self.link_poses(q)
-        frames = poses[:, self._joint_links]  # (B, J, 4, 4)
-        axes = frames[:, :, :3, :3] @ self._axes[self._joint_links].unsqueeze(-1)  # (B, J, 3, 1)
-        axes = axes.squeeze(-1)
+        axes, origins = self.joint_axes(poses)
         p_ee = poses[:, self.ee_index, :3, 3]
-        lin = torch.cross(axes, p_ee.unsqueeze(1) - frames[:, :, :3, 3], dim=-1)
+        lin = torch.cross(axes, p_ee.unsqueeze(1) - origins, dim=-1)
         return torch.cat([lin, axes], -1).transpose(1, 2)
 
     def within_limits(self, q: torch.Tensor) -> torch.Tensor:

@@ -60,14 +60,14 @@ class AdaptiveModel(Protocol):
         """Draw ``n`` samples x ~ p(x; θ) without gradients: ``(n, ...)``."""
 
     def log_likelihood_fn(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
-        """Return ``f`` with ``f() -> (n,)`` = log p(x_i; θ) (or its surrogate) under the current θ.
+        """Return ``f`` with ``f() -> (n,)`` = log p(x_i; θ) (or a surrogate) under the current θ.
 
         Work that does not depend on θ (e.g. encoding x with a frozen encoder) is done once here,
         not on each of the M gradient steps.
         """
 
     def initial_log_likelihood(self, x: torch.Tensor) -> torch.Tensor:
-        """log p(x_i; θ_0) under the unadapted prior: ``(n,)``. Needed by the Eq. 2 baseline only."""
+        """log p(x_i; θ_0) under the unadapted prior: ``(n,)``. Needed by Eq. 2 only."""
 
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]

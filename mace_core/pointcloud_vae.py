@@ -96,7 +96,7 @@ class PointCloudVAE(nn.Module):
         return mu, logvar.clamp(-20.0, 10.0)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Decoder mean: latents ``(B, D)`` -> clouds ``(B, num_points, 3)``."""
+        """Decode latents ``(B, D)`` to clouds ``(B, num_points, 3)`` (the decoder's mean)."""
         out = self.decoder(z).view(*z.shape[:-1], self.config.num_points, 3)
         return out * self.config.length_scale
 
@@ -264,5 +264,5 @@ def load_shape_priors(registry_path: str | Path, spec: TensorSpec,
 
 
 def parameter_count(model: nn.Module) -> int:
-    """Number of scalar parameters of ``model``."""
+    """Count the scalar parameters of ``model``."""
     return sum(math.prod(p.shape) for p in model.parameters())

@@ -1,18 +1,19 @@
 """Exact refinement of sampled IK candidates (the paper's "MACE + MoveIt", Sec. 4.2 / Table 2).
 
-MACE's samples land within centimetres of the target; an exact solver seeded from them closes the
-gap to 0.1 mm in a few steps while staying in the seed's (collision-free) homotopy class. Two solvers
-ship in the core: a batched damped least squares in torch, and TRAC-IK (the solver behind MoveIt's
-TRAC-IK kinematics plugin) through ``pytracik``. Others (MoveIt's ``/compute_ik``) plug in through
-the :class:`Refiner` protocol from outside the core.
+MACE's samples land within centimetres of the target; an exact solver seeded from them closes
+the gap to 0.1 mm in a few steps while staying near the (collision-free) seed. Two solvers ship
+in the core: a batched damped least squares in torch, and TRAC-IK (the solver behind MoveIt's
+TRAC-IK kinematics plugin) through ``pytracik``. Others (MoveIt's ``/compute_ik``) plug in
+through the :class:`Refiner` protocol from outside the core.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ class RefinementConfig:
     position_tolerance: float = 1e-4  #: m, a refined solution must reach the target this closely
     orientation_weight: float = 0.2  #: m per rad when orientation is asked for
     tracik_timeout: float = 0.005  #: s per TRAC-IK call (MoveIt's default attempt time)
+    avoidance_gain: float = 0.5  #: β of the null-space step that pushes links out of obstacles
 
 
 @dataclass
@@ -44,7 +46,7 @@ class IKTarget:
 
 def pose_errors(kin: RobotKinematics, q: torch.Tensor, target: IKTarget,
                 poses: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Position error (m) and orientation error (rad, 0 when position-only) of ``q (B, 7)``: ``(B,)``."""
+    """Position (m) and orientation (rad; 0 if position-only) errors of ``q (B, 7)``: ``(B,)``."""
     ee = (kin.link_poses(q) if poses is None else poses)[:, kin.ee_index]
     pos_err = (ee[:, :3, 3] - target.position).norm(dim=-1)
     if target.rotation is None:
@@ -54,28 +56,49 @@ def pose_errors(kin: RobotKinematics, q: torch.Tensor, target: IKTarget,
     return pos_err, torch.arccos(cos)
 
 
+#: Collision cost of configurations ``(B, 7)`` with their link poses ``(B, L, 4, 4)``: returns the
+#: cost ``(B,)`` (0 when clear) and its gradient with respect to the joints ``(B, 7)``.
+PenaltyFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 class Refiner(Protocol):
     """An exact IK solver seeded from candidate configurations."""
 
-    def refine(self, q0: torch.Tensor, target: IKTarget) -> torch.Tensor:
-        """Refine seeds ``(B, 7)`` towards ``target``; returns ``(B, 7)`` (failed rows unchanged)."""
+    def refine(self, q0: torch.Tensor, target: IKTarget,
+               penalty: PenaltyFn | None = None, deadline: float | None = None) -> torch.Tensor:
+        """Refine seeds ``(B, 7)`` towards ``target``: ``(B, 7)`` (failed rows unchanged).
+
+        ``penalty`` gives a collision cost and its gradient (see :data:`PenaltyFn`) that solvers
+        able to use it (DLS) descend in the null space of the end-effector task. No work
+        starts after ``deadline`` (a ``time.perf_counter()`` value).
+        """
 
 
 class DLSRefiner:
-    """Batched damped least squares on the end-effector pose, clamped to the joint limits."""
+    """Batched damped least squares on the end-effector pose, clamped to the joint limits.
+
+    With a collision ``penalty`` each step also descends it in the null space of the task,
+    dq = J⁺ e − β (I − J⁺ J) ∇q penalty: the Panda's 4 redundant degrees of freedom (position
+    only) move links out of obstacles while the hand keeps its course to the target.
+    """
 
     def __init__(self, kin: RobotKinematics, config: RefinementConfig):
         self.kin = kin
         self.config = config
 
-    def refine(self, q0: torch.Tensor, target: IKTarget) -> torch.Tensor:
-        """Run at most ``max_iterations`` DLS steps on ``q0 (B, 7)``; converged rows stop moving."""
+    def refine(self, q0: torch.Tensor, target: IKTarget,
+               penalty: PenaltyFn | None = None, deadline: float | None = None) -> torch.Tensor:
+        """At most ``max_iterations`` DLS steps on ``q0 (B, 7)``; converged rows stop moving.
+
+        No step starts after ``deadline`` (a ``time.perf_counter()`` value)."""
         cfg, kin = self.config, self.kin
         q = q0.clone().clamp(kin.lower, kin.upper)
         lam2 = cfg.damping ** 2
         prev = torch.full(q.shape[:1], math.inf, dtype=q.dtype, device=q.device)
         with torch.no_grad():
             for it in range(cfg.max_iterations):
+                if deadline is not None and time.perf_counter() >= deadline:
+                    break
                 poses = kin.link_poses(q)
                 ee = poses[:, kin.ee_index]
                 err = target.position - ee[:, :3, 3]  # (B, 3)
@@ -92,6 +115,10 @@ class DLSRefiner:
                     done = done & (w.norm(dim=-1) < 1e-4)
                 else:
                     jac = jac[:, :3]
+                grad = None
+                if penalty is not None:
+                    cost, grad = penalty(q, poses)
+                    done = done & (cost <= 0)
                 # A row that stopped improving (stuck at a limit or a singularity) is given up.
                 stalled = (norm > 0.9 * prev) if it >= 8 else torch.zeros_like(done)
                 if bool((done | stalled).all()):
@@ -99,8 +126,11 @@ class DLSRefiner:
                 prev = norm
                 jjt = jac @ jac.transpose(1, 2)
                 eye = torch.eye(jjt.shape[-1], dtype=q.dtype, device=q.device)
-                dq = (jac.transpose(1, 2) @ torch.linalg.solve(jjt + lam2 * eye,
-                                                               err.unsqueeze(-1))).squeeze(-1)
+                jt = jac.transpose(1, 2)
+                dq = (jt @ torch.linalg.solve(jjt + lam2 * eye, err.unsqueeze(-1))).squeeze(-1)
+                if grad is not None:  # null-space projection of the collision gradient
+                    jg = torch.linalg.solve(jjt + lam2 * eye, (jac @ grad.unsqueeze(-1)))
+                    dq = dq - cfg.avoidance_gain * (grad - (jt @ jg).squeeze(-1))
                 scale = (cfg.max_step / dq.abs().amax(-1, keepdim=True).clamp_min(1e-12)).clamp(
                     max=1.0)
                 q = torch.where(done.unsqueeze(-1), q, (q + dq * scale).clamp(kin.lower,
@@ -111,12 +141,12 @@ class DLSRefiner:
 class TracIKRefiner:
     """TRAC-IK seeded from each candidate (the solver behind MoveIt's TRAC-IK plugin).
 
-    The ``pytracik`` wheel solves full poses only, while MoveIt's plugin in position-only mode leaves
-    the orientation free (TRAC-IK's rotational bounds at infinity). For a position-only target each
-    seed is therefore asked for the target position with an orientation known to be reachable near
-    the seed: the hand orientation after a few batched position-only DLS steps from it. (The seed's
-    own orientation fails for about a quarter of seeds 10 cm off: it is often unreachable at the
-    target position.)
+    The ``pytracik`` wheel solves full poses only, while MoveIt's plugin in position-only mode
+    leaves the orientation free (TRAC-IK's rotational bounds at infinity). For a position-only
+    target each seed is therefore asked for the target position with an orientation known to be
+    reachable near the seed: the hand orientation after a few batched position-only DLS steps
+    from it. (The seed's own orientation fails for about a quarter of seeds 10 cm off: it is
+    often unreachable at the target position.)
     """
 
     def __init__(self, kin: RobotKinematics, urdf_text: str, config: RefinementConfig):
@@ -135,13 +165,17 @@ class TracIKRefiner:
                                         config.tracik_timeout, 1e-5, pytracik.Speed)
         pytracik.set_joint_limits(self._solver, kin.lower.tolist(), kin.upper.tolist())
 
-    def solve(self, seed: np.ndarray, position: np.ndarray, quat_xyzw: np.ndarray) -> np.ndarray | None:
+    def solve(self, seed: np.ndarray, position: np.ndarray,
+              quat_xyzw: np.ndarray) -> np.ndarray | None:
         """One TRAC-IK call: seed ``(7,)``, target position ``(3,)``, orientation (x, y, z, w)."""
         out = self._tracik.ik(self._solver, seed, *position, *quat_xyzw)
         return out[1:] if out[0] >= 0 else None
 
-    def refine(self, q0: torch.Tensor, target: IKTarget) -> torch.Tensor:
-        """Refine each row of ``q0 (B, 7)``; rows TRAC-IK fails on come back unchanged."""
+    def refine(self, q0: torch.Tensor, target: IKTarget,
+               penalty: PenaltyFn | None = None, deadline: float | None = None) -> torch.Tensor:
+        """Refine each row of ``q0 (B, 7)``; rows TRAC-IK fails on come back unchanged.
+
+        TRAC-IK knows no collision cost: ``penalty`` is ignored (results are re-checked)."""
         seeds = q0.detach().cpu().double().numpy()
         if target.rotation is None:
             reachable = self._orienter.refine(q0, target)
@@ -151,6 +185,8 @@ class TracIKRefiner:
         position = target.position.cpu().double().numpy()
         out = seeds.copy()
         for b in range(len(seeds)):  # TRAC-IK is a per-seed C++ call; B is small (seeds only)
+            if deadline is not None and time.perf_counter() >= deadline:
+                break
             sol = self.solve(seeds[b], position, matrix_to_quaternion_xyzw(rots[b]))
             if sol is not None:
                 out[b] = sol

@@ -10,7 +10,6 @@ import json
 import os
 from dataclasses import dataclass
 
-import torch
 import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file

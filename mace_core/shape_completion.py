@@ -55,7 +55,7 @@ class MACEVAEModel:
         return [self.mu, self.log_std]
 
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """z ~ N(μ_z, σ_z²), decoded once: ``(n, num_points, 3)``."""
+        """Draw z ~ N(μ_z, σ_z²) and decode it once: ``(n, num_points, 3)``."""
         t0 = time.perf_counter()
         with torch.no_grad():
             eps = torch.randn(n, self.mu.shape[0], generator=generator, device=self.mu.device,
@@ -79,8 +79,10 @@ class MACEVAEModel:
 
 @dataclass
 class ShapeCompletionConfig:
-    """Settings of :class:`ShapeCompleter`; lengths marked ℓ are in units of the prior's
-    ``length_scale`` (0.5 m for ``boxes``, 1 for ``objects``).
+    """Settings of :class:`ShapeCompleter`.
+
+    Lengths marked ℓ are in units of the prior's ``length_scale`` (0.5 m for ``boxes``, 1 for
+    ``objects``).
 
     Paper settings (App. C, completion): N=256, M=128, T≈31, q=1/32, lr 1e-3, 40 s on a GPU;
     (App. A, grasping): N=256, M=32, T≈78, q=1/16, lr 2e-4. The defaults trade them for a
@@ -102,7 +104,8 @@ class ShapeCompletionConfig:
     max_input_points: int = 20000  #: larger clouds are first randomly subsampled to this size
     candidate_points: int = 512  #: points of each candidate used in scoring (strided subset)
     visibility_pixel: float = 0.08  #: ℓ, z-buffer pixel size at the target's distance
-    visibility_depth_tolerance: float = 0.08  #: ℓ, depth band counted as the visible surface
+    visibility_depth_tolerance: float = 0.12  #: ℓ, depth band counted as the visible surface
+    #: (1.5 pixels, so that a surface seen at up to ~55° from its normal is not striped)
     finger_radius: float = 0.04  #: ℓ, finger radius when the request gives none (App. A)
     max_completions: int = 256  #: upper bound on K
     deadline_margin: float = 1.5  #: no iteration starts later than this many mean iteration
@@ -111,8 +114,11 @@ class ShapeCompletionConfig:
 
 @dataclass
 class ShapeCompletionRequest:
-    """One completion query. Give exactly one observation: ``points``, or ``contacts`` with
-    ``directions``. Coordinates are in the prior's frame and units."""
+    """One completion query.
+
+    Give exactly one observation: ``points``, or ``contacts`` with ``directions``. Coordinates
+    are in the prior's frame and units.
+    """
 
     prior: str  #: registry name of the prior, e.g. "boxes"
     points: torch.Tensor | np.ndarray | None = None  #: (P, 3) partial cloud
@@ -170,8 +176,11 @@ class ShapeCompleter:
                    config.learning_rate, config.objective, config.pool_size).validate()
 
     def warmup(self) -> None:
-        """Run short requests per prior and observation kind (first-call overheads; the
-        iteration time estimate that keeps answers within their time budget)."""
+        """Run short requests per prior and observation kind.
+
+        This pays first-call overheads and measures the iteration time that keeps answers
+        within their time budget.
+        """
         for name, prior in self.priors.items():
             with torch.no_grad():
                 cloud = prior.vae.sample(1, self.spec.generator(0))[0]
@@ -187,8 +196,10 @@ class ShapeCompleter:
     # -- validation ---------------------------------------------------------------------------
 
     def _array(self, value, name: str, vector: bool) -> torch.Tensor:
-        """``value`` as a finite tensor of shape ``(3,)`` (vector) or ``(n, 3)``; an empty
-        input comes back as ``(0, 3)``."""
+        """Return ``value`` as a finite tensor of shape ``(3,)`` (vector) or ``(n, 3)``.
+
+        An empty input comes back as ``(0, 3)``.
+        """
         try:
             t = torch.as_tensor(value if isinstance(value, torch.Tensor)
                                 else np.asarray(value, dtype=np.float64))
@@ -267,7 +278,7 @@ class ShapeCompleter:
 
     # -- scoring ------------------------------------------------------------------------------
 
-    def score_fn(self, prior: str, obs: _Observation) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _score_fn(self, prior: str, obs: _Observation) -> Callable[[torch.Tensor], torch.Tensor]:
         """S(o_i, o) of App. C / Sec. 4.1 for candidates ``(N, num_points, 3)`` -> ``(N,)``."""
         c = self.config
         vae = self.priors[prior].vae
@@ -306,7 +317,7 @@ class ShapeCompleter:
         prior = self.priors[request.prior]
         model = MACEVAEModel(prior.vae)
         timed = {"score_s": 0.0}
-        raw_score = self.score_fn(request.prior, obs)
+        raw_score = self._score_fn(request.prior, obs)
 
         def score(x: torch.Tensor) -> torch.Tensor:
             ts = time.perf_counter()

@@ -94,8 +94,10 @@ def pybullet_object_meshes(data_path: str | Path | None = None,
 
 
 def normalised_mesh_samples(mesh_path: str | Path, num_points: int, seed: int) -> np.ndarray:
-    """Load a mesh with trimesh, centre it on its bounding box, scale it into the ball of
-    diameter 1, and sample ``num_points`` points uniformly on its surface: ``(num_points, 3)``.
+    """Sample a normalised mesh: ``(num_points, 3)`` points uniform on its surface.
+
+    The mesh is loaded with trimesh, centred on its bounding box and scaled into the ball of
+    diameter 1.
     """
     import trimesh
 
@@ -110,9 +112,10 @@ def normalised_mesh_samples(mesh_path: str | Path, num_points: int, seed: int) -
 
 def load_object_clouds(cache_dir: str | Path, points_per_object: int = 8192,
                        data_path: str | Path | None = None, seed: int = 0) -> ObjectCloudSet:
-    """Sample every pybullet_data object mesh once, caching the result as ``.npz`` under
-    ``cache_dir`` (about 100 MB for 1008 objects x 8192 points). Meshes whose samples are not
-    finite are left out.
+    """Sample every pybullet_data object mesh once, cached as ``.npz`` under ``cache_dir``.
+
+    About 100 MB for 1008 objects x 8192 points. Meshes whose samples are not finite are left
+    out.
     """
     cache = Path(cache_dir) / f"shape_objects_{points_per_object}_s{seed}.npz"
     if cache.is_file():
@@ -137,15 +140,16 @@ def _finite_only(points: np.ndarray, names: list[str]) -> ObjectCloudSet:
 
 
 def held_out_object_names(names: list[str], every: int = 10) -> list[str]:
-    """The held-out objects: every ``every``-th ``random_urdfs`` mesh (000, 010, ..., 990)."""
+    """Return the held-out objects: every ``every``-th ``random_urdfs`` mesh (000, ..., 990)."""
     return [n for n in names if n.startswith("random_urdfs/")
             and int(Path(n).stem) % every == 0]
 
 
 def subsample_clouds(points: torch.Tensor, num_points: int, generator: torch.Generator,
                      angle: torch.Tensor | None = None) -> torch.Tensor:
-    """Pick ``num_points`` random points of each cloud ``(B, Q, 3)`` and rotate about z
-    (uniform in [-π, π] when ``angle`` is None): ``(B, num_points, 3)``.
+    """Pick ``num_points`` random points of each cloud ``(B, Q, 3)`` and rotate about z.
+
+    The angle is uniform in [-π, π] when ``angle`` is None. Returns ``(B, num_points, 3)``.
     """
     b, q, _ = points.shape
     idx = torch.rand(b, q, generator=generator, device=points.device).argsort(dim=1)

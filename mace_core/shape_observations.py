@@ -110,7 +110,7 @@ def chamfer_k(x: torch.Tensor, y: torch.Tensor, k: int = 1, length_scale: float 
 
 
 def farthest_point_indices(points: torch.Tensor, m: int) -> torch.Tensor:
-    """Indices of ``m`` points of a cloud ``(P, 3)`` chosen by farthest-point sampling: ``(m,)``.
+    """Choose ``m`` points of a cloud ``(P, 3)`` by farthest-point sampling: indices ``(m,)``.
 
     Deterministic (starts at the point farthest from the centroid); evenly covers the cloud,
     unlike a random subset. Returns all indices when ``P <= m``.
@@ -188,10 +188,10 @@ def partial_cloud_scores(candidates: torch.Tensor, observation: torch.Tensor, k:
     observation to candidate: every observed point must lie on the candidate's surface, while
     the candidate may extend where nothing was observed (a partial-to-full comparison).
 
-    Mind the density bias of k > 1: the mean squared distance to the k nearest of n points
-    spread over an area A is about (k + 1) A / (2 π n) even for a perfect fit, so sparse
-    candidates score worse and, one-sided, shrinking a candidate (denser points) scores better.
-    Use k = 1 one-sided, and enough candidate points.
+    Density bias of k > 1: the mean squared distance to the k nearest of n points spread over
+    an area A is about (k + 1) A / (2 π n) even for a perfect fit, so sparse candidates score
+    worse and, one-sided, a smaller candidate (denser points) scores better. Use k = 1
+    one-sided, and enough candidate points.
 
     Args:
         candidates: ``(N, Q, 3)`` (downsampled) candidate clouds.

@@ -36,7 +36,7 @@ def plot_completions(completions, observation=None, contact_directions=None,
         title: figure title.
         columns: panels per row.
         max_points: points drawn per completion (strided subsample).
-        path: PNG file to write; the figure is returned either way.
+        path: PNG file to write (the figure is then closed); it is returned either way.
 
     Returns:
         The matplotlib Figure.

@@ -139,8 +139,11 @@ def evaluate_reconstruction(vae: PointCloudVAE, clouds: torch.Tensor,
 def train_shape_prior(entry: ShapePriorEntry, cfg: ShapeTrainingConfig, data_dir: Path,
                       spec: TensorSpec, init: Path | None = None,
                       log=print) -> tuple[PointCloudVAE, ShapeTrainingReport]:
-    """Train the VAE of ``entry`` (from ``init`` weights, or from scratch with the decoder's
-    output bias set to one training cloud); returns it with a report."""
+    """Train the VAE of ``entry``; return it with a report.
+
+    Training starts from ``init`` weights, or from scratch with the decoder's output bias set
+    to one training cloud (points start spread on a shape instead of collapsed at 0).
+    """
     torch.manual_seed(cfg.seed)
     source = _ShapeSource(cfg, entry.architecture.num_points, data_dir, spec)
     gen = spec.generator(cfg.seed)
@@ -228,7 +231,8 @@ used by MACE-VAE shape completion (`mace_core.shape_completion`).
 Command: `{command}`
 
 Adam lr {cfg.learning_rate} (cosine to 10 %), batch {cfg.batch_size}, β_rec {cfg.beta_rec}, \
-β_KL {cfg.beta_kl}, Chamfer loss on {cfg.loss_points} points, seed {cfg.seed}, \
+β_KL {cfg.beta_kl}, Chamfer loss of all decoded points against {cfg.loss_points} data points, \
+seed {cfg.seed}, \
 {cfg.threads} CPU thread(s). {report.steps} steps in {report.wall_time_s:.0f} s wall time \
 (shared 2-core CPU). Final loss (mean of last 50 steps) {report.final_loss:.3f}.
 

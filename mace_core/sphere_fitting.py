@@ -3,63 +3,71 @@
 PyBullet collides a moving link's ``.obj`` mesh as the CONVEX HULL of its vertices grown by a
 collision margin (1 mm), so the spheres cover that hull. Per link:
 
-1. Hull surface grid: the hull's triangles subdivided until no edge is longer than ``h``; every
-   point of the surface is then within ``gap = h / sqrt(3)`` of a grid vertex.
-2. Centres: k-means (seeded) of points sampled uniformly inside the hull, so centres lie inside.
-3. Radii: each grid vertex goes to its nearest centre; a sphere's radius is the largest distance
-   of its vertices, then shrunk where other spheres already cover them; finally
-   ``+ gap + margin``. Every point of the grown hull's surface is therefore inside a sphere.
-   (The interior is not covered exactly; an obstacle can only be missed if it lies entirely
-   inside a link's hull, or a link's hull entirely inside an obstacle with no sphere centre in it,
-   which the hull-covering centres rule out for the scenes' obstacles.)
+1. The hull's surface is triangulated (edges <= ``edge``).
+2. Centres: k-means (seeded) of points inside the hull, then moved by Adam to minimize the largest
+   *bulge* (how far a sphere reaches beyond the hull's face planes: radius minus the centre's
+   depth) needed to cover every triangle vertex (a smooth max-min, annealed). A few restarts.
+3. Radii, exact: each triangle goes to the sphere that covers it with the smallest bulge; a
+   sphere's radius is the farthest vertex of its triangles, plus the margin. A ball contains a
+   triangle when it contains its three vertices, so the union of the spheres contains the whole
+   hull surface grown by the margin: no sampling gap. (The interior is covered only as far as
+   the surface spheres reach; an obstacle is missed only if it lies entirely inside a link's hull.)
 
-Run ``python -m mace_core.sphere_fitting --out models/panda_spheres.yaml``.
+Then pairs of links that can never touch (PyBullet's smallest distance over sampled and locally
+minimized configurations above a threshold) are listed, so the sphere checker can skip them (as
+MoveIt's setup assistant disables "never in collision" pairs).
+
+Run ``python -m mace_core.sphere_fitting --out models/panda_spheres.yaml`` (a few minutes).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import trimesh
 from scipy.cluster.vq import kmeans2
+from scipy.optimize import minimize
 from scipy.spatial import ConvexHull
 
-from .collision import PYBULLET_MESH_MARGIN, RobotSpheres
+from .collision import (PYBULLET_MESH_MARGIN, PairTable, PyBulletCollisionChecker, RobotSpheres,
+                        joints_between, self_collision_link_pairs)
 from .errors import ModelLoadError
 from .kinematics import RobotKinematics, URDFModel
 from .tensor import TensorSpec
 
-#: Spheres per link of the Panda, tuned so that false collisions stay low (see the benchmark).
+#: Spheres per link of the Panda: most on the wrist and hand, which come close to the forearm
+#: and to obstacles; few on the base, which only meets the wrist.
 PANDA_SPHERE_COUNTS = {
-    "panda_link0": 4, "panda_link1": 6, "panda_link2": 6, "panda_link3": 6, "panda_link4": 6,
-    "panda_link5": 8, "panda_link6": 6, "panda_link7": 4, "panda_hand": 6,
-    "panda_leftfinger": 2, "panda_rightfinger": 2,
+    "panda_link0": 12, "panda_link1": 12, "panda_link2": 12, "panda_link3": 10, "panda_link4": 12,
+    "panda_link5": 16, "panda_link6": 12, "panda_link7": 10, "panda_hand": 20,
+    "panda_leftfinger": 3, "panda_rightfinger": 3,
 }
 
 
 @dataclass
 class SphereFitConfig:
-    """Parameters of :func:`fit_robot_spheres`."""
+    """Parameters of :func:`fit_robot_spheres` and :func:`find_never_colliding_pairs`."""
 
     counts: dict[str, int] = field(default_factory=lambda: dict(PANDA_SPHERE_COUNTS))  #: per link
     default_count: int = 4  #: spheres of a link missing from ``counts``
     margin: float = PYBULLET_MESH_MARGIN  #: m, added to every radius (PyBullet's mesh margin)
-    max_edge: float = 0.0015  #: m, edge length of the hull surface grid
-    volume_samples: int = 20000  #: points sampled inside each hull for k-means
-    coarse_edge: float = 0.005  #: m, edge length of the grid used while optimizing
-    steps: int = 600  #: Adam steps on centres and radii
-    learning_rate: float = 1e-3  #: Adam step size (m)
-    coverage_weight: float = 10.0  #: initial weight of the uncovered-points penalty
-    scale: float = 0.01  #: m, length scale of the loss terms
-    seed: int = 0  #: seed of the volume samples and k-means
+    edge: float = 0.01  #: m, longest triangle edge of the hull triangulation
+    volume_samples: int = 20000  #: points sampled inside each hull for the k-means start
+    steps: int = 500  #: Adam steps per restart
+    restarts: int = 3  #: k-means starts per link; the smallest largest bulge is kept
+    learning_rate: float = 2e-3  #: m, initial Adam step (decays to 5 %)
+    temperature: float = 3e-3  #: m, initial smooth max-min temperature (decays to 10 %)
+    seed: int = 0  #: seed of every random draw
+    pair_samples: int = 20000  #: random configurations for the never-colliding search
+    pair_threshold: float = 0.02  #: m, a pair is skipped when it never comes closer than this
+    table_step: float = 0.005  #: rad, cell size of the pair tables
 
 
 def link_hull(urdf: URDFModel, link: str) -> trimesh.Trimesh:
-    """Convex hull ``(V, 3)`` / faces of every collision geometry of ``link``, in the link frame.
+    """Convex hull of every collision geometry of ``link``, in the link frame (m).
 
     Raises:
         ModelLoadError: a geometry kind that cannot be fitted (only meshes and boxes can).
@@ -76,91 +84,195 @@ def link_hull(urdf: URDFModel, link: str) -> trimesh.Trimesh:
         points.append(verts @ geom.origin[:3, :3].T + geom.origin[:3, 3])
     if not points:
         raise ModelLoadError(f"link '{link}' has no collision geometry")
-    pts = np.concatenate(points)
-    hull = ConvexHull(pts)
-    # Faces oriented outwards (trimesh fixes winding from the hull's equations).
-    return trimesh.Trimesh(pts, hull.simplices, process=True).convex_hull
+    return trimesh.convex.convex_hull(np.concatenate(points))
 
 
-def _sample_inside(hull: trimesh.Trimesh, n: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` points uniform inside a convex hull, by rejection from its bounding box."""
-    eq = ConvexHull(hull.vertices).equations
-    lo, hi = hull.bounds
-    out = []
-    count = 0
+def _sample_inside(planes: np.ndarray, bounds: np.ndarray, n: int,
+                   rng: np.random.Generator) -> np.ndarray:
+    """``n`` points uniform inside the polytope ``planes`` (F, 4) (n.x + d <= 0), by rejection
+    from its bounding box ``bounds`` (2, 3)."""
+    out, count = [], 0
     while count < n:
-        cand = rng.uniform(lo, hi, size=(4 * n, 3))
-        cand = cand[(cand @ eq[:, :3].T + eq[:, 3] <= 0).all(1)]
+        cand = rng.uniform(bounds[0], bounds[1], size=(4 * n, 3))
+        cand = cand[(cand @ planes[:, :3].T + planes[:, 3] <= 0).all(1)]
         out.append(cand)
         count += len(cand)
     return np.concatenate(out)[:n]
 
 
-def _surface_grid(hull: trimesh.Trimesh, max_edge: float) -> np.ndarray:
-    """Vertices ``(G, 3)`` of the hull's triangles subdivided to edges <= ``max_edge``."""
-    verts, _ = trimesh.remesh.subdivide_to_size(hull.vertices, hull.faces, max_edge,
-                                                max_iter=100)
-    return np.unique(verts, axis=0)
+def _triangulate(hull: trimesh.Trimesh, edge: float) -> tuple[np.ndarray, np.ndarray]:
+    """Vertices ``(V, 3)`` and triangles ``(T, 3)`` of the hull surface, edges <= ``edge``."""
+    verts, faces = trimesh.remesh.subdivide_to_size(hull.vertices, hull.faces, edge,
+                                                    max_iter=100)
+    verts, inverse = np.unique(np.round(verts, 10), axis=0, return_inverse=True)
+    return verts, inverse.reshape(-1)[faces]
 
 
-def _cover_radii(grid: torch.Tensor, centers: torch.Tensor,
-                 radii: torch.Tensor) -> torch.Tensor:
-    """Radii ``(k,)`` so that every grid point ``(G, 3)`` is inside a sphere: each point goes to
-    the sphere its surface is least outside of (for the given ``radii``), and a sphere grows
-    or shrinks to its farthest point."""
-    dist = torch.cdist(grid, centers)  # (G, k)
-    owner = (dist - radii).argmin(1)
-    out = torch.zeros_like(radii)
-    return out.scatter_reduce(0, owner, dist.gather(1, owner[:, None])[:, 0], "amax")
+def _depth(centers: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
+    """Distance ``(k,)`` from centres inside a convex polytope to its nearest face plane."""
+    return -(centers @ planes[:, :3].T + planes[:, 3]).max(1).values
+
+
+def _exact_radii(centers: torch.Tensor, planes: torch.Tensor, verts: torch.Tensor,
+                 tris: torch.Tensor) -> torch.Tensor:
+    """Radii ``(k,)`` whose spheres contain every triangle: each triangle goes to the sphere
+    that covers it with the smallest bulge, a radius is its farthest triangle vertex."""
+    far = torch.cdist(centers, verts)[:, tris].amax(-1)  # (k, T)
+    owner = (far - _depth(centers, planes)[:, None]).argmin(0)
+    radii = torch.zeros(centers.shape[0], dtype=far.dtype)
+    return radii.scatter_reduce(0, owner, far.gather(0, owner[None])[0], "amax")
 
 
 def fit_link_spheres(hull: trimesh.Trimesh, count: int, config: SphereFitConfig,
                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Spheres covering ``hull`` grown by ``config.margin``: centres ``(k, 3)``, radii ``(k,)``.
-
-    The centres and radii minimize the sum of the fourth powers of the bulges (how far each
-    sphere reaches beyond the hull's face planes), with a penalty on uncovered points of a
-    coarse surface grid; the radii are then made exact on the fine grid.
-    """
-    eq = torch.tensor(ConvexHull(hull.vertices).equations)  # (F, 4): n.x + d <= 0 inside
-    coarse = torch.tensor(_surface_grid(hull, config.coarse_edge))
-    inside = _sample_inside(hull, config.volume_samples, rng)
-    centers, _ = kmeans2(inside, count, minit="++", seed=rng, iter=50)
-    c = torch.tensor(centers, requires_grad=True)
-    r0 = _cover_radii(coarse, c.detach(), torch.zeros(count, dtype=c.dtype))
-    r = r0.clone().requires_grad_(True)
-    opt = torch.optim.Adam([c, r], lr=config.learning_rate)
-    for step in range(config.steps):
-        weight = config.coverage_weight * (1.0 + 99.0 * step / config.steps)
-        depth = -(c @ eq[:, :3].T + eq[:, 3]).max(1).values  # (k,) distance to the boundary
-        bulge = r - depth
-        uncovered = (torch.cdist(coarse, c) - r).min(1).values.clamp_min(0.0)
-        loss = (bulge.clamp_min(0.0) / config.scale).pow(4).sum() \
-            + weight * (uncovered / config.scale).square().mean() \
-            + 1e3 * (-depth / config.scale).clamp_min(0.0).square().sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    fine = torch.tensor(_surface_grid(hull, config.max_edge))
-    radii = _cover_radii(fine, c.detach(), r.detach())
-    gap = config.max_edge / math.sqrt(3.0)
-    return c.detach().numpy(), radii.numpy() + gap + config.margin
+    """Spheres covering ``hull`` grown by ``config.margin``: centres ``(k, 3)``, radii ``(k,)``
+    (m, link frame)."""
+    planes = torch.tensor(ConvexHull(hull.vertices).equations)  # (F, 4), outward normals
+    verts_np, tris_np = _triangulate(hull, config.edge)
+    verts, tris = torch.tensor(verts_np), torch.tensor(tris_np)
+    inside = _sample_inside(planes.numpy(), hull.bounds, config.volume_samples, rng)
+    best = None
+    for _ in range(config.restarts):
+        start, _ = kmeans2(inside, count, minit="++", seed=rng, iter=50)
+        c = torch.tensor(start, requires_grad=True)
+        opt = torch.optim.Adam([c], lr=config.learning_rate)
+        for step in range(config.steps):
+            frac = step / config.steps
+            tau = config.temperature * 0.1 ** frac
+            for group in opt.param_groups:
+                group["lr"] = config.learning_rate * 0.05 ** frac
+            depth = _depth(c, planes)
+            bulge = torch.cdist(verts, c) - depth  # (V, k): bulge needed to cover a vertex
+            needed = -tau * torch.logsumexp(-bulge / tau, 1)  # smooth min over spheres
+            loss = tau * torch.logsumexp(needed / tau, 0) + 10.0 * (-depth).clamp_min(0).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        centers = c.detach()
+        radii = _exact_radii(centers, planes, verts, tris)
+        score = float((radii - _depth(centers, planes)).max())
+        if best is None or score < best[0]:
+            best = (score, centers, radii)
+    _, centers, radii = best
+    return centers.numpy(), radii.numpy() + config.margin
 
 
 def link_bulges(hull: trimesh.Trimesh, centers: np.ndarray, radii: np.ndarray) -> np.ndarray:
     """``(k,)`` m: how far each sphere reaches beyond the hull's face planes."""
-    eq = ConvexHull(hull.vertices).equations
-    return radii + (centers @ eq[:, :3].T + eq[:, 3]).max(1)
+    planes = ConvexHull(hull.vertices).equations
+    return radii + (centers @ planes[:, :3].T + planes[:, 3]).max(1)
+
+
+def find_never_colliding_pairs(config: SphereFitConfig, urdf_path: str | None = None
+                               ) -> list[tuple[str, str, float]]:
+    """Checked self-collision pairs that PyBullet never finds closer than
+    ``config.pair_threshold``: ``(link_a, link_b, smallest distance found (m))``.
+
+    The smallest distance of each pair over ``config.pair_samples`` uniform configurations is
+    refined by Nelder-Mead from its five closest samples.
+    """
+    rng = np.random.default_rng(config.seed)
+    with PyBulletCollisionChecker(urdf_path=urdf_path) as pb:
+        p, cid, robot = pb._p, pb.client, pb.robot
+        names = {index: name for name, index in pb.link_index.items()}
+        lower, upper = pb.lower, pb.upper
+
+        def distance(q: np.ndarray, a: int, b: int) -> float:
+            pb._set(np.clip(q, lower, upper))
+            pts = p.getClosestPoints(robot, robot, 0.5, linkIndexA=a, linkIndexB=b,
+                                     physicsClientId=cid)
+            return min((pt[8] for pt in pts), default=0.5)
+
+        q = rng.uniform(lower, upper, size=(config.pair_samples, len(lower)))
+        dist = np.array([[distance(x, a, b) for a, b in pb._pairs] for x in q])
+        found = []
+        for k, (a, b) in enumerate(pb._pairs):
+            if dist[:, k].min() <= config.pair_threshold:
+                continue
+            best = dist[:, k].min()
+            for i in np.argsort(dist[:, k])[:5]:
+                res = minimize(distance, q[i], args=(a, b), method="Nelder-Mead",
+                               options={"maxfev": 600, "xatol": 1e-4, "fatol": 1e-6})
+                best = min(best, float(res.fun))
+            if best > config.pair_threshold:
+                found.append((names[a], names[b], round(float(best), 4)))
+    return found
+
+
+def build_pair_tables(urdf: URDFModel, skip: set[frozenset], config: SphereFitConfig,
+                      urdf_path: str | None = None) -> list[PairTable]:
+    """Tables for the checked link pairs that at most two joints move relative to each other
+    (the Panda's forearm against its flange, hand and fingers, moved by joints 6 and 7).
+
+    Grid corners every ``config.table_step`` rad over the joint limits; PyBullet's distance of
+    every pair at every corner; a cell is flagged when a corner is within ``bound`` = sum over
+    the table's joints of (half step x largest lever arm of the moving link about that joint).
+    Lever arms are bounded by balls: the moving link's largest distance from the last joint's
+    origin, plus the distances between consecutive joint origins.
+    """
+    kin = RobotKinematics(urdf, TensorSpec(torch.device("cpu"), torch.float64))
+    poses = kin.link_poses(torch.zeros(1, kin.num_joints, dtype=torch.float64))[0].numpy()
+    index = {name: k for k, name in enumerate(kin.link_names)}
+    groups: dict[tuple[str, ...], list[tuple[str, str]]] = {}
+    for a, b in self_collision_link_pairs(urdf, kin.link_names):
+        if frozenset((a, b)) in skip:
+            continue
+        for anc, desc in ((a, b), (b, a)):
+            joints = joints_between(urdf, anc, desc)
+            if joints is not None and 1 <= len(joints) <= 2:
+                groups.setdefault(tuple(joints), []).append((anc, desc))
+    tables = []
+    with PyBulletCollisionChecker(urdf_path=urdf_path) as pb:
+        p, cid, robot = pb._p, pb.client, pb.robot
+        for joints, pairs in groups.items():
+            cols = [kin.joint_names.index(j) for j in joints]
+            origins = [poses[index[urdf.joints[j].child], :3, 3] for j in joints]
+            arms = []
+            for _, desc in pairs:
+                hull = link_hull(urdf, desc).vertices
+                world = hull @ poses[index[desc], :3, :3].T + poses[index[desc], :3, 3]
+                arms.append(np.linalg.norm(world - origins[-1], axis=1).max() + config.margin)
+            lever = [max(arms)]
+            for k in range(len(joints) - 1, 0, -1):
+                lever.insert(0, lever[0] + float(np.linalg.norm(origins[k] - origins[k - 1])))
+            lower = pb.lower[cols]
+            span = pb.upper[cols] - lower
+            counts = np.floor(span / config.table_step).astype(int) + 1  # cells per axis
+            bound = float(sum(0.5 * config.table_step * arm for arm in lever))
+            axes = [lower[k] + config.table_step * np.arange(counts[k] + 1)
+                    for k in range(len(cols))]
+            corners = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(cols))
+            links = [(pb.link_index[a], pb.link_index[b]) for a, b in pairs]
+            q = np.zeros(kin.num_joints)
+            dist = np.empty(len(corners))
+            for i, corner in enumerate(corners):
+                q[cols] = corner
+                pb._set(q)
+                near = [pt[8] for la, lb in links
+                        for pt in p.getClosestPoints(robot, robot, bound + 0.01, linkIndexA=la,
+                                                     linkIndexB=lb, physicsClientId=cid)]
+                dist[i] = min(near, default=bound + 0.01)
+            close = (dist <= bound).reshape([c + 1 for c in counts])
+            cells = np.zeros(counts, dtype=bool)
+            for offset in np.ndindex(*([2] * len(cols))):
+                cells |= close[tuple(slice(o, o + c) for o, c in zip(offset, counts))]
+            tables.append(PairTable(tuple(pairs), joints, tuple(float(v) for v in lower),
+                                    (config.table_step,) * len(cols), cells, bound))
+    return tables
 
 
 def fit_robot_spheres(urdf: URDFModel, links: list[str] | None = None,
-                      config: SphereFitConfig | None = None) -> RobotSpheres:
+                      config: SphereFitConfig | None = None,
+                      never_colliding: list[tuple[str, str, float]] | None = None,
+                      tables: list[PairTable] | None = None) -> RobotSpheres:
     """Spheres covering the PyBullet collision geometry of every link with collision geometry.
 
     Args:
         urdf: the robot model (mesh paths resolved).
         links: links to fit, in order (default: every link with collision geometry).
         config: fitting parameters (default :class:`SphereFitConfig`).
+        never_colliding: pairs the sphere checker may skip (:func:`find_never_colliding_pairs`).
+        tables: tables for pairs moved by at most two joints (:func:`build_pair_tables`).
     """
     config = config or SphereFitConfig()
     links = links or [name for name in urdf.links if urdf.collisions.get(name)]
@@ -172,29 +284,42 @@ def fit_robot_spheres(urdf: URDFModel, links: list[str] | None = None,
         names += [link] * len(r)
         centers.append(c)
         radii.append(r)
-    meta = {"margin": config.margin, "max_edge": config.max_edge, "seed": config.seed,
-            "counts": {n: config.counts.get(n, config.default_count) for n in links}}
-    return RobotSpheres(tuple(names), np.concatenate(centers), np.concatenate(radii), meta)
+    meta = {"margin": config.margin, "edge": config.edge, "seed": config.seed,
+            "pair_samples": config.pair_samples, "pair_threshold": config.pair_threshold}
+    pairs = tuple((a, b) for a, b, _ in (never_colliding or []))
+    meta["never_colliding_min_distance"] = {f"{a} {b}": d for a, b, d in never_colliding or []}
+    return RobotSpheres(tuple(names), np.concatenate(centers), np.concatenate(radii),
+                        never_colliding=pairs, tables=tuple(tables or ()), metadata=meta)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="models/panda_spheres.yaml", help="output YAML")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pair-samples", type=int, default=20000,
+                        help="configurations sampled to find never-colliding link pairs")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    config = SphereFitConfig(seed=args.seed, pair_samples=args.pair_samples)
     kin = RobotKinematics.panda(TensorSpec())
-    spheres = fit_robot_spheres(kin.urdf, config=SphereFitConfig(seed=args.seed))
+    never = find_never_colliding_pairs(config)
+    tables = build_pair_tables(kin.urdf, {frozenset(p[:2]) for p in never}, config)
+    spheres = fit_robot_spheres(kin.urdf, config=config, never_colliding=never, tables=tables)
     spheres.save(args.out, header=(
         "Spheres covering the Panda's PyBullet collision geometry (convex hull of each collision\n"
-        "mesh + 1 mm margin), per link: [x, y, z, radius] in metres, link frame.\n"
-        "Generated by: python -m mace_core.sphere_fitting --out models/panda_spheres.yaml"))
-    print(f"{len(spheres)} spheres written to {args.out}")
+        "mesh + 1 mm margin), per link: [x, y, z, radius] in metres, link frame; and the link\n"
+        "pairs PyBullet never finds closer than metadata.pair_threshold (skipped by the sphere\n"
+        "checker). Generated by: python -m mace_core.sphere_fitting --out "
+        "models/panda_spheres.yaml"))
+    print(f"{len(spheres)} spheres written to {args.out}; never-colliding pairs: {len(never)}")
+    for t in tables:
+        print(f"  table over {t.joints}: {t.cells.shape} cells, bound {t.bound * 1e3:.1f} mm, "
+              f"{t.cells.mean():.1%} flagged, pairs {t.pairs}")
     for link in dict.fromkeys(spheres.links):
         c, r = spheres.for_link(link)
         bulge = link_bulges(link_hull(kin.urdf, link), c, r)
-        print(f"  {link:18s} {len(r)} spheres, radius {r.min():.4f}..{r.max():.4f} m, "
-              f"bulge beyond the hull max {bulge.max() * 1e3:.1f} mm")
+        print(f"  {link:18s} {len(r):2d} spheres, radius {r.min():.4f}..{r.max():.4f} m, "
+              f"bulge beyond the hull {bulge.min() * 1e3:.1f}..{bulge.max() * 1e3:.1f} mm")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 ``mace-bench ik --scene config/scenes/box.yaml --targets 20 --seed 0 --json out/bench_box.json``
 runs MACE and the TRAC-IK restarts baseline on one scene (see :mod:`mace_core.ik_benchmark`);
-``--protocol table1`` runs the paper's Table 1 protocol instead. Runs in-process, without ROS.
+``--protocol table1`` runs the paper's Table 1 protocol instead.
+``mace-bench shape --prior boxes --cases 20 --seed 0 --json out/bench_shape_boxes.json`` runs
+shape completion (MACE-VAE against the prior) on held-out shapes (see
+:mod:`mace_core.shape_benchmark`). Runs in-process, without ROS.
 """
 
 from __future__ import annotations
@@ -96,11 +99,79 @@ def _run_ik(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_shape_parser(sub) -> None:
+    from mace_core.shape_benchmark import METHODS as SHAPE_METHODS, ShapeBenchmarkConfig
+
+    d = ShapeBenchmarkConfig()
+    p = sub.add_parser("shape", help="shape completion: MACE-VAE vs the prior on held-out shapes",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--prior", required=True, help="boxes or objects")
+    p.add_argument("--cases", type=int, default=d.num_cases,
+                   help="held-out shapes, each observed once per mode")
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds shapes, cuts and requests")
+    p.add_argument("--json", default="", help="write the report to this file")
+    p.add_argument("--modes", default="", help="comma-separated subset (boxes: random_cut,"
+                   "top_cut,grasp,grasp_ood; objects: random_cut,view,grasp,grasp_ood)")
+    p.add_argument("--methods", default="",
+                   help=f"comma-separated subset of {','.join(SHAPE_METHODS)}")
+    p.add_argument("-k", "--num-completions", type=int, default=d.num_completions, help="K")
+    p.add_argument("--budget", type=float, default=d.time_budget_s, help="s per MACE request")
+    p.add_argument("--iterations", type=int, default=d.iterations,
+                   help="MACE iterations per request (-1: the service's default)")
+    p.add_argument("--models-dir", default=None,
+                   help="folder of shape_registry.yaml (default: the checkout's or the installed "
+                        "package's models/)")
+    p.add_argument("--config", default=None,
+                   help="service parameters YAML (config/panda.yaml) for the shape.* settings")
+    p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: default)")
+    p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up")
+    p.set_defaults(func=_run_shape)
+
+
+def _run_shape(args: argparse.Namespace) -> int:
+    import torch
+
+    from mace_core.pointcloud_vae import load_shape_priors
+    from mace_core.shape_benchmark import (ShapeBenchmarkConfig, default_models_dir,
+                                           format_shape_table, run_shape_benchmark)
+    from mace_core.shape_completion import ShapeCompletionConfig
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    cfg = ShapeBenchmarkConfig(
+        prior=args.prior, num_cases=args.cases, seed=args.seed,
+        modes=tuple(m for m in args.modes.split(",") if m),
+        methods=tuple(m for m in args.methods.split(",") if m) or ShapeBenchmarkConfig.methods,
+        num_completions=args.num_completions, time_budget_s=args.budget,
+        iterations=args.iterations, warmup=not args.no_warmup)
+    completion = load_service_config(args.config).shape if args.config else \
+        ShapeCompletionConfig()
+    spec = TensorSpec.resolve(args.device)
+    models_dir = args.models_dir or default_models_dir()
+    if not args.models_dir and not os.path.isdir(models_dir):  # installed: the package's share
+        from ament_index_python.packages import get_package_share_directory
+
+        models_dir = os.path.join(get_package_share_directory("mace_ros"), "models")
+    registry = os.path.join(models_dir, "shape_registry.yaml")
+    priors = load_shape_priors(registry, spec, [args.prior])
+    report = run_shape_benchmark(priors, completion, cfg, spec,
+                                 log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(format_shape_table(report))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"report written to {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``mace-bench`` parser; each capability adds one subcommand."""
     parser = argparse.ArgumentParser(prog="mace-bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_ik_parser(sub)
+    _add_shape_parser(sub)
     return parser
 
 

@@ -1,9 +1,11 @@
-"""A small Python API and CLI for the mace node's ``/mace/adapt_ik``.
+"""A small Python API and CLI for the mace node's ``/mace/adapt_ik`` and ``/mace/complete_shape``.
 
     client = MaceClient()                      # after rclpy.init()
     response = client.adapt_ik([0.55, 0.0, 0.12], scene="config/scenes/box.yaml", num_solutions=4)
+    response = client.complete_shape(points=partial_cloud, prior="boxes", num_completions=8)
 
     mace-client ik --scene config/scenes/box.yaml --target 0.55 0 0.12 -k 8
+    mace-client shape --prior boxes --cut top -k 8 --png out/shape.png
 """
 
 from __future__ import annotations
@@ -21,47 +23,65 @@ from rclpy.utilities import remove_ros_args
 from mace_core.errors import MaceError
 from mace_core.ik import IKRequest
 from mace_core.scenes import Obstacle, load_scene, quaternion_xyzw_to_matrix
-from mace_ros.conversions import BASE_FRAME, ik_request_to_msg
-from mace_ros.srv import AdaptIK
+from mace_core.shape_benchmark import BOX_CUTS, GRASP_DIRECTIONS, grasp_contacts, partial_box
+from mace_core.shape_completion import ShapeCompletionRequest
+from mace_core.tensor import TensorSpec
+from mace_ros.conversions import (BASE_FRAME, ik_request_to_msg, points_from_cloud,
+                                  shape_request_to_msg)
+from mace_ros.srv import AdaptIK, CompleteShape
 
 #: Seconds a call may wait beyond its time budget (queueing behind other requests, transport).
 CALL_MARGIN_S = 30.0
+#: Frame of the clouds and contacts the CLI sends (the prior's frame: see the registry).
+OBJECT_FRAME = "object"
+#: Finger radius of ``mace-client shape --grasp`` on a box, m (the boxes prior's default).
+BOX_FINGER_RADIUS_M = 0.02
 
 
 class MaceClient:
-    """Calls ``/mace/adapt_ik`` from its own node and executor (safe to use one per thread).
+    """Calls ``/mace/adapt_ik`` and ``/mace/complete_shape`` from its own node and executor (safe
+    to use one per thread).
 
     Call :func:`rclpy.init` first; :meth:`close` destroys the node.
     """
 
     def __init__(self, service: str = "/mace/adapt_ik", node_name: str = "mace_client",
-                 base_frame: str = BASE_FRAME):
+                 base_frame: str = BASE_FRAME, shape_service: str | None = None):
+        """``shape_service`` defaults to ``complete_shape`` next to ``service``."""
         self.node = Node(node_name)
         self.base_frame = base_frame
+        if shape_service is None:
+            shape_service = service.rsplit("/", 1)[0] + "/complete_shape"
         self._client = self.node.create_client(AdaptIK, service)
+        self._shape_client = self.node.create_client(CompleteShape, shape_service)
         self._executor = SingleThreadedExecutor(context=self.node.context)
         self._executor.add_node(self.node)
 
-    def wait(self, timeout_s: float = 30.0) -> bool:
-        """True once the service is available (False after ``timeout_s``)."""
-        return self._client.wait_for_service(timeout_sec=timeout_s)
+    def wait(self, timeout_s: float = 30.0, shape: bool = False) -> bool:
+        """True once ``adapt_ik`` (or ``complete_shape`` with ``shape``) is available (False
+        after ``timeout_s``)."""
+        client = self._shape_client if shape else self._client
+        return client.wait_for_service(timeout_sec=timeout_s)
 
-    def call(self, request: AdaptIK.Request, timeout_s: float) -> AdaptIK.Response:
-        """Send a ready-made request and wait for its response.
+    def call(self, request: AdaptIK.Request | CompleteShape.Request,
+             timeout_s: float) -> AdaptIK.Response | CompleteShape.Response:
+        """Send a ready-made request (either service's) and wait for its response.
 
         Waits for the service first: a request sent before the server is discovered is lost.
 
         Raises:
             TimeoutError: no service, or no response within ``timeout_s``.
         """
-        if not self._client.wait_for_service(timeout_sec=timeout_s):
-            raise TimeoutError(f"{self._client.srv_name} is not available (is the node running, "
+        client = (self._shape_client if isinstance(request, CompleteShape.Request)
+                  else self._client)
+        if not client.wait_for_service(timeout_sec=timeout_s):
+            raise TimeoutError(f"{client.srv_name} is not available (is the node running, "
                                f"with the same ROS_DOMAIN_ID?)")
-        future = self._client.call_async(request)
+        future = client.call_async(request)
         self._executor.spin_until_future_complete(future, timeout_sec=timeout_s)
         if not future.done():
-            self._client.remove_pending_request(future)
-            raise TimeoutError(f"no response from {self._client.srv_name} in {timeout_s:.0f} s")
+            client.remove_pending_request(future)
+            raise TimeoutError(f"no response from {client.srv_name} in {timeout_s:.0f} s")
         return future.result()
 
     def adapt_ik(self, position: Sequence[float], obstacles: Sequence[Obstacle] = (),
@@ -86,6 +106,36 @@ class MaceClient:
                             rotation=rotation, num_solutions=num_solutions,
                             time_budget_s=time_budget_s, **overrides)
         return self.call(ik_request_to_msg(request, self.base_frame),
+                         timeout_s=time_budget_s + CALL_MARGIN_S)
+
+    def complete_shape(self, points=None, viewpoint=None, contacts=None, directions=None,
+                       prior: str = "boxes", num_completions: int = 8,
+                       time_budget_s: float = 5.0, frame_id: str = OBJECT_FRAME,
+                       **overrides) -> CompleteShape.Response:
+        """Ask for ``num_completions`` full shapes that explain one observation.
+
+        Give either ``points`` (a partial cloud, optionally with the camera's ``viewpoint``) or
+        ``contacts`` with ``directions``, in ``frame_id``: the prior's frame and units (boxes:
+        metres, standing on the xy plane centred on the z axis; see
+        ``models/shape_registry.yaml``). The completions come back in the same frame.
+
+        Args:
+            points: (P, 3) partial cloud.
+            viewpoint: (3,) camera position, or None.
+            contacts: (k, 3) fingertip contact points.
+            directions: (k, 3) finger motion directions.
+            prior: registry name of the prior.
+            num_completions: K.
+            time_budget_s: wall-clock budget of the request, s.
+            frame_id: frame of the observation (echoed on the completions).
+            **overrides: other :class:`~mace_core.shape_completion.ShapeCompletionRequest`
+                fields (finger_radius, iterations, seed).
+        """
+        request = ShapeCompletionRequest(prior=prior, points=points, viewpoint=viewpoint,
+                                         contacts=contacts, directions=directions,
+                                         num_completions=num_completions,
+                                         time_budget_s=time_budget_s, **overrides)
+        return self.call(shape_request_to_msg(request, frame_id),
                          timeout_s=time_budget_s + CALL_MARGIN_S)
 
     def close(self) -> None:
@@ -114,6 +164,27 @@ def format_solutions(response: AdaptIK.Response) -> str:
     return "\n".join(lines)
 
 
+def format_shape_response(response: CompleteShape.Response) -> str:
+    """A text table of a CompleteShape response: one row per completion (its score and the
+    extent of its bounding box in the observation's frame), then the stage timings."""
+    lines = [f"success: {response.success}  message: {response.message}"]
+    if not response.completions:
+        return lines[0]
+    frame = response.completions[0].header.frame_id
+    lines.append(f"{'#':>2} {'score':>6} {'points':>6}  bounding box extent x, y, z "
+                 f"(frame '{frame}')")
+    for i, (cloud, score) in enumerate(zip(response.completions, response.scores)):
+        pts = points_from_cloud(cloud)
+        extent = pts.max(axis=0) - pts.min(axis=0)
+        lines.append(f"{i + 1:>2} {score:>6.3f} {len(pts):>6}  "
+                     + " ".join(f"{v:.3f}" for v in extent))
+    lines.append(f"{response.iterations_run} MACE iterations")
+    lines.append(f"{'stage':<11} {'ms':>7}")
+    for stage in ("sampling", "adaptation", "total"):
+        lines.append(f"{stage:<11} {getattr(response, stage + '_time') * 1e3:>7.1f}")
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mace-client", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -131,13 +202,100 @@ def _parser() -> argparse.ArgumentParser:
     ik.add_argument("--seed", type=int)
     ik.add_argument("--service", default="/mace/adapt_ik")
     ik.add_argument("--wait", type=float, default=10.0, help="s to wait for the service")
+    shape = sub.add_parser(
+        "shape", help="call /mace/complete_shape on a partial cloud and print the completions",
+        description="The observation is a partial cloud of a random test box cut by a plane "
+                    "(--cut, boxes prior), a .npy file of points (--points), or the contacts of "
+                    "5 fingers on the box (--grasp). Coordinates are in the prior's frame.")
+    shape.add_argument("--prior", default="boxes", help="registry name of the shape prior")
+    shape.add_argument("--cut", choices=BOX_CUTS, default="random",
+                       help="which part of the box stays visible: top hides the top half, side "
+                            "one side of a vertical plane, random a random plane's far side")
+    shape.add_argument("--edges", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                       help="box edge lengths, m (default: random in 0.1-0.5 m)")
+    shape.add_argument("--box-seed", type=int, default=0, help="seeds the box and the cut")
+    shape.add_argument("--points", help=".npy file of a (P, 3) partial cloud, instead of a box")
+    shape.add_argument("--viewpoint", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                       help="camera position sent with --points")
+    shape.add_argument("--grasp", action="store_true",
+                       help="send the contacts of 5 fingers on the box (paper Sec. 4.1)")
+    shape.add_argument("--frame", default=OBJECT_FRAME, help="frame_id of the observation")
+    shape.add_argument("-k", "--num-completions", type=int, default=8)
+    shape.add_argument("--time-budget", type=float, default=5.0, help="s")
+    shape.add_argument("--iterations", type=int, help="MACE iterations T (0: prior only)")
+    shape.add_argument("--seed", type=int)
+    shape.add_argument("--png", help="draw the observation over the completions to this PNG")
+    shape.add_argument("--service", default="/mace/complete_shape")
+    shape.add_argument("--wait", type=float, default=10.0, help="s to wait for the service")
     return parser
 
 
+def _shape_observation(args: argparse.Namespace) -> tuple[dict, np.ndarray | None]:
+    """The observation fields of ``mace-client shape`` and the hidden truth (None for a file)."""
+    if args.points:
+        points = np.load(args.points)
+        obs = dict(points=points)
+        if args.viewpoint is not None:
+            obs["viewpoint"] = np.asarray(args.viewpoint, dtype=float)
+        return obs, None
+    case, observed = partial_box(args.cut, args.box_seed, TensorSpec(), edges=args.edges)
+    print(f"box edges {case.info['edges_m']} m, rotated {case.info['angle_rad']:.2f} rad about "
+          f"z; {'5-finger grasp' if args.grasp else f'{args.cut} cut'}: "
+          f"{len(observed) if not args.grasp else 5} "
+          f"{'contacts' if args.grasp else 'points'} sent")
+    if args.grasp:
+        directions = np.asarray(GRASP_DIRECTIONS)
+        contacts = grasp_contacts(case.dense, directions, BOX_FINGER_RADIUS_M)
+        return dict(contacts=contacts.numpy(), directions=directions,
+                    finger_radius=BOX_FINGER_RADIUS_M), case.truth.numpy()
+    return dict(points=observed.numpy()), case.truth.numpy()
+
+
+def _main_shape(args: argparse.Namespace, argv: list[str]) -> int:
+    try:
+        obs, truth = _shape_observation(args)
+    except (MaceError, OSError, ValueError) as exc:
+        print(f"mace-client: {exc}", file=sys.stderr)
+        return 2
+    overrides = {k: v for k, v in (("iterations", args.iterations), ("seed", args.seed))
+                 if v is not None}
+    rclpy.init(args=argv)
+    client = MaceClient(shape_service=args.service)
+    try:
+        if not client.wait(args.wait, shape=True):
+            print(f"mace-client: {args.service} is not available (is the node running, "
+                  f"with the same ROS_DOMAIN_ID?)", file=sys.stderr)
+            return 2
+        response = client.complete_shape(prior=args.prior, num_completions=args.num_completions,
+                                         time_budget_s=args.time_budget, frame_id=args.frame,
+                                         **obs, **overrides)
+        print(format_shape_response(response))
+        if args.png and response.completions:
+            from mace_ros.plotting import plot_shape_completions
+
+            clouds = np.stack([points_from_cloud(c) for c in response.completions])
+            observed = obs.get("points", obs.get("contacts"))
+            plot_shape_completions(args.png, clouds, list(response.scores), observed,
+                                   truth=truth, contact_directions=obs.get("directions"),
+                                   title=f"/mace/complete_shape, prior '{args.prior}': "
+                                         f"{response.message[:90]}")
+            print(f"wrote {args.png}")
+        return 0 if response.success else 1
+    except (TimeoutError, KeyboardInterrupt) as exc:
+        print(f"mace-client: {exc or 'interrupted'}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+        rclpy.try_shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``mace-client ik ...``: exit status 0 on success, 1 on a failed request, 2 otherwise."""
+    """``mace-client ik|shape ...``: exit status 0 on success, 1 on a failed request, 2
+    otherwise."""
     argv = sys.argv if argv is None else argv
     args = _parser().parse_args(remove_ros_args(argv)[1:])
+    if args.command == "shape":
+        return _main_shape(args, argv)
     try:
         scene = load_scene(args.scene) if args.scene else None
         if args.target is None and scene is None:

@@ -1,4 +1,5 @@
-"""The one place that knows ROS messages: AdaptIK requests and responses, markers, PointCloud2.
+"""The one place that knows ROS messages: AdaptIK and CompleteShape requests and responses,
+markers, PointCloud2.
 
 Data flows one way: message -> ``*_from_msg`` -> core dataclass -> core -> result ->
 ``*_to_msg`` -> message. Quaternions are (x, y, z, w) in ROS; they are turned into rotation
@@ -12,7 +13,8 @@ import math
 from typing import Sequence
 
 import numpy as np
-from geometry_msgs.msg import Point, Pose, PoseStamped, Quaternion
+import torch
+from geometry_msgs.msg import Point, Pose, PoseStamped, Quaternion, Vector3
 from sensor_msgs.msg import PointCloud2, PointField
 from shape_msgs.msg import SolidPrimitive
 from std_msgs.msg import ColorRGBA, Header
@@ -23,8 +25,9 @@ from mace_core.ik import IKAdaptResult, IKRequest, IKSolution, IKTimings
 from mace_core.kinematics import RobotKinematics
 from mace_core.refinement import matrix_to_quaternion_xyzw
 from mace_core.scenes import Obstacle, quaternion_xyzw_to_matrix
+from mace_core.shape_completion import ShapeCompletionRequest, ShapeCompletionResult
 from mace_ros.msg import CollisionObject, IKSolution as IKSolutionMsg
-from mace_ros.srv import AdaptIK
+from mace_ros.srv import AdaptIK, CompleteShape
 
 #: The robot's base frame: every pose of a request must be in it (there is no tf2 here).
 BASE_FRAME = "panda_link0"
@@ -402,9 +405,165 @@ def cloud_from_points(points: np.ndarray, header: Header) -> PointCloud2:
         is_dense=bool(np.isfinite(pts).all()))
 
 
+# ------------------------------------------------------------------------------------------------
+# CompleteShape request <-> ShapeCompletionRequest, ShapeCompletionResult <-> response
+# ------------------------------------------------------------------------------------------------
+
+def _cloud_given(cloud: PointCloud2) -> bool:
+    """Whether the request carries a cloud at all (a default PointCloud2 means "no cloud")."""
+    return bool(cloud.fields) or len(cloud.data) > 0 or cloud.width * cloud.height > 0
+
+
+def shape_request_from_msg(req: CompleteShape.Request) -> ShapeCompletionRequest:
+    """Convert a CompleteShape request: exactly one of a cloud or contacts with directions.
+
+    Coordinates pass through unchanged: the cloud (in ``cloud.header.frame_id``) or the contacts
+    (in ``contacts_frame``) must already be in the prior's frame and units (the core checks the
+    rest: prior name, K, budget, finite and non-zero vectors). -1 for iterations and seed, and 0
+    for finger_radius, take the node's default.
+
+    Raises:
+        InvalidRequestError: both or neither observation, an empty or malformed cloud, a point
+            with a NaN or inf coordinate, contacts and directions of different lengths, or
+            iterations / seed below -1.
+    """
+    has_cloud = _cloud_given(req.cloud)
+    has_contacts = bool(req.contact_points) or bool(req.contact_directions)
+    if has_cloud and has_contacts:
+        raise InvalidRequestError("give exactly one observation: a cloud or contact_points with "
+                                  "contact_directions, not both")
+    if not has_cloud and not has_contacts:
+        raise InvalidRequestError("no observation: the cloud is empty and there are no "
+                                  "contact_points; give exactly one of them")
+    if req.iterations < -1:
+        raise InvalidRequestError(f"iterations must be -1 (the node's default) or >= 0, got "
+                                  f"{req.iterations}")
+    if req.seed < -1:
+        raise InvalidRequestError(f"seed must be -1 (random) or >= 0, got {req.seed}")
+    common = dict(prior=req.prior, num_completions=int(req.num_completions),
+                  time_budget_s=float(req.time_budget),
+                  iterations=None if req.iterations == -1 else int(req.iterations),
+                  seed=None if req.seed == -1 else int(req.seed))
+    if has_cloud:
+        try:
+            points = points_from_cloud(req.cloud, skip_nans=False)
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(f"cloud: {exc}") from exc
+        if points.shape[0] == 0:
+            raise InvalidRequestError("cloud is empty (width * height = 0): send at least one "
+                                      "point, or contacts instead")
+        bad = int((~np.isfinite(points).all(axis=1)).sum())
+        if bad:
+            raise InvalidRequestError(f"cloud has {bad} of {points.shape[0]} points with a NaN or "
+                                      f"inf coordinate: remove them before sending")
+        viewpoint = None
+        if req.has_viewpoint:
+            viewpoint = _vector(_point(req.viewpoint), "viewpoint")
+        return ShapeCompletionRequest(points=points, viewpoint=viewpoint, **common)
+    if req.has_viewpoint:
+        raise InvalidRequestError("has_viewpoint is set but the observation is contacts: the "
+                                  "viewpoint belongs to a cloud")
+    if len(req.contact_points) != len(req.contact_directions):
+        raise InvalidRequestError(
+            f"{len(req.contact_points)} contact_points but {len(req.contact_directions)} "
+            f"contact_directions: give one direction per contact")
+    contacts = _vector([_point(p) for p in req.contact_points], "contact_points")
+    directions = _vector([_point(d) for d in req.contact_directions], "contact_directions")
+    radius = float(req.finger_radius)
+    return ShapeCompletionRequest(contacts=contacts, directions=directions,
+                                  finger_radius=None if radius == 0.0 else radius, **common)
+
+
+def shape_request_header(req: CompleteShape.Request) -> Header:
+    """Header of the answer's clouds: the observation's frame (the cloud's header, stamp
+    included, or ``contacts_frame``)."""
+    if _cloud_given(req.cloud):
+        return Header(frame_id=req.cloud.header.frame_id, stamp=req.cloud.header.stamp)
+    return Header(frame_id=req.contacts_frame)
+
+
+def shape_request_to_msg(request: ShapeCompletionRequest,
+                         frame_id: str = "") -> CompleteShape.Request:
+    """Build a CompleteShape request (the client's side); ``None`` fields become -1 / 0.
+
+    ``frame_id`` is the frame of the points or contacts (the prior's frame, see
+    ``models/shape_registry.yaml``).
+    """
+    msg = CompleteShape.Request()
+    if request.points is not None:
+        msg.cloud = cloud_from_points(_as_numpy(request.points), Header(frame_id=frame_id))
+        if request.viewpoint is not None:
+            x, y, z = (float(v) for v in _as_numpy(request.viewpoint).reshape(3))
+            msg.has_viewpoint, msg.viewpoint = True, Point(x=x, y=y, z=z)
+    if request.contacts is not None or request.directions is not None:
+        msg.contacts_frame = frame_id
+        msg.contact_points = [Point(x=float(x), y=float(y), z=float(z))
+                              for x, y, z in _as_numpy(request.contacts).reshape(-1, 3)]
+        msg.contact_directions = [Vector3(x=float(x), y=float(y), z=float(z))
+                                  for x, y, z in _as_numpy(request.directions).reshape(-1, 3)]
+        msg.finger_radius = float(request.finger_radius or 0.0)
+    msg.prior = request.prior
+    msg.num_completions = int(request.num_completions)
+    msg.time_budget = float(request.time_budget_s)
+    msg.iterations = -1 if request.iterations is None else int(request.iterations)
+    msg.seed = -1 if request.seed is None else int(request.seed)
+    return msg
+
+
+def _as_numpy(values) -> np.ndarray:
+    """A float64 array of a tensor or array-like (None: an empty ``(0, 3)``)."""
+    if values is None:
+        return np.zeros((0, 3))
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().double().numpy()
+    return np.asarray(values, dtype=float)
+
+
+def shape_result_message(result: ShapeCompletionResult) -> str:
+    """One line on a result: K, best score, iterations, time, then the core's notes."""
+    k = int(result.scores.shape[0])
+    best = f", best S = {float(result.scores[0]):.3f}" if k else ""
+    text = (f"{k} completions{best}, {result.iterations_run} MACE iterations in "
+            f"{result.total_time_s:.2f} s")
+    return "; ".join([text, *result.notes])
+
+
+def shape_result_to_msg(result: ShapeCompletionResult, header: Header,
+                        response: CompleteShape.Response) -> CompleteShape.Response:
+    """Fill ``response`` from a core result (best first), each completion a cloud in ``header``'s
+    frame, and return it."""
+    clouds = _as_numpy(result.completions)
+    response.success = clouds.shape[0] > 0
+    response.message = shape_result_message(result)
+    response.completions = [cloud_from_points(c, header) for c in clouds]
+    response.scores = [float(s) for s in _as_numpy(result.scores).reshape(-1)]
+    response.iterations_run = int(result.iterations_run)
+    response.sampling_time = float(result.sampling_time_s)
+    response.adaptation_time = float(result.adaptation_time_s)
+    response.total_time = float(result.total_time_s)
+    return response
+
+
+def shape_result_from_msg(response: CompleteShape.Response) -> ShapeCompletionResult:
+    """The client's view of a response: completions ``(K, P, 3)`` and scores ``(K,)`` as float64
+    tensors. The message carries neither the deadline flag (False here) nor the notes (the
+    message as the only note)."""
+    clouds = [points_from_cloud(c) for c in response.completions]
+    completions = (torch.as_tensor(np.stack(clouds)) if clouds
+                   else torch.zeros(0, 0, 3, dtype=torch.float64))
+    return ShapeCompletionResult(
+        completions=completions,
+        scores=torch.as_tensor(list(response.scores), dtype=torch.float64),
+        iterations_run=response.iterations_run, sampling_time_s=response.sampling_time,
+        adaptation_time_s=response.adaptation_time, total_time_s=response.total_time,
+        stopped_by_deadline=False, notes=[response.message] if response.message else [])
+
+
 __all__ = [
     "BASE_FRAME", "arm_points", "cloud_from_points", "fill_compute_ik_request",
     "ik_request_from_msg", "ik_request_to_msg", "ik_result_from_msg", "ik_result_to_msg",
     "joints_from_compute_ik", "markers_from_ik_result", "obstacles_from_msgs",
-    "obstacles_to_msgs", "points_from_cloud", "rank_color",
+    "obstacles_to_msgs", "points_from_cloud", "rank_color", "shape_request_from_msg",
+    "shape_request_header", "shape_request_to_msg", "shape_result_from_msg",
+    "shape_result_message", "shape_result_to_msg",
 ]

@@ -1,11 +1,16 @@
-"""``mace-demo``: start the mace node, ask it for IK solutions in the box scene, draw them.
+"""``mace-demo``: start the mace node, ask it for IK solutions in the box scene and for the
+completions of a partial box, draw both.
 
 1. starts ``python -m mace_ros.node --ros-args --params-file config/panda.yaml`` in its own
    process (its log goes to ``out/mace_node.log``) and waits for ``/mace/adapt_ik``;
 2. calls the service through a real ROS client with the scene's obstacles and a target at the
    centre of its target region, and prints the solutions and timings;
 3. writes ``out/ik_box.png`` (the arm of each solution, the scene's boxes and the target);
-4. stops the node (SIGINT, then SIGKILL if it does not exit).
+4. makes a test box (edges drawn from a seed training never used), keeps what a plane cut leaves
+   of it, calls ``/mace/complete_shape`` with that partial cloud (and once with 0 iterations, for
+   samples of the unadapted prior), prints the completions and writes ``out/shape_box.png`` (the
+   paper's Fig. 16: the observation over the hidden truth, prior samples and MACE's completions);
+5. stops the node (SIGINT, then SIGKILL if it does not exit).
 
 Without ROS_DOMAIN_ID set, the demo picks a private domain so that it talks to its own node.
 """
@@ -22,7 +27,7 @@ import time
 import numpy as np
 
 #: Seconds to wait for the node's service (the node loads its models and warms up first).
-SERVICE_WAIT_S = 30.0
+SERVICE_WAIT_S = 60.0
 
 
 def data_file(relative: str) -> str:
@@ -45,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-k", "--num-solutions", type=int, default=8)
     parser.add_argument("--time-budget", type=float, default=1.0, help="s")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shape-cut", default="random", choices=("top", "side", "random"),
+                        help="what the plane cut hides of the box: its top half, one side, or "
+                             "a random part")
+    parser.add_argument("--shape-k", type=int, default=8, help="K completions of the box")
+    parser.add_argument("--shape-budget", type=float, default=5.0, help="s")
     return parser
 
 
@@ -75,8 +85,55 @@ def _tail(path: str, lines: int = 20) -> str:
         return "".join(f.readlines()[-lines:])
 
 
+def complete_box(client, args: argparse.Namespace, num_samples: int) -> bool:
+    """Complete a partial test box through ``/mace/complete_shape``; draw it with 3 samples of
+    the prior (the node's ``shape.num_samples`` is ``num_samples``). True on success."""
+    from mace_core.shape_benchmark import partial_box
+    from mace_core.tensor import TensorSpec
+    from mace_ros.client import format_shape_response
+    from mace_ros.conversions import shape_result_from_msg
+    from mace_ros.plotting import plot_shape_completions
+
+    if not client.wait(SERVICE_WAIT_S, shape=True):
+        print("[demo] /mace/complete_shape is not offered (shape_priors empty?)", file=sys.stderr)
+        return False
+    case, observed = partial_box(args.shape_cut, args.seed, TensorSpec())
+    hidden = {"top": "its top half", "side": "one side", "random": "a random part"}
+    print(f"[demo] test box {case.info['edges_m']} m (x, y, z), rotated "
+          f"{case.info['angle_rad']:.2f} rad about z; a plane cut hides {hidden[args.shape_cut]}"
+          f": {len(observed)} of {len(case.dense)} points observed, frame 'object'")
+    obs = observed.numpy()
+    t0 = time.monotonic()
+    response = client.complete_shape(points=obs, prior="boxes", num_completions=args.shape_k,
+                                     time_budget_s=args.shape_budget, seed=args.seed)
+    print(f"[demo] response after {(time.monotonic() - t0) * 1e3:.0f} ms (round trip)")
+    print(format_shape_response(response))
+    # With 0 iterations and K = N the node answers all N prior draws (sorted by score): three
+    # of them, picked at random, are plain samples of the prior p(x; θ_0) (Fig. 16a).
+    prior = client.complete_shape(points=obs, prior="boxes", num_completions=num_samples,
+                                  iterations=0, time_budget_s=args.shape_budget, seed=args.seed)
+    if not (response.success and prior.success):
+        print(f"[demo] completion failed: {response.message} / prior samples: {prior.message}",
+              file=sys.stderr)
+        return False
+    result, prior_result = shape_result_from_msg(response), shape_result_from_msg(prior)
+    pick = np.sort(np.random.default_rng(args.seed).choice(len(prior_result.scores), 3,
+                                                           replace=False))
+    png = plot_shape_completions(
+        os.path.join(args.out, "shape_box.png"), result.completions.numpy(),
+        result.scores.tolist(), obs, prior_samples=prior_result.completions.numpy()[pick],
+        prior_scores=prior_result.scores.numpy()[pick].tolist(), truth=case.truth.numpy(),
+        title=f"/mace/complete_shape: a box with {hidden[args.shape_cut]} hidden "
+              f"(orange: observed points, grey: shape); edges "
+              f"{', '.join(f'{e:.2f}' for e in case.info['edges_m'])} m; "
+              f"{response.iterations_run} MACE iterations, {response.total_time:.1f} s")
+    print(f"[demo] wrote {png}")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the demo; exit status 0 when the node answered with collision-free solutions."""
+    """Run the demo; exit status 0 when the node answered with collision-free solutions and
+    shape completions."""
     args = _parser().parse_args(argv)
     if "ROS_DOMAIN_ID" not in os.environ:
         os.environ["ROS_DOMAIN_ID"] = str(os.getpid() % 90 + 10)
@@ -84,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     # ROS and torch are imported after the environment is set, for the node and this client.
     import rclpy
 
+    from mace_core.config import load_service_config
     from mace_core.kinematics import RobotKinematics
     from mace_core.scenes import load_scene
     from mace_core.tensor import TensorSpec
@@ -134,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                 [s.collision_free for s in result.solutions], scene.obstacles, target,
                 title=f"MACE IK in scene '{scene.name}': {response.message}", labels=labels)
             print(f"[demo] wrote {png}")
-        return 0 if response.success else 1
+        shape_ok = complete_box(client, args, load_service_config(params_file).shape.num_samples)
+        return 0 if response.success and shape_ok else 1
     except (TimeoutError, KeyboardInterrupt) as exc:
         print(f"[demo] {exc or 'interrupted'}", file=sys.stderr)
         return 1

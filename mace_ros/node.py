@@ -1,15 +1,17 @@
-"""The ``mace`` node: serves ``~/adapt_ik`` (collision-aware IK by MACE) and its markers.
+"""The ``mace`` node: serves ``~/adapt_ik`` (collision-aware IK by MACE) and its markers, and
+``~/complete_shape`` (shape completion by MACE-VAE).
 
 Everything is built once at start (device, kinematics, collision spheres, the IK prior, the
-adapter) and warmed up with one request; a missing or corrupt model stops the node with a clear
-error and exit status 1. Callbacks only convert (:mod:`mace_ros.conversions`), call the core and
-convert back.
+adapter, the shape priors named in ``shape_priors`` and their completer) and warmed up; a missing
+or corrupt model stops the node with a clear error and exit status 1. Callbacks only convert
+(:mod:`mace_ros.conversions`), call the core and convert back.
 
 Concurrency: the services run in a reentrant callback group on a multi-threaded executor, so every
-request is taken off the wire at once; a :class:`RequestGate` then serves them one at a time in
-arrival order (the adapter tunes the prior's weights in place). Above ``max_concurrent_waiting``
-waiting requests, a new one is answered at once with ``success = false``, "busy: N requests
-waiting".
+request is taken off the wire at once; one :class:`RequestGate`, shared by both services, then
+serves them one at a time in arrival order (the IK adapter tunes the prior's weights in place, and
+both are heavy). Above ``max_concurrent_waiting`` waiting requests, a new one is answered at once
+with ``success = false``, "busy: N requests waiting". Malformed requests are answered before
+queueing.
 
     python -m mace_ros.node --ros-args --params-file config/panda.yaml -p device:=cpu
 """
@@ -41,16 +43,21 @@ from mace_core.config import ServiceConfig
 from mace_core.errors import InvalidRequestError, MaceError
 from mace_core.ik import IKAdapter, IKRequest
 from mace_core.kinematics import RobotKinematics
+from mace_core.pointcloud_vae import ShapePrior, load_shape_priors
 from mace_core.refinement import IKTarget, Refiner
+from mace_core.shape_completion import (ShapeCompleter, ShapeCompletionConfig,
+                                        ShapeCompletionRequest)
 from mace_core.tensor import TensorSpec
 from mace_ros import conversions, params
 from mace_ros.params import ParameterError
-from mace_ros.srv import AdaptIK
+from mace_ros.srv import AdaptIK, CompleteShape
 
 #: A reachable target in free space, for the warm-up request (base frame, m).
 WARMUP_TARGET = (0.4, 0.0, 0.4)
 #: MoveIt planning group of the Panda arm (moveit_resources_panda).
 MOVEIT_GROUP = "panda_arm"
+#: The shape priors' registry, in the models folder.
+SHAPE_REGISTRY = "shape_registry.yaml"
 
 
 class BusyError(MaceError):
@@ -112,8 +119,12 @@ class MoveItRefiner:
         self.kin, self.service = RobotKinematics.panda(spec), service
         self.solver_timeout_s, self.call_timeout_s = solver_timeout_s, call_timeout_s
 
-    def refine(self, q0: torch.Tensor, target: IKTarget) -> torch.Tensor:
-        """Refine each row of ``q0 (B, 7)``; rows MoveIt fails on come back unchanged."""
+    def refine(self, q0: torch.Tensor, target: IKTarget, penalty=None,
+               deadline: float | None = None) -> torch.Tensor:
+        """Refine each row of ``q0 (B, 7)``; rows MoveIt fails on come back unchanged.
+
+        MoveIt is asked with ``avoid_collisions`` off (MACE re-checks every answer), so the
+        collision ``penalty`` is not used; no call starts after ``deadline``."""
         if not self._client.service_is_ready():
             raise InvalidRequestError(f"refinement 'moveit': MoveIt's {self.service} is not "
                                       f"available (is move_group running?)")
@@ -126,6 +137,8 @@ class MoveItRefiner:
         position = target.position.cpu().double().numpy()
         out = seeds.copy()
         for b, seed in enumerate(seeds):
+            if deadline is not None and time.perf_counter() >= deadline:
+                break
             request = conversions.fill_compute_ik_request(
                 self._request_type(), seed, self.kin.joint_names, position, rotations[b],
                 MOVEIT_GROUP, self.kin.ee_link, self.solver_timeout_s, self.kin.base_link)
@@ -154,7 +167,8 @@ def resolve_models_dir(models_dir: str) -> str:
 
 
 class MaceNode(Node):
-    """The node named ``mace``: ``~/adapt_ik`` service and ``~/ik_solutions`` markers."""
+    """The node named ``mace``: ``~/adapt_ik`` and ``~/complete_shape`` services,
+    ``~/ik_solutions`` markers."""
 
     def __init__(self, **kwargs):
         super().__init__("mace", **kwargs)
@@ -180,7 +194,10 @@ class MaceNode(Node):
             self._refiners["moveit"] = MoveItRefiner(
                 self, self.spec, self.config.ik.refinement.tracik_timeout)
         self._ik = self._build_ik(self.config)
+        self._shape_priors = self._load_shape_priors(self.config.shape_priors)
+        self._shape = self._build_shape(self.config.shape)
         warmup_s = self._warm_up()
+        shape_warmup_s = self._warm_up_shape()
 
         self._gate = RequestGate(self.config.max_concurrent_waiting)
         self.num_threads = self.config.max_concurrent_waiting + 3  # running + waiting + spare
@@ -192,16 +209,24 @@ class MaceNode(Node):
         self._adapt_ik_srv = self.create_service(
             AdaptIK, "~/adapt_ik", self._on_adapt_ik, qos_profile=requests_qos,
             callback_group=self._services_group)
+        self._complete_shape_srv = None
+        if self._shape is not None:
+            self._complete_shape_srv = self.create_service(
+                CompleteShape, "~/complete_shape", self._on_complete_shape,
+                qos_profile=requests_qos, callback_group=self._services_group)
         markers_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
                                  reliability=ReliabilityPolicy.RELIABLE,
                                  durability=DurabilityPolicy.TRANSIENT_LOCAL)
         self._markers = self.create_publisher(MarkerArray, "~/ik_solutions", markers_qos)
         self.add_on_set_parameters_callback(self._check_parameters)
         self.add_post_set_parameters_callback(self._apply_parameters)
+        shape = (f"{self._complete_shape_srv.service_name} with priors "
+                 f"{sorted(self._shape_priors)}, warm-up {shape_warmup_s:.1f} s"
+                 if self._complete_shape_srv else "no shape service (shape_priors is empty)")
         log.info(f"ready in {time.perf_counter() - t0:.1f} s: {self._adapt_ik_srv.service_name} "
                  f"on {self.spec.device}, IK prior '{self.config.ik_model}' from "
                  f"{self.models_dir}, {self._ik.checker.num_spheres} collision spheres, refiners "
-                 f"{sorted(self._ik.refiners)}, warm-up {warmup_s * 1e3:.0f} ms")
+                 f"{sorted(self._ik.refiners)}, warm-up {warmup_s * 1e3:.0f} ms; {shape}")
 
     def _build_ik(self, config: ServiceConfig) -> IKAdapter:
         """An adapter loaded from the models folder, whose defaults are valid requests.
@@ -234,6 +259,51 @@ class MaceNode(Node):
             adapter.config = defaults
         return time.perf_counter() - t0
 
+    def _load_shape_priors(self, names: str) -> dict[str, ShapePrior]:
+        """The priors named in ``shape_priors`` (comma-separated; empty: none).
+
+        Raises:
+            ModelLoadError: a name not in the registry, a missing or corrupt weights file.
+        """
+        wanted = [n.strip() for n in names.split(",") if n.strip()]
+        if not wanted:
+            return {}
+        return load_shape_priors(os.path.join(self.models_dir, SHAPE_REGISTRY), self.spec,
+                                 wanted)
+
+    def _build_shape(self, config: ShapeCompletionConfig) -> ShapeCompleter | None:
+        """A completer over the loaded priors (None without priors).
+
+        Raises:
+            ParameterError: shape.* values no request could be served with.
+        """
+        if not self._shape_priors:
+            return None
+        check_shape_config(config)
+        try:
+            return ShapeCompleter(self._shape_priors, config, self.spec)
+        except ValueError as exc:
+            raise ParameterError(f"invalid shape.* parameters: {exc}") from exc
+
+    def _warm_up_shape(self) -> float:
+        """Warm the completer up (each prior and observation kind); seconds taken.
+
+        A throw-away completer serves one tiny request first: the very first MACE-VAE call pays
+        torch's one-time costs (autograd, Adam), which would otherwise enter the real
+        completer's estimate of an iteration's duration and cut later requests' iterations.
+        """
+        if self._shape is None:
+            return 0.0
+        t0 = time.perf_counter()
+        name = next(iter(self._shape_priors))
+        primer = ShapeCompleter(self._shape_priors, self._shape.config, self.spec)
+        with torch.no_grad():
+            cloud = self._shape_priors[name].vae.sample(1, self.spec.generator(0))[0]
+        primer.complete(ShapeCompletionRequest(prior=name, points=cloud[:64], num_completions=1,
+                                               iterations=1, time_budget_s=60.0, seed=0))
+        self._shape.warmup()
+        return time.perf_counter() - t0
+
     # -- parameters at run time ------------------------------------------------------------------
 
     def _check_parameters(self, changed) -> SetParametersResult:
@@ -245,6 +315,7 @@ class MaceNode(Node):
             if mode != "none" and mode not in self._ik.refiners:
                 raise ParameterError(f"parameter 'ik.refinement_mode': refinement '{mode}' is "
                                      f"not available here")
+            check_shape_config(config.shape)
         except ParameterError as exc:
             return SetParametersResult(successful=False, reason=str(exc))
         return SetParametersResult(successful=True)
@@ -254,11 +325,15 @@ class MaceNode(Node):
         try:
             config = params.config_from_parameters(params.current_values(self))
             adapter = self._build_ik(config)
+            completer = (self._build_shape(config.shape) if config.shape != self.config.shape
+                         else self._shape)
         except MaceError as exc:
-            self.get_logger().error(f"parameters {names} set, but the IK defaults could not be "
-                                    f"rebuilt (still serving with the previous ones): {exc}")
+            self.get_logger().error(f"parameters {names} set, but the IK or shape defaults could "
+                                    f"not be rebuilt (still serving with the previous ones): "
+                                    f"{exc}")
             return
-        self.config, self._ik = config, adapter  # requests in flight keep the previous adapter
+        # requests in flight keep the previous adapter / completer
+        self.config, self._ik, self._shape = config, adapter, completer
         self.get_logger().info(f"parameters changed: {names}")
 
     # -- services ------------------------------------------------------------------------------
@@ -281,6 +356,31 @@ class MaceNode(Node):
         return (f"target {np.round(ik_request.position, 3).tolist()}, "
                 f"{len(ik_request.obstacles)} obstacles: {result.message}")
 
+    def _on_complete_shape(self, request: CompleteShape.Request,
+                           response: CompleteShape.Response) -> CompleteShape.Response:
+        return self._serve("complete_shape", self._complete_shape, request, response)
+
+    def _complete_shape(self, request: CompleteShape.Request,
+                        response: CompleteShape.Response) -> str:
+        completer = self._shape  # parameter changes swap in a new one; this request keeps its own
+        shape_request = conversions.shape_request_from_msg(request)
+        header = conversions.shape_request_header(request)
+        if shape_request.points is None:  # contacts carry no stamp: answer with the time now
+            header.stamp = self.get_clock().now().to_msg()
+        with self._gate.turn():
+            result = completer.complete(shape_request)
+        conversions.shape_result_to_msg(result, header, response)
+        if shape_request.points is not None:
+            n, limit = len(shape_request.points), completer.config.max_input_points
+            what = f"{n}-point cloud in '{header.frame_id}'"
+            if n > limit:
+                response.message += (f"; the cloud has {n} points, more than shape."
+                                     f"max_input_points = {limit}: a random subset of {limit} "
+                                     f"was used")
+        else:
+            what = f"{len(shape_request.contacts)} contacts in '{header.frame_id}'"
+        return f"prior '{shape_request.prior}', {what}: {response.message}"
+
     def _serve(self, name: str, handler: Callable[[object, object], str], request, response):
         """Run ``handler``; a failure answers a fresh response with success = false."""
         log = self.get_logger()
@@ -299,6 +399,32 @@ class MaceNode(Node):
         failed = type(response)()
         failed.success, failed.message = False, message
         return failed
+
+
+def check_shape_config(config: ShapeCompletionConfig) -> None:
+    """Reject shape.* values that no request could be served with (the MACE loop's own values
+    are checked by :class:`ShapeCompleter`).
+
+    Raises:
+        ParameterError: naming the first invalid parameter.
+    """
+    positive = ("num_samples", "gradient_steps", "pool_size", "chamfer_k", "one_sided_k",
+                "observation_points", "max_input_points", "candidate_points", "max_completions",
+                "temperature", "visibility_pixel", "learning_rate", "finger_radius")
+    for name in positive:
+        value = getattr(config, name)
+        if not (value > 0 and np.isfinite(value)):
+            raise ParameterError(f"parameter 'shape.{name}' must be > 0, got {value!r}")
+    for name in ("iterations", "visibility_depth_tolerance", "deadline_margin"):
+        value = getattr(config, name)
+        if not (value >= 0 and np.isfinite(value)):
+            raise ParameterError(f"parameter 'shape.{name}' must be >= 0, got {value!r}")
+    if not 0.0 < config.quantile <= 1.0:
+        raise ParameterError(f"parameter 'shape.quantile' must be in (0, 1], got "
+                             f"{config.quantile!r}")
+    if config.objective not in ("cem", "is"):
+        raise ParameterError(f"parameter 'shape.objective' must be 'cem' or 'is', got "
+                             f"{config.objective!r}")
 
 
 def main(args: list[str] | None = None) -> int:

@@ -1,8 +1,10 @@
-"""3D pictures of IK solutions in a scene, drawn with matplotlib on an Agg canvas.
+"""3D pictures of IK solutions in a scene and of shape completions, drawn with matplotlib.
 
-Only this module imports matplotlib. It draws arrays and obstacles; it knows no ROS message and
-no kinematics (:func:`mace_ros.conversions.arm_points` turns joint values into arm polylines).
-No pyplot and no global backend change: the figure is rendered straight to a PNG file.
+Only this module (and :mod:`mace_core.shape_plotting`) imports matplotlib. It draws arrays and
+obstacles; it knows no ROS message and no kinematics (:func:`mace_ros.conversions.arm_points`
+turns joint values into arm polylines). IK figures use no pyplot and no global backend change:
+they are rendered straight to a PNG file. Shape figures are the core's Fig. 16-style panels
+(:func:`mace_core.shape_plotting.plot_completions`, pyplot on Agg), titled and saved here.
 """
 
 from __future__ import annotations
@@ -134,4 +136,78 @@ def plot_ik_solutions(path: str, arms: np.ndarray, collision_free: Sequence[bool
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
+    return path
+
+
+def plot_shape_completions(path: str, completions: np.ndarray, scores: Sequence[float],
+                           observation: np.ndarray, prior_samples: np.ndarray | None = None,
+                           prior_scores: Sequence[float] | None = None,
+                           truth: np.ndarray | None = None,
+                           contact_directions: np.ndarray | None = None, title: str = "",
+                           columns: int = 4, dpi: int = 100, max_observation_points: int = 300,
+                           elev: float = 22.0, azim: float = -60.0) -> str:
+    """The observation (orange) over completions (grey), as the paper's Fig. 16; write a PNG.
+
+    Panels in order: the hidden truth (if given), the prior's samples (if given), then the
+    completions, each titled with what it is and its score S. Every panel has the same limits.
+
+    Args:
+        path: PNG file to write (folders are created).
+        completions: ``(K, P, 3)`` adapted completions, best first.
+        scores: ``(K,)`` their scores.
+        observation: ``(P', 3)`` partial cloud, or ``(k, 3)`` contacts with
+            ``contact_directions`` ``(k, 3)``.
+        prior_samples, prior_scores: ``(J, P, 3)`` / ``(J,)`` samples without adaptation.
+        truth: ``(Q, 3)`` the full shape the observation was taken from.
+        title: figure title.
+        columns: panels per row.
+        dpi: resolution of the PNG.
+        max_observation_points: a larger observed cloud is drawn as a random subset of this
+            size, so that the completions behind it stay visible.
+        elev, azim: view angles, degrees.
+
+    Returns:
+        ``path``.
+    """
+    import matplotlib.pyplot as plt
+
+    from mace_core.shape_plotting import plot_completions
+
+    completions = np.asarray(completions, dtype=float)
+    panels, labels = [], []
+    if truth is not None:
+        truth = np.asarray(truth, dtype=float)
+        panels.append(truth[None, : completions.shape[1]])
+        labels.append("hidden truth")
+    if prior_samples is not None and len(prior_samples):
+        panels.append(np.asarray(prior_samples, dtype=float))
+        labels += [f"prior #{i + 1}  S={s:.3f}" for i, s in enumerate(prior_scores or [])]
+    panels.append(completions)
+    labels += [f"MACE #{i + 1}  S={s:.3f}" for i, s in enumerate(scores)]
+    points = min(p.shape[1] for p in panels)
+    clouds = np.concatenate([p[:, :points] for p in panels])
+    observation = np.asarray(observation, dtype=float)
+    if contact_directions is None and len(observation) > max_observation_points:
+        # a dense observation would hide the completion behind it: draw an even subset
+        pick = np.random.default_rng(0).choice(len(observation), max_observation_points,
+                                               replace=False)
+        observation = observation[np.sort(pick)]
+    fig = plot_completions(clouds, observation=observation,
+                           contact_directions=contact_directions, title=title,
+                           columns=columns)
+    try:
+        for ax, label in zip(fig.axes, labels):
+            ax.set_title(label, fontsize=9, color="tab:blue" if label.startswith("MACE")
+                         else "0.2")
+            cloud = ax.collections[0]  # the completion, drawn first
+            cloud.set_color("0.25")
+            cloud.set_alpha(0.55)
+            cloud.set_sizes([2.0])
+            ax.view_init(elev=elev, azim=azim)
+        if title:  # keep the figure's title clear of the panels' titles
+            fig.tight_layout(rect=(0.0, 0.0, 1.0, 0.95))
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=dpi)
+    finally:
+        plt.close(fig)
     return path

@@ -19,11 +19,13 @@ from mace_core.errors import InvalidRequestError
 from mace_core.ik import IKAdaptResult, IKRequest, IKSolution, IKTimings
 from mace_core.kinematics import PANDA_JOINTS, RobotKinematics
 from mace_core.scenes import Obstacle, quaternion_xyzw_to_matrix
+from mace_core.shape_completion import (ShapeCompletionConfig, ShapeCompletionRequest,
+                                        ShapeCompletionResult)
 from mace_core.tensor import TensorSpec
 from mace_ros import conversions as conv
 from mace_ros import params
 from mace_ros.msg import CollisionObject
-from mace_ros.srv import AdaptIK
+from mace_ros.srv import AdaptIK, CompleteShape
 
 ROT_Z90 = np.asarray(quaternion_xyzw_to_matrix([0.0, 0.0, math.sqrt(0.5), math.sqrt(0.5)]))
 
@@ -411,3 +413,194 @@ def test_invalid_parameter_is_named(name, value, expected):
 def test_unknown_overrides_are_reported():
     assert params.unknown_overrides(["ik.mace.num_sample", "device", "use_sim_time"]) == [
         "ik.mace.num_sample"]
+
+
+# ------------------------------------------------------------------------------------------------
+# CompleteShape requests and responses
+# ------------------------------------------------------------------------------------------------
+
+def _shape_cloud_request(**kw) -> ShapeCompletionRequest:
+    pts = np.random.default_rng(2).uniform(-0.2, 0.2, size=(50, 3))
+    fields = dict(prior="boxes", points=pts, viewpoint=np.array([1.0, 0.5, 0.8]),
+                  num_completions=4, time_budget_s=2.5, iterations=3, seed=7)
+    fields.update(kw)
+    return ShapeCompletionRequest(**fields)
+
+
+def _shape_contacts_request(**kw) -> ShapeCompletionRequest:
+    fields = dict(prior="objects", contacts=np.eye(3) * 0.3, directions=-np.eye(3),
+                  finger_radius=0.05, num_completions=2, time_budget_s=1.0)
+    fields.update(kw)
+    return ShapeCompletionRequest(**fields)
+
+
+def test_shape_cloud_request_round_trip():
+    request = _shape_cloud_request()
+    msg = conv.shape_request_to_msg(request, "camera_optical")
+    assert msg.cloud.width == 50 and msg.has_viewpoint and not msg.contact_points
+    back = conv.shape_request_from_msg(msg)
+    np.testing.assert_allclose(back.points, request.points.astype(np.float32))
+    np.testing.assert_allclose(back.viewpoint, request.viewpoint)
+    assert back.contacts is None and back.directions is None
+    for name in ("prior", "num_completions", "time_budget_s", "iterations", "seed"):
+        assert getattr(back, name) == getattr(request, name), name
+    assert conv.shape_request_header(msg).frame_id == "camera_optical"
+
+
+def test_shape_request_defaults_travel_as_minus_one_and_zero():
+    msg = conv.shape_request_to_msg(_shape_contacts_request(finger_radius=None), "hand")
+    assert (msg.iterations, msg.seed, msg.finger_radius) == (-1, -1, 0.0)
+    assert msg.contacts_frame == "hand" and not msg.cloud.fields and not msg.has_viewpoint
+    back = conv.shape_request_from_msg(msg)
+    assert back.iterations is None and back.seed is None and back.finger_radius is None
+    assert back.points is None
+    np.testing.assert_allclose(back.contacts, np.eye(3) * 0.3)
+    np.testing.assert_allclose(back.directions, -np.eye(3))
+    assert conv.shape_request_header(msg).frame_id == "hand"
+
+
+def test_shape_request_keeps_a_given_finger_radius_and_zero_iterations():
+    back = conv.shape_request_from_msg(conv.shape_request_to_msg(
+        _shape_contacts_request(iterations=0, seed=0)))
+    assert back.finger_radius == pytest.approx(0.05)
+    assert (back.iterations, back.seed) == (0, 0)
+
+
+def test_shape_header_echoes_the_cloud_stamp():
+    msg = conv.shape_request_to_msg(_shape_cloud_request(), "cam")
+    msg.cloud.header.stamp.sec, msg.cloud.header.stamp.nanosec = 12, 34
+    header = conv.shape_request_header(msg)
+    assert (header.frame_id, header.stamp.sec, header.stamp.nanosec) == ("cam", 12, 34)
+
+
+def _add_contacts(msg):
+    contacts = conv.shape_request_to_msg(_shape_contacts_request())
+    msg.contact_points, msg.contact_directions = contacts.contact_points, \
+        contacts.contact_directions
+
+
+def _empty_cloud(msg):
+    msg.cloud = conv.cloud_from_points(np.zeros((0, 3)), Header(frame_id="cam"))
+
+
+def _no_observation(msg):
+    msg.cloud = PointCloud2()
+
+
+def _cloud_points(points):
+    def mutate(msg):
+        msg.cloud = conv.cloud_from_points(np.asarray(points, dtype=float), Header())
+    return mutate
+
+
+def _cloud_field(mutate_cloud):
+    def mutate(msg):
+        mutate_cloud(msg.cloud)
+    return mutate
+
+
+def _drop_z(cloud):
+    cloud.fields = [f for f in cloud.fields if f.name != "z"]
+
+
+def _short_point_step(cloud):
+    cloud.point_step = 8
+
+
+def _short_row_step(cloud):
+    cloud.row_step = 12
+
+
+def _truncated_data(cloud):
+    cloud.data = bytes(cloud.data)[:-3]
+
+
+SHAPE_BAD = [
+    ("both", _add_contacts, "not both"),
+    ("neither", _no_observation, "no observation"),
+    ("empty_cloud", _empty_cloud, "cloud is empty"),
+    ("nan_point", _cloud_points([[0.0, 0.1, 0.2], [math.nan, 0.0, 0.0]]),
+     "cloud has 1 of 2 points with a NaN or inf"),
+    ("inf_point", _cloud_points([[0.0, 0.1, math.inf]]), "NaN or inf"),
+    ("missing_z", _cloud_field(_drop_z), "cloud: point cloud has no field(s) ['z']"),
+    ("point_step", _cloud_field(_short_point_step), "does not fit in point_step 8"),
+    ("row_step", _cloud_field(_short_row_step), "row_step 12 is smaller"),
+    ("data_size", _cloud_field(_truncated_data), "expected row_step * height"),
+    ("nan_viewpoint", _set("viewpoint.x", math.nan), "viewpoint must be finite"),
+    ("iterations", _set("iterations", -2), "iterations must be -1"),
+    ("seed", _set("seed", -3), "seed must be -1"),
+]
+
+
+@pytest.mark.parametrize("mutate,expected", [b[1:] for b in SHAPE_BAD],
+                         ids=[b[0] for b in SHAPE_BAD])
+def test_bad_shape_cloud_request_raises_invalid_request(mutate, expected):
+    msg = conv.shape_request_to_msg(_shape_cloud_request(), "cam")
+    mutate(msg)
+    with pytest.raises(InvalidRequestError) as err:
+        conv.shape_request_from_msg(msg)
+    assert expected in str(err.value)
+
+
+def _drop_direction(msg):
+    msg.contact_directions = msg.contact_directions[:-1]
+
+
+SHAPE_CONTACT_BAD = [
+    ("fewer_directions", _drop_direction, "3 contact_points but 2 contact_directions"),
+    ("no_directions", _set("contact_directions", []), "3 contact_points but 0"),
+    ("viewpoint", _set("has_viewpoint", True), "viewpoint belongs to a cloud"),
+    ("nan_contact", _set("contact_points.1.y", math.nan), "contact_points must be finite"),
+]
+
+
+@pytest.mark.parametrize("mutate,expected", [b[1:] for b in SHAPE_CONTACT_BAD],
+                         ids=[b[0] for b in SHAPE_CONTACT_BAD])
+def test_bad_shape_contacts_request_raises_invalid_request(mutate, expected):
+    msg = conv.shape_request_to_msg(_shape_contacts_request(), "hand")
+    mutate(msg)
+    with pytest.raises(InvalidRequestError) as err:
+        conv.shape_request_from_msg(msg)
+    assert expected in str(err.value)
+
+
+def _shape_result(k: int = 3) -> ShapeCompletionResult:
+    clouds = torch.arange(k * 20 * 3, dtype=torch.float32).reshape(k, 20, 3) / 100.0
+    return ShapeCompletionResult(
+        completions=clouds, scores=torch.linspace(0.9, 0.5, k), iterations_run=5,
+        sampling_time_s=0.25, adaptation_time_s=0.5, total_time_s=0.8,
+        stopped_by_deadline=True, notes=["time budget reached after 5 of 12 iterations"])
+
+
+def test_shape_result_to_msg_and_back():
+    result = _shape_result()
+    header = Header(frame_id="camera_optical")
+    header.stamp.sec = 5
+    response = conv.shape_result_to_msg(result, header, CompleteShape.Response())
+    assert response.success
+    assert response.message.startswith("3 completions, best S = 0.900, 5 MACE iterations")
+    assert "time budget reached" in response.message
+    assert [c.header.frame_id for c in response.completions] == ["camera_optical"] * 3
+    assert all(c.header.stamp.sec == 5 and c.width == 20 for c in response.completions)
+    assert response.scores == pytest.approx([0.9, 0.7, 0.5])
+    assert (response.iterations_run, response.sampling_time, response.adaptation_time,
+            response.total_time) == (5, 0.25, 0.5, pytest.approx(0.8))
+    back = conv.shape_result_from_msg(response)
+    np.testing.assert_allclose(back.completions.numpy(), result.completions.numpy(), atol=1e-7)
+    np.testing.assert_allclose(back.scores.numpy(), result.scores.numpy(), atol=1e-7)
+    assert back.iterations_run == 5 and back.notes == [response.message]
+
+
+def test_empty_shape_result_is_a_failure():
+    result = _shape_result(0)
+    result.completions = torch.zeros(0, 20, 3)
+    response = conv.shape_result_to_msg(result, Header(), CompleteShape.Response())
+    assert not response.success and not response.completions
+    assert conv.shape_result_from_msg(response).completions.shape[0] == 0
+
+
+def test_shape_parameters_map_one_to_one():
+    defaults = params.parameter_defaults()
+    shape = {k for k in defaults if k.startswith("shape.")}
+    assert shape == {f"shape.{name}" for name in to_flat(ShapeCompletionConfig())}
+    assert load_service_config("config/panda.yaml").shape == ShapeCompletionConfig()

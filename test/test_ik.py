@@ -86,7 +86,7 @@ BAD = [
     (dict(obstacles=[Obstacle(name="b", kind="box", size=(0.1, -0.1, 0.1),
                               position=(0.5, 0.0, 0.2))]), "size"),
     (dict(obstacles=[Obstacle(name="b", kind="box", size=(0.1, 0.1),
-                              position=(0.5, 0.0, 0.2))]), "dimension"),
+                              position=(0.5, 0.0, 0.2))]), "box size must be 3 numbers"),
 ]
 
 

@@ -31,8 +31,8 @@ class Gaussian:
 
 def score(x):
     """0 outside the half-plane x0 > 2 (a 'collision'), else closeness to (3, 0)."""
-    return torch.where(x[:, 0] > 2.0, torch.exp(-(x - torch.tensor([3.0, 0.0],
-                                                                    dtype=x.dtype)).norm(dim=-1)),
+    goal = torch.tensor([3.0, 0.0], dtype=x.dtype)
+    return torch.where(x[:, 0] > 2.0, torch.exp(-(x - goal).norm(dim=-1)),
                        torch.zeros(len(x), dtype=x.dtype))
 
 

@@ -1,0 +1,117 @@
+"""``mace-bench shape``: a smoke run of the CLI (tiny settings) and the benchmark's helpers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mace_core.shape_benchmark import (GRASP_DIRECTIONS, GRASP_OOD_DIRECTIONS, METHODS, MODES,
+                                       box_cases, camera_view, chamfer_to, grasp_contacts,
+                                       mean_pairwise_chamfer, object_cases, partial_box,
+                                       plane_cut, random_viewpoint, symmetric_chamfer, top_cut)
+from mace_core.shape_observations import REFERENCE_POINTS, chamfer_k
+from mace_core.tensor import TensorSpec
+from mace_ros import bench
+
+SPEC = TensorSpec()
+METRICS = {"mean_score", "mean_chamfer_to_truth", "mean_pairwise_chamfer", "median_time_s"}
+
+
+def test_bench_shape_cli_writes_the_report(tmp_path, capsys):
+    path = tmp_path / "shape.json"
+    status = bench.main(["shape", "--prior", "boxes", "--cases", "2", "-k", "2", "--budget",
+                         "1.0", "--iterations", "2", "--seed", "0", "--threads", "0", "--json",
+                         str(path)])
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "MACE / prior Chamfer" in out and "random_cut" in out
+    report = json.loads(path.read_text())
+    assert set(report["methods"]) == set(METHODS)
+    for summary in report["methods"].values():
+        assert METRICS <= set(summary)
+        assert 0.0 <= summary["mean_score"] <= 1.0
+        assert summary["mean_chamfer_to_truth"] > 0.0 and summary["mean_pairwise_chamfer"] >= 0
+    assert set(report["modes"]) == set(MODES["boxes"])
+    for body in report["modes"].values():
+        assert set(body["methods"]) == set(METHODS)
+        assert all(METRICS <= set(m) for m in body["methods"].values())
+    assert len(report["cases"]) == 2 * len(MODES["boxes"])
+    case = report["cases"][0]
+    assert {"case", "mode", "edges_m", "observed_points", "methods"} <= set(case)
+    assert set(case["methods"]) == set(METHODS)
+    assert all(c["methods"]["mace"]["iterations"] <= 2 for c in report["cases"])
+    assert all(c["methods"]["prior"]["iterations"] == 0 for c in report["cases"])
+    assert {"chamfer_ratio_mace_to_prior", "time_ok"} <= set(report["targets"]["top_cut"])
+
+
+def test_bench_shape_rejects_an_unknown_mode(capsys):
+    assert bench.main(["shape", "--prior", "boxes", "--modes", "view", "--no-warmup"]) == 2
+    assert "modes ['view'] unknown for 'boxes'" in capsys.readouterr().err
+
+
+def test_plane_cuts_keep_what_they_say():
+    case = box_cases(1, 0, 2048, 4096, SPEC)[0]
+    kept = plane_cut(case.dense, torch.tensor([0.3, -0.2, 0.9]), 0.4)
+    assert abs(len(kept) / len(case.dense) - 0.4) < 0.01
+    low = top_cut(case.dense)
+    height = float(case.dense[:, 2].max())
+    assert float(low[:, 2].max()) <= 0.5 * height + 1e-6
+    assert math.isclose(case.info["edges_m"][2], height, rel_tol=0.02)
+    for cut in ("top", "side", "random"):
+        box, observed = partial_box(cut, 4, SPEC)
+        assert 0.2 * len(box.dense) < len(observed) < 0.8 * len(box.dense), cut
+
+
+def test_test_boxes_are_not_the_training_draw():
+    """Training draws its boxes from generator seeds 1000-3000 (seed 0): these differ."""
+    from mace_core.shape_data import random_box_edges
+
+    ours = torch.tensor([c.info["edges_m"] for c in box_cases(5, 0, 16, 16, SPEC)])
+    for seed in (1000, 2000):
+        theirs = random_box_edges(5, SPEC.generator(seed))
+        assert not torch.allclose(ours, theirs, atol=1e-3)
+
+
+def test_grasp_contacts_lie_on_the_fingers_lines():
+    case = box_cases(1, 1, 2048, 4096, SPEC)[0]
+    for directions in (GRASP_DIRECTIONS, GRASP_OOD_DIRECTIONS):
+        d = torch.tensor(directions)
+        contacts = grasp_contacts(case.dense, d, 0.02)
+        assert contacts.shape == (5, 3)
+        along = (contacts * -d).sum(-1)
+        radial = (contacts.norm(dim=-1) ** 2 - along ** 2).clamp_min(0).sqrt()
+        assert (radial <= 0.02 + 1e-6).all() and (along > 0.0).all()
+    assert GRASP_DIRECTIONS[4] == (1.0, 0.0, 0.0) and GRASP_OOD_DIRECTIONS[4] == (-1.0, 0.0, 0.0)
+
+
+def test_chamfer_metrics_match_the_core_definition():
+    gen = torch.Generator().manual_seed(0)
+    clouds = torch.rand(3, 300, 3, generator=gen)
+    truth = torch.rand(400, 3, generator=gen)
+    expected = chamfer_k(clouds, truth, k=1) / REFERENCE_POINTS
+    torch.testing.assert_close(chamfer_to(clouds, truth, chunk=2), expected, rtol=1e-4,
+                               atol=1e-7)
+    pairs = [float(symmetric_chamfer(clouds[i:i + 1], clouds[j:j + 1]))
+             for i in range(3) for j in range(i + 1, 3)]
+    assert mean_pairwise_chamfer(clouds) == pytest.approx(np.mean(pairs), rel=1e-5)
+    assert mean_pairwise_chamfer(clouds[:1]) == 0.0
+    assert float(symmetric_chamfer(clouds[:1], clouds[:1])) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_held_out_object_and_its_camera_view():
+    pytest.importorskip("pybullet_data")
+    pytest.importorskip("trimesh")
+    case = object_cases(1, 0, 2048, 4096, SPEC)[0]
+    assert case.info["mesh"].startswith("random_urdfs/") and case.truth.shape == (2048, 3)
+    assert int(case.info["mesh"].split("/")[1]) % 10 == 0  # every 10th mesh is held out
+    assert float(case.dense.norm(dim=-1).max()) <= 0.5 + 1e-4  # the diameter-1 ball
+    view = random_viewpoint(SPEC.generator(0), 1.5)
+    assert view.norm().item() == pytest.approx(1.5)
+    seen = camera_view(case.dense, view, 0.03, 0.03)
+    assert 0.15 * len(case.dense) < len(seen) < 0.75 * len(case.dense)
+    # the camera sees the side facing it
+    assert float((seen.mean(0) - case.dense.mean(0)) @ view.to(seen)) > 0.0
