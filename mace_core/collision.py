@@ -21,6 +21,7 @@ free of obstacles. Conventions shared by both (see ``config/scenes/README.md``):
 from __future__ import annotations
 
 import base64
+import math
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -32,8 +33,7 @@ import torch
 import yaml
 
 from .errors import InvalidRequestError, ModelLoadError
-from .kinematics import (PANDA_BASE, PANDA_FINGERS, PANDA_JOINTS, RobotKinematics, URDFModel,
-                         panda_urdf_path)
+from .kinematics import PANDA_FINGERS, PANDA_JOINTS, RobotKinematics, URDFModel, panda_urdf_path
 from .scenes import Obstacle
 from .tensor import TensorSpec
 
@@ -86,10 +86,6 @@ def self_collision_link_pairs(urdf: URDFModel, links: Sequence[str]) -> list[tup
     return [(a, b) for a, b in combinations(geometric, 2) if frozenset((a, b)) not in adjacent]
 
 
-# ----------------------------------------------------------------------------------------------
-# Robot spheres
-# ----------------------------------------------------------------------------------------------
-
 def joints_between(urdf: URDFModel, ancestor: str, link: str) -> list[str] | None:
     """Actuated (revolute or continuous) joints on the chain from ``ancestor`` down to ``link``,
     root first; None when ``ancestor`` is not an ancestor of ``link``."""
@@ -100,6 +96,10 @@ def joints_between(urdf: URDFModel, ancestor: str, link: str) -> list[str] | Non
     below = chain[parents.index(ancestor):]
     return [j.name for j in below if j.kind in ("revolute", "continuous")]
 
+
+# ----------------------------------------------------------------------------------------------
+# Robot spheres
+# ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, eq=False)
 class PairTable:
@@ -190,7 +190,9 @@ class RobotSpheres:
         and free-form ``metadata``."""
         by_link: dict[str, list[list[float]]] = {}
         for name, c, r in zip(self.links, self.centers, self.radii):
-            by_link.setdefault(name, []).append([round(float(v), 6) for v in (*c, r)])
+            # Micrometres; the radius rounded up past the centre's rounding (still covering).
+            radius = math.ceil((float(r) + 1e-6) * 1e6) / 1e6
+            by_link.setdefault(name, []).append([round(float(v), 6) for v in c] + [radius])
         doc = {"metadata": self.metadata, "links": by_link,
                "never_colliding": [list(p) for p in self.never_colliding],
                "tables": [t.to_dict() for t in self.tables]}
@@ -691,7 +693,9 @@ class PyBulletCollisionChecker:
         cid = self.client
         self.robot = p.loadURDF(urdf_path, useFixedBase=True, flags=p.URDF_USE_SELF_COLLISION,
                                 physicsClientId=cid)
-        link_index = {PANDA_BASE: -1}
+        children = {j.child for j in self.urdf.joints.values()}
+        base = next(name for name in self.urdf.links if name not in children)
+        link_index = {base: -1}
         joint_index = {}
         self.lower, self.upper = np.zeros(len(PANDA_JOINTS)), np.zeros(len(PANDA_JOINTS))
         for i in range(p.getNumJoints(self.robot, physicsClientId=cid)):

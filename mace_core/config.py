@@ -116,6 +116,7 @@ class ServiceConfig:
     """Everything the mace node is configured with (``config/panda.yaml``)."""
 
     device: str = "auto"  #: "auto", "cpu" or "cuda[:N]"
+    torch_threads: int = 1  #: torch's CPU threads; 1 beats 2 on a 2-core machine (0: default)
     models_dir: str = ""  #: folder of the model registry; empty: the package's models/
     ik_model: str = "panda_ik"  #: registry name of the IK prior
     shape_priors: str = "boxes,objects"  #: comma-separated registry names of shape priors to load

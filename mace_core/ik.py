@@ -81,21 +81,24 @@ class IKAdaptConfig:
             value = getattr(lim, name)
             check(math.isfinite(value) and value > 0, f"limits.{name}", "> 0", value)
         check(1 <= self.num_solutions <= lim.max_solutions, "num_solutions",
-              f"in [1, {lim.max_solutions}]", self.num_solutions)
+              f"in [1, limits.max_solutions = {lim.max_solutions}]", self.num_solutions)
         check(math.isfinite(self.time_budget_s) and 0 < self.time_budget_s
               <= lim.max_time_budget_s, "time_budget_s", f"in (0, {lim.max_time_budget_s}] s",
               self.time_budget_s)
-        check(self.refinement_mode in REFINEMENTS, "refinement", f"one of {REFINEMENTS}",
+        check(self.refinement_mode in REFINEMENTS, "refinement_mode", f"one of {REFINEMENTS}",
               self.refinement_mode)
         check(self.refine_seeds >= 1, "refine_seeds", ">= 1", self.refine_seeds)
         for name in ("seed_radius_m", "min_joint_distance", "refine_reserve_s"):
             value = getattr(self, name)
             check(math.isfinite(value) and value >= 0, name, ">= 0", value)
-        check(self.mace.num_samples <= lim.max_samples, "num_samples",
-              f"at most {lim.max_samples}", self.mace.num_samples)
-        check(self.mace.iterations <= lim.max_iterations, "iterations",
-              f"at most {lim.max_iterations}", self.mace.iterations)
-        self.mace.validate()
+        check(self.mace.num_samples <= lim.max_samples, "mace.num_samples",
+              f"at most limits.max_samples = {lim.max_samples}", self.mace.num_samples)
+        check(self.mace.iterations <= lim.max_iterations, "mace.iterations",
+              f"at most limits.max_iterations = {lim.max_iterations}", self.mace.iterations)
+        try:
+            self.mace.validate()
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(f"mace.{exc}") from exc
         check(ref.max_iterations >= 1, "refinement.max_iterations", ">= 1", ref.max_iterations)
         for name in ("damping", "max_step", "position_tolerance", "orientation_weight",
                      "tracik_timeout"):

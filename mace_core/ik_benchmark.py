@@ -20,6 +20,7 @@ Two protocols:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
@@ -33,7 +34,7 @@ from .collision import PyBulletCollisionChecker
 from .errors import InvalidRequestError
 from .ik import IKAdaptConfig, IKAdapter, IKRequest
 from .kinematics import RobotKinematics, panda_urdf_path
-from .refinement import matrix_to_quaternion_xyzw
+from .rotations import matrix_to_quaternion_xyzw
 from .scenes import Scene
 from .tensor import TensorSpec
 
@@ -515,7 +516,27 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
             log(f"[{scene.name}] {method}: done")
     finally:
         judge.close()
-    return dict(targets=targets.round(9).tolist(), methods=methods)
+    report = dict(targets=targets.round(9).tolist(), methods=methods)
+    if "mace_refine" in methods and "tracik_restarts" in methods:
+        report["comparison"] = compare(methods["mace_refine"], methods["tracik_restarts"])
+    return report
+
+
+def compare(mace: dict, tracik: dict) -> dict:
+    """The issue's acceptance figures: ``mace_refine`` against ``tracik_restarts``.
+
+    ``time_ratio``: median time of mace_refine over the median time of the TRAC-IK restarts to K
+    valid solutions (the issue asks <= 0.5, on cabinet <= 0.25); ``diversity_ratio``: mean
+    pairwise joint distance of mace_refine over TRAC-IK's (asks >= 0.9); ``mace_success``: share
+    of targets where mace_refine returned a valid solution (asks 1.0).
+    """
+    t = tracik["median_time_s"]
+    d = tracik["mean_pairwise_joint_distance_rad"]
+    return dict(time_ratio=mace["median_time_s"] / t if t > 0 else float("nan"),
+                diversity_ratio=(mace["mean_pairwise_joint_distance_rad"] / d
+                                 if d and d > 0 else float("nan")),
+                mace_success=mace["success_rate"], mace_k_success=mace["k_success_rate"],
+                tracik_k_success=tracik["k_success_rate"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -591,7 +612,7 @@ def table1_service_config(service: IKAdaptConfig) -> IKAdaptConfig:
 
 
 def run_benchmark(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
-                  urdf_text: str | None = None,
+                  urdf_text: str | None = None, models_dir: str | None = None,
                   log: Callable[[str], None] = lambda _s: None) -> dict:
     """Run the configured protocol on ``scene``; returns the JSON-ready report.
 
@@ -600,19 +621,46 @@ def run_benchmark(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
     see :class:`MethodSummary`, or the table1 figures).
     """
     cfg.validate()
+    env = environment(models_dir)  # digests before the run; the load average after it
     if cfg.protocol == "table1":
         body = run_table1(adapter, scene, cfg, log)
     else:
         body = run_requests(adapter, scene, cfg, urdf_text, log)
+    env["load_average_1m"] = environment()["load_average_1m"]
     return dict(scene=scene.name, protocol=cfg.protocol, config=asdict(cfg),
-                service=asdict(adapter.config), environment=environment(), **body)
+                service=asdict(adapter.config), environment=env, **body)
 
 
-def environment() -> dict:
-    """Where the timings were taken (for the JSON report)."""
+#: Core sources whose content the report's ``environment.core_sha256`` identifies.
+_CORE_SOURCES = ("ik.py", "mace.py", "refinement.py", "collision.py", "kinematics.py",
+                 "ik_prior.py", "ik_benchmark.py")
+
+
+def file_digest(paths: Sequence[str]) -> str:
+    """First 16 hex digits of the SHA-256 of the files' contents, in order (missing: skipped)."""
+    h = hashlib.sha256()
+    for path in paths:
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def environment(models_dir: str | None = None) -> dict:
+    """Where and with what the timings were taken (for the JSON report): CPU, torch threads, the
+    load average when the run ended, and digests of the IK core's sources and of the models
+    folder's weights and spheres, so a report can be tied to the code and models it measured."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return dict(cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                torch_version=torch.__version__, load_average_1m=load[0])
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+               torch_version=torch.__version__, load_average_1m=load[0],
+               core_sha256=file_digest([os.path.join(here, n) for n in _CORE_SOURCES]))
+    if models_dir:
+        env["models_sha256"] = file_digest(
+            [os.path.join(models_dir, n) for n in sorted(os.listdir(models_dir))
+             if n.endswith((".safetensors", "spheres.yaml", "registry.yaml"))
+             and not n.startswith("shape")])
+    return env
 
 
 # ----------------------------------------------------------------------------------------------
@@ -629,8 +677,11 @@ def format_table(report: dict) -> str:
     """The report as a text table (one row per method)."""
     methods = report["methods"]
     k = report["config"]["num_solutions"]
-    head = f"scene {report['scene']}, {len(report['targets'])} targets, protocol " \
-           f"{report['protocol']}, load {report['environment']['load_average_1m']:.1f}"
+    env = report["environment"]
+    head = (f"scene {report['scene']}, {len(report['targets'])} targets, protocol "
+            f"{report['protocol']}, load {env['load_average_1m']:.1f}, torch threads "
+            f"{env['torch_threads']}, core {env['core_sha256']}, models "
+            f"{env.get('models_sha256', '-')}")
     if report["protocol"] == "table1":
         lines = [head, f"{'method':<8} {'valid frac':>14} {'score':>14} {'adapt med s':>11} "
                        f"{'adapt max s':>11} {'iters':>6}"]
@@ -655,6 +706,11 @@ def format_table(report: dict) -> str:
             f"{_fmt(m['valid_fraction_prior'], digits=2):>6} "
             f"{_fmt(m['valid_fraction_adapted'], digits=2):>6} "
             f"{_fmt(m['mean_iterations'], digits=1):>5}")
+    if "comparison" in report:
+        c = report["comparison"]
+        lines.append(f"mace_refine vs tracik_restarts: time ratio {c['time_ratio']:.2f} (median "
+                     f"over median), diversity ratio {c['diversity_ratio']:.2f}, K-success "
+                     f"{c['mace_k_success']:.2f} vs {c['tracik_k_success']:.2f}")
     lines.append(f"succ: share of targets with >= 1 valid solution (PyBullet exact, within "
                  f"{report['config']['position_tolerance'] * 1e3:g} mm); succK: with K={k}; "
                  f"med/p90 s: time until K valid or give-up; 1st: time to the first valid one "

@@ -135,7 +135,8 @@ def adapt(model: AdaptiveModel, score: ScoreFn, config: MACEConfig, generator: t
         score: maps samples ``(N, ...)`` to scores S(o_i, o) in [0, 1]: ``(N,)``.
         config: N, q, M, T, learning rate and objective.
         generator: random source for sampling (seeded by the caller for reproducibility).
-        deadline: ``time.perf_counter()`` value after which no new iteration starts.
+        deadline: ``time.perf_counter()`` value by which the loop should end: an iteration
+            starts only if the mean duration of the previous ones says it ends before it.
         first_batch: samples ``(N, ...)`` already drawn from the unadapted model and their scores
             ``(N,)``, used as the first iteration's batch instead of drawing a new one.
         stop_when: called with the pool (samples, scores) after each iteration; returning True ends
@@ -154,8 +155,10 @@ def adapt(model: AdaptiveModel, score: ScoreFn, config: MACEConfig, generator: t
     optimizer = (torch.optim.Adam(params, lr=config.learning_rate, fused=True)
                  if config.iterations else None)
     stopped = False
-    for _ in range(config.iterations):
-        if deadline is not None and time.perf_counter() >= deadline:
+    for it in range(config.iterations):
+        # No iteration starts that its measured mean duration says would end past the deadline.
+        expected = (time.perf_counter() - start) / it if it else 0.0
+        if deadline is not None and time.perf_counter() + expected >= deadline:
             stopped = True
             break
         if first_batch is not None:

@@ -325,14 +325,7 @@ def observe(case: ShapeCase, mode: str, generator: torch.Generator, length_scale
 # ----------------------------------------------------------------------------------------------
 
 def warm_up(completer: ShapeCompleter) -> None:
-    """Warm ``completer`` up; a throw-away completer takes torch's one-time costs first, so that
-    they do not enter ``completer``'s estimate of an iteration's duration."""
-    name, prior = next(iter(completer.priors.items()))
-    with torch.no_grad():
-        cloud = prior.vae.sample(1, completer.spec.generator(0))[0]
-    primer = ShapeCompleter(completer.priors, completer.config, completer.spec)
-    primer.complete(ShapeCompletionRequest(prior=name, points=cloud[:64], num_completions=1,
-                                           iterations=1, time_budget_s=60.0, seed=0))
+    """Warm ``completer`` up (its own warm-up drops the cold first pass's timings)."""
     completer.warmup()
 
 

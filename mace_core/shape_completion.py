@@ -181,17 +181,20 @@ class ShapeCompleter:
         This pays first-call overheads and measures the iteration time that keeps answers
         within their time budget.
         """
-        for name, prior in self.priors.items():
-            with torch.no_grad():
-                cloud = prior.vae.sample(1, self.spec.generator(0))[0]
-            half = cloud[: cloud.shape[0] // 2]
-            centre = cloud.mean(dim=0)
-            far = centre + 3.0 * prior.vae.config.length_scale
-            directions = torch.eye(3, device=self.spec.device, dtype=self.spec.dtype)
-            for extra in (dict(points=half), dict(points=half, viewpoint=far),
-                          dict(contacts=cloud[:3], directions=directions)):
-                self.complete(ShapeCompletionRequest(prior=name, num_completions=1,
-                                                     iterations=2, seed=0, **extra))
+        for warm in (False, True):  # the first pass is cold: its iteration times are dropped
+            self._iteration_s.clear()
+            for name, prior in self.priors.items():
+                with torch.no_grad():
+                    cloud = prior.vae.sample(1, self.spec.generator(0))[0]
+                half = cloud[: cloud.shape[0] // 2]
+                centre = cloud.mean(dim=0)
+                far = centre + 3.0 * prior.vae.config.length_scale
+                directions = torch.eye(3, device=self.spec.device, dtype=self.spec.dtype)
+                for extra in (dict(points=half), dict(points=half, viewpoint=far),
+                              dict(contacts=cloud[:3], directions=directions)):
+                    self.complete(ShapeCompletionRequest(
+                        prior=name, num_completions=1, iterations=2, seed=0,
+                        time_budget_s=60.0, **extra))
 
     # -- validation ---------------------------------------------------------------------------
 
@@ -339,6 +342,10 @@ class ShapeCompleter:
         if trace.iterations_run:
             per_iter = loop_s / trace.iterations_run
             self._iteration_s[kind] = 0.5 * self._iteration_s.get(kind, per_iter) + 0.5 * per_iter
+        elif iterations > 0 and kind in self._iteration_s:
+            # The estimate ruled out every iteration: let it decay so one slow iteration measured
+            # once (e.g. under load) cannot keep later requests from adapting at all.
+            self._iteration_s[kind] *= 0.5
         notes = list(obs.notes)
         if trace.stopped_by_deadline:
             notes.append(f"time budget reached after {trace.iterations_run} of {iterations} "

@@ -17,7 +17,8 @@ Then pairs of links that can never touch (PyBullet's smallest distance over samp
 minimized configurations above a threshold) are listed, so the sphere checker can skip them (as
 MoveIt's setup assistant disables "never in collision" pairs).
 
-Run ``python -m mace_core.sphere_fitting --out models/panda_spheres.yaml`` (a few minutes).
+Run ``python -m mace_core.sphere_fitting --out models/panda_spheres.yaml`` (about 10 minutes on
+two busy cores: the pair search and the table take most of it).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class SphereFitConfig:
     seed: int = 0  #: seed of every random draw
     pair_samples: int = 20000  #: random configurations for the never-colliding search
     pair_threshold: float = 0.02  #: m, a pair is skipped when it never comes closer than this
-    table_step: float = 0.005  #: rad, cell size of the pair tables
+    table_step: float = 0.0025  #: rad, cell size of the pair tables
 
 
 def link_hull(urdf: URDFModel, link: str) -> trimesh.Trimesh:
@@ -285,7 +286,8 @@ def fit_robot_spheres(urdf: URDFModel, links: list[str] | None = None,
         centers.append(c)
         radii.append(r)
     meta = {"margin": config.margin, "edge": config.edge, "seed": config.seed,
-            "pair_samples": config.pair_samples, "pair_threshold": config.pair_threshold}
+            "pair_samples": config.pair_samples, "pair_threshold": config.pair_threshold,
+            "table_step": config.table_step}
     pairs = tuple((a, b) for a, b, _ in (never_colliding or []))
     meta["never_colliding_min_distance"] = {f"{a} {b}": d for a, b, d in never_colliding or []}
     return RobotSpheres(tuple(names), np.concatenate(centers), np.concatenate(radii),

@@ -87,16 +87,10 @@ def _run_ik(args: argparse.Namespace) -> int:
     scene = load_scene(args.scene)
     adapter = IKAdapter.from_models(args.models_dir, args.model, service,
                                     TensorSpec.resolve(args.device))
-    report = run_benchmark(adapter, scene, cfg,
+    report = run_benchmark(adapter, scene, cfg, models_dir=args.models_dir,
                            log=lambda s: print(s, file=sys.stderr, flush=True))
     report["scene_file"] = os.path.abspath(args.scene)
-    print(format_table(report))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-        print(f"report written to {args.json}")
-    return 0
+    return _report(format_table(report), report, args.json)
 
 
 def _add_shape_parser(sub) -> None:
@@ -157,13 +151,7 @@ def _run_shape(args: argparse.Namespace) -> int:
     priors = load_shape_priors(registry, spec, [args.prior])
     report = run_shape_benchmark(priors, completion, cfg, spec,
                                  log=lambda s: print(s, file=sys.stderr, flush=True))
-    print(format_shape_table(report))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
-        print(f"report written to {args.json}")
-    return 0
+    return _report(format_shape_table(report), report, args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,3 +175,14 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _report(table: str, report: dict, path: str) -> int:
+    """Print the table, and write the report as JSON when a path is given."""
+    print(table)
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"report written to {path}")
+    return 0

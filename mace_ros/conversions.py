@@ -23,7 +23,7 @@ from visualization_msgs.msg import Marker, MarkerArray
 from mace_core.errors import InvalidRequestError
 from mace_core.ik import IKAdaptResult, IKRequest, IKSolution, IKTimings
 from mace_core.kinematics import RobotKinematics
-from mace_core.refinement import matrix_to_quaternion_xyzw
+from mace_core.rotations import matrix_to_quaternion_xyzw
 from mace_core.scenes import Obstacle, quaternion_xyzw_to_matrix
 from mace_core.shape_completion import ShapeCompletionRequest, ShapeCompletionResult
 from mace_ros.msg import CollisionObject, IKSolution as IKSolutionMsg

@@ -45,8 +45,7 @@ from mace_core.ik import IKAdapter, IKRequest
 from mace_core.kinematics import RobotKinematics
 from mace_core.pointcloud_vae import ShapePrior, load_shape_priors
 from mace_core.refinement import IKTarget, Refiner
-from mace_core.shape_completion import (ShapeCompleter, ShapeCompletionConfig,
-                                        ShapeCompletionRequest)
+from mace_core.shape_completion import ShapeCompleter, ShapeCompletionConfig
 from mace_core.tensor import TensorSpec
 from mace_ros import conversions, params
 from mace_ros.params import ParameterError
@@ -187,6 +186,8 @@ class MaceNode(Node):
         unknown = params.unknown_overrides(list(getattr(self, "_parameter_overrides", {})))
         if unknown:
             log.warning(f"ignoring unknown parameters {unknown} (see config/panda.yaml)")
+        if self.config.torch_threads > 0:
+            torch.set_num_threads(self.config.torch_threads)
         self.spec = TensorSpec.resolve(self.config.device)
         self.models_dir = resolve_models_dir(self.config.models_dir)
         self._refiners: dict[str, Refiner] = {}
@@ -286,21 +287,10 @@ class MaceNode(Node):
             raise ParameterError(f"invalid shape.* parameters: {exc}") from exc
 
     def _warm_up_shape(self) -> float:
-        """Warm the completer up (each prior and observation kind); seconds taken.
-
-        A throw-away completer serves one tiny request first: the very first MACE-VAE call pays
-        torch's one-time costs (autograd, Adam), which would otherwise enter the real
-        completer's estimate of an iteration's duration and cut later requests' iterations.
-        """
+        """Warm the completer up (each prior and observation kind); seconds taken."""
         if self._shape is None:
             return 0.0
         t0 = time.perf_counter()
-        name = next(iter(self._shape_priors))
-        primer = ShapeCompleter(self._shape_priors, self._shape.config, self.spec)
-        with torch.no_grad():
-            cloud = self._shape_priors[name].vae.sample(1, self.spec.generator(0))[0]
-        primer.complete(ShapeCompletionRequest(prior=name, points=cloud[:64], num_completions=1,
-                                               iterations=1, time_budget_s=60.0, seed=0))
         self._shape.warmup()
         return time.perf_counter() - t0
 

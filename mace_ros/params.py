@@ -21,7 +21,7 @@ from mace_core.tensor import TensorSpec
 
 #: Parameters fixed at start: the device and the models are loaded once, and the executor's
 #: threads are sized from max_concurrent_waiting.
-READ_ONLY = frozenset({"device", "models_dir", "ik_model", "shape_priors",
+READ_ONLY = frozenset({"device", "torch_threads", "models_dir", "ik_model", "shape_priors",
                        "max_concurrent_waiting"})
 
 
@@ -100,6 +100,7 @@ def validate(config: ServiceConfig) -> None:
         TensorSpec.resolve(config.device)
     except (ValueError, RuntimeError) as exc:
         raise ParameterError(f"parameter 'device': {exc}") from exc
+    _check(config.torch_threads >= 0, "torch_threads", ">= 0", config.torch_threads)
     _check(bool(config.ik_model), "ik_model", "a registry name", config.ik_model)
     _check(config.max_concurrent_waiting >= 0, "max_concurrent_waiting", ">= 0",
            config.max_concurrent_waiting)

@@ -392,7 +392,7 @@ def test_params_file_sets_only_known_parameters():
 
 @pytest.mark.parametrize("name,value,expected", [
     ("ik.num_solutions", 0, "ik.num_solutions"),
-    ("ik.num_solutions", 65, "ik.limits.max_solutions = 64"),
+    ("ik.num_solutions", 65, "limits.max_solutions = 64"),
     ("ik.time_budget_s", -1.0, "ik.time_budget_s"),
     ("ik.refinement_mode", "bfgs", "ik.refinement_mode"),
     ("ik.mace.quantile", 0.0, "quantile"),
@@ -601,6 +601,9 @@ def test_empty_shape_result_is_a_failure():
 
 def test_shape_parameters_map_one_to_one():
     defaults = params.parameter_defaults()
-    shape = {k for k in defaults if k.startswith("shape.")}
-    assert shape == {f"shape.{name}" for name in to_flat(ShapeCompletionConfig())}
-    assert load_service_config("config/panda.yaml").shape == ShapeCompletionConfig()
+    shape = {k: v for k, v in defaults.items() if k.startswith("shape.")}
+    assert shape == {f"shape.{k}": v for k, v in to_flat(ShapeCompletionConfig()).items()}
+    values = dict(defaults, **{"shape.iterations": 3, "shape.objective": "is"})
+    config = params.config_from_parameters(values)
+    assert (config.shape.iterations, config.shape.objective) == (3, "is")
+    assert isinstance(load_service_config("config/panda.yaml").shape, ShapeCompletionConfig)

@@ -120,6 +120,10 @@ def test_requests_report_schema_and_consistency(models_dir, tmp_path, capsys):
             assert 0.0 <= m["valid_fraction_prior"] <= 1.0
             assert 0.0 <= m["valid_fraction_adapted"] <= 1.0
     assert report["methods"]["prior"]["mean_iterations"] == 0.0
+    c = report["comparison"]
+    mace, tracik = report["methods"]["mace_refine"], report["methods"]["tracik_restarts"]
+    assert c["time_ratio"] == pytest.approx(mace["median_time_s"] / tracik["median_time_s"])
+    assert c["mace_success"] == mace["success_rate"]
 
 
 def test_table1_report(models_dir):

@@ -283,7 +283,7 @@ def test_one_heavy_request_at_a_time_across_services(rclpy_context, tmp_path, bo
 
     def long_shape():
         answers["shape"] = client.call(
-            cloud_request(box, num_completions=2, time_budget_s=4.0, iterations=1000),
+            cloud_request(box, num_completions=2, time_budget_s=6.0, iterations=1000),
             timeout_s=60.0)
 
     try:
@@ -291,7 +291,7 @@ def test_one_heavy_request_at_a_time_across_services(rclpy_context, tmp_path, bo
         assert client.wait(10.0, shape=True) and other.wait(10.0)
         thread = threading.Thread(target=long_shape)
         thread.start()
-        time.sleep(1.5)
+        time.sleep(2.0)  # the shape request is being served: 4 s of it remain
         answers["ik"] = other.adapt_ik([0.4, 0.0, 0.4], num_solutions=1, time_budget_s=0.5)
         answers["shape2"] = other.call(cloud_request(box, num_completions=1), timeout_s=30.0)
         thread.join(60.0)
