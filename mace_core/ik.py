@@ -71,9 +71,10 @@ class IKAdaptConfig:
         """Raise InvalidRequestError naming the first field that is out of range."""
         lim, ref = self.limits, self.refinement
 
-        def check(ok: bool, name: str, want: str, value) -> None:
+        def check(ok: bool, name: str, want: str, value, hint: str = "") -> None:
             if not ok:
-                raise InvalidRequestError(f"{name} must be {want}, got {value!r}")
+                raise InvalidRequestError(f"{name} must be {want}, got {value!r}"
+                                          + (f" ({hint})" if hint else ""))
 
         for name in ("max_solutions", "max_samples", "max_iterations", "max_obstacles"):
             check(getattr(lim, name) >= 1, f"limits.{name}", ">= 1", getattr(lim, name))
@@ -81,7 +82,8 @@ class IKAdaptConfig:
             value = getattr(lim, name)
             check(math.isfinite(value) and value > 0, f"limits.{name}", "> 0", value)
         check(1 <= self.num_solutions <= lim.max_solutions, "num_solutions",
-              f"in [1, limits.max_solutions = {lim.max_solutions}]", self.num_solutions)
+              f"in [1, {lim.max_solutions}]", self.num_solutions,
+              f"limits.max_solutions = {lim.max_solutions}")
         check(math.isfinite(self.time_budget_s) and 0 < self.time_budget_s
               <= lim.max_time_budget_s, "time_budget_s", f"in (0, {lim.max_time_budget_s}] s",
               self.time_budget_s)

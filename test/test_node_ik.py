@@ -337,8 +337,11 @@ def test_busy_node_answers_busy_and_serves_the_waiting_one(rclpy_context, tmp_pa
     responses = [None] * 3
 
     def call(i, budget):
+        # The first request adapts without refinement and without early stop: it keeps the
+        # node busy for its whole budget.
         responses[i] = clients[i].call(
-            box_request(box, num_solutions=64, time_budget_s=budget, iterations=2000),
+            box_request(box, num_solutions=64, time_budget_s=budget, iterations=2000,
+                        refinement="none" if i == 0 else None),
             timeout_s=60.0)
 
     try:
