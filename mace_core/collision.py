@@ -259,17 +259,20 @@ def _outside_sq(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, dims: torch.T
     return out.add_((z.abs() - dims[..., 2]).clamp_min_(0.0).square_())
 
 
-def _signed(local: torch.Tensor, dims: torch.Tensor, kind: int) -> torch.Tensor:
-    """Signed distance (m) from points ``(..., 3)`` in a primitive's frame to its surface,
-    negative inside (same ``dims`` as :func:`_outside_sq`)."""
+def _signed(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, dims: torch.Tensor,
+            kind: int) -> torch.Tensor:
+    """Signed distance (m) from points to a primitive's surface, negative inside (arguments as
+    :func:`_outside_sq`). Norms go through ``norm`` so that gradients stay finite at 0."""
     if kind == 0:
-        q = local.abs() - dims
-        return q.clamp_min(0.0).norm(dim=-1) + q.max(dim=-1).values.clamp_max(0.0)
+        qx, qy, qz = x.abs() - dims[..., 0], y.abs() - dims[..., 1], z.abs() - dims[..., 2]
+        outside = torch.stack([qx.clamp_min(0.0), qy.clamp_min(0.0), qz.clamp_min(0.0)])
+        inside = torch.maximum(torch.maximum(qx, qy), qz).clamp_max(0.0)
+        return outside.norm(dim=0) + inside
     if kind == 1:
-        return local.norm(dim=-1) - dims[..., 0]
-    dr = local[..., :2].norm(dim=-1) - dims[..., 0]
-    dz = local[..., 2].abs() - dims[..., 2]
-    outside = torch.stack([dr, dz], -1).clamp_min(0.0).norm(dim=-1)
+        return torch.stack([x, y, z]).norm(dim=0) - dims[..., 0]
+    dr = torch.stack([x, y]).norm(dim=0) - dims[..., 0]
+    dz = z.abs() - dims[..., 2]
+    outside = torch.stack([dr.clamp_min(0.0), dz.clamp_min(0.0)]).norm(dim=0)
     return outside + torch.maximum(dr, dz).clamp_max(0.0)
 
 
@@ -328,12 +331,25 @@ class CollisionWorld:
     def __len__(self) -> int:
         return len(self.obstacles)
 
-    def _local(self, points: torch.Tensor) -> torch.Tensor:
-        """Points ``(N, 3)`` in the frame of every obstacle: ``(N, K, 3)``."""
-        return torch.einsum("nkj,kji->nki", points.unsqueeze(1) - self.positions, self.rotations)
+    def _local(self, points: torch.Tensor, a: int, b: int) -> tuple[torch.Tensor, ...]:
+        """Points ``(N, 3)`` in the frames of obstacles ``a:b``: ``x, y, z`` ``(b - a, N)``
+        (the points last, contiguous)."""
+        d = [points[:, i] - self.positions[a:b, i, None] for i in range(3)]  # (K', N) each
+        rot = self.rotations[a:b, :, :, None]  # (K', 3, 3, 1)
+        return tuple(d[0] * rot[:, 0, i] + d[1] * rot[:, 1, i] + d[2] * rot[:, 2, i]
+                     for i in range(3))  # R^T (p - c)
+
+    def _signed_kn(self, points: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+        """:meth:`signed_distance` transposed: ``(K, N)``."""
+        rows = [_signed(*self._local(points, a, b), self.dims[a:b, None], kind)
+                for kind, a, b in self.slices]
+        if not rows:
+            return points.new_zeros(0, points.shape[0])
+        return torch.cat(rows, 0) - radii
 
     def signed_distance(self, points: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
         """Signed distance (m) between spheres and every obstacle, negative when they overlap.
+        Differentiable in ``points`` (the IK refiner's obstacle penalty uses its gradient).
 
         Args:
             points: ``(N, 3)`` sphere centres in the base frame.
@@ -342,24 +358,19 @@ class CollisionWorld:
         Returns:
             ``(N, K)``, columns in the order of :attr:`obstacles`.
         """
-        local = self._local(points)
-        cols = [_signed(local[:, a:b], self.dims[a:b], kind) for kind, a, b in self.slices]
-        if not cols:
-            return points.new_zeros(points.shape[0], 0)
-        return torch.cat(cols, 1) - radii.unsqueeze(1)
+        return self._signed_kn(points, radii).T.contiguous()
 
     def overlap_matrix(self, points: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
         """``(N, K)`` bool: sphere ``(N, 3)``, ``(N,)`` touches or penetrates obstacle k.
 
         Same answer as ``signed_distance(points, radii) <= 0``, with squared distances only.
         """
-        local = self._local(points)
-        r2 = radii.square().unsqueeze(1)
-        cols = [_outside_sq(*local[:, a:b].unbind(-1), self.dims[a:b], kind) <= r2
+        r2 = radii.square()
+        rows = [_outside_sq(*self._local(points, a, b), self.dims[a:b, None], kind) <= r2
                 for kind, a, b in self.slices]
-        if not cols:
+        if not rows:
             return torch.zeros(points.shape[0], 0, dtype=torch.bool, device=points.device)
-        return torch.cat(cols, 1)
+        return torch.cat(rows, 0).T.contiguous()
 
     def pair_overlaps(self, points: torch.Tensor, radii: torch.Tensor,
                       index: torch.Tensor) -> torch.Tensor:
@@ -625,7 +636,7 @@ class SphereCollisionChecker:
             return torch.full((x.shape[0],), float("inf"), device=x.device, dtype=x.dtype)
         pts = x[:, self._world_spheres].reshape(-1, 3)
         radii = self._radii[self._world_spheres].repeat(x.shape[0])
-        return world.signed_distance(pts, radii).view(x.shape[0], -1).min(-1).values
+        return world._signed_kn(pts, radii).amin(0).view(x.shape[0], -1).amin(1)
 
 
 # ----------------------------------------------------------------------------------------------

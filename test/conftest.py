@@ -76,6 +76,28 @@ def wait_for_service(node: NodeProcess, client, timeout_s: float = NODE_START_TI
                         f"{node.log()}")
 
 
+def exit_results(nodes: dict[str, "NodeProcess"]) -> dict[str, tuple]:
+    """Wait for nodes expected to fail at start: name -> (exit status, seconds, log)."""
+    results = {}
+    for name, node in nodes.items():
+        status = node.wait_exit(60.0)
+        results[name] = (status, time.monotonic() - node.started, node.log())
+        node.stop()
+    return results
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One intra-op thread in the test process: on a 2-core machine that also runs the node,
+    more threads spin against each other (the node itself defaults to one, torch_threads)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def rclpy_context():
     """rclpy initialised once for the test process."""

@@ -16,7 +16,7 @@ import torch
 from geometry_msgs.msg import Pose
 from shape_msgs.msg import SolidPrimitive
 
-from conftest import MODELS_DIR, NodeProcess, wait_for_service
+from conftest import MODELS_DIR, NodeProcess, exit_results, wait_for_service
 from mace_core.collision import PyBulletCollisionChecker
 from mace_core.ik import IKRequest
 from mace_core.kinematics import PANDA_JOINTS, RobotKinematics
@@ -388,12 +388,7 @@ def failed_starts(tmp_path_factory):
         "bad_param": NodeProcess(str(root / "bad_param.log"),
                                  params={"ik.time_budget_s": -1.0}),
     }
-    results = {}
-    for name, node in nodes.items():
-        status = node.wait_exit(60.0)
-        results[name] = (status, time.monotonic() - node.started, node.log())
-        node.stop()
-    return results
+    return exit_results(nodes)
 
 
 @pytest.mark.parametrize("name,expected", [

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from std_msgs.msg import Header
 
-from conftest import MODELS_DIR, NodeProcess, wait_for_service
+from conftest import MODELS_DIR, NodeProcess, exit_results, wait_for_service
 from mace_core.shape_benchmark import GRASP_DIRECTIONS, grasp_contacts, partial_box
 from mace_core.shape_completion import ShapeCompletionConfig, ShapeCompletionRequest
 from mace_core.tensor import TensorSpec
@@ -330,12 +330,7 @@ def failed_shape_starts(rclpy_context, tmp_path_factory):
         "bad_param": NodeProcess(str(root / "bad_param.log"),
                                  params={"shape_priors": "boxes", "shape.quantile": 1.5}),
     }
-    results = {}
-    for name, node in nodes.items():
-        status = node.wait_exit(60.0)
-        results[name] = (status, time.monotonic() - node.started, node.log())
-        node.stop()
-    return results
+    return exit_results(nodes)
 
 
 @pytest.mark.parametrize("name,expected", [

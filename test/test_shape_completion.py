@@ -26,15 +26,6 @@ TINY_COMPLETION = ShapeCompletionConfig(num_samples=32, quantile=1 / 8, gradient
                                         observation_points=32, candidate_points=64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU, more threads spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _axis_aligned_boxes(n: int, gen: torch.Generator) -> torch.Tensor:
     edges = random_box_edges(n, gen)
     return sample_box_clouds(edges, TINY.num_points, gen, angle=torch.zeros(n))

@@ -18,15 +18,6 @@ TINY = PointCloudVAEConfig(num_points=64, latent_dim=8, encoder_widths=(16, 32),
                            length_scale=0.5, prior_std=1.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU, more threads spin against each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_vae_shapes_and_length_scale():
     torch.manual_seed(0)
     vae = PointCloudVAE(TINY, SPEC)
