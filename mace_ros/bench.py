@@ -163,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _report(table: str, report: dict, path: str) -> int:
+    """Print the table, and write the report as JSON when a path is given."""
+    print(table)
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"report written to {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mace-bench`` console script."""
     args = build_parser().parse_args(argv)
@@ -175,14 +186,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _report(table: str, report: dict, path: str) -> int:
-    """Print the table, and write the report as JSON when a path is given."""
-    print(table)
-    if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(report, f, indent=1)
-        print(f"report written to {path}")
-    return 0
