@@ -34,6 +34,7 @@ import yaml
 
 from .errors import InvalidRequestError, ModelLoadError
 from .kinematics import PANDA_FINGERS, PANDA_JOINTS, RobotKinematics, URDFModel, panda_urdf_path
+from .rotations import matrix_to_quaternion_xyzw
 from .scenes import Obstacle
 from .tensor import TensorSpec
 
@@ -52,9 +53,9 @@ def default_spheres_path() -> str:
 # ----------------------------------------------------------------------------------------------
 
 def adjacent_link_pairs(urdf: URDFModel) -> list[tuple[str, str]]:
-    """Pairs of links with collision geometry that share a joint, once geometry-less links are
-    contracted into their parent.
+    """Pairs of links with collision geometry that share a joint (geometry-less links merged).
 
+    Geometry-less links are contracted into their parent first.
     A link without collision geometry (``panda_link8``, ``panda_grasptarget``) is merged with
     its parent, so the joint chain link7 -> link8 -> hand makes (link7, hand) adjacent: their
     hulls overlap in every configuration (PyBullet reports them in contact always). Siblings
@@ -79,16 +80,20 @@ def adjacent_link_pairs(urdf: URDFModel) -> list[tuple[str, str]]:
 
 
 def self_collision_link_pairs(urdf: URDFModel, links: Sequence[str]) -> list[tuple[str, str]]:
-    """Pairs of ``links`` (in that order) checked for self-collision: both have collision
-    geometry and they are not adjacent (:func:`adjacent_link_pairs`)."""
+    """Pairs of ``links`` (in that order) checked for self-collision.
+
+    Both links have collision geometry and they are not adjacent (:func:`adjacent_link_pairs`).
+    """
     adjacent = {frozenset(p) for p in adjacent_link_pairs(urdf)}
     geometric = [name for name in links if urdf.collisions.get(name)]
     return [(a, b) for a, b in combinations(geometric, 2) if frozenset((a, b)) not in adjacent]
 
 
 def joints_between(urdf: URDFModel, ancestor: str, link: str) -> list[str] | None:
-    """Actuated (revolute or continuous) joints on the chain from ``ancestor`` down to ``link``,
-    root first; None when ``ancestor`` is not an ancestor of ``link``."""
+    """Actuated joints on the chain from ``ancestor`` down to ``link``, root first.
+
+    Revolute or continuous joints only; None when ``ancestor`` is not an ancestor of ``link``.
+    """
     chain = urdf.path_to_root(link)
     parents = [j.parent for j in chain]
     if ancestor not in parents:
@@ -103,8 +108,9 @@ def joints_between(urdf: URDFModel, ancestor: str, link: str) -> list[str] | Non
 
 @dataclass(frozen=True, eq=False)
 class PairTable:
-    """Where, in the space of the one or two joints that move some link pairs relative to each
-    other, those pairs may touch: a grid of cells over the joint limits, computed with PyBullet.
+    """Where some link pairs may touch, as cells over the one or two joints that move them.
+
+    The grid covers those joints' limits and is computed with PyBullet.
 
     A cell is flagged when some pair's PyBullet distance at a corner of the cell is within
     ``bound``, the largest distance change possible inside a cell (joint step times the largest
@@ -185,9 +191,11 @@ class RobotSpheres:
         return self.centers[mask], self.radii[mask]
 
     def save(self, path: str, header: str = "") -> None:
-        """Write the YAML that :meth:`load` reads: ``links: {name: [[x, y, z, r], ...]}``,
-        ``never_colliding: [[link_a, link_b], ...]``, ``tables`` (:meth:`PairTable.to_dict`)
-        and free-form ``metadata``."""
+        """Write the YAML that :meth:`load` reads.
+
+        Keys: ``links: {name: [[x, y, z, r], ...]}``, ``never_colliding: [[link_a, link_b],
+        ...]``, ``tables`` (:meth:`PairTable.to_dict`) and free-form ``metadata``.
+        """
         by_link: dict[str, list[list[float]]] = {}
         for name, c, r in zip(self.links, self.centers, self.radii):
             # Micrometres; the radius rounded up past the centre's rounding (still covering).
@@ -244,9 +252,12 @@ _KIND_CODES = {"box": 0, "sphere": 1, "cylinder": 2}
 
 def _outside_sq(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, dims: torch.Tensor,
                 kind: int) -> torch.Tensor:
-    """Squared distance (m^2) from points to a primitive (0 inside), coordinates ``x, y, z`` in
-    the primitive's frame, any shape; ``dims`` ``(..., 3)`` broadcast against them: box half
-    extents, sphere (R, R, R), cylinder (R, R, h/2). Component-wise: no size-3 reductions."""
+    """Squared distance (m^2) from points to a primitive, 0 inside.
+
+    Coordinates ``x, y, z`` in the primitive's frame, any shape; ``dims`` ``(..., 3)`` broadcast
+    against them: box half extents, sphere (R, R, R), cylinder (R, R, h/2). Component-wise: no
+    size-3 reductions.
+    """
     if kind == 0:
         out = (x.abs() - dims[..., 0]).clamp_min_(0.0).square_()
         out += (y.abs() - dims[..., 1]).clamp_min_(0.0).square_()
@@ -259,21 +270,29 @@ def _outside_sq(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, dims: torch.T
     return out.add_((z.abs() - dims[..., 2]).clamp_min_(0.0).square_())
 
 
+def _norm(*parts: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm of the components ``parts``, elementwise.
+
+    The gradient is 0 (not NaN) at the origin: the squared norm is clamped at 1e-18 m^2 (1 nm).
+    """
+    return sum(p.square() for p in parts).clamp_min(1e-18).sqrt()
+
+
 def _signed(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, dims: torch.Tensor,
             kind: int) -> torch.Tensor:
-    """Signed distance (m) from points to a primitive's surface, negative inside (arguments as
-    :func:`_outside_sq`). Norms go through ``norm`` so that gradients stay finite at 0."""
+    """Signed distance (m) from points to a primitive's surface, negative inside.
+
+    Arguments as :func:`_outside_sq`.
+    """
     if kind == 0:
         qx, qy, qz = x.abs() - dims[..., 0], y.abs() - dims[..., 1], z.abs() - dims[..., 2]
-        outside = torch.stack([qx.clamp_min(0.0), qy.clamp_min(0.0), qz.clamp_min(0.0)])
         inside = torch.maximum(torch.maximum(qx, qy), qz).clamp_max(0.0)
-        return outside.norm(dim=0) + inside
+        return _norm(qx.clamp_min(0.0), qy.clamp_min(0.0), qz.clamp_min(0.0)) + inside
     if kind == 1:
-        return torch.stack([x, y, z]).norm(dim=0) - dims[..., 0]
-    dr = torch.stack([x, y]).norm(dim=0) - dims[..., 0]
+        return _norm(x, y, z) - dims[..., 0]
+    dr = _norm(x, y) - dims[..., 0]
     dz = z.abs() - dims[..., 2]
-    outside = torch.stack([dr.clamp_min(0.0), dz.clamp_min(0.0)]).norm(dim=0)
-    return outside + torch.maximum(dr, dz).clamp_max(0.0)
+    return _norm(dr.clamp_min(0.0), dz.clamp_min(0.0)) + torch.maximum(dr, dz).clamp_max(0.0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -332,8 +351,7 @@ class CollisionWorld:
         return len(self.obstacles)
 
     def _local(self, points: torch.Tensor, a: int, b: int) -> tuple[torch.Tensor, ...]:
-        """Points ``(N, 3)`` in the frames of obstacles ``a:b``: ``x, y, z`` ``(b - a, N)``
-        (the points last, contiguous)."""
+        """Points ``(N, 3)`` in the frames of obstacles ``a:b``: ``x, y, z`` ``(b - a, N)``."""
         d = [points[:, i] - self.positions[a:b, i, None] for i in range(3)]  # (K', N) each
         rot = self.rotations[a:b, :, :, None]  # (K', 3, 3, 1)
         return tuple(d[0] * rot[:, 0, i] + d[1] * rot[:, 1, i] + d[2] * rot[:, 2, i]
@@ -349,6 +367,7 @@ class CollisionWorld:
 
     def signed_distance(self, points: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
         """Signed distance (m) between spheres and every obstacle, negative when they overlap.
+
         Differentiable in ``points`` (the IK refiner's obstacle penalty uses its gradient).
 
         Args:
@@ -450,8 +469,11 @@ class SphereCollisionChecker:
                                  torch.tensor(t.cells.reshape(-1), device=spec.device)))
 
     def _build_groups(self, group_size: int, index: dict[str, int]) -> None:
-        """Split each link's spheres into groups along the principal axis of their centres, and
-        build the constant matrices mapping flattened link frames to positions."""
+        """Split each link's spheres into groups along the principal axis of their centres.
+
+        Also the checked group pairs, and the rows and weights that turn link frames into group
+        centres.
+        """
         groups: list[tuple[str, np.ndarray]] = []
         for link in dict.fromkeys(self.spheres.links):
             members = np.array([k for k, n in enumerate(self.spheres.links) if n == link])
@@ -542,8 +564,7 @@ class SphereCollisionChecker:
 
     def _spheres_of(self, frames: torch.Tensor, b: torch.Tensor,
                     g: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Base-frame coordinates ``x, y, z`` ``(N, m)`` of the spheres of groups ``g`` ``(N,)``
-        in configurations ``b`` ``(N,)``."""
+        """Base-frame ``x, y, z`` ``(N, m)`` of groups ``g`` ``(N,)`` in configurations ``b``."""
         f = frames.view(frames.shape[0], -1, 12)[b, self._group_link[g]]  # (N, 12)
         cx, cy, cz = (c[g] for c in self._group_xyz)
         return tuple(f[:, 4 * i, None] * cx + f[:, 4 * i + 1, None] * cy
@@ -602,19 +623,26 @@ class SphereCollisionChecker:
         hit[b[touch]] = True
         return hit
 
+    @torch.no_grad()
     def self_collision(self, q: torch.Tensor,
                        poses: torch.Tensor | None = None) -> torch.Tensor:
-        """``(B,)`` bool: some pair of non-adjacent links overlaps."""
+        """``(B,)`` bool: some pair of non-adjacent links may touch.
+
+        Tested with the spheres or the pair tables; a configuration outside a table's joint
+        range counts as colliding.
+        """
         q = self._check(q)
         frames = self._frames(q, poses)
         return self._table_hits(q) | self._self_hits(frames, self._group_centers(frames))
 
+    @torch.no_grad()
     def world_collision(self, q: torch.Tensor, world: CollisionWorld,
                         poses: torch.Tensor | None = None) -> torch.Tensor:
         """``(B,)`` bool: some link other than the base touches an obstacle."""
         frames = self._frames(self._check(q), poses)
         return self._world_hits(frames, self._group_centers(frames), world)
 
+    @torch.no_grad()
     def valid(self, q: torch.Tensor, world: CollisionWorld,
               poses: torch.Tensor | None = None) -> torch.Tensor:
         """``(B,)`` bool: within joint limits, no self-collision, no obstacle collision."""
@@ -626,8 +654,9 @@ class SphereCollisionChecker:
 
     def clearance(self, q: torch.Tensor, world: CollisionWorld,
                   poses: torch.Tensor | None = None) -> torch.Tensor:
-        """``(B,)`` m: smallest signed distance between the robot's spheres (base link excluded)
-        and the obstacles; negative when penetrating, +inf without obstacles.
+        """``(B,)`` m: smallest signed distance between the robot's spheres and the obstacles.
+
+        The base link is excluded; negative when penetrating, +inf without obstacles.
 
         A lower bound of the distance between PyBullet's collision shapes and the obstacles.
         """
@@ -642,26 +671,6 @@ class SphereCollisionChecker:
 # ----------------------------------------------------------------------------------------------
 # PyBullet checker (exact, ground truth)
 # ----------------------------------------------------------------------------------------------
-
-def _matrix_to_quaternion_xyzw(rot: np.ndarray) -> list[float]:
-    """Quaternion (x, y, z, w) of a rotation matrix (Shepperd's method)."""
-    m = rot
-    trace = m[0, 0] + m[1, 1] + m[2, 2]
-    if trace > 0:
-        s = 2.0 * np.sqrt(trace + 1.0)
-        q = [(m[2, 1] - m[1, 2]) / s, (m[0, 2] - m[2, 0]) / s, (m[1, 0] - m[0, 1]) / s, s / 4]
-    elif m[0, 0] > m[1, 1] and m[0, 0] > m[2, 2]:
-        s = 2.0 * np.sqrt(1.0 + m[0, 0] - m[1, 1] - m[2, 2])
-        q = [s / 4, (m[0, 1] + m[1, 0]) / s, (m[0, 2] + m[2, 0]) / s, (m[2, 1] - m[1, 2]) / s]
-    elif m[1, 1] > m[2, 2]:
-        s = 2.0 * np.sqrt(1.0 + m[1, 1] - m[0, 0] - m[2, 2])
-        q = [(m[0, 1] + m[1, 0]) / s, s / 4, (m[1, 2] + m[2, 1]) / s, (m[0, 2] - m[2, 0]) / s]
-    else:
-        s = 2.0 * np.sqrt(1.0 + m[2, 2] - m[0, 0] - m[1, 1])
-        q = [(m[0, 2] + m[2, 0]) / s, (m[1, 2] + m[2, 1]) / s, s / 4, (m[1, 0] - m[0, 1]) / s]
-    q = np.asarray(q, dtype=float)
-    return (q / np.linalg.norm(q)).tolist()
-
 
 def _as_numpy_batch(q, num_joints: int) -> np.ndarray:
     if isinstance(q, torch.Tensor):
@@ -741,7 +750,7 @@ class PyBulletCollisionChecker:
                 shape = p.createCollisionShape(p.GEOM_CYLINDER, height=o.size[0],
                                                radius=o.size[1], physicsClientId=cid)
             body = p.createMultiBody(0, shape, basePosition=list(o.position),
-                                     baseOrientation=_matrix_to_quaternion_xyzw(
+                                     baseOrientation=matrix_to_quaternion_xyzw(
                                          o.rotation_matrix), physicsClientId=cid)
             # The base link never collides with obstacles.
             p.setCollisionFilterPair(self.robot, body, -1, -1, 0, physicsClientId=cid)
@@ -845,9 +854,11 @@ class PyBulletCollisionChecker:
 
 
 def exact_self_collision_free(q, checker: PyBulletCollisionChecker | None = None) -> np.ndarray:
-    """``(B,)`` bool: PyBullet calls the configurations ``(B, 7)`` free of self-collision (joint
-    limits are not checked). Builds (and closes) an obstacle-free checker unless one is given;
-    pass one to amortize its start-up (~50 ms) over many calls."""
+    """``(B,)`` bool: PyBullet calls the configurations ``(B, 7)`` free of self-collision.
+
+    Joint limits are not checked. Builds (and closes) an obstacle-free checker unless one is
+    given; pass one to amortize its start-up (~50 ms) over many calls.
+    """
     if checker is not None:
         return ~checker.self_collision(q)
     with PyBulletCollisionChecker() as own:

@@ -40,9 +40,11 @@ def default_scene_paths() -> list[str]:
 
 def ik_configurations(kin: RobotKinematics, scene: Scene, n: int, generator: torch.Generator,
                       iterations: int = 60, tolerance: float = 0.01) -> torch.Tensor:
-    """Up to ``n`` configurations ``(n', 7)`` within the joint limits whose end effector lies
-    within ``tolerance`` (m) of a target drawn in the scene's region (position-only damped
-    least squares from uniform starts)."""
+    """Up to ``n`` configurations ``(n', 7)`` whose end effector reaches the target region.
+
+    Within the joint limits, end effector within ``tolerance`` (m) of a target drawn in the
+    scene's region (position-only damped least squares from uniform starts).
+    """
     out, total = [], 0
     while total < n:
         q = kin.sample_uniform(2 * n, generator)
@@ -73,7 +75,7 @@ def _median_ms(fn, repeats: int) -> float:
 
 def evaluate_scene(scene: Scene, kin: RobotKinematics, checker: SphereCollisionChecker,
                    configs: int, sigma: float, seed: int) -> dict:
-    """Counts (and PyBullet cost) of every configuration set of one scene."""
+    """Count agreements (and PyBullet's cost) on every configuration set of one scene."""
     spec = kin.spec
     gen = spec.generator(seed)
     world = CollisionWorld.from_obstacles(scene.obstacles, spec)

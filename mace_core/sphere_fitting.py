@@ -90,8 +90,10 @@ def link_hull(urdf: URDFModel, link: str) -> trimesh.Trimesh:
 
 def _sample_inside(planes: np.ndarray, bounds: np.ndarray, n: int,
                    rng: np.random.Generator) -> np.ndarray:
-    """``n`` points uniform inside the polytope ``planes`` (F, 4) (n.x + d <= 0), by rejection
-    from its bounding box ``bounds`` (2, 3)."""
+    """``n`` points uniform inside the polytope ``planes`` (F, 4) (n.x + d <= 0).
+
+    Rejection sampling from its bounding box ``bounds`` (2, 3).
+    """
     out, count = [], 0
     while count < n:
         cand = rng.uniform(bounds[0], bounds[1], size=(4 * n, 3))
@@ -116,8 +118,11 @@ def _depth(centers: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
 
 def _exact_radii(centers: torch.Tensor, planes: torch.Tensor, verts: torch.Tensor,
                  tris: torch.Tensor) -> torch.Tensor:
-    """Radii ``(k,)`` whose spheres contain every triangle: each triangle goes to the sphere
-    that covers it with the smallest bulge, a radius is its farthest triangle vertex."""
+    """Radii ``(k,)`` whose spheres contain every triangle.
+
+    Each triangle goes to the sphere that covers it with the smallest bulge; a radius is the
+    farthest vertex of its triangles.
+    """
     far = torch.cdist(centers, verts)[:, tris].amax(-1)  # (k, T)
     owner = (far - _depth(centers, planes)[:, None]).argmin(0)
     radii = torch.zeros(centers.shape[0], dtype=far.dtype)
@@ -126,8 +131,7 @@ def _exact_radii(centers: torch.Tensor, planes: torch.Tensor, verts: torch.Tenso
 
 def fit_link_spheres(hull: trimesh.Trimesh, count: int, config: SphereFitConfig,
                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Spheres covering ``hull`` grown by ``config.margin``: centres ``(k, 3)``, radii ``(k,)``
-    (m, link frame)."""
+    """Spheres covering ``hull`` grown by ``config.margin``: centres ``(k, 3)``, radii ``(k,)``."""
     planes = torch.tensor(ConvexHull(hull.vertices).equations)  # (F, 4), outward normals
     verts_np, tris_np = _triangulate(hull, config.edge)
     verts, tris = torch.tensor(verts_np), torch.tensor(tris_np)
@@ -166,8 +170,10 @@ def link_bulges(hull: trimesh.Trimesh, centers: np.ndarray, radii: np.ndarray) -
 
 def find_never_colliding_pairs(config: SphereFitConfig, urdf_path: str | None = None
                                ) -> list[tuple[str, str, float]]:
-    """Checked self-collision pairs that PyBullet never finds closer than
-    ``config.pair_threshold``: ``(link_a, link_b, smallest distance found (m))``.
+    """Find the checked self-collision pairs PyBullet never sees closer than the threshold.
+
+    Returns ``(link_a, link_b, smallest distance found (m))`` for the pairs whose smallest
+    distance exceeds ``config.pair_threshold``.
 
     The smallest distance of each pair over ``config.pair_samples`` uniform configurations is
     refined by Nelder-Mead from its five closest samples.
@@ -202,8 +208,9 @@ def find_never_colliding_pairs(config: SphereFitConfig, urdf_path: str | None = 
 
 def build_pair_tables(urdf: URDFModel, skip: set[frozenset], config: SphereFitConfig,
                       urdf_path: str | None = None) -> list[PairTable]:
-    """Tables for the checked link pairs that at most two joints move relative to each other
-    (the Panda's forearm against its flange, hand and fingers, moved by joints 6 and 7).
+    """Tables for the checked link pairs that at most two joints move relative to each other.
+
+    On the Panda: the forearm against its flange, hand and fingers, moved by joints 6 and 7.
 
     Grid corners every ``config.table_step`` rad over the joint limits; PyBullet's distance of
     every pair at every corner; a cell is flagged when a corner is within ``bound`` = sum over

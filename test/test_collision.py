@@ -162,7 +162,7 @@ def test_adjacent_pairs_always_touch_in_pybullet():
 # -- sphere checker against PyBullet --------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def pybullet_truth(kin):
+def pybullet_truth():
     """Per scene: uniform configurations and PyBullet-free ones moved a little (near contact)."""
     gen = torch.Generator().manual_seed(0)
     cpu = RobotKinematics.panda(TensorSpec())
@@ -204,6 +204,8 @@ def test_given_poses_and_parts_agree(kin, checker, pybullet_truth):
     outside = q[:3].clone()
     outside[:, 3] = 0.5  # joint 4 above its upper limit (0 rad)
     assert not checker.valid(outside, world).any()
+    outside[:, 5] = 4.0  # joint 6 beyond the wrist table: conservatively self-colliding
+    assert checker.self_collision(outside).all()
     with pytest.raises(InvalidRequestError):
         checker.valid(q[:, :6], world)
     empty = CollisionWorld.from_obstacles([], kin.spec)
