@@ -38,8 +38,9 @@ def _add_ik_parser(sub) -> None:
     p.add_argument("--methods", default="",
                    help=f"comma-separated subset (requests: {','.join(METHODS)}; "
                         f"table1: {','.join(TABLE1_METHODS)})")
-    p.add_argument("--models-dir", default=default_models_dir(),
-                   help="folder of registry.yaml, the weights and panda_spheres.yaml")
+    p.add_argument("--models-dir", default="",
+                   help="folder of registry.yaml, the weights and panda_spheres.yaml "
+                        "(default: the source tree's models/, else the installed package's)")
     p.add_argument("--model", default="panda_ik", help="registry name of the IK prior")
     p.add_argument("--config", default=None,
                    help="service parameters YAML (config/panda.yaml) for the IK defaults")
@@ -85,9 +86,10 @@ def _run_ik(args: argparse.Namespace) -> int:
     if cfg.protocol == "table1":
         service = table1_service_config(service)
     scene = load_scene(args.scene)
-    adapter = IKAdapter.from_models(args.models_dir, args.model, service,
+    models_dir = _models_dir(args.models_dir)
+    adapter = IKAdapter.from_models(models_dir, args.model, service,
                                     TensorSpec.resolve(args.device))
-    report = run_benchmark(adapter, scene, cfg, models_dir=args.models_dir,
+    report = run_benchmark(adapter, scene, cfg, models_dir=models_dir,
                            log=lambda s: print(s, file=sys.stderr, flush=True))
     report["scene_file"] = os.path.abspath(args.scene)
     return _report(format_table(report), report, args.json)
@@ -127,8 +129,8 @@ def _run_shape(args: argparse.Namespace) -> int:
     import torch
 
     from mace_core.pointcloud_vae import load_shape_priors
-    from mace_core.shape_benchmark import (ShapeBenchmarkConfig, default_models_dir,
-                                           format_shape_table, run_shape_benchmark)
+    from mace_core.shape_benchmark import (ShapeBenchmarkConfig, format_shape_table,
+                                           run_shape_benchmark)
     from mace_core.shape_completion import ShapeCompletionConfig
 
     if args.threads > 0:
@@ -142,12 +144,7 @@ def _run_shape(args: argparse.Namespace) -> int:
     completion = load_service_config(args.config).shape if args.config else \
         ShapeCompletionConfig()
     spec = TensorSpec.resolve(args.device)
-    models_dir = args.models_dir or default_models_dir()
-    if not args.models_dir and not os.path.isdir(models_dir):  # installed: the package's share
-        from ament_index_python.packages import get_package_share_directory
-
-        models_dir = os.path.join(get_package_share_directory("mace_ros"), "models")
-    registry = os.path.join(models_dir, "shape_registry.yaml")
+    registry = os.path.join(_models_dir(args.models_dir), "shape_registry.yaml")
     priors = load_shape_priors(registry, spec, [args.prior])
     report = run_shape_benchmark(priors, completion, cfg, spec,
                                  log=lambda s: print(s, file=sys.stderr, flush=True))
@@ -161,6 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ik_parser(sub)
     _add_shape_parser(sub)
     return parser
+
+
+def _models_dir(arg: str) -> str:
+    """``--models-dir``, else the source tree's ``models/``, else the installed package's."""
+    if arg:
+        return arg
+    if os.path.isdir(default_models_dir()):
+        return default_models_dir()
+    from ament_index_python.packages import get_package_share_directory
+
+    return os.path.join(get_package_share_directory("mace_ros"), "models")
 
 
 def _report(table: str, report: dict, path: str) -> int:
