@@ -87,7 +87,7 @@ def exit_results(nodes: dict[str, "NodeProcess"]) -> dict[str, tuple]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def one_torch_thread():
+def one_thread():
     """One intra-op thread in the test process: on a 2-core machine that also runs the node,
     more threads spin against each other (the node itself defaults to one, torch_threads)."""
     import torch
