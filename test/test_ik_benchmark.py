@@ -33,9 +33,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCENE = os.path.join(ROOT, "config", "scenes", "box.yaml")
 TOL = 1e-4
 
-pytestmark = pytest.mark.skipif(not os.path.isfile(default_spheres_path()),
-                                reason="models/panda_spheres.yaml is missing")
-
 SUMMARY_KEYS = {
     "success_rate", "k_success_rate", "median_time_s", "p90_time_s", "time_basis",
     "median_time_first_s", "p90_time_first_s", "mean_position_error_m",

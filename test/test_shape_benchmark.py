@@ -103,8 +103,6 @@ def test_chamfer_metrics_match_the_core_definition():
 
 
 def test_held_out_object_and_its_camera_view():
-    pytest.importorskip("pybullet_data")
-    pytest.importorskip("trimesh")
     case = object_cases(1, 0, 2048, 4096, SPEC)[0]
     assert case.info["mesh"].startswith("random_urdfs/") and case.truth.shape == (2048, 3)
     assert int(case.info["mesh"].split("/")[1]) % 10 == 0  # every 10th mesh is held out
