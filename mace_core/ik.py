@@ -259,6 +259,12 @@ class IKAdapter:
             self.refiners["tracik"] = TracIKRefiner(kin, urdf_text, config.refinement)
         self.refiners.update(refiners or {})
         self._last_position: torch.Tensor | None = None  # (3,) target of the last solve()
+        # Spheres that meet obstacles (the base link's never do), their radii (S,), and which
+        # joints move each of them (J, S): built once for the refiner's collision penalty.
+        keep = [k for k, name in enumerate(checker.spheres.links) if name != kin.base_link]
+        keep_t = torch.tensor(keep, device=spec.device, dtype=torch.long)
+        self._penalty_spheres = (keep_t, spec.tensor(checker.spheres.radii)[keep_t],
+                                 kin.ancestor_mask([checker.spheres.links[k] for k in keep]))
 
     @classmethod
     def from_models(cls, models_dir: str, model_name: str, config: IKAdaptConfig,
@@ -467,11 +473,7 @@ class IKAdapter:
         The gradient is analytic, g_j = a_j · Σ_s (x_s − p_j) × ∂P/∂x_s over the spheres s that
         joint j (axis a_j, origin p_j) moves; autograd runs only through the signed distances.
         """
-        keep = [k for k, name in enumerate(self.checker.spheres.links)
-                if name != self.kin.base_link]
-        keep_t = torch.tensor(keep, device=self.spec.device, dtype=torch.long)
-        radii = self.spec.tensor(self.checker.spheres.radii)[keep_t]
-        moves = self.kin.ancestor_mask([self.checker.spheres.links[k] for k in keep])  # (J, S)
+        keep_t, radii, moves = self._penalty_spheres
 
         def penalty(q: torch.Tensor, poses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             batch = q.shape[0]
