@@ -66,11 +66,6 @@ GRASP_DIRECTIONS = ((_S, _S, 0.0), (_S, -_S, 0.0), (-_S, _S, 0.0), (-_S, -_S, 0.
 GRASP_OOD_DIRECTIONS = GRASP_DIRECTIONS[:4] + ((-1.0, 0.0, 0.0),)
 
 
-def default_models_dir() -> str:
-    """The ``models/`` folder of this repository (shape registry and weights)."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
-
-
 # ----------------------------------------------------------------------------------------------
 # Observations (the simulators of App. A and C)
 # ----------------------------------------------------------------------------------------------

@@ -111,6 +111,25 @@ class ShapeCompletionConfig:
     deadline_margin: float = 1.5  #: no iteration starts later than this many mean iteration
     #: times before the budget ends, so the answer comes within the budget
 
+    def validate(self) -> None:
+        """Raise InvalidRequestError naming the first field no request could be served with."""
+        positive = ("num_samples", "gradient_steps", "pool_size", "chamfer_k", "one_sided_k",
+                    "observation_points", "max_input_points", "candidate_points",
+                    "max_completions", "temperature", "visibility_pixel", "learning_rate",
+                    "finger_radius")
+        for name in positive:
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise InvalidRequestError(f"{name} must be > 0, got {value!r}")
+        for name in ("iterations", "visibility_depth_tolerance", "deadline_margin"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise InvalidRequestError(f"{name} must be >= 0, got {value!r}")
+        if not 0.0 < self.quantile <= 1.0:
+            raise InvalidRequestError(f"quantile must be in (0, 1], got {self.quantile!r}")
+        if self.objective not in ("cem", "is"):
+            raise InvalidRequestError(f"objective must be 'cem' or 'is', got {self.objective!r}")
+
 
 @dataclass
 class ShapeCompletionRequest:

@@ -276,11 +276,11 @@ class MaceNode(Node):
         """A completer over the loaded priors (None without priors).
 
         Raises:
-            ParameterError: shape.* values no request could be served with.
+            ParameterError: shape.* values the completer refuses (ranges are checked by
+                :func:`params.validate` already).
         """
         if not self._shape_priors:
             return None
-        check_shape_config(config)
         try:
             return ShapeCompleter(self._shape_priors, config, self.spec)
         except ValueError as exc:
@@ -305,7 +305,6 @@ class MaceNode(Node):
             if mode != "none" and mode not in self._ik.refiners:
                 raise ParameterError(f"parameter 'ik.refinement_mode': refinement '{mode}' is "
                                      f"not available here")
-            check_shape_config(config.shape)
         except ParameterError as exc:
             return SetParametersResult(successful=False, reason=str(exc))
         return SetParametersResult(successful=True)
@@ -389,32 +388,6 @@ class MaceNode(Node):
         failed = type(response)()
         failed.success, failed.message = False, message
         return failed
-
-
-def check_shape_config(config: ShapeCompletionConfig) -> None:
-    """Reject shape.* values that no request could be served with (the MACE loop's own values
-    are checked by :class:`ShapeCompleter`).
-
-    Raises:
-        ParameterError: naming the first invalid parameter.
-    """
-    positive = ("num_samples", "gradient_steps", "pool_size", "chamfer_k", "one_sided_k",
-                "observation_points", "max_input_points", "candidate_points", "max_completions",
-                "temperature", "visibility_pixel", "learning_rate", "finger_radius")
-    for name in positive:
-        value = getattr(config, name)
-        if not (value > 0 and np.isfinite(value)):
-            raise ParameterError(f"parameter 'shape.{name}' must be > 0, got {value!r}")
-    for name in ("iterations", "visibility_depth_tolerance", "deadline_margin"):
-        value = getattr(config, name)
-        if not (value >= 0 and np.isfinite(value)):
-            raise ParameterError(f"parameter 'shape.{name}' must be >= 0, got {value!r}")
-    if not 0.0 < config.quantile <= 1.0:
-        raise ParameterError(f"parameter 'shape.quantile' must be in (0, 1], got "
-                             f"{config.quantile!r}")
-    if config.objective not in ("cem", "is"):
-        raise ParameterError(f"parameter 'shape.objective' must be 'cem' or 'is', got "
-                             f"{config.objective!r}")
 
 
 def main(args: list[str] | None = None) -> int:

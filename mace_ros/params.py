@@ -108,3 +108,7 @@ def validate(config: ServiceConfig) -> None:
         config.ik.validate()
     except InvalidRequestError as exc:
         raise ParameterError(f"parameter ik.{exc}") from exc
+    try:
+        config.shape.validate()
+    except InvalidRequestError as exc:
+        raise ParameterError(f"parameter shape.{exc}") from exc

@@ -22,7 +22,6 @@ from mace_core.shape_completion import ShapeCompletionConfig, ShapeCompletionReq
 from mace_core.tensor import TensorSpec
 from mace_ros import conversions as conv
 from mace_ros.client import MaceClient
-from mace_ros.node import check_shape_config
 from mace_ros.params import ParameterError
 from mace_ros.srv import CompleteShape
 
@@ -351,6 +350,12 @@ def test_node_refuses_to_start_without_its_shape_priors(failed_shape_starts, nam
 ])
 def test_invalid_shape_parameter_is_named(name, value):
     from dataclasses import replace
+
+    from mace_core.config import ServiceConfig
+    from mace_ros.params import validate
+
+    def check_shape_config(shape):
+        validate(ServiceConfig(shape=shape))
 
     with pytest.raises(ParameterError, match=f"shape.{name}"):
         check_shape_config(replace(ShapeCompletionConfig(), **{name: value}))
