@@ -295,6 +295,37 @@ def _signed(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, dims: torch.Tenso
     return _norm(dr.clamp_min(0.0), dz.clamp_min(0.0)) + torch.maximum(dr, dz).clamp_max(0.0)
 
 
+def _signed_with_gradient(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, dims: torch.Tensor,
+                          kind: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """:func:`_signed` and its gradient in the primitive's frame, in closed form (no autograd).
+
+    Returns the signed distance and its three partial derivatives, each shaped like ``x``. Inside
+    a box or a cylinder the gradient is the normal of the nearest face.
+    """
+    if kind == 1:
+        norm = _norm(x, y, z)
+        return norm - dims[..., 0], (x / norm, y / norm, z / norm)
+    if kind == 0:
+        qs = (x.abs() - dims[..., 0], y.abs() - dims[..., 1], z.abs() - dims[..., 2])
+        signs = (x.sign(), y.sign(), z.sign())
+    else:
+        radial = _norm(x, y)
+        qs = (radial - dims[..., 0], z.abs() - dims[..., 2])
+        signs = (None, z.sign())
+    outs = [q.clamp_min(0.0) for q in qs]
+    out = _norm(*outs)
+    deepest = qs[0]
+    for q in qs[1:]:
+        deepest = torch.maximum(deepest, q)
+    is_out = deepest > 0.0
+    signed = torch.where(is_out, out, deepest)
+    grads = [torch.where(is_out, o / out, (q == deepest).to(q.dtype))
+             for q, o in zip(qs, outs)]  # d signed / d q per term
+    if kind == 0:
+        return signed, tuple(g * sg for g, sg in zip(grads, signs))
+    return signed, (grads[0] * x / radial, grads[0] * y / radial, grads[1] * signs[1])
+
+
 @dataclass(frozen=True, eq=False)
 class CollisionWorld:
     """Obstacles tensorized once per request, in the robot's base frame.
@@ -378,6 +409,36 @@ class CollisionWorld:
             ``(N, K)``, columns in the order of :attr:`obstacles`.
         """
         return self._signed_kn(points, radii).T.contiguous()
+
+    def penetration(self, points: torch.Tensor, radii: torch.Tensor,
+                    margin: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Penetration cost of spheres and its gradient, in closed form (no autograd).
+
+        cost_n = Σ_k relu(margin − sd_nk), the depth (m) of sphere n inside every obstacle counted
+        from ``margin`` outside it; the IK refiner's collision penalty descends it.
+
+        Args:
+            points: ``(N, 3)`` sphere centres in the base frame.
+            radii: ``(N,)`` sphere radii.
+            margin: m, clearance below which a sphere starts to cost.
+
+        Returns:
+            cost ``(N,)`` and its gradient with respect to the centres ``(N, 3)``.
+        """
+        cost = points.new_zeros(points.shape[0])
+        grad = torch.zeros_like(points)
+        for kind, a, b in self.slices:
+            signed, local_grad = _signed_with_gradient(*self._local(points, a, b),
+                                                       self.dims[a:b, None], kind)
+            depth = (margin + radii) - signed  # (K', N)
+            active = (depth > 0.0).to(points.dtype)
+            cost += (depth * active).sum(0)
+            rot = self.rotations[a:b]  # (K', 3, 3): d local_j / d p_i = R_ij
+            for i in range(3):
+                grad[:, i] -= (active * (rot[:, i, 0, None] * local_grad[0]
+                                         + rot[:, i, 1, None] * local_grad[1]
+                                         + rot[:, i, 2, None] * local_grad[2])).sum(0)
+        return cost, grad
 
     def overlap_matrix(self, points: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
         """``(N, K)`` bool: sphere ``(N, 3)``, ``(N,)`` touches or penetrates obstacle k.

@@ -60,7 +60,8 @@ class IKAdaptConfig:
     num_solutions: int = 8  #: K, solutions returned
     time_budget_s: float = 1.0  #: s for the whole request
     refinement_mode: str = "dls"  #: one of ``REFINEMENTS``
-    refine_seeds: int = 32  #: candidates refined per round
+    first_samples: int = 128  #: prior samples of the first refinement round (the fast path)
+    refine_seeds: int = 16  #: candidates refined per round
     seed_radius_m: float = 0.05  #: a valid sample this close to the target counts as a good seed
     early_stop: bool = True  #: stop adapting once ``refine_seeds`` good seeds are pooled
     min_joint_distance: float = 0.1  #: rad (max-norm); closer solutions are duplicates
@@ -90,6 +91,8 @@ class IKAdaptConfig:
         check(self.refinement_mode in REFINEMENTS, "refinement_mode", f"one of {REFINEMENTS}",
               self.refinement_mode)
         check(self.refine_seeds >= 1, "refine_seeds", ">= 1", self.refine_seeds)
+        check(1 <= self.first_samples <= lim.max_samples, "first_samples",
+              f"in [1, limits.max_samples = {lim.max_samples}]", self.first_samples)
         for name in ("seed_radius_m", "min_joint_distance", "refine_reserve_s"):
             value = getattr(self, name)
             check(math.isfinite(value) and value >= 0, name, ">= 0", value)
@@ -215,12 +218,14 @@ class _RefinementRounds:
         """Whether a round (sampling a batch and refining it) still fits the budget."""
         return time.perf_counter() + 2.0 * self.last_round_s < self.deadline
 
-    def run(self, candidates: torch.Tensor) -> bool:
-        """Refine seeds chosen among ``candidates (B, 7)``; True once K solutions are accepted."""
+    def run(self, candidates: torch.Tensor, scores: torch.Tensor | None = None) -> bool:
+        """Refine seeds chosen among ``candidates (B, 7)`` (with their scores ``(B,)`` when known:
+        0 marks a colliding one); True once K solutions are accepted."""
         t = time.perf_counter()
         ad, cfg = self.adapter, self.cfg
-        seeds = ad._select_seeds(cfg, candidates, self.target, self.world)
-        refined = ad._refine(cfg, seeds, self.target, self.world, self.deadline)
+        seeds = ad._select_seeds(cfg, candidates, self.target, self.world, scores)
+        needed = cfg.num_solutions - self.accepted.shape[0]
+        refined = ad._refine(cfg, seeds, self.target, self.world, self.deadline, needed)
         ok = ad._acceptable(cfg, refined, self.target, self.world)
         self.accepted = ad._merge(cfg, self.accepted, refined[ok])
         self.last_round_s = time.perf_counter() - t
@@ -361,9 +366,10 @@ class IKAdapter:
             return torch.where(valid, torch.exp(-(pos_err + w_rot * rot_err)), 0.0)
 
         timings = IKTimings()
-        # 1. sampling from the prior
+        refining = cfg.refinement_mode != "none"
+        # 1. sampling from the prior (a small batch first when refining: often enough)
         with torch.no_grad():
-            q = model.sample(cfg.mace.num_samples, generator)
+            q = model.sample(cfg.first_samples if refining else cfg.mace.num_samples, generator)
             s = score(q)
         valid_prior = float((s > 0).float().mean())
         timings.sampling = time.perf_counter() - t0
@@ -371,14 +377,13 @@ class IKAdapter:
         # round after every MACE iteration, then refine fresh batches of the adapted model, until
         # K solutions are accepted or the deadline. Without refinement the loop adapts until T,
         # the deadline, or enough good samples are pooled, and returns the best samples.
-        refining = cfg.refinement_mode != "none"
         rounds = _RefinementRounds(self, cfg, target, world, deadline, timings)
-        done = refining and rounds.run(q)
+        done = refining and rounds.run(q, s)
         good = math.exp(-cfg.seed_radius_m)
 
         def stop_when(pool_x: torch.Tensor, pool_s: torch.Tensor) -> bool:
             if refining:
-                return rounds.run(pool_x)
+                return rounds.run(pool_x, pool_s)
             return cfg.early_stop and int((pool_s >= good).sum()) >= cfg.refine_seeds
 
         t1 = time.perf_counter()
@@ -386,8 +391,9 @@ class IKAdapter:
         adapt_deadline = deadline - min(cfg.refine_reserve_s, 0.5 * cfg.time_budget_s)
         cand_q, cand_s, iters, valid_adapted = q, s, 0, valid_prior
         if cfg.mace.iterations > 0 and not done:
+            first = (q, s) if q.shape[0] == cfg.mace.num_samples else None
             trace = adapt(model, score, cfg.mace, generator, deadline=adapt_deadline,
-                          first_batch=(q, s), stop_when=stop_when)
+                          first_batch=first, stop_when=stop_when)
             cand_q, cand_s = trace.pool_x, trace.pool_scores
             iters = trace.iterations_run
             valid_adapted = trace.iterations[-1].positive_fraction if iters else valid_prior
@@ -450,18 +456,22 @@ class IKAdapter:
     # -- refinement ------------------------------------------------------------------------------
 
     def _select_seeds(self, cfg: IKAdaptConfig, cand_q: torch.Tensor, target: IKTarget,
-                      world: CollisionWorld) -> torch.Tensor:
+                      world: CollisionWorld, scores: torch.Tensor | None = None) -> torch.Tensor:
         """Diverse seeds among the candidates nearest a solution: ``(<= refine_seeds, 7)``.
 
         Candidates are ranked by end-effector distance plus obstacle penetration (both m): far
         seeds drag the arm into obstacles on their way to the target, while near ones that graze
-        an obstacle are pushed out by the refiner's null-space step. The best 2 x refine_seeds
-        are then spread out greedily (max-min joint distance).
+        an obstacle are pushed out by the refiner's null-space step. The penetration is computed
+        for the 4 x refine_seeds nearest only (known-valid candidates first, ``scores > 0``); the
+        best 2 x refine_seeds are then spread out greedily (max-min joint distance).
         """
         with torch.no_grad():
             poses = self.kin.link_poses(cand_q)
             dist = (poses[:, self.kin.ee_index, :3, 3] - target.position).norm(dim=-1)
-            cost = dist + self._penalty(world)(cand_q, poses)[0]
+            rank = dist if scores is None else dist + 0.1 * (scores <= 0).to(dist.dtype)
+            pre = torch.argsort(rank)[:4 * cfg.refine_seeds]
+            cand_q, poses = cand_q[pre], poses[pre]
+            cost = dist[pre] + self._penalty(world)(cand_q, poses)[0]
             cost = cost + 1.0 * self.checker.self_collision(cand_q, poses=poses)
         near = cand_q[torch.argsort(cost)[:2 * cfg.refine_seeds]]
         return near[farthest_point_order(near, cfg.refine_seeds)]
@@ -471,7 +481,8 @@ class IKAdapter:
         every obstacle, counted from ``margin`` outside it, and its joint gradient.
 
         The gradient is analytic, g_j = a_j · Σ_s (x_s − p_j) × ∂P/∂x_s over the spheres s that
-        joint j (axis a_j, origin p_j) moves; autograd runs only through the signed distances.
+        joint j (axis a_j, origin p_j) moves, with ∂P/∂x_s in closed form
+        (:meth:`CollisionWorld.penetration`).
         """
         keep_t, radii, moves = self._penalty_spheres
 
@@ -479,25 +490,22 @@ class IKAdapter:
             batch = q.shape[0]
             if len(world) == 0:
                 return q.new_zeros(batch), torch.zeros_like(q)
-            x = self.checker.sphere_positions(q, poses)[:, keep_t].detach()  # (B, S, 3)
-            with torch.enable_grad():
-                xg = x.requires_grad_(True)
-                sd = world.signed_distance(xg.reshape(-1, 3), radii.repeat(batch))
-                cost = torch.relu(margin - sd).view(batch, -1).sum(-1)
-                (dx,) = torch.autograd.grad(cost.sum(), xg)  # (B, S, 3)
+            x = self.checker.sphere_positions(q, poses)[:, keep_t]  # (B, S, 3)
+            cost, dx = world.penetration(x.reshape(-1, 3), radii.repeat(batch), margin)
+            cost, dx = cost.view(batch, -1).sum(-1), dx.view(x.shape)
             axes, origins = self.kin.joint_axes(poses)  # (B, J, 3)
             force = torch.einsum("js,bsc->bjc", moves, dx)
             torque = torch.einsum("js,bsc->bjc", moves, torch.cross(x, dx, dim=-1))
             grad = (axes * (torque - torch.cross(origins, force, dim=-1))).sum(-1)
-            return cost.detach(), grad
+            return cost, grad
         return penalty
 
     def _refine(self, cfg: IKAdaptConfig, seeds: torch.Tensor, target: IKTarget,
-                world: CollisionWorld, deadline: float) -> torch.Tensor:
+                world: CollisionWorld, deadline: float, needed: int | None = None) -> torch.Tensor:
         if cfg.refinement_mode == "none":
             return seeds
         return self.refiners[cfg.refinement_mode].refine(seeds, target, self._penalty(world),
-                                                         deadline=deadline)
+                                                         deadline=deadline, needed=needed)
 
     def _acceptable(self, cfg: IKAdaptConfig, q: torch.Tensor, target: IKTarget,
                     world: CollisionWorld) -> torch.Tensor:

@@ -622,6 +622,8 @@ def run_benchmark(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
     """
     cfg.validate()
     env = environment(models_dir)  # digests before the run; the load average after it
+    if cfg.warmup:  # one-time costs (the optimizer's first construction), as the node does
+        adapter.warm_up()
     if cfg.protocol == "table1":
         body = run_table1(adapter, scene, cfg, log)
     else:

@@ -66,12 +66,14 @@ class Refiner(Protocol):
     """An exact IK solver seeded from candidate configurations."""
 
     def refine(self, q0: torch.Tensor, target: IKTarget,
-               penalty: PenaltyFn | None = None, deadline: float | None = None) -> torch.Tensor:
+               penalty: PenaltyFn | None = None, deadline: float | None = None,
+               needed: int | None = None) -> torch.Tensor:
         """Refine seeds ``(B, 7)`` towards ``target``: ``(B, 7)`` (failed rows unchanged).
 
         ``penalty`` gives a collision cost and its gradient (see :data:`PenaltyFn`) that solvers
         able to use it (DLS) descend in the null space of the end-effector task. No work
-        starts after ``deadline`` (a ``time.perf_counter()`` value).
+        starts after ``deadline`` (a ``time.perf_counter()`` value). A solver may stop once
+        ``needed`` rows are solved (the caller wants no more).
         """
 
 
@@ -88,10 +90,12 @@ class DLSRefiner:
         self.config = config
 
     def refine(self, q0: torch.Tensor, target: IKTarget,
-               penalty: PenaltyFn | None = None, deadline: float | None = None) -> torch.Tensor:
+               penalty: PenaltyFn | None = None, deadline: float | None = None,
+               needed: int | None = None) -> torch.Tensor:
         """At most ``max_iterations`` DLS steps on ``q0 (B, 7)``; converged rows stop moving.
 
-        No step starts after ``deadline`` (a ``time.perf_counter()`` value)."""
+        No step starts after ``deadline`` (a ``time.perf_counter()`` value); the loop ends once
+        ``needed`` rows have converged clear of obstacles."""
         cfg, kin = self.config, self.kin
         q = q0.clone().clamp(kin.lower, kin.upper)
         lam2 = cfg.damping ** 2
@@ -122,7 +126,8 @@ class DLSRefiner:
                     done = done & (cost <= 0)
                 # A row that stopped improving (stuck at a limit or a singularity) is given up.
                 stalled = (norm > 0.9 * prev) if it >= 8 else torch.zeros_like(done)
-                if bool((done | stalled).all()):
+                if bool((done | stalled).all()) or (
+                        needed is not None and int(done.sum()) >= needed):
                     break
                 prev = norm
                 jjt = jac @ jac.transpose(1, 2)
@@ -173,7 +178,8 @@ class TracIKRefiner:
         return out[1:] if out[0] >= 0 else None
 
     def refine(self, q0: torch.Tensor, target: IKTarget,
-               penalty: PenaltyFn | None = None, deadline: float | None = None) -> torch.Tensor:
+               penalty: PenaltyFn | None = None, deadline: float | None = None,
+               needed: int | None = None) -> torch.Tensor:
         """Refine each row of ``q0 (B, 7)``; rows TRAC-IK fails on come back unchanged.
 
         TRAC-IK knows no collision cost: ``penalty`` is ignored (results are re-checked)."""
@@ -185,10 +191,13 @@ class TracIKRefiner:
             rots = np.broadcast_to(target.rotation.cpu().double().numpy(), (len(seeds), 3, 3))
         position = target.position.cpu().double().numpy()
         out = seeds.copy()
+        solved = 0
         for b in range(len(seeds)):  # TRAC-IK is a per-seed C++ call; B is small (seeds only)
-            if deadline is not None and time.perf_counter() >= deadline:
+            if (deadline is not None and time.perf_counter() >= deadline) or (
+                    needed is not None and solved >= needed):
                 break
             sol = self.solve(seeds[b], position, matrix_to_quaternion_xyzw(rots[b]))
             if sol is not None:
                 out[b] = sol
+                solved += 1
         return torch.as_tensor(out, dtype=q0.dtype, device=q0.device)

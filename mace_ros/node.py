@@ -119,7 +119,7 @@ class MoveItRefiner:
         self.solver_timeout_s, self.call_timeout_s = solver_timeout_s, call_timeout_s
 
     def refine(self, q0: torch.Tensor, target: IKTarget, penalty=None,
-               deadline: float | None = None) -> torch.Tensor:
+               deadline: float | None = None, needed: int | None = None) -> torch.Tensor:
         """Refine each row of ``q0 (B, 7)``; rows MoveIt fails on come back unchanged.
 
         MoveIt is asked with ``avoid_collisions`` off (MACE re-checks every answer), so the
@@ -135,8 +135,10 @@ class MoveItRefiner:
                                         (len(seeds), 3, 3))
         position = target.position.cpu().double().numpy()
         out = seeds.copy()
+        solved = 0
         for b, seed in enumerate(seeds):
-            if deadline is not None and time.perf_counter() >= deadline:
+            if (deadline is not None and time.perf_counter() >= deadline) or (
+                    needed is not None and solved >= needed):
                 break
             request = conversions.fill_compute_ik_request(
                 self._request_type(), seed, self.kin.joint_names, position, rotations[b],
@@ -148,6 +150,7 @@ class MoveItRefiner:
             q = conversions.joints_from_compute_ik(response, self.kin.joint_names)
             if q is not None:
                 out[b] = q
+                solved += 1
         return torch.as_tensor(out, dtype=q0.dtype, device=q0.device)
 
 

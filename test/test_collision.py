@@ -99,6 +99,24 @@ def test_overlap_forms_agree(spec):
         assert torch.equal(pair, mat.view(1000, 4, 3)[:, :, k])
 
 
+def test_penetration_matches_autograd_of_signed_distance():
+    """The closed-form penetration cost and gradient equal autograd through signed_distance."""
+    spec = TensorSpec(torch.device("cpu"), torch.float64)
+    world = _world(spec, Obstacle("b", "box", (0.3, 0.2, 0.1), (0.1, 0.0, 0.2), ROT_Z90),
+                   Obstacle("s", "sphere", (0.15,), (-0.2, 0.1, 0.0)),
+                   Obstacle("c", "cylinder", (0.3, 0.08), (0.0, -0.2, 0.1), ROT_X90))
+    gen = spec.generator(1)
+    pts = (torch.rand(4000, 3, generator=gen, dtype=spec.dtype) - 0.5).requires_grad_(True)
+    radii = 0.05 * torch.rand(4000, generator=gen, dtype=spec.dtype)
+    margin = 0.01
+    ref = torch.relu(margin - world.signed_distance(pts, radii)).sum(-1)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), pts)
+    cost, grad = world.penetration(pts.detach(), radii, margin)
+    assert (cost > 0).sum() > 100  # a fair number of the spheres is in contact
+    assert torch.allclose(cost, ref.detach(), atol=1e-12)
+    assert torch.allclose(grad, ref_grad, atol=1e-9)
+
+
 def test_pybullet_primitives_match_hand_cases():
     """Probe obstacles around the gripper: both backends agree with the expected answer."""
     spec = TensorSpec()
