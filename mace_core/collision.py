@@ -383,10 +383,12 @@ class CollisionWorld:
 
     def _local(self, points: torch.Tensor, a: int, b: int) -> tuple[torch.Tensor, ...]:
         """Points ``(N, 3)`` in the frames of obstacles ``a:b``: ``x, y, z`` ``(b - a, N)``."""
-        d = [points[:, i] - self.positions[a:b, i, None] for i in range(3)]  # (K', N) each
-        rot = self.rotations[a:b, :, :, None]  # (K', 3, 3, 1)
-        return tuple(d[0] * rot[:, 0, i] + d[1] * rot[:, 1, i] + d[2] * rot[:, 2, i]
-                     for i in range(3))  # R^T (p - c)
+        rot, k = self.rotations[a:b], b - a
+        # One matrix product: rows (i, k) of A hold column i of R_k, so A p = R_k^T p.
+        mat = rot.permute(2, 0, 1).reshape(3 * k, 3)
+        offset = torch.einsum("kji,kj->ik", rot, self.positions[a:b]).reshape(3 * k, 1)
+        local = torch.addmm(offset, mat, points.T, alpha=1.0, beta=-1.0).view(3, k, -1)
+        return local[0], local[1], local[2]  # R^T (p - c)
 
     def _signed_kn(self, points: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
         """:meth:`signed_distance` transposed: ``(K, N)``."""
@@ -430,14 +432,12 @@ class CollisionWorld:
         for kind, a, b in self.slices:
             signed, local_grad = _signed_with_gradient(*self._local(points, a, b),
                                                        self.dims[a:b, None], kind)
-            depth = (margin + radii) - signed  # (K', N)
+            depth = ((margin + radii) - signed).clamp_min_(0.0)  # (K', N)
+            cost += depth.sum(0)
             active = (depth > 0.0).to(points.dtype)
-            cost += (depth * active).sum(0)
-            rot = self.rotations[a:b]  # (K', 3, 3): d local_j / d p_i = R_ij
-            for i in range(3):
-                grad[:, i] -= (active * (rot[:, i, 0, None] * local_grad[0]
-                                         + rot[:, i, 1, None] * local_grad[1]
-                                         + rot[:, i, 2, None] * local_grad[2])).sum(0)
+            # d local_j / d p_i = R_ij: one product over (j, k), [i, (j, k)] = R_k[i, j].
+            rot = self.rotations[a:b].permute(1, 2, 0).reshape(3, -1)
+            grad -= (rot @ (torch.stack(local_grad) * active).view(rot.shape[1], -1)).T
         return cost, grad
 
     def overlap_matrix(self, points: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:

@@ -2,13 +2,18 @@
 
 The product's pipeline for one request (Algorithm 1 with the IK score of paper Sec. 4.2):
 
-1. sampling: N configurations from the prior p(q | p_target); score 0 on collision (or outside the
+1. sampling: configurations from the prior p(q | p_target); score 0 on collision (or outside the
    joint limits), else exp(−‖p_target − p_ee(q)‖);
-2. adaptation: MACE iterations on all the prior's weights, stopped by T, by the time budget, or as
-   soon as enough valid candidates near the target are pooled (T = 0: prior samples only);
-3. refinement: diverse valid candidates seed an exact solver (DLS, TRAC-IK, or an external one such
-   as MoveIt) that reaches the target within the tolerance; results are re-checked for collision,
-   and more batches are drawn from the adapted model while solutions are missing and time is left.
+2. refinement rounds: diverse candidates near the target seed an exact solver (DLS, TRAC-IK, or an
+   external one such as MoveIt) that reaches the target within the tolerance; results are
+   re-checked for collision. Once solutions exist, half of a round's seeds are drawn around them:
+   where the free space is a narrow passage, the arm's self-motion near a solution holds more.
+   A small prior batch (``first_samples``) often gives all K at once; rounds on fresh small
+   batches go on while they add solutions;
+3. adaptation: when a round adds none, MACE iterations on all the prior's weights (N samples each),
+   with a refinement round on the best pooled samples after each, stopped by T, by the time
+   budget, or once K solutions are accepted (T = 0: prior samples only); then rounds on batches of
+   the adapted model until K solutions or the deadline.
 """
 
 from __future__ import annotations
@@ -54,14 +59,18 @@ class IKAdaptConfig:
     """Defaults of the IK service; every field but ``limits`` can be overridden per request."""
 
     mace: MACEConfig = field(default_factory=lambda: MACEConfig(
-        num_samples=512, quantile=1.0 / 16.0, gradient_steps=4, iterations=40,
-        learning_rate=3e-4, objective="cem", pool_size=512))  #: Algorithm 1 settings
+        num_samples=256, quantile=1.0 / 16.0, gradient_steps=16, iterations=40,
+        learning_rate=1e-4, objective="cem", pool_size=512))  #: Algorithm 1 settings
     refinement: RefinementConfig = field(default_factory=RefinementConfig)  #: exact solvers
     num_solutions: int = 8  #: K, solutions returned
     time_budget_s: float = 1.0  #: s for the whole request
     refinement_mode: str = "dls"  #: one of ``REFINEMENTS``
-    first_samples: int = 128  #: prior samples of the first refinement round (the fast path)
-    refine_seeds: int = 16  #: candidates refined per round
+    first_samples: int = 64  #: prior samples of the first refinement round (the fast path)
+    refine_seeds: int = 24  #: candidates refined per round
+    #: share of a round's seeds drawn around solutions already accepted, moved along the arm's
+    #: self-motion: where the free space is a narrow passage, more solutions lie there
+    neighbour_share: float = 0.5
+    neighbour_std_rad: float = 2.0  #: rad, std of that noise (before the null-space projection)
     seed_radius_m: float = 0.05  #: a valid sample this close to the target counts as a good seed
     early_stop: bool = True  #: stop adapting once ``refine_seeds`` good seeds are pooled
     min_joint_distance: float = 0.1  #: rad (max-norm); closer solutions are duplicates
@@ -93,7 +102,10 @@ class IKAdaptConfig:
         check(self.refine_seeds >= 1, "refine_seeds", ">= 1", self.refine_seeds)
         check(1 <= self.first_samples <= lim.max_samples, "first_samples",
               f"in [1, limits.max_samples = {lim.max_samples}]", self.first_samples)
-        for name in ("seed_radius_m", "min_joint_distance", "refine_reserve_s"):
+        check(0.0 <= self.neighbour_share <= 1.0, "neighbour_share", "in [0, 1]",
+              self.neighbour_share)
+        for name in ("seed_radius_m", "min_joint_distance", "refine_reserve_s",
+                     "neighbour_std_rad"):
             value = getattr(self, name)
             check(math.isfinite(value) and value >= 0, name, ">= 0", value)
         check(self.mace.num_samples <= lim.max_samples, "mace.num_samples",
@@ -202,17 +214,42 @@ class _RefinementRounds:
     """Refinement rounds of one request: seeds -> exact solver -> re-check -> accepted set."""
 
     def __init__(self, adapter: "IKAdapter", cfg: "IKAdaptConfig", target: IKTarget,
-                 world: CollisionWorld, deadline: float, timings: "IKTimings"):
+                 world: CollisionWorld, deadline: float, timings: "IKTimings",
+                 generator: torch.Generator):
         self.adapter, self.cfg, self.target, self.world = adapter, cfg, target, world
-        self.deadline, self.timings = deadline, timings
+        self.deadline, self.timings, self.generator = deadline, timings, generator
         spec = adapter.spec
         self.accepted = torch.empty(0, adapter.kin.num_joints, device=spec.device,
                                     dtype=spec.dtype)  #: (A, 7) accepted solutions
         self.last_round_s = 0.0
+        self.last_added = 0  #: solutions the last round added
 
     @property
     def done(self) -> bool:
         return self.accepted.shape[0] >= self.cfg.num_solutions
+
+    def _with_neighbours(self, seeds: torch.Tensor) -> torch.Tensor:
+        """Replace the last ``neighbour_share`` of ``seeds (S, 7)`` by accepted solutions moved
+        along their self-motion (none while nothing is accepted): ``(S, 7)``.
+
+        The move is Gaussian joint noise projected onto the null space of the end-effector
+        position Jacobian, (I − J⁺J) ξ: to first order the hand stays on the target, so the
+        refiner needs few steps, while the arm's posture changes widely.
+        """
+        count = self.accepted.shape[0]
+        n = min(int(round(self.cfg.neighbour_share * self.cfg.refine_seeds)), seeds.shape[0])
+        if count == 0 or n == 0:
+            return seeds
+        spec, kin = self.adapter.spec, self.adapter.kin
+        pick = torch.randint(count, (n,), generator=self.generator, device=spec.device)
+        base = self.accepted[pick]
+        noise = self.cfg.neighbour_std_rad * torch.randn(
+            n, seeds.shape[1], generator=self.generator, device=spec.device, dtype=spec.dtype)
+        jac = kin.jacobian(base)[:, :3]  # (n, 3, 7)
+        jjt = jac @ jac.transpose(1, 2)
+        task = jac.transpose(1, 2) @ torch.linalg.solve(jjt, jac @ noise.unsqueeze(-1))
+        near = (base + noise - task.squeeze(-1)).clamp(kin.lower, kin.upper)
+        return torch.cat([seeds[:seeds.shape[0] - n], near])
 
     def time_for_another(self) -> bool:
         """Whether a round (sampling a batch and refining it) still fits the budget."""
@@ -224,10 +261,13 @@ class _RefinementRounds:
         t = time.perf_counter()
         ad, cfg = self.adapter, self.cfg
         seeds = ad._select_seeds(cfg, candidates, self.target, self.world, scores)
+        seeds = self._with_neighbours(seeds)
         needed = cfg.num_solutions - self.accepted.shape[0]
         refined = ad._refine(cfg, seeds, self.target, self.world, self.deadline, needed)
         ok = ad._acceptable(cfg, refined, self.target, self.world)
+        before = self.accepted.shape[0]
         self.accepted = ad._merge(cfg, self.accepted, refined[ok])
+        self.last_added = self.accepted.shape[0] - before
         self.last_round_s = time.perf_counter() - t
         self.timings.refinement += self.last_round_s
         return self.done
@@ -373,12 +413,21 @@ class IKAdapter:
             s = score(q)
         valid_prior = float((s > 0).float().mean())
         timings.sampling = time.perf_counter() - t0
-        # 2-3. anytime: refine the prior's batch (the fast path), then adapt with a refinement
-        # round after every MACE iteration, then refine fresh batches of the adapted model, until
-        # K solutions are accepted or the deadline. Without refinement the loop adapts until T,
-        # the deadline, or enough good samples are pooled, and returns the best samples.
-        rounds = _RefinementRounds(self, cfg, target, world, deadline, timings)
+        # 2-3. anytime (module docstring): refinement rounds while they add solutions, then
+        # adaptation with a round after every MACE iteration, then rounds on the adapted model,
+        # until K solutions or the deadline. Without refinement the loop adapts until T, the
+        # deadline, or enough good samples are pooled, and returns the best samples.
+        rounds = _RefinementRounds(self, cfg, target, world, deadline, timings, generator)
         done = refining and rounds.run(q, s)
+        # While rounds keep adding solutions, more rounds are cheaper than adapting: a fresh
+        # small batch plus seeds around the solutions found. Adaptation starts when one adds none.
+        while refining and not done and rounds.last_added > 0 and rounds.time_for_another():
+            t = time.perf_counter()
+            with torch.no_grad():
+                q = model.sample(cfg.first_samples, generator)
+                s = score(q)
+            timings.sampling += time.perf_counter() - t
+            done = rounds.run(q, s)
         good = math.exp(-cfg.seed_radius_m)
 
         def stop_when(pool_x: torch.Tensor, pool_s: torch.Tensor) -> bool:
@@ -402,9 +451,9 @@ class IKAdapter:
         while refining and not done and rounds.time_for_another():
             t = time.perf_counter()
             with torch.no_grad():
-                cand_q = model.sample(cfg.mace.num_samples, generator)
+                batch = model.sample(cfg.mace.num_samples, generator)
             timings.sampling += time.perf_counter() - t
-            done = rounds.run(cand_q)
+            done = rounds.run(batch)
         if refining and rounds.accepted.shape[0] > 0:
             solutions = self._describe(rounds.accepted, target, world)
         else:  # nothing refined to a valid solution (or no refinement): the best samples as is

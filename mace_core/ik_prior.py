@@ -94,15 +94,17 @@ class ARGMMPrior(nn.Module):
     def _forward_all(self, x: torch.Tensor) -> torch.Tensor:
         """All J networks on inputs ``(B, C + J)`` -> outputs ``(J, B, 3K)``."""
         h = x.unsqueeze(0) @ (self.weights[0] * self.input_mask) + self.biases[0]
-        for w, b in zip(self.weights[1:], self.biases[1:]):
-            h = torch.baddbmm(b, nn.functional.leaky_relu(h, 0.2), w)
+        for layer in range(1, len(self.weights)):  # (slicing a ParameterList builds a module)
+            h = torch.baddbmm(self.biases[layer], nn.functional.leaky_relu(h, 0.2),
+                              self.weights[layer])
         return h
 
     def _forward_one(self, k: int, x: torch.Tensor) -> torch.Tensor:
         """Network ``k`` alone on inputs ``(B, C + J)`` -> ``(B, 3K)``."""
         h = torch.addmm(self.biases[0][k], x, self.weights[0][k] * self.input_mask[k])
-        for w, b in zip(self.weights[1:], self.biases[1:]):
-            h = torch.addmm(b[k], nn.functional.leaky_relu(h, 0.2), w[k])
+        for layer in range(1, len(self.weights)):
+            h = torch.addmm(self.biases[layer][k], nn.functional.leaky_relu(h, 0.2),
+                            self.weights[layer][k])
         return h
 
     def log_prob(self, q: torch.Tensor, p_ee: torch.Tensor) -> torch.Tensor:

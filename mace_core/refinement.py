@@ -27,7 +27,7 @@ from .rotations import matrix_to_quaternion_xyzw
 class RefinementConfig:
     """Settings shared by the refiners."""
 
-    max_iterations: int = 40  #: DLS iterations at most
+    max_iterations: int = 25  #: DLS iterations at most (seeds stuck longer rarely converge)
     damping: float = 1e-2  #: λ of (J Jᵀ + λ² I)⁻¹, m
     max_step: float = 0.3  #: largest joint change per DLS iteration, rad
     position_tolerance: float = 1e-4  #: m, a refined solution must reach the target this closely

@@ -46,6 +46,38 @@ def test_solutions_reach_target_and_are_valid_for_pybullet(adapter, wall):
     assert result.timings.total > 0 and result.joint_names[0] == "panda_joint1"
 
 
+def test_neighbour_seeds_follow_the_self_motion(adapter, wall):
+    """Seeds drawn around accepted solutions keep the hand near the target to first order (the
+    noise is projected onto the null space of the position Jacobian), unlike raw joint noise."""
+    from dataclasses import replace
+
+    from mace_core.collision import CollisionWorld
+    from mace_core.ik import IKTimings, _RefinementRounds
+    from mace_core.refinement import IKTarget
+
+    result = adapter.solve(request_in(wall, num_solutions=4, time_budget_s=5.0, seed=3))
+    assert result.success, result.message
+    spec, kin = adapter.spec, adapter.kin
+    base = spec.tensor(np.stack([s.q for s in result.solutions]))
+    std = 0.05
+    cfg = replace(adapter.config, neighbour_share=1.0, neighbour_std_rad=std, refine_seeds=64)
+    target = IKTarget(position=kin.ee_position(base[:1])[0])
+    rounds = _RefinementRounds(adapter, cfg, target, CollisionWorld.from_obstacles([], spec),
+                               deadline=math.inf, timings=IKTimings(),
+                               generator=spec.generator(0))
+    rounds.accepted = base
+    seeds = rounds._with_neighbours(base.repeat(16, 1))  # (64, 7): all replaced
+    assert seeds.shape == (64, 7)
+    # the nearest accepted solution of each seed, and how far the hand moved from it
+    nearest = (seeds[:, None] - base[None]).abs().amax(-1).argmin(-1)
+    moved = (kin.ee_position(seeds) - kin.ee_position(base[nearest])).norm(dim=-1)
+    raw = base[nearest] + std * torch.randn(64, 7, generator=spec.generator(1))
+    raw_moved = (kin.ee_position(raw) - kin.ee_position(base[nearest])).norm(dim=-1)
+    posture = (seeds - base[nearest]).norm(dim=-1)
+    assert float(posture.mean()) > 0.5 * std  # the posture changes ...
+    assert float(moved.mean()) < 0.2 * float(raw_moved.mean())  # ... the hand hardly moves
+
+
 def test_adaptation_raises_the_valid_fraction(adapter, wall):
     # Without early stopping the loop runs all T iterations: the paper's protocol (Table 1).
     adapter.config.early_stop = False
