@@ -9,9 +9,11 @@ Every case is one held-out shape (the truth) and, per mode, one observation of i
   is unobserved (an ambiguous observation: the posterior should stay diverse);
 - ``view`` (objects): what a depth camera at a random viewpoint sees (z-buffer), sent with the
   viewpoint;
-- ``grasp``: the contacts of 5 fingers closing on the origin (Sec. 4.1: four along the diagonals
-  of the xy plane and one along +x); ``grasp_ood``: the fifth finger along -x instead (the
-  paper's out-of-distribution pattern).
+- ``grasp``: the contacts of 5 fingers closing on a point inside the object (App. A; Sec. 4.1:
+  four along the diagonals of the xy plane and one along +x); ``grasp_ood``: the fifth finger
+  along -x instead (the paper's out-of-distribution pattern). The point is the origin for
+  objects (centred on it) and 0.05 m above it for boxes (which stand on the xy plane, at least
+  0.1 m tall), see :data:`GRASP_CENTERS`.
 
 Boxes are drawn afresh from a seed that training never uses; objects are the meshes held out of
 training (every 10th ``random_urdfs`` mesh, :func:`mace_core.shape_data.held_out_object_names`).
@@ -64,6 +66,9 @@ GRASP_DIRECTIONS = ((_S, _S, 0.0), (_S, -_S, 0.0), (-_S, _S, 0.0), (-_S, -_S, 0.
                     (1.0, 0.0, 0.0))
 #: The out-of-distribution pattern: the fifth finger along -x.
 GRASP_OOD_DIRECTIONS = GRASP_DIRECTIONS[:4] + ((-1.0, 0.0, 0.0),)
+#: Point the fingers close on, per prior, in units of its length scale: inside every shape of
+#: the data set (App. A). Boxes stand on the xy plane and are 0.1 to 0.5 m tall (scale 0.5 m).
+GRASP_CENTERS = {"boxes": (0.0, 0.0, 0.1), "objects": (0.0, 0.0, 0.0)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,12 +129,14 @@ def camera_view(dense: torch.Tensor, viewpoint: torch.Tensor, pixel: float,
     return dense[vis]
 
 
-def grasp_contacts(cloud: torch.Tensor, directions, finger_radius: float) -> torch.Tensor:
+def grasp_contacts(cloud: torch.Tensor, directions, finger_radius: float,
+                   center=(0.0, 0.0, 0.0)) -> torch.Tensor:
     """Fingertip contacts ``(k, 3)`` of fingers moving along ``directions`` ``(k, 3)`` toward
-    the origin (App. A's simulator); a finger that misses touches the origin."""
+    ``center`` (App. A's simulator); a finger that misses touches the centre."""
     d = torch.as_tensor(directions, dtype=cloud.dtype, device=cloud.device)
-    contacts, _ = simulate_contacts(cloud[None], d, finger_radius)
-    return contacts[0]
+    c = torch.as_tensor(center, dtype=cloud.dtype, device=cloud.device)
+    contacts, _ = simulate_contacts(cloud[None] - c, d, finger_radius)
+    return contacts[0] + c
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,7 +319,10 @@ def observe(case: ShapeCase, mode: str, generator: torch.Generator, length_scale
         return dict(points=camera_view(case.dense, view, pixel, pixel), viewpoint=view)
     directions = GRASP_DIRECTIONS if mode == "grasp" else GRASP_OOD_DIRECTIONS
     d = torch.as_tensor(directions, dtype=case.dense.dtype, device=case.dense.device)
-    return dict(contacts=grasp_contacts(case.dense, d, finger_radius), directions=d)
+    center = torch.as_tensor(GRASP_CENTERS.get(cfg.prior, (0.0, 0.0, 0.0)),
+                             dtype=case.dense.dtype, device=case.dense.device) * length_scale
+    return dict(contacts=grasp_contacts(case.dense, d, finger_radius, center), directions=d,
+                grasp_center=center)
 
 
 # ----------------------------------------------------------------------------------------------

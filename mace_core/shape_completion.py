@@ -144,6 +144,8 @@ class ShapeCompletionRequest:
     viewpoint: torch.Tensor | np.ndarray | None = None  #: (3,) camera position, or None
     contacts: torch.Tensor | np.ndarray | None = None  #: (k, 3) fingertip contact points
     directions: torch.Tensor | np.ndarray | None = None  #: (k, 3) finger motion directions
+    #: (3,) the point the fingers close on (inside the object, App. A); None: the origin
+    grasp_center: torch.Tensor | np.ndarray | None = None
     finger_radius: float | None = None  #: cloud units; None or 0 takes the config's
     num_completions: int = 8  #: K
     time_budget_s: float = 5.0  #: wall-clock budget, s (> 0)
@@ -173,10 +175,11 @@ class _Observation:
     kind: str  #: "points" or "contacts"
     points: torch.Tensor | None  #: (P', 3) downsampled cloud
     viewpoint: torch.Tensor | None  #: (3,)
-    contacts: torch.Tensor | None  #: (k, 3)
+    contacts: torch.Tensor | None  #: (k, 3), relative to the grasp centre
     directions: torch.Tensor | None  #: (k, 3)
     finger_radius: float  #: cloud units
     notes: list[str]
+    grasp_center: torch.Tensor | None = None  #: (3,) the point the fingers close on
 
 
 class ShapeCompleter:
@@ -296,7 +299,11 @@ class ShapeCompleter:
             radius = c.finger_radius * scale
         elif not (radius > 0 and math.isfinite(radius)):
             raise InvalidRequestError(f"finger_radius must be > 0, got {radius}")
-        return _Observation("contacts", None, None, contacts, directions, float(radius), notes)
+        center = (torch.zeros(3, device=self.spec.device, dtype=self.spec.dtype)
+                  if req.grasp_center is None
+                  else self._array(req.grasp_center, "grasp_center", vector=True))
+        return _Observation("contacts", None, None, contacts - center, directions, float(radius),
+                            notes, center)
 
     # -- scoring ------------------------------------------------------------------------------
 
@@ -309,8 +316,9 @@ class ShapeCompleter:
         idx = torch.linspace(0, q - 1, min(c.candidate_points, q), device=self.spec.device)
         idx = idx.round().long()
         if obs.kind == "contacts":
-            return lambda x: contact_scores(x[:, idx], obs.contacts, obs.directions,
-                                            obs.finger_radius, scale)
+            # every point: a finger touches the few that lie within its radius of its line
+            return lambda x: contact_scores(x - obs.grasp_center, obs.contacts,
+                                            obs.directions, obs.finger_radius, scale)
         target = obs.points.mean(dim=0)
 
         def score(x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,8 @@ from rclpy.utilities import remove_ros_args
 from mace_core.errors import MaceError
 from mace_core.ik import IKRequest
 from mace_core.scenes import Obstacle, load_scene, quaternion_xyzw_to_matrix
-from mace_core.shape_benchmark import BOX_CUTS, GRASP_DIRECTIONS, grasp_contacts, partial_box
+from mace_core.shape_benchmark import (BOX_CUTS, GRASP_CENTERS, GRASP_DIRECTIONS,
+                                       grasp_contacts, partial_box)
 from mace_core.shape_completion import ShapeCompletionRequest
 from mace_core.tensor import TensorSpec
 from mace_ros.conversions import (BASE_FRAME, ik_request_to_msg, points_from_cloud,
@@ -36,6 +37,8 @@ CALL_MARGIN_S = 30.0
 OBJECT_FRAME = "object"
 #: Finger radius of ``mace-client shape --grasp`` on a box, m (the boxes prior's default).
 BOX_FINGER_RADIUS_M = 0.02
+#: Length scale of the boxes prior, m (``models/shape_registry.yaml``).
+BOX_LENGTH_SCALE_M = 0.5
 
 
 class MaceClient:
@@ -129,7 +132,7 @@ class MaceClient:
             time_budget_s: wall-clock budget of the request, s.
             frame_id: frame of the observation (echoed on the completions).
             **overrides: other :class:`~mace_core.shape_completion.ShapeCompletionRequest`
-                fields (finger_radius, iterations, seed).
+                fields (grasp_center, finger_radius, iterations, seed).
         """
         request = ShapeCompletionRequest(prior=prior, points=points, viewpoint=viewpoint,
                                          contacts=contacts, directions=directions,
@@ -245,8 +248,9 @@ def _shape_observation(args: argparse.Namespace) -> tuple[dict, np.ndarray | Non
           f"{'contacts' if args.grasp else 'points'} sent")
     if args.grasp:
         directions = np.asarray(GRASP_DIRECTIONS)
-        contacts = grasp_contacts(case.dense, directions, BOX_FINGER_RADIUS_M)
-        return dict(contacts=contacts.numpy(), directions=directions,
+        center = np.asarray(GRASP_CENTERS["boxes"]) * BOX_LENGTH_SCALE_M
+        contacts = grasp_contacts(case.dense, directions, BOX_FINGER_RADIUS_M, center)
+        return dict(contacts=contacts.numpy(), directions=directions, grasp_center=center,
                     finger_radius=BOX_FINGER_RADIUS_M), case.truth.numpy()
     return dict(points=observed.numpy()), case.truth.numpy()
 

@@ -471,6 +471,7 @@ def shape_request_from_msg(req: CompleteShape.Request) -> ShapeCompletionRequest
     directions = _vector([_point(d) for d in req.contact_directions], "contact_directions")
     radius = float(req.finger_radius)
     return ShapeCompletionRequest(contacts=contacts, directions=directions,
+                                  grasp_center=_vector(_point(req.grasp_center), "grasp_center"),
                                   finger_radius=None if radius == 0.0 else radius, **common)
 
 
@@ -502,6 +503,9 @@ def shape_request_to_msg(request: ShapeCompletionRequest,
         msg.contact_directions = [Vector3(x=float(x), y=float(y), z=float(z))
                                   for x, y, z in _as_numpy(request.directions).reshape(-1, 3)]
         msg.finger_radius = float(request.finger_radius or 0.0)
+        if request.grasp_center is not None:
+            x, y, z = (float(v) for v in _as_numpy(request.grasp_center).reshape(3))
+            msg.grasp_center = Point(x=x, y=y, z=z)
     msg.prior = request.prior
     msg.num_completions = int(request.num_completions)
     msg.time_budget = float(request.time_budget_s)

@@ -456,7 +456,11 @@ def test_shape_request_defaults_travel_as_minus_one_and_zero():
     assert back.points is None
     np.testing.assert_allclose(back.contacts, np.eye(3) * 0.3)
     np.testing.assert_allclose(back.directions, -np.eye(3))
+    np.testing.assert_allclose(back.grasp_center, np.zeros(3))  # the frame's origin
     assert conv.shape_request_header(msg).frame_id == "hand"
+    moved = conv.shape_request_from_msg(conv.shape_request_to_msg(
+        _shape_contacts_request(grasp_center=np.array([0.0, 0.1, 0.05]))))
+    np.testing.assert_allclose(moved.grasp_center, [0.0, 0.1, 0.05])
 
 
 def test_shape_request_keeps_a_given_finger_radius_and_zero_iterations():

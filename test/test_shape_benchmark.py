@@ -13,6 +13,7 @@ from mace_core.shape_benchmark import (GRASP_DIRECTIONS, GRASP_OOD_DIRECTIONS, M
                                        box_cases, camera_view, chamfer_to, grasp_contacts,
                                        mean_pairwise_chamfer, object_cases, partial_box,
                                        plane_cut, random_viewpoint, symmetric_chamfer, top_cut)
+from mace_core.shape_data import sample_box_clouds
 from mace_core.shape_observations import REFERENCE_POINTS, chamfer_k
 from mace_core.tensor import TensorSpec
 from mace_ros import bench
@@ -86,6 +87,17 @@ def test_grasp_contacts_lie_on_the_fingers_lines():
         radial = (contacts.norm(dim=-1) ** 2 - along ** 2).clamp_min(0).sqrt()
         assert (radial <= 0.02 + 1e-6).all() and (along > 0.0).all()
     assert GRASP_DIRECTIONS[4] == (1.0, 0.0, 0.0) and GRASP_OOD_DIRECTIONS[4] == (-1.0, 0.0, 0.0)
+
+
+def test_grasp_contacts_close_on_the_grasp_center():
+    """A 0.2 x 0.4 x 0.3 m box standing on the xy plane, grasped 0.05 m above it: the +x finger
+    (moving along -x) touches the +x face at the centre's height, not the bottom edge."""
+    edges = torch.tensor([[0.2, 0.4, 0.3]])
+    cloud = sample_box_clouds(edges, 20000, SPEC.generator(0), angle=torch.zeros(1))[0]
+    center = torch.tensor([0.0, 0.0, 0.05])
+    contacts = grasp_contacts(cloud, torch.tensor([[-1.0, 0.0, 0.0]]), 0.01, center)
+    assert contacts[0, 0] == pytest.approx(0.1, abs=1e-6)  # on the +x face
+    assert abs(float(contacts[0, 2]) - 0.05) <= 0.01 and abs(float(contacts[0, 1])) <= 0.01
 
 
 def test_chamfer_metrics_match_the_core_definition():
