@@ -66,7 +66,7 @@ class IKAdaptConfig:
     time_budget_s: float = 1.0  #: s for the whole request
     refinement_mode: str = "dls"  #: one of ``REFINEMENTS``
     first_samples: int = 64  #: prior samples of the first refinement round (the fast path)
-    refine_seeds: int = 24  #: candidates refined per round
+    refine_seeds: int = 32  #: candidates refined per round
     #: share of a round's seeds drawn around solutions already accepted, moved along the arm's
     #: self-motion: where the free space is a narrow passage, more solutions lie there
     neighbour_share: float = 0.5
@@ -455,7 +455,10 @@ class IKAdapter:
             timings.sampling += time.perf_counter() - t
             done = rounds.run(batch)
         if refining and rounds.accepted.shape[0] > 0:
-            solutions = self._describe(rounds.accepted, target, world)
+            accepted = rounds.accepted  # the last round may overshoot K: keep K spread out
+            solutions = self._describe(accepted[farthest_point_order(accepted,
+                                                                     cfg.num_solutions)],
+                                       target, world)
         else:  # nothing refined to a valid solution (or no refinement): the best samples as is
             order = torch.argsort(cand_s, descending=True)
             if not refining:
