@@ -319,8 +319,9 @@ def _signed_with_gradient(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, dim
         deepest = torch.maximum(deepest, q)
     is_out = deepest > 0.0
     signed = torch.where(is_out, out, deepest)
-    grads = [torch.where(is_out, o / out, (q == deepest).to(q.dtype))
-             for q, o in zip(qs, outs)]  # d signed / d q per term
+    nearest = torch.stack(qs).argmax(0)  # inside: the one nearest face (ties: the first)
+    grads = [torch.where(is_out, o / out, (nearest == i).to(q.dtype))
+             for i, (q, o) in enumerate(zip(qs, outs))]  # d signed / d q per term
     if kind == 0:
         return signed, tuple(g * sg for g, sg in zip(grads, signs))
     return signed, (grads[0] * x / radial, grads[0] * y / radial, grads[1] * signs[1])

@@ -56,7 +56,7 @@ class IKLimits:
 
 @dataclass
 class IKAdaptConfig:
-    """Defaults of the IK service; every field but ``limits`` can be overridden per request."""
+    """Defaults of the IK service; a request's fields (:class:`IKRequest`) override some."""
 
     mace: MACEConfig = field(default_factory=lambda: MACEConfig(
         num_samples=256, quantile=1.0 / 16.0, gradient_steps=16, iterations=40,
@@ -172,7 +172,9 @@ class IKAdaptResult:
     solutions: list[IKSolution]  #: at most K, best first
     joint_names: list[str]  #: names of the 7 joints
     num_requested: int  #: K asked for
-    valid_fraction_prior: float  #: share of prior samples that are valid
+    #: share of the first prior batch that is valid (``first_samples`` of them when refining,
+    #: else N)
+    valid_fraction_prior: float
     valid_fraction_adapted: float  #: share of samples of the adapted model that are valid
     iterations_run: int  #: MACE iterations actually run
     timings: IKTimings  #: stage times
@@ -229,15 +231,16 @@ class _RefinementRounds:
         return self.accepted.shape[0] >= self.cfg.num_solutions
 
     def _with_neighbours(self, seeds: torch.Tensor) -> torch.Tensor:
-        """Replace the last ``neighbour_share`` of ``seeds (S, 7)`` by accepted solutions moved
-        along their self-motion (none while nothing is accepted): ``(S, 7)``.
+        """Replace the last ``round(neighbour_share * S)`` of ``seeds (S, 7)`` by accepted
+        solutions moved along their self-motion (none while nothing is accepted): ``(S, 7)``.
 
-        The move is Gaussian joint noise projected onto the null space of the end-effector
-        position Jacobian, (I − J⁺J) ξ: to first order the hand stays on the target, so the
-        refiner needs few steps, while the arm's posture changes widely.
+        The move is Gaussian joint noise projected onto the null space of the task Jacobian
+        (position, plus the weighted orientation rows for a pose target), (I − J⁺J) ξ: to first
+        order it leaves the hand on the target. At the default size (2 rad) the posture changes
+        widely and the hand drifts off, and the refiner brings it back.
         """
         count = self.accepted.shape[0]
-        n = min(int(round(self.cfg.neighbour_share * self.cfg.refine_seeds)), seeds.shape[0])
+        n = int(round(self.cfg.neighbour_share * seeds.shape[0]))
         if count == 0 or n == 0:
             return seeds
         spec, kin = self.adapter.spec, self.adapter.kin
@@ -245,8 +248,15 @@ class _RefinementRounds:
         base = self.accepted[pick]
         noise = self.cfg.neighbour_std_rad * torch.randn(
             n, seeds.shape[1], generator=self.generator, device=spec.device, dtype=spec.dtype)
-        jac = kin.jacobian(base)[:, :3]  # (n, 3, 7)
-        jjt = jac @ jac.transpose(1, 2)
+        jac = kin.jacobian(base)  # (n, 6, 7)
+        if self.target.rotation is None:
+            jac = jac[:, :3]
+        else:
+            jac = torch.cat([jac[:, :3], self.cfg.refinement.orientation_weight * jac[:, 3:]], 1)
+        rows = jac.shape[1]
+        damping = self.cfg.refinement.damping ** 2 * torch.eye(rows, device=spec.device,
+                                                               dtype=spec.dtype)
+        jjt = jac @ jac.transpose(1, 2) + damping  # damped: solutions may be singular
         task = jac.transpose(1, 2) @ torch.linalg.solve(jjt, jac @ noise.unsqueeze(-1))
         near = (base + noise - task.squeeze(-1)).clamp(kin.lower, kin.upper)
         return torch.cat([seeds[:seeds.shape[0] - n], near])
@@ -514,8 +524,9 @@ class IKAdapter:
         Candidates are ranked by end-effector distance plus obstacle penetration (both m): far
         seeds drag the arm into obstacles on their way to the target, while near ones that graze
         an obstacle are pushed out by the refiner's null-space step. The penetration is computed
-        for the 4 x refine_seeds nearest only (known-valid candidates first, ``scores > 0``); the
-        best 2 x refine_seeds are then spread out greedily (max-min joint distance).
+        for the 4 x refine_seeds nearest only, where a candidate known to collide
+        (``scores <= 0``) ranks as if 0.1 m farther; the best 2 x refine_seeds are then spread
+        out greedily (max-min joint distance).
         """
         with torch.no_grad():
             poses = self.kin.link_poses(cand_q)

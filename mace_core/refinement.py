@@ -182,7 +182,8 @@ class TracIKRefiner:
                needed: int | None = None) -> torch.Tensor:
         """Refine each row of ``q0 (B, 7)``; rows TRAC-IK fails on come back unchanged.
 
-        TRAC-IK knows no collision cost: ``penalty`` is ignored (results are re-checked)."""
+        TRAC-IK knows no collision cost: ``penalty`` is ignored (results are re-checked), and so
+        is ``needed`` (a solved row may still collide, so every seed is tried)."""
         seeds = q0.detach().cpu().double().numpy()
         if target.rotation is None:
             reachable = self._orienter.refine(q0, target)
@@ -191,13 +192,10 @@ class TracIKRefiner:
             rots = np.broadcast_to(target.rotation.cpu().double().numpy(), (len(seeds), 3, 3))
         position = target.position.cpu().double().numpy()
         out = seeds.copy()
-        solved = 0
         for b in range(len(seeds)):  # TRAC-IK is a per-seed C++ call; B is small (seeds only)
-            if (deadline is not None and time.perf_counter() >= deadline) or (
-                    needed is not None and solved >= needed):
+            if deadline is not None and time.perf_counter() >= deadline:
                 break
             sol = self.solve(seeds[b], position, matrix_to_quaternion_xyzw(rots[b]))
             if sol is not None:
                 out[b] = sol
-                solved += 1
         return torch.as_tensor(out, dtype=q0.dtype, device=q0.device)

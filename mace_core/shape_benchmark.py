@@ -66,9 +66,9 @@ GRASP_DIRECTIONS = ((_S, _S, 0.0), (_S, -_S, 0.0), (-_S, _S, 0.0), (-_S, -_S, 0.
                     (1.0, 0.0, 0.0))
 #: The out-of-distribution pattern: the fifth finger along -x.
 GRASP_OOD_DIRECTIONS = GRASP_DIRECTIONS[:4] + ((-1.0, 0.0, 0.0),)
-#: Point the fingers close on, per prior, in units of its length scale: inside every shape of
-#: the data set (App. A). Boxes stand on the xy plane and are 0.1 to 0.5 m tall (scale 0.5 m).
-GRASP_CENTERS = {"boxes": (0.0, 0.0, 0.1), "objects": (0.0, 0.0, 0.0)}
+#: Point the fingers close on, per prior, in the cloud's units: inside every shape of the data
+#: set (App. A). Boxes stand on the xy plane and are 0.1 to 0.5 m tall; objects are centred.
+GRASP_CENTERS = {"boxes": (0.0, 0.0, 0.05), "objects": (0.0, 0.0, 0.0)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,8 +307,8 @@ def partial_box(cut: str, seed: int, spec: TensorSpec,
 
 def observe(case: ShapeCase, mode: str, generator: torch.Generator, length_scale: float,
             cfg: ShapeBenchmarkConfig, finger_radius: float) -> dict:
-    """The request fields of ``mode``'s observation of ``case`` (points/viewpoint or
-    contacts/directions) and a short description."""
+    """The request fields of ``mode``'s observation of ``case``: points (and viewpoint), or
+    contacts, directions and grasp_center."""
     if mode == "random_cut":
         return dict(points=random_plane_cut(case.dense, generator))
     if mode == "top_cut":
@@ -320,7 +320,7 @@ def observe(case: ShapeCase, mode: str, generator: torch.Generator, length_scale
     directions = GRASP_DIRECTIONS if mode == "grasp" else GRASP_OOD_DIRECTIONS
     d = torch.as_tensor(directions, dtype=case.dense.dtype, device=case.dense.device)
     center = torch.as_tensor(GRASP_CENTERS.get(cfg.prior, (0.0, 0.0, 0.0)),
-                             dtype=case.dense.dtype, device=case.dense.device) * length_scale
+                             dtype=case.dense.dtype, device=case.dense.device)
     return dict(contacts=grasp_contacts(case.dense, d, finger_radius, center), directions=d,
                 grasp_center=center)
 

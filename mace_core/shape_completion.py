@@ -102,7 +102,8 @@ class ShapeCompletionConfig:
     temperature: float = 0.1  #: τ of S = exp(-τ CD_k) (App. C)
     observation_points: int = 128  #: observed points kept for scoring (farthest-point sampling)
     max_input_points: int = 20000  #: larger clouds are first randomly subsampled to this size
-    candidate_points: int = 512  #: points of each candidate used in scoring (strided subset)
+    candidate_points: int = 512  #: points of each candidate scored against a partial cloud
+    #: (strided subset; contact scores use every point)
     visibility_pixel: float = 0.08  #: ℓ, z-buffer pixel size at the target's distance
     visibility_depth_tolerance: float = 0.12  #: ℓ, depth band counted as the visible surface
     #: (1.5 pixels, so that a surface seen at up to ~55° from its normal is not striped)
@@ -312,13 +313,13 @@ class ShapeCompleter:
         c = self.config
         vae = self.priors[prior].vae
         scale = vae.config.length_scale
-        q = vae.config.num_points
-        idx = torch.linspace(0, q - 1, min(c.candidate_points, q), device=self.spec.device)
-        idx = idx.round().long()
         if obs.kind == "contacts":
             # every point: a finger touches the few that lie within its radius of its line
             return lambda x: contact_scores(x - obs.grasp_center, obs.contacts,
                                             obs.directions, obs.finger_radius, scale)
+        q = vae.config.num_points
+        idx = torch.linspace(0, q - 1, min(c.candidate_points, q), device=self.spec.device)
+        idx = idx.round().long()
         target = obs.points.mean(dim=0)
 
         def score(x: torch.Tensor) -> torch.Tensor:

@@ -37,8 +37,6 @@ CALL_MARGIN_S = 30.0
 OBJECT_FRAME = "object"
 #: Finger radius of ``mace-client shape --grasp`` on a box, m (the boxes prior's default).
 BOX_FINGER_RADIUS_M = 0.02
-#: Length scale of the boxes prior, m (``models/shape_registry.yaml``).
-BOX_LENGTH_SCALE_M = 0.5
 
 
 class MaceClient:
@@ -248,7 +246,7 @@ def _shape_observation(args: argparse.Namespace) -> tuple[dict, np.ndarray | Non
           f"{'contacts' if args.grasp else 'points'} sent")
     if args.grasp:
         directions = np.asarray(GRASP_DIRECTIONS)
-        center = np.asarray(GRASP_CENTERS["boxes"]) * BOX_LENGTH_SCALE_M
+        center = np.asarray(GRASP_CENTERS["boxes"])
         contacts = grasp_contacts(case.dense, directions, BOX_FINGER_RADIUS_M, center)
         return dict(contacts=contacts.numpy(), directions=directions, grasp_center=center,
                     finger_radius=BOX_FINGER_RADIUS_M), case.truth.numpy()

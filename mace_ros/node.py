@@ -123,7 +123,8 @@ class MoveItRefiner:
         """Refine each row of ``q0 (B, 7)``; rows MoveIt fails on come back unchanged.
 
         MoveIt is asked with ``avoid_collisions`` off (MACE re-checks every answer), so the
-        collision ``penalty`` is not used; no call starts after ``deadline``."""
+        collision ``penalty`` is not used, nor ``needed`` (every seed is tried); no call starts
+        after ``deadline``."""
         if not self._client.service_is_ready():
             raise InvalidRequestError(f"refinement 'moveit': MoveIt's {self.service} is not "
                                       f"available (is move_group running?)")
@@ -135,10 +136,8 @@ class MoveItRefiner:
                                         (len(seeds), 3, 3))
         position = target.position.cpu().double().numpy()
         out = seeds.copy()
-        solved = 0
         for b, seed in enumerate(seeds):
-            if (deadline is not None and time.perf_counter() >= deadline) or (
-                    needed is not None and solved >= needed):
+            if deadline is not None and time.perf_counter() >= deadline:
                 break
             request = conversions.fill_compute_ik_request(
                 self._request_type(), seed, self.kin.joint_names, position, rotations[b],
@@ -150,7 +149,6 @@ class MoveItRefiner:
             q = conversions.joints_from_compute_ik(response, self.kin.joint_names)
             if q is not None:
                 out[b] = q
-                solved += 1
         return torch.as_tensor(out, dtype=q0.dtype, device=q0.device)
 
 

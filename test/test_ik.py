@@ -46,9 +46,11 @@ def test_solutions_reach_target_and_are_valid_for_pybullet(adapter, wall):
     assert result.timings.total > 0 and result.joint_names[0] == "panda_joint1"
 
 
-def test_neighbour_seeds_follow_the_self_motion(adapter, wall):
-    """Seeds drawn around accepted solutions keep the hand near the target to first order (the
-    noise is projected onto the null space of the position Jacobian), unlike raw joint noise."""
+@pytest.mark.parametrize("pose_target", [False, True])
+def test_neighbour_seeds_follow_the_self_motion(adapter, wall, pose_target):
+    """Seeds drawn around accepted solutions keep the hand on the target to first order (the
+    noise is projected onto the null space of the task Jacobian: position, plus orientation for
+    a pose target), unlike raw joint noise of the same size."""
     from dataclasses import replace
 
     from mace_core.collision import CollisionWorld
@@ -61,7 +63,9 @@ def test_neighbour_seeds_follow_the_self_motion(adapter, wall):
     base = spec.tensor(np.stack([s.q for s in result.solutions]))
     std = 0.05
     cfg = replace(adapter.config, neighbour_share=1.0, neighbour_std_rad=std, refine_seeds=64)
-    target = IKTarget(position=kin.ee_position(base[:1])[0])
+    pose = kin.ee_pose(base[:1])[0]
+    target = IKTarget(position=pose[:3, 3], rotation=pose[:3, :3] if pose_target else None,
+                      orientation_tolerance=0.01)
     rounds = _RefinementRounds(adapter, cfg, target, CollisionWorld.from_obstacles([], spec),
                                deadline=math.inf, timings=IKTimings(),
                                generator=spec.generator(0))
@@ -70,12 +74,23 @@ def test_neighbour_seeds_follow_the_self_motion(adapter, wall):
     assert seeds.shape == (64, 7)
     # the nearest accepted solution of each seed, and how far the hand moved from it
     nearest = (seeds[:, None] - base[None]).abs().amax(-1).argmin(-1)
-    moved = (kin.ee_position(seeds) - kin.ee_position(base[nearest])).norm(dim=-1)
-    raw = base[nearest] + std * torch.randn(64, 7, generator=spec.generator(1))
-    raw_moved = (kin.ee_position(raw) - kin.ee_position(base[nearest])).norm(dim=-1)
-    posture = (seeds - base[nearest]).norm(dim=-1)
-    assert float(posture.mean()) > 0.5 * std  # the posture changes ...
-    assert float(moved.mean()) < 0.2 * float(raw_moved.mean())  # ... the hand hardly moves
+    raw = base[nearest] + std * torch.randn(64, 7, generator=spec.generator(1),
+                                            device=spec.device, dtype=spec.dtype)
+
+    def hand_motion(q):
+        a, b = kin.ee_pose(q), kin.ee_pose(base[nearest])
+        turn = ((a[:, :3, :3].transpose(1, 2) @ b[:, :3, :3]).diagonal(dim1=-2, dim2=-1)
+                .sum(-1).sub(1.0).mul(0.5).clamp(-1.0, 1.0).arccos())
+        return (a[:, :3, 3] - b[:, :3, 3]).norm(dim=-1).mean(), turn.mean()
+
+    moved, turned = hand_motion(seeds)
+    raw_moved, raw_turned = hand_motion(raw)
+    assert float((seeds - base[nearest]).norm(dim=-1).mean()) > 0.5 * std  # posture changes
+    assert float(moved) < 0.2 * float(raw_moved)  # ... the hand hardly moves
+    if pose_target:  # ... nor turns
+        assert float(turned) < 0.2 * float(raw_turned)
+    else:  # position only: the hand is free to turn
+        assert float(turned) > 0.3 * float(raw_turned)
 
 
 def test_adaptation_raises_the_valid_fraction(adapter, wall):
