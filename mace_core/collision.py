@@ -319,9 +319,11 @@ def _signed_with_gradient(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, dim
         deepest = torch.maximum(deepest, q)
     is_out = deepest > 0.0
     signed = torch.where(is_out, out, deepest)
-    nearest = torch.stack(qs).argmax(0)  # inside: the one nearest face (ties: the first)
-    grads = [torch.where(is_out, o / out, (nearest == i).to(q.dtype))
-             for i, (q, o) in enumerate(zip(qs, outs))]  # d signed / d q per term
+    grads, taken = [], None  # inside: the normal of one nearest face (ties: the first)
+    for q, o in zip(qs, outs):
+        nearest = q == deepest if taken is None else (q == deepest) & ~taken
+        taken = nearest if taken is None else taken | nearest
+        grads.append(torch.where(is_out, o / out, nearest.to(q.dtype)))  # d signed / d q
     if kind == 0:
         return signed, tuple(g * sg for g, sg in zip(grads, signs))
     return signed, (grads[0] * x / radial, grads[0] * y / radial, grads[1] * signs[1])

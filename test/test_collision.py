@@ -115,6 +115,10 @@ def test_penetration_matches_autograd_of_signed_distance():
     assert (cost > 0).sum() > 100  # a fair number of the spheres is in contact
     assert torch.allclose(cost, ref.detach(), atol=1e-12)
     assert torch.allclose(grad, ref_grad, atol=1e-9)
+    # on a cube's diagonal plane two faces are nearest: the gradient is one face's unit normal
+    cube = _world(spec, Obstacle("c", "box", (0.2, 0.2, 0.2), (0.0, 0.0, 0.0)))
+    _, grad = cube.penetration(spec.tensor([[0.05, 0.05, 0.0]]), spec.tensor([0.01]))
+    assert float(grad.norm()) == pytest.approx(1.0)
 
 
 def test_pybullet_primitives_match_hand_cases():
