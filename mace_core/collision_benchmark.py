@@ -28,6 +28,7 @@ import torch
 from .collision import (CollisionWorld, PyBulletCollisionChecker, RobotSpheres,
                         SphereCollisionChecker)
 from .kinematics import RobotKinematics
+from .refinement import damped_least_squares
 from .scenes import Scene, load_scene
 from .tensor import TensorSpec
 
@@ -53,8 +54,7 @@ def ik_configurations(kin: RobotKinematics, scene: Scene, n: int, generator: tor
             poses = kin.link_poses(q)
             err = target - poses[:, kin.ee_index, :3, 3]  # (B, 3)
             jac = kin.jacobian(q, poses)[:, :3]  # (B, 3, 7)
-            jjt = jac @ jac.transpose(1, 2) + 1e-4 * torch.eye(3, dtype=q.dtype)
-            step = jac.transpose(1, 2) @ torch.linalg.solve(jjt, err.unsqueeze(-1))
+            step = damped_least_squares(jac, err.unsqueeze(-1), 1e-2)
             q = torch.maximum(torch.minimum(q + step.squeeze(-1), kin.upper), kin.lower)
         err = (target - kin.ee_position(q)).norm(dim=-1)
         q = q[err < tolerance]

@@ -32,7 +32,7 @@ from .ik_prior import ARGMMPrior
 from .kinematics import RobotKinematics, panda_urdf_path
 from .mace import MACEConfig, adapt
 from .refinement import (DLSRefiner, IKTarget, PenaltyFn, RefinementConfig, Refiner,
-                         TracIKRefiner, pose_errors)
+                         TracIKRefiner, damped_least_squares, pose_errors)
 from .registry import load_ik_prior, load_registry
 from .scenes import Obstacle
 from .tensor import TensorSpec
@@ -253,11 +253,8 @@ class _RefinementRounds:
             jac = jac[:, :3]
         else:
             jac = torch.cat([jac[:, :3], self.cfg.refinement.orientation_weight * jac[:, 3:]], 1)
-        rows = jac.shape[1]
-        damping = self.cfg.refinement.damping ** 2 * torch.eye(rows, device=spec.device,
-                                                               dtype=spec.dtype)
-        jjt = jac @ jac.transpose(1, 2) + damping  # damped: solutions may be singular
-        task = jac.transpose(1, 2) @ torch.linalg.solve(jjt, jac @ noise.unsqueeze(-1))
+        # damped: a solution may be singular
+        task = damped_least_squares(jac, jac @ noise.unsqueeze(-1), self.cfg.refinement.damping)
         near = (base + noise - task.squeeze(-1)).clamp(kin.lower, kin.upper)
         return torch.cat([seeds[:seeds.shape[0] - n], near])
 
@@ -429,14 +426,20 @@ class IKAdapter:
         # deadline, or enough good samples are pooled, and returns the best samples.
         rounds = _RefinementRounds(self, cfg, target, world, deadline, timings, generator)
         done = refining and rounds.run(q, s)
+
+        def fresh_batch(n: int, scored: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """``n`` new samples ``(n, 7)`` of the model as it is now, with scores if asked."""
+            t = time.perf_counter()
+            with torch.no_grad():
+                batch = model.sample(n, generator)
+                scores = score(batch) if scored else None
+            timings.sampling += time.perf_counter() - t
+            return batch, scores
+
         # While rounds keep adding solutions, more rounds are cheaper than adapting: a fresh
         # small batch plus seeds around the solutions found. Adaptation starts when one adds none.
         while refining and not done and rounds.last_added > 0 and rounds.time_for_another():
-            t = time.perf_counter()
-            with torch.no_grad():
-                q = model.sample(cfg.first_samples, generator)
-                s = score(q)
-            timings.sampling += time.perf_counter() - t
+            q, s = fresh_batch(cfg.first_samples, scored=True)
             done = rounds.run(q, s)
         good = math.exp(-cfg.seed_radius_m)
 
@@ -459,11 +462,7 @@ class IKAdapter:
             done = refining and rounds.done
         timings.adaptation = time.perf_counter() - t1 - (timings.refinement - refine_before)
         while refining and not done and rounds.time_for_another():
-            t = time.perf_counter()
-            with torch.no_grad():
-                batch = model.sample(cfg.mace.num_samples, generator)
-            timings.sampling += time.perf_counter() - t
-            done = rounds.run(batch)
+            done = rounds.run(*fresh_batch(cfg.mace.num_samples, scored=False))
         if refining and rounds.accepted.shape[0] > 0:
             accepted = rounds.accepted  # the last round may overshoot K: keep K spread out
             solutions = self._describe(accepted[farthest_point_order(accepted,

@@ -57,6 +57,14 @@ def pose_errors(kin: RobotKinematics, q: torch.Tensor, target: IKTarget,
     return pos_err, torch.arccos(cos)
 
 
+def damped_least_squares(jac: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Tensor:
+    """Jᵀ (J Jᵀ + λ² I)⁻¹ r for Jacobians ``(B, m, n)`` and right-hand sides ``(B, m, c)``:
+    ``(B, n, c)``, the damped pseudo-inverse applied to every column (one factorization)."""
+    eye = torch.eye(jac.shape[1], dtype=jac.dtype, device=jac.device)
+    jjt = jac @ jac.transpose(1, 2) + damping ** 2 * eye
+    return jac.transpose(1, 2) @ torch.linalg.solve(jjt, rhs)
+
+
 #: Collision cost of configurations ``(B, 7)`` with their link poses ``(B, L, 4, 4)``: returns the
 #: cost ``(B,)`` (0 when clear) and its gradient with respect to the joints ``(B, 7)``.
 PenaltyFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -98,7 +106,6 @@ class DLSRefiner:
         ``needed`` rows have converged clear of obstacles."""
         cfg, kin = self.config, self.kin
         q = q0.clone().clamp(kin.lower, kin.upper)
-        lam2 = cfg.damping ** 2
         prev = torch.full(q.shape[:1], math.inf, dtype=q.dtype, device=q.device)
         with torch.no_grad():
             for it in range(cfg.max_iterations):
@@ -130,13 +137,12 @@ class DLSRefiner:
                         needed is not None and int(done.sum()) >= needed):
                     break
                 prev = norm
-                jjt = jac @ jac.transpose(1, 2)
-                eye = torch.eye(jjt.shape[-1], dtype=q.dtype, device=q.device)
-                jt = jac.transpose(1, 2)
-                dq = (jt @ torch.linalg.solve(jjt + lam2 * eye, err.unsqueeze(-1))).squeeze(-1)
-                if grad is not None:  # null-space projection of the collision gradient
-                    jg = torch.linalg.solve(jjt + lam2 * eye, (jac @ grad.unsqueeze(-1)))
-                    dq = dq - cfg.avoidance_gain * (grad - (jt @ jg).squeeze(-1))
+                if grad is None:
+                    dq = damped_least_squares(jac, err.unsqueeze(-1), cfg.damping).squeeze(-1)
+                else:  # plus the null-space projection of the collision gradient
+                    rhs = torch.stack([err, (jac @ grad.unsqueeze(-1)).squeeze(-1)], -1)
+                    steps = damped_least_squares(jac, rhs, cfg.damping)  # (B, 7, 2)
+                    dq = steps[..., 0] - cfg.avoidance_gain * (grad - steps[..., 1])
                 scale = (cfg.max_step / dq.abs().amax(-1, keepdim=True).clamp_min(1e-12)).clamp(
                     max=1.0)
                 q = torch.where(done.unsqueeze(-1), q, (q + dq * scale).clamp(kin.lower,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import rclpy
@@ -261,13 +261,8 @@ def _main_shape(args: argparse.Namespace, argv: list[str]) -> int:
         return 2
     overrides = {k: v for k, v in (("iterations", args.iterations), ("seed", args.seed))
                  if v is not None}
-    rclpy.init(args=argv)
-    client = MaceClient(shape_service=args.service)
-    try:
-        if not client.wait(args.wait, shape=True):
-            print(f"mace-client: {args.service} is not available (is the node running, "
-                  f"with the same ROS_DOMAIN_ID?)", file=sys.stderr)
-            return 2
+
+    def ask(client: MaceClient) -> int:
         response = client.complete_shape(prior=args.prior, num_completions=args.num_completions,
                                          time_budget_s=args.time_budget, frame_id=args.frame,
                                          **obs, **overrides)
@@ -283,6 +278,21 @@ def _main_shape(args: argparse.Namespace, argv: list[str]) -> int:
                                          f"{response.message[:90]}")
             print(f"wrote {args.png}")
         return 0 if response.success else 1
+    return _with_service(argv, args.service, args.wait, shape=True, ask=ask)
+
+
+def _with_service(argv: list[str], service: str, wait_s: float, shape: bool,
+                  ask: Callable[[MaceClient], int]) -> int:
+    """Start rclpy, wait for ``service``, run ``ask`` with the client and shut down: its exit
+    status, or 2 when the service is missing, the call times out or is interrupted."""
+    rclpy.init(args=argv)
+    client = MaceClient(shape_service=service) if shape else MaceClient(service)
+    try:
+        if not client.wait(wait_s, shape=shape):
+            print(f"mace-client: {service} is not available (is the node running, "
+                  f"with the same ROS_DOMAIN_ID?)", file=sys.stderr)
+            return 2
+        return ask(client)
     except (TimeoutError, KeyboardInterrupt) as exc:
         print(f"mace-client: {exc or 'interrupted'}", file=sys.stderr)
         return 2
@@ -313,25 +323,15 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: v for k, v in (("iterations", args.iterations),
                                    ("refinement", args.refinement), ("seed", args.seed))
                  if v is not None}
-    rclpy.init(args=argv)
-    client = MaceClient(args.service)
-    try:
-        if not client.wait(args.wait):
-            print(f"mace-client: {args.service} is not available (is the node running, "
-                  f"with the same ROS_DOMAIN_ID?)", file=sys.stderr)
-            return 2
+
+    def ask(client: MaceClient) -> int:
         response = client.adapt_ik(
             target, obstacles=scene.obstacles if scene else (), rotation=rotation,
             orientation_tolerance=args.orientation_tolerance, num_solutions=args.num_solutions,
             time_budget_s=args.time_budget, **overrides)
         print(format_solutions(response))
         return 0 if response.success else 1
-    except (TimeoutError, KeyboardInterrupt) as exc:
-        print(f"mace-client: {exc or 'interrupted'}", file=sys.stderr)
-        return 2
-    finally:
-        client.close()
-        rclpy.try_shutdown()
+    return _with_service(argv, args.service, args.wait, shape=False, ask=ask)
 
 
 if __name__ == "__main__":
