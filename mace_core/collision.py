@@ -477,6 +477,37 @@ class CollisionWorld:
             hit[rows] = d2 <= radii[rows].square()
         return hit
 
+    def pair_penetration(self, points: torch.Tensor, radii: torch.Tensor, index: torch.Tensor,
+                         margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`penetration` of spheres ``(N, m, 3)``, ``(N, m)`` against obstacle ``index``
+        ``(N,)`` only.
+
+        Returns:
+            depth ``(N, m)`` (m, 0 when clear) and its gradient with respect to the centres
+            ``(N, m, 3)``, base frame.
+        """
+        depth = torch.zeros_like(radii)
+        grad = torch.zeros_like(points)
+        for kind, a, b in self.slices:
+            rows = None
+            if (a, b) != (0, len(self)):  # obstacles of several kinds: this kind's rows
+                rows = ((index >= a) & (index < b)).nonzero().squeeze(1)
+                if rows.numel() == 0:
+                    continue
+            k = index if rows is None else index[rows]
+            p = points if rows is None else points[rows]
+            rot = self.rotations[k]  # (n, 3, 3)
+            local = torch.bmm(p - self.positions[k].unsqueeze(1), rot)  # rows R^T (p - c)
+            signed, g = _signed_with_gradient(*local.unbind(-1), self.dims[k].unsqueeze(1), kind)
+            d = ((margin + (radii if rows is None else radii[rows])) - signed).clamp_min_(0.0)
+            # d local_j / d p_i = R_ij
+            gd = torch.stack(g, -1).mul_((d > 0.0).unsqueeze(-1).to(d.dtype)).bmm(
+                rot.transpose(1, 2)).neg_()
+            if rows is None:
+                return d, gd
+            depth[rows], grad[rows] = d, gd
+        return depth, grad
+
 
 # ----------------------------------------------------------------------------------------------
 # Sphere checker (torch)
@@ -582,9 +613,12 @@ class SphereCollisionChecker:
                                      + g_radius[ab[:, 1].cpu().numpy()]) ** 2).unsqueeze(1)
         self._world_groups = torch.tensor(world, device=spec.device, dtype=torch.long)
         self._group_link = torch.tensor(links, device=spec.device)
-        self._group_xyz = spec.tensor(centers).unbind(-1)  # 3 x (G, m), link frames
+        self._group_points = spec.tensor(centers)  # (G, m, 3), link frames
+        self._group_xyz = self._group_points.unbind(-1)  # 3 x (G, m)
         self._group_radii = spec.tensor(radii)  # (G, m)
         self._group_valid = torch.tensor(valid, device=spec.device)  # (G, m)
+        # radii for penetration depths: padding slots far negative, so they never cost
+        self._group_pen_radii = spec.tensor(np.where(valid, radii, -1e3))  # (G, m)
         self._group_radius = spec.tensor(g_radius)  # (G,)
         self.num_groups = len(groups)  #: sphere groups (bounding spheres) in total
 
@@ -668,9 +702,22 @@ class SphereCollisionChecker:
         hit = torch.zeros(batch, dtype=torch.bool, device=frames.device)
         if len(world) == 0 or batch == 0:
             return hit
+        k, g, b = self._world_candidates(centers, world)
+        if b.numel() == 0:
+            return hit
+        x, y, z = self._spheres_of(frames, b, g)
+        touch = world._pair_overlaps(x, y, z, self._group_radii[g], k)
+        touch = (touch & self._group_valid[g]).any(1)
+        hit[b[touch]] = True
+        return hit
+
+    def _world_candidates(self, centers: torch.Tensor, world: CollisionWorld,
+                          pad: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(obstacle, group, configuration) triples ``(n,)`` each whose bounding volumes (group
+        spheres grown by ``pad``, obstacles' base-frame boxes) meet; groups ``(3, G, B)``."""
         groups = self._world_groups
-        # Candidates: a group's bounding sphere meets an obstacle's bounding box; (K, Gw, B).
-        reach = (world.aabb_half.T.unsqueeze(-1) + self._group_radius[groups]).unsqueeze(-1)
+        reach = (world.aabb_half.T.unsqueeze(-1) + (self._group_radius[groups] + pad)
+                 ).unsqueeze(-1)  # (3, K, Gw, 1)
         mid = world.positions.T.unsqueeze(-1).unsqueeze(-1)  # (3, K, 1, 1)
         near = None
         for i in range(3):
@@ -678,14 +725,40 @@ class SphereCollisionChecker:
             gap = (c >= mid[i] - reach[i]).logical_and_(c <= mid[i] + reach[i])
             near = gap if near is None else near.logical_and_(gap)
         k, gi, b = near.nonzero(as_tuple=True)
-        if b.numel() == 0:
-            return hit
-        g = groups[gi]
-        x, y, z = self._spheres_of(frames, b, g)
-        touch = world._pair_overlaps(x, y, z, self._group_radii[g], k)
-        touch = (touch & self._group_valid[g]).any(1)
-        hit[b[touch]] = True
-        return hit
+        return k, groups[gi], b
+
+    @torch.no_grad()
+    def penetration(self, q: torch.Tensor, world: CollisionWorld, margin: float = 0.0,
+                    poses: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Obstacle penetration of the robot's spheres, summed per link, with its gradient.
+
+        cost_b = Σ_s Σ_k relu(margin + r_s − sd_k(x_s)) over the spheres s of every link but the
+        base (:meth:`CollisionWorld.penetration`, in closed form); only the (sphere group,
+        obstacle) pairs whose bounding volumes meet are evaluated, a few percent of all.
+
+        Returns:
+            cost ``(B,)`` m, and per link l ``(B, L, 3)``: the force F_l = Σ_{s on l} ∂cost/∂x_s
+            and the torque T_l = Σ_{s on l} x_s × ∂cost/∂x_s about the base origin, from which
+            the joint gradient follows (the IK refiner's collision penalty).
+        """
+        q = self._check(q)
+        frames = self._frames(q, poses)
+        batch, links = q.shape[0], len(self.kinematics.link_names)
+        cost = q.new_zeros(batch)
+        wrench = q.new_zeros(batch * links, 6)
+        if len(world) and batch:
+            k, g, b = self._world_candidates(self._group_centers(frames), world, margin)
+            if b.numel():
+                f = frames.view(batch, links, 3, 4)[b, self._group_link[g]]  # (n, 3, 4)
+                pos = torch.baddbmm(f[:, None, :, 3], self._group_points[g],
+                                    f[..., :3].transpose(1, 2))  # (n, m, 3) sphere centres
+                depth, grad = world.pair_penetration(pos, self._group_pen_radii[g], k, margin)
+                cost.index_add_(0, b, depth.sum(1))
+                per_group = torch.cat([grad.sum(1), torch.cross(pos, grad, dim=-1).sum(1)], -1)
+                wrench.index_add_(0, b * links + self._group_link[g], per_group)
+        wrench = wrench.view(batch, links, 6)
+        return cost, wrench[..., :3], wrench[..., 3:]
 
     @torch.no_grad()
     def self_collision(self, q: torch.Tensor,

@@ -9,7 +9,8 @@ The product's pipeline for one request (Algorithm 1 with the IK score of paper S
    re-checked for collision. Once solutions exist, half of a round's seeds are drawn around them:
    where the free space is a narrow passage, the arm's self-motion near a solution holds more.
    A small prior batch (``first_samples``) often gives all K at once; rounds on fresh small
-   batches go on while they add solutions;
+   batches go on while they add solutions. In clutter (few valid samples in the first batch)
+   rounds draw and refine more (``clutter_samples``, ``clutter_seeds``);
 3. adaptation: when a round adds none, MACE iterations on all the prior's weights (N samples each),
    with a refinement round on the best pooled samples after each, stopped by T, by the time
    budget, or once K solutions are accepted (T = 0: prior samples only); then rounds on batches of
@@ -66,6 +67,13 @@ class IKAdaptConfig:
     time_budget_s: float = 1.0  #: s for the whole request
     refinement_mode: str = "dls"  #: one of ``REFINEMENTS``
     first_samples: int = 64  #: prior samples of the first refinement round (the fast path)
+    #: a request is in clutter when fewer than this share of the first batch is valid; its
+    #: rounds then draw ``clutter_samples`` and refine ``clutter_seeds``: the nearest of a
+    #: larger batch are better seeds, and more seeds per DLS step cost little more (cabinet:
+    #: 3x the solutions per round)
+    clutter_valid_fraction: float = 0.05
+    clutter_samples: int = 512  #: prior samples per refinement round in clutter
+    clutter_seeds: int = 64  #: candidates refined per round in clutter
     refine_seeds: int = 32  #: candidates refined per round
     #: share of a round's seeds drawn around solutions already accepted, moved along the arm's
     #: self-motion: where the free space is a narrow passage, more solutions lie there
@@ -100,8 +108,13 @@ class IKAdaptConfig:
         check(self.refinement_mode in REFINEMENTS, "refinement_mode", f"one of {REFINEMENTS}",
               self.refinement_mode)
         check(self.refine_seeds >= 1, "refine_seeds", ">= 1", self.refine_seeds)
-        check(1 <= self.first_samples <= lim.max_samples, "first_samples",
-              f"in [1, limits.max_samples = {lim.max_samples}]", self.first_samples)
+        check(self.clutter_seeds >= 1, "clutter_seeds", ">= 1", self.clutter_seeds)
+        for name in ("first_samples", "clutter_samples"):
+            value = getattr(self, name)
+            check(1 <= value <= lim.max_samples, name,
+                  f"in [1, limits.max_samples = {lim.max_samples}]", value)
+        check(0.0 <= self.clutter_valid_fraction <= 1.0, "clutter_valid_fraction", "in [0, 1]",
+              self.clutter_valid_fraction)
         check(0.0 <= self.neighbour_share <= 1.0, "neighbour_share", "in [0, 1]",
               self.neighbour_share)
         for name in ("seed_radius_m", "min_joint_distance", "refine_reserve_s",
@@ -260,7 +273,7 @@ class _RefinementRounds:
 
     def time_for_another(self) -> bool:
         """Whether a round (sampling a batch and refining it) still fits the budget."""
-        return time.perf_counter() + 2.0 * self.last_round_s < self.deadline
+        return time.perf_counter() + self.last_round_s < self.deadline
 
     def run(self, candidates: torch.Tensor, scores: torch.Tensor | None = None) -> bool:
         """Refine seeds chosen among ``candidates (B, 7)`` (with their scores ``(B,)`` when known:
@@ -311,12 +324,7 @@ class IKAdapter:
             self.refiners["tracik"] = TracIKRefiner(kin, urdf_text, config.refinement)
         self.refiners.update(refiners or {})
         self._last_position: torch.Tensor | None = None  # (3,) target of the last solve()
-        # Spheres that meet obstacles (the base link's never do), their radii (S,), and which
-        # joints move each of them (J, S): built once for the refiner's collision penalty.
-        keep = [k for k, name in enumerate(checker.spheres.links) if name != kin.base_link]
-        keep_t = torch.tensor(keep, device=spec.device, dtype=torch.long)
-        self._penalty_spheres = (keep_t, spec.tensor(checker.spheres.radii)[keep_t],
-                                 kin.ancestor_mask([checker.spheres.links[k] for k in keep]))
+        self._moves = kin.ancestor_mask(list(kin.link_names))  # (J, L): joint j moves link l
 
     @classmethod
     def from_models(cls, models_dir: str, model_name: str, config: IKAdaptConfig,
@@ -414,18 +422,6 @@ class IKAdapter:
 
         timings = IKTimings()
         refining = cfg.refinement_mode != "none"
-        # 1. sampling from the prior (a small batch first when refining: often enough)
-        with torch.no_grad():
-            q = model.sample(cfg.first_samples if refining else cfg.mace.num_samples, generator)
-            s = score(q)
-        valid_prior = float((s > 0).float().mean())
-        timings.sampling = time.perf_counter() - t0
-        # 2-3. anytime (module docstring): refinement rounds while they add solutions, then
-        # adaptation with a round after every MACE iteration, then rounds on the adapted model,
-        # until K solutions or the deadline. Without refinement the loop adapts until T, the
-        # deadline, or enough good samples are pooled, and returns the best samples.
-        rounds = _RefinementRounds(self, cfg, target, world, deadline, timings, generator)
-        done = refining and rounds.run(q, s)
 
         def fresh_batch(n: int, scored: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
             """``n`` new samples ``(n, 7)`` of the model as it is now, with scores if asked."""
@@ -436,8 +432,22 @@ class IKAdapter:
             timings.sampling += time.perf_counter() - t
             return batch, scores
 
+        # 1. sampling from the prior (a small batch first when refining: often enough)
+        q, s = fresh_batch(cfg.first_samples if refining else cfg.mace.num_samples, scored=True)
+        valid_prior = float((s > 0).float().mean())
+        if refining and valid_prior < cfg.clutter_valid_fraction:
+            cfg = replace(cfg, first_samples=cfg.clutter_samples, refine_seeds=cfg.clutter_seeds)
+            if cfg.first_samples > q.shape[0]:
+                more_q, more_s = fresh_batch(cfg.first_samples - q.shape[0], scored=True)
+                q, s = torch.cat([q, more_q]), torch.cat([s, more_s])
+        # 2-3. anytime (module docstring): refinement rounds while they add solutions, then
+        # adaptation with a round after every MACE iteration, then rounds on the adapted model,
+        # until K solutions or the deadline. Without refinement the loop adapts until T, the
+        # deadline, or enough good samples are pooled, and returns the best samples.
+        rounds = _RefinementRounds(self, cfg, target, world, deadline, timings, generator)
+        done = refining and rounds.run(q, s)
         # While rounds keep adding solutions, more rounds are cheaper than adapting: a fresh
-        # small batch plus seeds around the solutions found. Adaptation starts when one adds none.
+        # batch plus seeds around the solutions found. Adaptation starts when one adds none.
         while refining and not done and rounds.last_added > 0 and rounds.time_for_another():
             q, s = fresh_batch(cfg.first_samples, scored=True)
             done = rounds.run(q, s)
@@ -543,21 +553,16 @@ class IKAdapter:
         every obstacle, counted from ``margin`` outside it, and its joint gradient.
 
         The gradient is analytic, g_j = a_j · Σ_s (x_s − p_j) × ∂P/∂x_s over the spheres s that
-        joint j (axis a_j, origin p_j) moves, with ∂P/∂x_s in closed form
-        (:meth:`CollisionWorld.penetration`).
+        joint j (axis a_j, origin p_j) moves, from the per-link sums of ∂P/∂x_s and
+        x_s × ∂P/∂x_s (:meth:`SphereCollisionChecker.penetration`).
         """
-        keep_t, radii, moves = self._penalty_spheres
-
         def penalty(q: torch.Tensor, poses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            batch = q.shape[0]
             if len(world) == 0:
-                return q.new_zeros(batch), torch.zeros_like(q)
-            x = self.checker.sphere_positions(q, poses)[:, keep_t]  # (B, S, 3)
-            cost, dx = world.penetration(x.reshape(-1, 3), radii.repeat(batch), margin)
-            cost, dx = cost.view(batch, -1).sum(-1), dx.view(x.shape)
+                return q.new_zeros(q.shape[0]), torch.zeros_like(q)
+            cost, force, torque = self.checker.penetration(q, world, margin, poses)
+            force = torch.einsum("jl,blc->bjc", self._moves, force)  # (B, J, 3)
+            torque = torch.einsum("jl,blc->bjc", self._moves, torque)
             axes, origins = self.kin.joint_axes(poses)  # (B, J, 3)
-            force = torch.einsum("js,bsc->bjc", moves, dx)
-            torque = torch.einsum("js,bsc->bjc", moves, torch.cross(x, dx, dim=-1))
             grad = (axes * (torque - torch.cross(origins, force, dim=-1))).sum(-1)
             return cost, grad
         return penalty

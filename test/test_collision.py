@@ -121,6 +121,40 @@ def test_penetration_matches_autograd_of_signed_distance():
     assert float(grad.norm()) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("scene_name", ["mixed", "cabinet"])
+def test_checker_penetration_equals_dense_sum(scene_name):
+    """The checker's penetration (broad phase, per-link sums) equals the dense closed form over
+    every non-base sphere, on boxes, spheres and cylinders together and on the cabinet."""
+    spec = TensorSpec(torch.device("cpu"), torch.float64)
+    kin = RobotKinematics.panda(spec)
+    checker = SphereCollisionChecker.from_file(kin, spec, default_spheres_path())
+    if scene_name == "mixed":
+        obstacles = [Obstacle("b", "box", (0.3, 0.2, 0.1), (0.4, 0.0, 0.4), ROT_Z90),
+                     Obstacle("s", "sphere", (0.15,), (0.3, 0.3, 0.5)),
+                     Obstacle("c", "cylinder", (0.5, 0.08), (0.3, -0.3, 0.4), ROT_X90)]
+    else:
+        obstacles = load_scene(SCENES[1]).obstacles
+    world = CollisionWorld.from_obstacles(obstacles, spec)
+    gen = spec.generator(3)
+    q = kin.lower + (kin.upper - kin.lower) * torch.rand(300, 7, generator=gen, dtype=spec.dtype)
+    poses = kin.link_poses(q)
+    margin = 0.005
+    cost, force, torque = checker.penetration(q, world, margin, poses)
+    keep = [s for s, link in enumerate(checker.spheres.links) if link != kin.base_link]
+    x = checker.sphere_positions(q, poses)[:, keep]  # (B, S, 3)
+    radii = spec.tensor(checker.spheres.radii)[keep]
+    ref_cost, dx = world.penetration(x.reshape(-1, 3), radii.repeat(q.shape[0]), margin)
+    dx = dx.view(x.shape)
+    link_of = torch.tensor([kin.link_names.index(checker.spheres.links[s]) for s in keep])
+    per_link = torch.zeros(len(kin.link_names), len(keep), dtype=spec.dtype)
+    per_link[link_of, torch.arange(len(keep))] = 1.0
+    assert int((ref_cost.view(q.shape[0], -1).sum(-1) > 0).sum()) > 50
+    assert torch.allclose(cost, ref_cost.view(q.shape[0], -1).sum(-1), atol=1e-12)
+    assert torch.allclose(force, torch.einsum("ls,bsc->blc", per_link, dx), atol=1e-9)
+    assert torch.allclose(torque, torch.einsum("ls,bsc->blc", per_link,
+                                               torch.cross(x, dx, dim=-1)), atol=1e-9)
+
+
 def test_pybullet_primitives_match_hand_cases():
     """Probe obstacles around the gripper: both backends agree with the expected answer."""
     spec = TensorSpec()

@@ -106,6 +106,37 @@ def test_adaptation_raises_the_valid_fraction(adapter, wall):
     assert result.valid_fraction_adapted > result.valid_fraction_prior + 0.1
 
 
+@pytest.mark.parametrize("clutter_valid_fraction, seeds", [(1.0, 64), (0.0, 32)])
+def test_cluttered_requests_refine_more_seeds(clutter_valid_fraction, seeds):
+    """Where few prior samples are valid, rounds draw ``clutter_samples`` and refine
+    ``clutter_seeds`` (the default share, 0.05, puts the cabinet there); otherwise the small fast
+    path. Either way the answer is K valid solutions for PyBullet."""
+    from dataclasses import replace
+
+    class Recording:
+        """The DLS refiner, recording how many seeds each round hands it."""
+
+        def __init__(self, inner):
+            self.inner, self.sizes = inner, []
+
+        def refine(self, q0, target, penalty=None, deadline=None, needed=None):
+            self.sizes.append(q0.shape[0])
+            return self.inner.refine(q0, target, penalty, deadline, needed)
+
+    spec = TensorSpec.resolve("cpu")
+    cfg = replace(IKAdaptConfig(), clutter_valid_fraction=clutter_valid_fraction)
+    probe = IKAdapter.from_models(MODELS, "panda_ik", cfg, spec)
+    recording = Recording(probe.refiners["dls"])
+    probe.refiners["dls"] = recording
+    cabinet = load_scene("config/scenes/cabinet.yaml")
+    result = probe.solve(request_in(cabinet, index=2, num_solutions=4, time_budget_s=5.0,
+                                    seed=4))
+    assert recording.sizes[0] == seeds
+    assert result.success and len(result.solutions) == 4, result.message
+    with PyBulletCollisionChecker(cabinet.obstacles) as exact:
+        assert exact.valid(np.stack([s.q for s in result.solutions])).all()
+
+
 def test_prior_only_mode_runs_no_iteration(adapter, wall):
     result = adapter.solve(request_in(wall, iterations=0, num_solutions=2, seed=2))
     assert result.iterations_run == 0
