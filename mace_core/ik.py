@@ -71,7 +71,7 @@ class IKAdaptConfig:
     #: rounds then draw ``clutter_samples`` and refine ``clutter_seeds``: the nearest of a
     #: larger batch are better seeds, and more seeds per DLS step cost little more (cabinet:
     #: 3x the solutions per round)
-    clutter_valid_fraction: float = 0.05
+    clutter_valid_fraction: float = 0.04
     clutter_samples: int = 512  #: prior samples per refinement round in clutter
     clutter_seeds: int = 64  #: candidates refined per round in clutter
     refine_seeds: int = 32  #: candidates refined per round
@@ -294,15 +294,19 @@ class _RefinementRounds:
 
 
 def farthest_point_order(q: torch.Tensor, k: int) -> torch.Tensor:
-    """Greedy max-min selection of ``k`` rows of ``q (B, 7)`` from row 0: indices ``(k,)``."""
+    """Greedy max-min selection of ``k`` rows of ``q (B, 7)`` from row 0: indices ``(k,)``.
+
+    Distances are Euclidean in joint space, the measure of the benchmark's diversity. The loop
+    is sequential and B small (hundreds at most), so it runs in NumPy: a third of the time of
+    the same loop in torch."""
     k = min(k, q.shape[0])
-    chosen = [0]
-    dist = (q - q[0]).abs().amax(-1)
-    for _ in range(1, k):
-        nxt = int(torch.argmax(dist))
-        chosen.append(nxt)
-        dist = torch.minimum(dist, (q - q[nxt]).abs().amax(-1))
-    return torch.tensor(chosen, device=q.device)
+    x = q.detach().cpu().numpy()
+    chosen = np.zeros(k, dtype=np.int64)
+    dist = ((x - x[0]) ** 2).sum(-1)
+    for i in range(1, k):
+        chosen[i] = int(dist.argmax())
+        np.minimum(dist, ((x - x[chosen[i]]) ** 2).sum(-1), out=dist)
+    return torch.as_tensor(chosen, device=q.device)
 
 
 class IKAdapter:

@@ -18,6 +18,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -78,6 +79,11 @@ class PointCloudVAE(nn.Module):
                          final_activation=False)
         self.decoder = _mlp([c.latent_dim, *c.decoder_widths, 3 * c.num_points],
                             final_activation=False)
+        # The latent prior p(z; θ_0) = N(latent_mean, diag latent_std²) that sampling and MACE
+        # start from: the training prior N(0, σ_z² I), or after :func:`fit_latent_prior` a
+        # Gaussian fitted to the aggregate posterior of the training shapes.
+        self.register_buffer("latent_mean", torch.zeros(c.latent_dim))
+        self.register_buffer("latent_std", torch.full((c.latent_dim,), float(c.prior_std)))
         self.to(device=spec.device, dtype=spec.dtype)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,11 +107,36 @@ class PointCloudVAE(nn.Module):
         return out * self.config.length_scale
 
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """Decode ``n`` draws of the training prior N(0, σ_z² I): ``(n, num_points, 3)``."""
-        p = next(self.parameters())
-        z = torch.randn(n, self.config.latent_dim, generator=generator, device=p.device,
-                        dtype=p.dtype) * self.config.prior_std
-        return self.decode(z)
+        """Decode ``n`` draws of the latent prior (``latent_mean``, ``latent_std``):
+        ``(n, num_points, 3)``."""
+        z = torch.randn(n, self.config.latent_dim, generator=generator,
+                        device=self.latent_mean.device, dtype=self.latent_mean.dtype)
+        return self.decode(self.latent_mean + self.latent_std * z)
+
+
+@torch.no_grad()
+def fit_latent_prior(vae: PointCloudVAE, clouds: Iterable[torch.Tensor]) -> None:
+    """Set the VAE's latent prior to the diagonal Gaussian of its aggregate posterior.
+
+    A VAE whose posteriors do not fill N(0, σ_z² I) decodes prior draws off the data (blurred
+    average shapes); a Gaussian fitted to q(z) = E_x q(z|x) over the training shapes decodes
+    like the data ("ex-post density estimation", Ghosh et al., ICLR 2020). Mean E[μ(x)],
+    variance Var[μ(x)] + E[σ²(x)] per latent dimension. MACE-VAE then adapts θ = (μ_z, σ_z)
+    from there (Sec. 3.2.1).
+
+    Args:
+        clouds: batches ``(B, P, 3)`` of training shapes.
+    """
+    mus, variances = [], []
+    for batch in clouds:
+        mu, logvar = vae.encode(batch)
+        mus.append(mu)
+        variances.append(logvar.exp())
+    mu, var = torch.cat(mus), torch.cat(variances)
+    if mu.shape[0] < 2:
+        raise ValueError("fit_latent_prior needs at least two shapes")
+    vae.latent_mean.copy_(mu.mean(0))
+    vae.latent_std.copy_((mu.var(0) + var.mean(0)).sqrt())
 
 
 def gaussian_kl(mu_q: torch.Tensor, logvar_q: torch.Tensor, mu_p: torch.Tensor,
@@ -201,6 +232,10 @@ def save_vae_weights(model: PointCloudVAE, path: str | Path, dtype: torch.dtype 
     save_file(tensors, str(path), metadata=metadata or {})
 
 
+#: Buffers a weights file may lack: they then keep the training prior N(0, σ_z² I).
+_OPTIONAL_BUFFERS = ("latent_mean", "latent_std")
+
+
 def load_vae(entry: ShapePriorEntry, models_dir: str | Path, spec: TensorSpec) -> PointCloudVAE:
     """Build the VAE of ``entry`` and load its safetensors weights, frozen, in eval mode.
 
@@ -220,6 +255,8 @@ def load_vae(entry: ShapePriorEntry, models_dir: str | Path, spec: TensorSpec) -
         raise ModelLoadError(f"prior '{entry.name}': cannot read {path}: {exc}") from exc
     model = PointCloudVAE(entry.architecture, spec)
     expected = model.state_dict()
+    for key in _OPTIONAL_BUFFERS:  # weights written before the latent prior was stored
+        tensors.setdefault(key, expected[key].to("cpu"))
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:

@@ -41,11 +41,9 @@ class MACEVAEModel:
 
     def __init__(self, vae: PointCloudVAE):
         self.vae = vae
-        p = next(vae.parameters())
-        d = vae.config.latent_dim
-        log_std0 = math.log(vae.config.prior_std)
-        self.mu = nn.Parameter(torch.zeros(d, device=p.device, dtype=p.dtype))
-        self.log_std = nn.Parameter(torch.full((d,), log_std0, device=p.device, dtype=p.dtype))
+        # θ_0: the VAE's latent prior (the training prior, or one fitted to the data)
+        self.mu = nn.Parameter(vae.latent_mean.detach().clone())
+        self.log_std = nn.Parameter(vae.latent_std.detach().log())
         self._mu0 = self.mu.detach().clone()
         self._log_std0 = self.log_std.detach().clone()
         self.sampling_time_s = 0.0  #: wall time spent drawing and decoding samples

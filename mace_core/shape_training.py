@@ -3,6 +3,8 @@
 A plain VAE objective, as in App. C: ``β_rec CD(x̂, x) + β_KL KL(q(z|x) ‖ N(0, σ_z² I))`` with the
 Chamfer distance of :func:`~mace_core.shape_observations.chamfer_k` (k = 1, summed over 2048
 points, in units of the prior's ``length_scale``), Adam, random rotations about z in [-π, π].
+After training, the latent prior that sampling and MACE start from is fitted to the aggregate
+posterior of the training shapes (:func:`~mace_core.pointcloud_vae.fit_latent_prior`).
 The architecture comes from the prior's entry in ``models/shape_registry.yaml``; the command
 writes the entry's weights file (float16 safetensors), a model card and a PNG of samples.
 """
@@ -18,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .pointcloud_vae import (PointCloudVAE, ShapePriorEntry, gaussian_kl, load_shape_registry,
-                             load_vae, parameter_count, save_vae_weights)
+from .pointcloud_vae import (PointCloudVAE, ShapePriorEntry, fit_latent_prior, gaussian_kl,
+                             load_shape_registry, load_vae, parameter_count, save_vae_weights)
 from .shape_data import (held_out_object_names, load_object_clouds, random_box_edges,
                          sample_box_clouds, subsample_clouds)
 from .shape_observations import REFERENCE_POINTS, pairwise_sq_distances
@@ -46,6 +48,8 @@ class ShapeTrainingConfig:
     time_limit_s: float = 900.0  #: wall-clock cap of the run, s
     seed: int = 0  #: seed of data and initialisation
     threads: int = 1  #: torch intra-op threads
+    #: training draws the latent prior is fitted to after training (0: keep N(0, σ_z² I))
+    fit_shapes: int = 4096
 
 
 @dataclass
@@ -58,6 +62,7 @@ class ShapeTrainingReport:
     held_out_cd: float  #: mean held-out reconstruction CD (k=1, 2048-sum, units of ℓ²)
     held_out_cd_native: float  #: the same as mean squared NN distance per direction, units²
     held_out_names: list[str]  #: held-out object meshes (objects prior only)
+    latent_prior: str  #: what the stored latent prior is (model card)
     num_train: int  #: training shapes
     num_eval: int  #: held-out shapes evaluated
 
@@ -181,6 +186,15 @@ def train_shape_prior(entry: ShapePriorEntry, cfg: ShapeTrainingConfig, data_dir
                 f"kl {kl.mean().item():.2f} t {time.perf_counter() - start:.0f}s")
     wall = time.perf_counter() - start
     vae.eval()
+    latent = f"N(0, {entry.architecture.prior_std}² I), the training prior"
+    if cfg.fit_shapes > 0:
+        fit_latent_prior(vae, (source.batch(64, gen) for _ in range(-(-cfg.fit_shapes // 64))))
+        std = vae.latent_std
+        latent = (f"N(m, diag s²) fitted to the aggregate posterior of {cfg.fit_shapes} training"
+                  f" draws: m within ±{float(vae.latent_mean.abs().max()):.2f}, s from "
+                  f"{float(std.min()):.2f} to {float(std.max()):.2f} (median "
+                  f"{float(std.median()):.2f})")
+        log(f"[{entry.name}] latent prior: {latent}")
     cd = evaluate_reconstruction(vae, source.eval).mean().item()
     native = cd * entry.architecture.length_scale ** 2 / REFERENCE_POINTS
     log(f"[{entry.name}] held-out reconstruction CD {cd:.3f} (ℓ², 2048-sum) = {native:.3e} "
@@ -188,6 +202,7 @@ def train_shape_prior(entry: ShapePriorEntry, cfg: ShapeTrainingConfig, data_dir
     report = ShapeTrainingReport(
         steps=step, wall_time_s=wall, final_loss=sum(losses[-50:]) / max(1, len(losses[-50:])),
         held_out_cd=cd, held_out_cd_native=native, held_out_names=source.held_out_names,
+        latent_prior=latent,
         num_train=source.num_train, num_eval=source.eval.shape[0])
     return vae, report
 
@@ -223,6 +238,7 @@ used by MACE-VAE shape completion (`mace_core.shape_completion`).
 | frame / units | {entry.frame} |
 | length scale ℓ | {a.length_scale} |
 | training prior | N(0, {a.prior_std}² I) |
+| latent prior (sampling, MACE's θ_0) | {report.latent_prior} |
 
 ## Data
 {data}
@@ -245,7 +261,7 @@ distance of both directions added (RMS nearest-neighbour distance ≈ {rms:.4f} 
 ## Samples
 ![prior samples and reconstructions]({png_name})
 
-Top row: decoded draws of N(0, σ_z² I); bottom row: held-out shapes (orange) with their
+Top row: decoded draws of the latent prior; bottom row: held-out shapes (orange) with their
 reconstructions (grey).
 """
 
@@ -256,7 +272,8 @@ def main_shape(argv: list[str] | None = None) -> int:
     Arguments: ``--prior boxes|objects`` (required), ``--registry PATH``, ``--data-dir PATH``,
     ``--steps``, ``--batch-size``, ``--lr``, ``--beta-rec``, ``--beta-kl``, ``--loss-points``,
     ``--num-shapes``, ``--held-out``, ``--time-limit-min``, ``--threads``, ``--seed``,
-    ``--device`` (auto|cpu|cuda[:N]), ``--init WEIGHTS`` (continue from a safetensors file).
+    ``--device`` (auto|cpu|cuda[:N]), ``--init WEIGHTS`` (continue from a safetensors file),
+    ``--fit-shapes`` (training draws the latent prior is fitted to; ``--steps 0`` only refits).
     Returns the exit code.
     """
     d = ShapeTrainingConfig()
@@ -277,6 +294,8 @@ def main_shape(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default="cpu")
     p.add_argument("--init", default=None, help="safetensors weights to start from")
+    p.add_argument("--fit-shapes", type=int, default=d.fit_shapes,
+                   help="training draws to fit the latent prior to (0: keep N(0, σ_z² I))")
     args = p.parse_args(argv)
     entries = load_shape_registry(args.registry)
     if args.prior not in entries:
@@ -290,7 +309,7 @@ def main_shape(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size, learning_rate=args.lr, beta_rec=args.beta_rec,
         beta_kl=args.beta_kl, loss_points=args.loss_points, num_shapes=args.num_shapes,
         held_out=args.held_out, time_limit_s=args.time_limit_min * 60, seed=args.seed,
-        threads=args.threads)
+        threads=args.threads, fit_shapes=args.fit_shapes)
     spec = TensorSpec.resolve(args.device)
     init = Path(args.init).resolve() if args.init else None
     vae, report = train_shape_prior(entry, cfg, Path(args.data_dir), spec, init=init)

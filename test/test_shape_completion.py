@@ -44,6 +44,8 @@ class BoxFamilyVAE(nn.Module):
         self.register_buffer("template", sample_box_clouds(torch.ones(1, 3), 96, gen,
                                                            angle=torch.zeros(1))[0])
         self.dummy = nn.Parameter(torch.zeros(1), requires_grad=False)
+        self.register_buffer("latent_mean", torch.zeros(3))  # the latent prior N(0, I)
+        self.register_buffer("latent_std", torch.ones(3))
 
     def decode(self, z):
         edges = (0.3 + 0.1 * z).clamp_min(0.02)

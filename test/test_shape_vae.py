@@ -5,8 +5,8 @@ import torch
 
 from mace_core.errors import ModelLoadError
 from mace_core.pointcloud_vae import (PointCloudVAE, PointCloudVAEConfig, ShapePriorEntry,
-                                      gaussian_kl, load_shape_priors, load_vae,
-                                      parse_shape_registry, save_vae_weights)
+                                      fit_latent_prior, gaussian_kl, load_shape_priors,
+                                      load_vae, parse_shape_registry, save_vae_weights)
 from mace_core.shape_data import random_box_edges, rotate_z, sample_box_clouds
 from mace_core.shape_observations import REFERENCE_POINTS, chamfer_k
 from mace_core.shape_training import chamfer_loss, main_shape
@@ -120,6 +120,36 @@ def test_weights_round_trip_and_mismatch(tmp_path):
         load_vae(ShapePriorEntry("x", "bad.safetensors", TINY), tmp_path, SPEC)
 
 
+def test_fitted_latent_prior_is_the_aggregate_posterior_and_is_stored(tmp_path):
+    """fit_latent_prior sets mean E[μ(x)] and variance Var[μ(x)] + E[σ²(x)]; sampling and
+    MACE-VAE's θ_0 use it; it survives a save and load; files without it keep N(0, σ_z² I)."""
+    from mace_core.shape_completion import MACEVAEModel
+
+    torch.manual_seed(5)
+    vae = PointCloudVAE(TINY, SPEC)
+    entry = ShapePriorEntry(name="tiny", weights="tiny.safetensors", architecture=TINY)
+    save_vae_weights(vae, tmp_path / "tiny.safetensors")  # before the fit: no fitted prior
+    clouds = [torch.randn(16, 100, 3, generator=SPEC.generator(i)) for i in range(3)]
+    fit_latent_prior(vae, iter(clouds))
+    mu, logvar = vae.encode(torch.cat(clouds))
+    torch.testing.assert_close(vae.latent_mean, mu.mean(0))
+    torch.testing.assert_close(vae.latent_std ** 2, mu.var(0) + logvar.exp().mean(0))
+    assert not torch.allclose(vae.latent_std, torch.ones(8))
+    model = MACEVAEModel(vae)
+    torch.testing.assert_close(model.mu.detach(), vae.latent_mean)
+    torch.testing.assert_close(model.log_std.detach().exp(), vae.latent_std)
+    with torch.no_grad():
+        vae.latent_std.fill_(1e-6)  # a point mass: every sample decodes the fitted mean
+        torch.testing.assert_close(vae.sample(2, SPEC.generator(0))[1],
+                                   vae.decode(vae.latent_mean[None])[0], atol=1e-4, rtol=0)
+    old = load_vae(entry, tmp_path, SPEC)
+    assert torch.equal(old.latent_mean, torch.zeros(8))
+    assert torch.equal(old.latent_std, torch.full((8,), TINY.prior_std))
+    save_vae_weights(vae, tmp_path / "tiny.safetensors")
+    torch.testing.assert_close(load_vae(entry, tmp_path, SPEC).latent_mean, vae.latent_mean,
+                               atol=2e-3, rtol=2e-3)
+
+
 def test_training_command_writes_loadable_weights_and_card(tmp_path):
     (tmp_path / "reg.yaml").write_text(
         "boxes:\n  weights: tiny_boxes.safetensors\n  card: tiny_boxes.md\n"
@@ -131,6 +161,7 @@ def test_training_command_writes_loadable_weights_and_card(tmp_path):
     assert main_shape(argv) == 0
     card = (tmp_path / "tiny_boxes.md").read_text()
     assert "Held-out reconstruction" in card and "--steps 3" in card
+    assert "aggregate posterior of 4096 training draws" in card
     assert (tmp_path / "tiny_boxes.png").stat().st_size > 0
     priors = load_shape_priors(tmp_path / "reg.yaml", SPEC)
     assert priors["boxes"].vae.decode(torch.zeros(2, 4)).shape == (2, 64, 3)
