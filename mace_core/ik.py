@@ -67,6 +67,7 @@ class IKAdaptConfig:
     time_budget_s: float = 1.0  #: s for the whole request
     refinement_mode: str = "dls"  #: one of ``REFINEMENTS``
     first_samples: int = 64  #: prior samples of the first refinement round (the fast path)
+    refine_seeds: int = 48  #: candidates refined per round (fewer second rounds than 32)
     #: a request is in clutter when fewer than this share of the first batch is valid; its
     #: rounds then draw ``clutter_samples`` and refine ``clutter_seeds``: the nearest of a
     #: larger batch are better seeds, and more seeds per DLS step cost little more (cabinet:
@@ -74,7 +75,6 @@ class IKAdaptConfig:
     clutter_valid_fraction: float = 0.04
     clutter_samples: int = 512  #: prior samples per refinement round in clutter
     clutter_seeds: int = 64  #: candidates refined per round in clutter
-    refine_seeds: int = 32  #: candidates refined per round
     #: share of a round's seeds drawn around solutions already accepted, moved along the arm's
     #: self-motion: where the free space is a narrow passage, more solutions lie there
     neighbour_share: float = 0.5
