@@ -2,7 +2,9 @@
 
 Given a partial point cloud (optionally with the camera position) or fingertip contacts, adapt
 the latent prior p(z; θ) = N(μ_z, diag σ_z²) of a frozen point-cloud VAE with Algorithm 1
-(:func:`mace_core.mace.adapt`) and answer the K best completions seen.
+(:func:`mace_core.mace.adapt`) and answer the K best completions seen. θ starts from the prior
+stored with the VAE: a Gaussian fitted to the training shapes' aggregate posterior
+(:func:`~mace_core.pointcloud_vae.fit_latent_prior`), where the paper starts from N(0, I).
 
 The observation must be in the prior's frame and units (see ``frame`` in
 ``models/shape_registry.yaml``): metres, box standing on the xy plane centred on the z axis for
