@@ -106,7 +106,8 @@ def test_adaptation_raises_the_valid_fraction(adapter, wall):
     assert result.valid_fraction_adapted > result.valid_fraction_prior + 0.1
 
 
-@pytest.mark.parametrize("clutter_valid_fraction, seeds", [(1.0, 64), (0.0, 32)])
+@pytest.mark.parametrize("clutter_valid_fraction, seeds", [(1.0, "clutter_seeds"),
+                                                            (0.0, "refine_seeds")])
 def test_cluttered_requests_refine_more_seeds(clutter_valid_fraction, seeds):
     """Where few prior samples are valid, rounds draw ``clutter_samples`` and refine
     ``clutter_seeds`` (the default share, 0.04, puts the cabinet there); otherwise the small fast
@@ -131,7 +132,8 @@ def test_cluttered_requests_refine_more_seeds(clutter_valid_fraction, seeds):
     cabinet = load_scene("config/scenes/cabinet.yaml")
     result = probe.solve(request_in(cabinet, index=2, num_solutions=4, time_budget_s=5.0,
                                     seed=4))
-    assert recording.sizes[0] == seeds
+    assert cfg.clutter_seeds != cfg.refine_seeds
+    assert recording.sizes[0] == getattr(cfg, seeds)
     assert result.success and len(result.solutions) == 4, result.message
     with PyBulletCollisionChecker(cabinet.obstacles) as exact:
         assert exact.valid(np.stack([s.q for s in result.solutions])).all()
