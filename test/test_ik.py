@@ -106,8 +106,8 @@ def test_adaptation_raises_the_valid_fraction(adapter, wall):
     assert result.valid_fraction_adapted > result.valid_fraction_prior + 0.1
 
 
-@pytest.mark.parametrize("clutter_valid_fraction, seeds", [(1.0, "clutter_seeds"),
-                                                            (0.0, "refine_seeds")])
+@pytest.mark.parametrize("clutter_valid_fraction, seeds",
+                         [(1.0, "clutter_seeds"), (0.0, "refine_seeds")])
 def test_cluttered_requests_refine_more_seeds(clutter_valid_fraction, seeds):
     """Where few prior samples are valid, rounds draw ``clutter_samples`` and refine
     ``clutter_seeds`` (the default share, 0.04, puts the cabinet there); otherwise the small fast
