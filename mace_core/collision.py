@@ -430,18 +430,14 @@ class CollisionWorld:
         Returns:
             cost ``(N,)`` and its gradient with respect to the centres ``(N, 3)``.
         """
-        cost = points.new_zeros(points.shape[0])
-        grad = torch.zeros_like(points)
-        for kind, a, b in self.slices:
-            signed, local_grad = _signed_with_gradient(*self._local(points, a, b),
-                                                       self.dims[a:b, None], kind)
-            depth = ((margin + radii) - signed).clamp_min_(0.0)  # (K', N)
-            cost += depth.sum(0)
-            active = (depth > 0.0).to(points.dtype)
-            # d local_j / d p_i = R_ij: one product over (j, k), [i, (j, k)] = R_k[i, j].
-            rot = self.rotations[a:b].permute(1, 2, 0).reshape(3, -1)
-            grad -= (rot @ (torch.stack(local_grad) * active).view(rot.shape[1], -1)).T
-        return cost, grad
+        n, k = points.shape[0], len(self)
+        if k == 0:
+            return points.new_zeros(n), torch.zeros_like(points)
+        index = torch.arange(k, device=points.device).repeat(n)  # every (sphere, obstacle)
+        depth, grad = self.pair_penetration(points.repeat_interleave(k, 0).unsqueeze(1),
+                                            radii.repeat_interleave(k).unsqueeze(1), index,
+                                            margin)
+        return depth.view(n, k).sum(1), grad.view(n, k, 3).sum(1)
 
     def overlap_matrix(self, points: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
         """``(N, K)`` bool: sphere ``(N, 3)``, ``(N,)`` touches or penetrates obstacle k.
