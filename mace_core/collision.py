@@ -460,10 +460,7 @@ class CollisionWorld:
                        radii: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """:meth:`pair_overlaps` with the centres' coordinates ``(N, m)`` given apart."""
         hit = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
-        for kind, _, _ in self.slices:
-            rows = (self.kinds[index] == kind).nonzero().squeeze(1)
-            if rows.numel() == 0:
-                continue
+        for kind, rows in self._rows_by_kind(index):
             k = index[rows]
             rot, pos = self.rotations[k].unsqueeze(1), self.positions[k].unsqueeze(1)
             dx, dy, dz = x[rows] - pos[..., 0], y[rows] - pos[..., 1], z[rows] - pos[..., 2]
@@ -472,6 +469,17 @@ class CollisionWorld:
             d2 = _outside_sq(*local, self.dims[k].unsqueeze(1), kind)
             hit[rows] = d2 <= radii[rows].square()
         return hit
+
+    def _rows_by_kind(self, index: torch.Tensor):
+        """Per kind of obstacle: the rows of a per-pair obstacle ``index`` ``(N,)`` of that kind
+        (``(n,)`` long, or ``slice(None)``, every row, when all obstacles are of one kind)."""
+        for kind, a, b in self.slices:
+            if (a, b) == (0, len(self)):
+                yield kind, slice(None)
+                return
+            rows = ((index >= a) & (index < b)).nonzero().squeeze(1)
+            if rows.numel():
+                yield kind, rows
 
     def pair_penetration(self, points: torch.Tensor, radii: torch.Tensor, index: torch.Tensor,
                          margin: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -484,24 +492,16 @@ class CollisionWorld:
         """
         depth = torch.zeros_like(radii)
         grad = torch.zeros_like(points)
-        for kind, a, b in self.slices:
-            rows = None
-            if (a, b) != (0, len(self)):  # obstacles of several kinds: this kind's rows
-                rows = ((index >= a) & (index < b)).nonzero().squeeze(1)
-                if rows.numel() == 0:
-                    continue
-            k = index if rows is None else index[rows]
-            p = points if rows is None else points[rows]
+        for kind, rows in self._rows_by_kind(index):
+            k, p = index[rows], points[rows]
             rot = self.rotations[k]  # (n, 3, 3)
             local = torch.bmm(p - self.positions[k].unsqueeze(1), rot)  # rows R^T (p - c)
             signed, g = _signed_with_gradient(*local.unbind(-1), self.dims[k].unsqueeze(1), kind)
-            d = ((margin + (radii if rows is None else radii[rows])) - signed).clamp_min_(0.0)
+            d = ((margin + radii[rows]) - signed).clamp_min_(0.0)
             # d local_j / d p_i = R_ij
-            gd = torch.stack(g, -1).mul_((d > 0.0).unsqueeze(-1).to(d.dtype)).bmm(
+            depth[rows] = d
+            grad[rows] = torch.stack(g, -1).mul_((d > 0.0).unsqueeze(-1).to(d.dtype)).bmm(
                 rot.transpose(1, 2)).neg_()
-            if rows is None:
-                return d, gd
-            depth[rows], grad[rows] = d, gd
         return depth, grad
 
 
