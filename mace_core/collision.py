@@ -454,20 +454,16 @@ class CollisionWorld:
     def pair_overlaps(self, points: torch.Tensor, radii: torch.Tensor,
                       index: torch.Tensor) -> torch.Tensor:
         """``(N, m)`` bool: spheres ``(N, m, 3)``, ``(N, m)`` touch obstacle ``index`` ``(N,)``."""
-        return self._pair_overlaps(*points.unbind(-1), radii, index)
-
-    def _pair_overlaps(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor,
-                       radii: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """:meth:`pair_overlaps` with the centres' coordinates ``(N, m)`` given apart."""
-        hit = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+        hit = torch.zeros(points.shape[:2], dtype=torch.bool, device=points.device)
         for kind, rows in self._rows_by_kind(index):
             k = index[rows]
-            rot, pos = self.rotations[k].unsqueeze(1), self.positions[k].unsqueeze(1)
-            dx, dy, dz = x[rows] - pos[..., 0], y[rows] - pos[..., 1], z[rows] - pos[..., 2]
-            local = [dx * rot[..., 0, i] + dy * rot[..., 1, i] + dz * rot[..., 2, i]
-                     for i in range(3)]  # R^T (p - c)
-            d2 = _outside_sq(*local, self.dims[k].unsqueeze(1), kind)
-            hit[rows] = d2 <= radii[rows].square()
+            local = torch.bmm(points[rows] - self.positions[k].unsqueeze(1),
+                              self.rotations[k])  # R^T (p - c)
+            touch = _outside_sq(*local.unbind(-1), self.dims[k].unsqueeze(1),
+                                kind) <= radii[rows].square()
+            if isinstance(rows, slice):  # one kind: every row
+                return touch
+            hit[rows] = touch
         return hit
 
     def _rows_by_kind(self, index: torch.Tensor):
@@ -490,18 +486,19 @@ class CollisionWorld:
             depth ``(N, m)`` (m, 0 when clear) and its gradient with respect to the centres
             ``(N, m, 3)``, base frame.
         """
-        depth = torch.zeros_like(radii)
-        grad = torch.zeros_like(points)
+        depth, grad = torch.zeros_like(radii), torch.zeros_like(points)
         for kind, rows in self._rows_by_kind(index):
-            k, p = index[rows], points[rows]
+            k = index[rows]
             rot = self.rotations[k]  # (n, 3, 3)
-            local = torch.bmm(p - self.positions[k].unsqueeze(1), rot)  # rows R^T (p - c)
+            local = torch.bmm(points[rows] - self.positions[k].unsqueeze(1), rot)  # R^T (p - c)
             signed, g = _signed_with_gradient(*local.unbind(-1), self.dims[k].unsqueeze(1), kind)
             d = ((margin + radii[rows]) - signed).clamp_min_(0.0)
             # d local_j / d p_i = R_ij
-            depth[rows] = d
-            grad[rows] = torch.stack(g, -1).mul_((d > 0.0).unsqueeze(-1).to(d.dtype)).bmm(
+            g = torch.where((d > 0.0).unsqueeze(-1), torch.stack(g, -1), 0.0).bmm(
                 rot.transpose(1, 2)).neg_()
+            if isinstance(rows, slice):  # one kind: every row
+                return d, g
+            depth[rows], grad[rows] = d, g
         return depth, grad
 
 
@@ -605,17 +602,21 @@ class SphereCollisionChecker:
         self._center_rows = torch.tensor(rows.reshape(-1), device=spec.device)
         self._center_weights = spec.tensor(weights).unsqueeze(-1)  # (3, G, 4, 1)
         self._pair_a, self._pair_b = ab[:, 0], ab[:, 1]
+        # (P, m, m) squared contact distances of the spheres of each pair; -1 for padding slots
+        reach = radii[ab[:, 0].cpu().numpy(), :, None] + radii[ab[:, 1].cpu().numpy(), None, :]
+        both = valid[ab[:, 0].cpu().numpy(), :, None] & valid[ab[:, 1].cpu().numpy(), None, :]
+        self._pair_sphere_r2 = spec.tensor(np.where(both, reach ** 2, -1.0))
         self._pair_r2 = spec.tensor((g_radius[ab[:, 0].cpu().numpy()]
                                      + g_radius[ab[:, 1].cpu().numpy()]) ** 2).unsqueeze(1)
         self._world_groups = torch.tensor(world, device=spec.device, dtype=torch.long)
         self._group_link = torch.tensor(links, device=spec.device)
         self._group_points = spec.tensor(centers)  # (G, m, 3), link frames
-        self._group_xyz = self._group_points.unbind(-1)  # 3 x (G, m)
         self._group_radii = spec.tensor(radii)  # (G, m)
         self._group_valid = torch.tensor(valid, device=spec.device)  # (G, m)
         # radii for penetration depths: padding slots far negative, so they never cost
         self._group_pen_radii = spec.tensor(np.where(valid, radii, -1e3))  # (G, m)
         self._group_radius = spec.tensor(g_radius)  # (G,)
+        self._world_group_radius = self._group_radius[self._world_groups]  # (Gw,)
         self.num_groups = len(groups)  #: sphere groups (bounding spheres) in total
 
     @staticmethod
@@ -657,12 +658,11 @@ class SphereCollisionChecker:
         return picked.mul_(self._center_weights).sum(2)
 
     def _spheres_of(self, frames: torch.Tensor, b: torch.Tensor,
-                    g: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Base-frame ``x, y, z`` ``(N, m)`` of groups ``g`` ``(N,)`` in configurations ``b``."""
-        f = frames.view(frames.shape[0], -1, 12)[b, self._group_link[g]]  # (N, 12)
-        cx, cy, cz = (c[g] for c in self._group_xyz)
-        return tuple(f[:, 4 * i, None] * cx + f[:, 4 * i + 1, None] * cy
-                     + f[:, 4 * i + 2, None] * cz + f[:, 4 * i + 3, None] for i in range(3))
+                    g: torch.Tensor) -> torch.Tensor:
+        """Base-frame sphere centres ``(N, m, 3)`` of groups ``g`` ``(N,)`` in configurations
+        ``b``, from the flattened link frames ``(B, 12 L)``."""
+        f = frames.view(frames.shape[0], -1, 3, 4)[b, self._group_link[g]]  # (N, 3, 4)
+        return torch.baddbmm(f[:, None, :, 3], self._group_points[g], f[..., :3].transpose(1, 2))
 
     def _table_hits(self, q: torch.Tensor) -> torch.Tensor:
         """``(B,)`` bool: a pair answered by a table may touch (True outside a table's range)."""
@@ -679,16 +679,15 @@ class SphereCollisionChecker:
         hit = torch.zeros(batch, dtype=torch.bool, device=frames.device)
         if self._pair_a.numel() == 0:
             return hit
-        d2 = sum((c[self._pair_a] - c[self._pair_b]).square_() for c in centers)  # (P, B)
+        d2 = (centers[:, self._pair_a] - centers[:, self._pair_b]).square_().sum(0)  # (P, B)
         p, b = (d2 <= self._pair_r2).nonzero(as_tuple=True)  # candidate group pairs
         if b.numel() == 0:
             return hit
-        ga, gb = self._pair_a[p], self._pair_b[p]
-        xa, xb = self._spheres_of(frames, b, ga), self._spheres_of(frames, b, gb)
-        d2 = sum((u.unsqueeze(2) - v.unsqueeze(1)).square_() for u, v in zip(xa, xb))
-        reach = self._group_radii[ga].unsqueeze(2) + self._group_radii[gb].unsqueeze(1)
-        valid = self._group_valid[ga].unsqueeze(2) & self._group_valid[gb].unsqueeze(1)
-        touch = ((d2 <= reach.square_()) & valid).flatten(1).any(1)
+        pa = self._spheres_of(frames, b, self._pair_a[p])
+        pb = self._spheres_of(frames, b, self._pair_b[p])
+        d2 = sum((u.unsqueeze(2) - v.unsqueeze(1)).square_()
+                 for u, v in zip(pa.unbind(-1), pb.unbind(-1)))  # (n, m, m), no size-3 sums
+        touch = (d2 <= self._pair_sphere_r2[p]).flatten(1).any(1)
         hit[b[touch]] = True
         return hit
 
@@ -701,8 +700,7 @@ class SphereCollisionChecker:
         k, g, b = self._world_candidates(centers, world)
         if b.numel() == 0:
             return hit
-        x, y, z = self._spheres_of(frames, b, g)
-        touch = world._pair_overlaps(x, y, z, self._group_radii[g], k)
+        touch = world.pair_overlaps(self._spheres_of(frames, b, g), self._group_radii[g], k)
         touch = (touch & self._group_valid[g]).any(1)
         hit[b[touch]] = True
         return hit
@@ -712,21 +710,17 @@ class SphereCollisionChecker:
         """(obstacle, group, configuration) triples ``(n,)`` each whose bounding volumes (group
         spheres grown by ``pad``, obstacles' base-frame boxes) meet; groups ``(3, G, B)``."""
         groups = self._world_groups
-        reach = (world.aabb_half.T.unsqueeze(-1) + (self._group_radius[groups] + pad)
-                 ).unsqueeze(-1)  # (3, K, Gw, 1)
-        mid = world.positions.T.unsqueeze(-1).unsqueeze(-1)  # (3, K, 1, 1)
-        near = None
-        for i in range(3):
-            c = centers[i, groups].unsqueeze(0)  # (1, Gw, B)
-            gap = (c >= mid[i] - reach[i]).logical_and_(c <= mid[i] + reach[i])
-            near = gap if near is None else near.logical_and_(gap)
-        k, gi, b = near.nonzero(as_tuple=True)
+        reach = world.aabb_half.T.unsqueeze(-1) + (self._world_group_radius + pad)  # (3, K, Gw)
+        mid = world.positions.T.unsqueeze(-1)  # (3, K, 1)
+        c = centers[:, groups].unsqueeze(1)  # (3, 1, Gw, B)
+        near = (c >= (mid - reach).unsqueeze(-1)).logical_and_(c <= (mid + reach).unsqueeze(-1))
+        k, gi, b = near.all(0).nonzero(as_tuple=True)
         return k, groups[gi], b
 
     @torch.no_grad()
     def penetration(self, q: torch.Tensor, world: CollisionWorld, margin: float = 0.0,
                     poses: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Obstacle penetration of the robot's spheres, summed per link, with its gradient.
 
         cost_b = Σ_s Σ_k relu(margin + r_s − sd_k(x_s)) over the spheres s of every link but the
@@ -734,8 +728,9 @@ class SphereCollisionChecker:
         obstacle) pairs whose bounding volumes meet are evaluated, a few percent of all.
 
         Returns:
-            cost ``(B,)`` m, and per link l ``(B, L, 3)``: the force F_l = Σ_{s on l} ∂cost/∂x_s
-            and the torque T_l = Σ_{s on l} x_s × ∂cost/∂x_s about the base origin, from which
+            cost ``(B,)`` m, and the wrench per link l ``(B, L, 6)``: the force
+            F_l = Σ_{s on l} ∂cost/∂x_s (``[..., :3]``) and the torque
+            T_l = Σ_{s on l} x_s × ∂cost/∂x_s about the base origin (``[..., 3:]``), from which
             the joint gradient follows (the IK refiner's collision penalty).
         """
         q = self._check(q)
@@ -746,15 +741,12 @@ class SphereCollisionChecker:
         if len(world) and batch:
             k, g, b = self._world_candidates(self._group_centers(frames), world, margin)
             if b.numel():
-                f = frames.view(batch, links, 3, 4)[b, self._group_link[g]]  # (n, 3, 4)
-                pos = torch.baddbmm(f[:, None, :, 3], self._group_points[g],
-                                    f[..., :3].transpose(1, 2))  # (n, m, 3) sphere centres
+                pos = self._spheres_of(frames, b, g)  # (n, m, 3) sphere centres
                 depth, grad = world.pair_penetration(pos, self._group_pen_radii[g], k, margin)
                 cost.index_add_(0, b, depth.sum(1))
                 per_group = torch.cat([grad.sum(1), torch.cross(pos, grad, dim=-1).sum(1)], -1)
                 wrench.index_add_(0, b * links + self._group_link[g], per_group)
-        wrench = wrench.view(batch, links, 6)
-        return cost, wrench[..., :3], wrench[..., 3:]
+        return cost, wrench.view(batch, links, 6)
 
     @torch.no_grad()
     def self_collision(self, q: torch.Tensor,

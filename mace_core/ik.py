@@ -280,13 +280,14 @@ class _RefinementRounds:
         0 marks a colliding one); True once K solutions are accepted."""
         t = time.perf_counter()
         ad, cfg = self.adapter, self.cfg
-        seeds = ad._select_seeds(cfg, candidates, self.target, self.world, scores)
-        seeds = self._with_neighbours(seeds)
-        needed = cfg.num_solutions - self.accepted.shape[0]
-        refined = ad._refine(cfg, seeds, self.target, self.world, self.deadline, needed)
-        ok = ad._acceptable(cfg, refined, self.target, self.world)
-        before = self.accepted.shape[0]
-        self.accepted = ad._merge(cfg, self.accepted, refined[ok])
+        with torch.inference_mode():  # nothing here is differentiated: less overhead per op
+            seeds = ad._select_seeds(cfg, candidates, self.target, self.world, scores)
+            seeds = self._with_neighbours(seeds)
+            needed = cfg.num_solutions - self.accepted.shape[0]
+            refined = ad._refine(cfg, seeds, self.target, self.world, self.deadline, needed)
+            ok = ad._acceptable(cfg, refined, self.target, self.world)
+            before = self.accepted.shape[0]
+            self.accepted = ad._merge(cfg, self.accepted, refined[ok])
         self.last_added = self.accepted.shape[0] - before
         self.last_round_s = time.perf_counter() - t
         self.timings.refinement += self.last_round_s
@@ -328,6 +329,7 @@ class IKAdapter:
             self.refiners["tracik"] = TracIKRefiner(kin, urdf_text, config.refinement)
         self.refiners.update(refiners or {})
         self._last_position: torch.Tensor | None = None  # (3,) target of the last solve()
+        self._adapted = False  # whether the prior's weights differ from the pretrained ones
         self._moves = kin.ancestor_mask(list(kin.link_names))  # (J, L): joint j moves link l
 
     @classmethod
@@ -397,8 +399,7 @@ class IKAdapter:
         if len(request.obstacles) > lim.max_obstacles:
             raise InvalidRequestError(f"at most {lim.max_obstacles} obstacles per request, "
                                       f"got {len(request.obstacles)}")
-        for obstacle in request.obstacles:
-            obstacle.validate()
+        # each obstacle is validated where it is tensorized (CollisionWorld.from_obstacles)
 
     def solve(self, request: IKRequest) -> IKAdaptResult:
         """Answer one request; raises InvalidRequestError on bad input."""
@@ -412,7 +413,9 @@ class IKAdapter:
             rotation=None if request.rotation is None else spec.tensor(request.rotation),
             orientation_tolerance=request.orientation_tolerance)
         generator = spec.generator(request.seed)
-        self.prior.load_state_dict(self._pristine)
+        if self._adapted:  # the last request tuned the weights: back to the pretrained prior
+            self.prior.load_state_dict(self._pristine)
+            self._adapted = False
         model = _ConditionedPrior(self.prior, self.initial_prior, target.position, kin.lower,
                                   kin.upper)
         self._last_position = target.position
@@ -468,6 +471,7 @@ class IKAdapter:
         cand_q, cand_s, iters, valid_adapted = q, s, 0, valid_prior
         if cfg.mace.iterations > 0 and not done:
             first = (q, s) if q.shape[0] == cfg.mace.num_samples else None
+            self._adapted = True
             trace = adapt(model, score, cfg.mace, generator, deadline=adapt_deadline,
                           first_batch=first, stop_when=stop_when)
             cand_q, cand_s = trace.pool_x, trace.pool_scores
@@ -563,11 +567,11 @@ class IKAdapter:
         def penalty(q: torch.Tensor, poses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if len(world) == 0:
                 return q.new_zeros(q.shape[0]), torch.zeros_like(q)
-            cost, force, torque = self.checker.penetration(q, world, margin, poses)
-            force = torch.einsum("jl,blc->bjc", self._moves, force)  # (B, J, 3)
-            torque = torch.einsum("jl,blc->bjc", self._moves, torque)
+            cost, wrench = self.checker.penetration(q, world, margin, poses)
+            wrench = self._moves @ wrench  # (B, J, 6): what joint j's subtree feels
             axes, origins = self.kin.joint_axes(poses)  # (B, J, 3)
-            grad = (axes * (torque - torch.cross(origins, force, dim=-1))).sum(-1)
+            grad = (axes * (wrench[..., 3:] - torch.cross(origins, wrench[..., :3], dim=-1))
+                    ).sum(-1)
             return cost, grad
         return penalty
 
@@ -593,11 +597,17 @@ class IKAdapter:
     def _merge(self, cfg: IKAdaptConfig, accepted: torch.Tensor,
                new: torch.Tensor) -> torch.Tensor:
         """Append rows of ``new`` that are not duplicates of accepted ones (or of each other)."""
-        for row in new:
-            if accepted.shape[0] == 0 or bool(
-                    ((accepted - row).abs().amax(-1) >= cfg.min_joint_distance).all()):
-                accepted = torch.cat([accepted, row.unsqueeze(0)])
-        return accepted
+        if new.shape[0] == 0:
+            return accepted
+        x, old = new.detach().cpu().numpy(), accepted.detach().cpu().numpy()
+        apart = cfg.min_joint_distance
+        new_ok = (np.abs(x[:, None] - old[None]).max(-1) >= apart).all(1)  # (N,)
+        far = np.abs(x[:, None] - x[None]).max(-1) >= apart  # (N, N)
+        fresh: list[int] = []
+        for i in np.flatnonzero(new_ok).tolist():  # greedy, in order: booleans only
+            if far[i, fresh].all():
+                fresh.append(i)
+        return torch.cat([accepted, new[fresh]]) if fresh else accepted
 
     def _describe(self, q: torch.Tensor, target: IKTarget,
                   world: CollisionWorld) -> list[IKSolution]:
@@ -613,7 +623,9 @@ class IKAdapter:
         score = torch.where(valid, torch.exp(-pos_err), 0.0)
         key = valid.to(q.dtype) * 1e3 + clearance.clamp(-1.0, 1.0)
         order = torch.argsort(key, descending=True)
-        return [IKSolution(q=q[i].detach().cpu().double().numpy(), score=float(score[i]),
-                           position_error=float(pos_err[i]),
-                           orientation_error=float(rot_err[i]), collision_free=bool(valid[i]),
-                           clearance=float(clearance[i])) for i in order.tolist()]
+        q, score, pos_err, rot_err, valid, clearance = (
+            t[order].detach().cpu().numpy() for t in (q, score, pos_err, rot_err, valid, clearance))
+        return [IKSolution(q=q[i].astype(np.float64), score=float(score[i]),
+                           position_error=float(pos_err[i]), orientation_error=float(rot_err[i]),
+                           collision_free=bool(valid[i]), clearance=float(clearance[i]))
+                for i in range(len(q))]

@@ -99,14 +99,6 @@ class ARGMMPrior(nn.Module):
                               self.weights[layer])
         return h
 
-    def _forward_one(self, k: int, x: torch.Tensor) -> torch.Tensor:
-        """Network ``k`` alone on inputs ``(B, C + J)`` -> ``(B, 3K)``."""
-        h = torch.addmm(self.biases[0][k], x, self.weights[0][k] * self.input_mask[k])
-        for layer in range(1, len(self.weights)):
-            h = torch.addmm(self.biases[layer][k], nn.functional.leaky_relu(h, 0.2),
-                            self.weights[layer][k])
-        return h
-
     def log_prob(self, q: torch.Tensor, p_ee: torch.Tensor) -> torch.Tensor:
         """log p(q | p_ee) of configurations ``(B, J)`` (rad) at positions ``(B, 3)``: ``(B,)``."""
         qn = self._normalize_q(q)
@@ -118,17 +110,29 @@ class ARGMMPrior(nn.Module):
         return torch.logsumexp(comp, -1).sum(0) + log_norm
 
     def sample(self, p_ee: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Draw one configuration per row of ``p_ee`` ``(B, 3)``: ``(B, J)`` in radians."""
+        """Draw one configuration per row of ``p_ee`` ``(B, 3)``: ``(B, J)`` in radians.
+
+        Joint by joint through its own network; the component by inverse CDF on one uniform,
+        then only the drawn component's mean and std are read out."""
         batch, j = p_ee.shape[0], self.config.num_joints
-        x = torch.cat([(p_ee - self.ctx_mean) / self.ctx_std,
-                       torch.zeros(batch, j, device=p_ee.device, dtype=p_ee.dtype)], -1)
-        c = self.config.context_dim
-        rows = torch.arange(batch, device=p_ee.device)
+        k_mix, c = self.config.components, self.config.context_dim
+        kw = dict(device=p_ee.device, dtype=p_ee.dtype)
+        x = torch.cat([(p_ee - self.ctx_mean) / self.ctx_std, torch.zeros(batch, j, **kw)], -1)
+        uniform = torch.rand(batch, j, 1, generator=generator, **kw)
+        eps = torch.randn(batch, j, generator=generator, **kw)
+        weights, biases = list(self.weights), list(self.biases)
+        first = weights[0] * self.input_mask  # (J, C + J, H): network k sees q_<k only
         for k in range(j):
-            log_w, mean, std = self._mixture(self._forward_one(k, x))
-            comp = torch.multinomial(log_w.exp(), 1, generator=generator).squeeze(1)
-            eps = torch.randn(batch, device=p_ee.device, dtype=p_ee.dtype, generator=generator)
-            x[:, c + k] = mean[rows, comp] + std[rows, comp] * eps
+            h = torch.addmm(biases[0][k], x, first[k])
+            for layer in range(1, len(weights)):
+                h = torch.addmm(biases[layer][k], nn.functional.leaky_relu(h, 0.2),
+                                weights[layer][k])
+            cdf = torch.softmax(h[:, :k_mix], -1).cumsum_(-1)  # (B, K)
+            comp = (cdf[:, :-1] < uniform[:, k]).sum(-1, keepdim=True)  # (B, 1)
+            picked = h[:, k_mix:].view(batch, 2, k_mix).gather(
+                2, comp.unsqueeze(1).expand(batch, 2, 1))  # (B, 2, 1): mean, raw std
+            std = nn.functional.softplus(picked[:, 1, 0]) + self.config.min_std
+            x[:, c + k] = torch.addcmul(picked[:, 0, 0], std, eps[:, k])
         qn = x[:, c:]
         return self.q_low + (qn + 1.0) * 0.5 * (self.q_high - self.q_low)
 

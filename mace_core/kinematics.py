@@ -224,14 +224,16 @@ class RobotKinematics:
                     origin[:3, :3] = origin[:3, :3] @ rot.numpy()
             origins.append(origin)
             axes.append(joint.axis)
-        self._origins = spec.tensor(np.stack(origins))  # (L, 4, 4)
-        self._axes = spec.tensor(np.stack(axes))  # (L, 3)
         self.lower = spec.tensor([urdf.joints[n].lower for n in self.joint_names])
         self.upper = spec.tensor([urdf.joints[n].upper for n in self.joint_names])
         # Links driven by each joint column: used for the analytic Jacobian.
         self._joint_links = [self.joint_index.index(c) for c in range(len(self.joint_names))]
-        self._act_links = torch.tensor(self._joint_links, device=spec.device)
-        self._act_axes = self._axes[self._joint_links]  # (J, 3)
+        first = self._joint_links[0]  # a slice (a view) when they are consecutive, as for a chain
+        self._joint_frames = (slice(first, first + self.num_joints)
+                              if self._joint_links == list(range(first, first + self.num_joints))
+                              else torch.tensor(self._joint_links, device=spec.device))
+        self._joint_axes_local = spec.tensor(np.stack(axes)[self._joint_links]).unsqueeze(1)
+        self._plan_forward_kinematics(np.stack(origins), np.stack(axes))
 
     @classmethod
     def panda(cls, spec: TensorSpec, urdf_text: str | None = None,
@@ -254,17 +256,70 @@ class RobotKinematics:
                 f"joint configurations must be (B, {self.num_joints}), got {tuple(q.shape)}")
         return q.to(device=self.spec.device, dtype=self.spec.dtype)
 
+    def _plan_forward_kinematics(self, origins: np.ndarray, axes: np.ndarray) -> None:
+        """Fold the constant transforms into as few batched products as the tree allows.
+
+        Every link hangs off an *anchor*: the base or the nearest actuated link at or above it.
+        A fixed link's pose is its anchor's pose times a constant; an actuated link's is its
+        parent's anchor pose times P R(a, θ), with P the constant from that anchor through the
+        joint's origin. Rodrigues' formula, R = I + sin θ K + (1 − cos θ) K², makes P R(a, θ)
+        = P + sin θ (P K) + (1 − cos θ) (P K²): three constant matrices per joint, combined
+        for all joints in two fused ops.
+        """
+        links = len(self.link_names)
+        anchor, rel = [0] * links, [np.eye(4) for _ in range(links)]
+        start, parts, from_base = [], [], []  # per joint column, the actuated links' plan
+        for k in range(1, links):
+            parent = self.parent_index[k]
+            if self.joint_index[k] < 0:  # fixed: constant below the parent's anchor
+                anchor[k], rel[k] = anchor[parent], rel[parent] @ origins[k]
+                continue
+            anchor[k] = k
+            p = rel[parent] @ origins[k]
+            if anchor[parent] == 0:
+                p = origins[0] @ p  # the base pose is constant: fold it in
+            skew = np.zeros((4, 4))
+            x, y, z = axes[k]
+            skew[:3, :3] = [[0.0, -z, y], [z, 0.0, -x], [-y, x, 0.0]]
+            parts.append((self.joint_index[k], np.stack([p, p @ skew, p @ skew @ skew])))
+            start.append((self.joint_index[k], anchor[parent]))
+        parts.sort(key=lambda item: item[0])
+        self._rodrigues = self.spec.tensor(np.stack([m for _, m in parts], 1))  # (3, J, 4, 4)
+        # Actuated links in tree order (parents first), with the slot of their parent's anchor:
+        # slot 0 is the base, slot 1 + j joint column j's link.
+        self._fk_chain = [(self.joint_index[k], 0 if anchor[self.parent_index[k]] == 0 else
+                           1 + self.joint_index[anchor[self.parent_index[k]]])
+                          for k in range(1, links) if self.joint_index[k] >= 0]
+        fixed = [k for k in range(1, links) if self.joint_index[k] < 0]
+        slot = [0] + [1 + self.joint_index[k] if self.joint_index[k] >= 0 else -1
+                      for k in range(1, links)]
+        self._fk_fixed_anchor = torch.tensor(
+            [0 if anchor[k] == 0 else 1 + self.joint_index[anchor[k]] for k in fixed],
+            device=self.spec.device)
+        self._fk_fixed_rel = self.spec.tensor(np.stack([rel[k] for k in fixed])) \
+            if fixed else None  # (F, 4, 4)
+        for i, k in enumerate(fixed):
+            slot[k] = 1 + self.num_joints + i
+        self._fk_order = None if slot == list(range(links)) else torch.tensor(
+            slot, device=self.spec.device)  # slot of each link
+        self._base_pose = self.spec.tensor(origins[0])  # (4, 4)
+
     def link_poses(self, q: torch.Tensor) -> torch.Tensor:
         """Pose of every link frame in the base frame: ``(B, 7)`` -> ``(B, L, 4, 4)``."""
         q = self._check(q)
         batch = q.shape[0]
-        local = self._origins.expand(batch, -1, -1, -1).clone()  # (B, L, 4, 4)
-        rot = _axis_rotation(self._act_axes, q)  # (B, J, 3, 3), all joints in one call
-        local[:, self._act_links, :3, :3] = self._origins[self._act_links, :3, :3] @ rot
-        poses = [local[:, 0]]
-        for k in range(1, len(self.link_names)):
-            poses.append(poses[self.parent_index[k]] @ local[:, k])
-        return torch.stack(poses, 1)
+        fold, turn, turn2 = self._rodrigues
+        sin = torch.sin(q)[..., None, None]
+        vers = (1.0 - torch.cos(q))[..., None, None]
+        local = torch.addcmul(torch.addcmul(fold, sin, turn), vers, turn2)  # (B, J, 4, 4)
+        slots: list[torch.Tensor | None] = [self._base_pose.expand(batch, 4, 4)]
+        slots += [None] * self.num_joints
+        for col, parent in self._fk_chain:
+            slots[1 + col] = local[:, col] if parent == 0 else slots[parent] @ local[:, col]
+        poses = torch.stack(slots, 1)  # (B, 1 + J, 4, 4)
+        if self._fk_fixed_rel is not None:
+            poses = torch.cat([poses, poses[:, self._fk_fixed_anchor] @ self._fk_fixed_rel], 1)
+        return poses if self._fk_order is None else poses[:, self._fk_order]
 
     def ee_pose(self, q: torch.Tensor) -> torch.Tensor:
         """End-effector pose in the base frame: ``(B, 7)`` -> ``(B, 4, 4)``."""
@@ -277,8 +332,8 @@ class RobotKinematics:
     def joint_axes(self, poses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """World axes ``(B, J, 3)`` and origins ``(B, J, 3)`` of the actuated joints, from link
         poses ``(B, L, 4, 4)``."""
-        frames = poses[:, self._joint_links]  # (B, J, 4, 4)
-        axes = (frames[:, :, :3, :3] @ self._axes[self._joint_links].unsqueeze(-1)).squeeze(-1)
+        frames = poses[:, self._joint_frames]  # (B, J, 4, 4)
+        axes = (frames[:, :, :3, :3] * self._joint_axes_local).sum(-1)
         return axes, frames[:, :, :3, 3]
 
     def ancestor_mask(self, links: list[str]) -> torch.Tensor:

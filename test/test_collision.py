@@ -139,7 +139,8 @@ def test_checker_penetration_equals_dense_sum(scene_name):
     q = kin.lower + (kin.upper - kin.lower) * torch.rand(300, 7, generator=gen, dtype=spec.dtype)
     poses = kin.link_poses(q)
     margin = 0.005
-    cost, force, torque = checker.penetration(q, world, margin, poses)
+    cost, wrench = checker.penetration(q, world, margin, poses)
+    force, torque = wrench[..., :3], wrench[..., 3:]
     keep = [s for s, link in enumerate(checker.spheres.links) if link != kin.base_link]
     x = checker.sphere_positions(q, poses)[:, keep]  # (B, S, 3)
     radii = spec.tensor(checker.spheres.radii)[keep]
