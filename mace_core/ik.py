@@ -485,7 +485,7 @@ class IKAdapter:
             accepted = rounds.accepted  # the last round may overshoot K: keep K spread out
             solutions = self._describe(accepted[farthest_point_order(accepted,
                                                                      cfg.num_solutions)],
-                                       target, world)
+                                       target, world, known_valid=True)
         else:  # nothing refined to a valid solution (or no refinement): the best samples as is
             order = torch.argsort(cand_s, descending=True)
             if not refining:
@@ -543,7 +543,9 @@ class IKAdapter:
         an obstacle are pushed out by the refiner's null-space step. The penetration is computed
         for the 4 x refine_seeds nearest only, where a candidate known to collide
         (``scores <= 0``) ranks as if 0.1 m farther; the best 2 x refine_seeds are then spread
-        out greedily (max-min joint distance).
+        out greedily (max-min joint distance), from the best. With at most 2 x refine_seeds
+        candidates (the fast path's first batch) the spreading keeps all of them in play, so the
+        penetration ranking, which would only pick the first, is skipped.
         """
         with torch.no_grad():
             poses = self.kin.link_poses(cand_q)
@@ -551,10 +553,11 @@ class IKAdapter:
             rank = dist if scores is None else dist + 0.1 * (scores <= 0).to(dist.dtype)
             pre = torch.argsort(rank)[:4 * cfg.refine_seeds]
             cand_q, poses = cand_q[pre], poses[pre]
-            cost = dist[pre] + self._penalty(world)(cand_q, poses)[0]
-            cost = cost + 1.0 * self.checker.self_collision(cand_q, poses=poses)
-        near = cand_q[torch.argsort(cost)[:2 * cfg.refine_seeds]]
-        return near[farthest_point_order(near, cfg.refine_seeds)]
+            if cand_q.shape[0] > 2 * cfg.refine_seeds:  # else every candidate is spread out
+                cost = dist[pre] + self._penalty(world)(cand_q, poses)[0]
+                cost = cost + 1.0 * self.checker.self_collision(cand_q, poses=poses)
+                cand_q = cand_q[torch.argsort(cost)[:2 * cfg.refine_seeds]]
+        return cand_q[farthest_point_order(cand_q, cfg.refine_seeds)]
 
     def _penalty(self, world: CollisionWorld, margin: float = 0.005) -> PenaltyFn:
         """Obstacle cost for the refiner: the summed penetration (m) of the robot's spheres into
@@ -609,16 +612,18 @@ class IKAdapter:
                 fresh.append(i)
         return torch.cat([accepted, new[fresh]]) if fresh else accepted
 
-    def _describe(self, q: torch.Tensor, target: IKTarget,
-                  world: CollisionWorld) -> list[IKSolution]:
-        """Solutions for rows of ``q``, diverse first choice kept, ranked best first.
+    def _describe(self, q: torch.Tensor, target: IKTarget, world: CollisionWorld,
+                  known_valid: bool = False) -> list[IKSolution]:
+        """Solutions for rows of ``q``, diverse first choice kept, ranked best first
+        (``known_valid``: every row passed :meth:`_acceptable` already).
 
         Rank: collision-free first, then by clearance from the obstacles (all accepted solutions
         reach the target within tolerance, so their scores differ only in the fifth decimal).
         """
         poses = self.kin.link_poses(q)
         pos_err, rot_err = pose_errors(self.kin, q, target, poses)
-        valid = self.checker.valid(q, world, poses=poses)
+        valid = (torch.ones(q.shape[0], dtype=torch.bool, device=q.device) if known_valid
+                 else self.checker.valid(q, world, poses=poses))
         clearance = self.checker.clearance(q, world, poses=poses)
         score = torch.where(valid, torch.exp(-pos_err), 0.0)
         key = valid.to(q.dtype) * 1e3 + clearance.clamp(-1.0, 1.0)
