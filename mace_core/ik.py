@@ -476,7 +476,8 @@ class IKAdapter:
                           first_batch=first, stop_when=stop_when)
             cand_q, cand_s = trace.pool_x, trace.pool_scores
             iters = trace.iterations_run
-            valid_adapted = trace.iterations[-1].positive_fraction if iters else valid_prior
+            valid_adapted = (trace.iterations[trace.kept_iteration].positive_fraction
+                             if iters else valid_prior)
             done = refining and rounds.done
         timings.adaptation = time.perf_counter() - t1 - (timings.refinement - refine_before)
         while refining and not done and rounds.time_for_another():
@@ -628,8 +629,8 @@ class IKAdapter:
         score = torch.where(valid, torch.exp(-pos_err), 0.0)
         key = valid.to(q.dtype) * 1e3 + clearance.clamp(-1.0, 1.0)
         order = torch.argsort(key, descending=True)
-        q, score, pos_err, rot_err, valid, clearance = (
-            t[order].detach().cpu().numpy() for t in (q, score, pos_err, rot_err, valid, clearance))
+        q, score, pos_err, rot_err, valid, clearance = (t[order].detach().cpu().numpy() for t in (
+            q, score, pos_err, rot_err, valid, clearance))
         return [IKSolution(q=q[i].astype(np.float64), score=float(score[i]),
                            position_error=float(pos_err[i]), orientation_error=float(rot_err[i]),
                            collision_free=bool(valid[i]), clearance=float(clearance[i]))

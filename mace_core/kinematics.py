@@ -268,7 +268,7 @@ class RobotKinematics:
         """
         links = len(self.link_names)
         anchor, rel = [0] * links, [np.eye(4) for _ in range(links)]
-        start, parts, from_base = [], [], []  # per joint column, the actuated links' plan
+        parts = []  # (joint column, its three Rodrigues matrices)
         for k in range(1, links):
             parent = self.parent_index[k]
             if self.joint_index[k] < 0:  # fixed: constant below the parent's anchor
@@ -282,7 +282,6 @@ class RobotKinematics:
             x, y, z = axes[k]
             skew[:3, :3] = [[0.0, -z, y], [z, 0.0, -x], [-y, x, 0.0]]
             parts.append((self.joint_index[k], np.stack([p, p @ skew, p @ skew @ skew])))
-            start.append((self.joint_index[k], anchor[parent]))
         parts.sort(key=lambda item: item[0])
         self._rodrigues = self.spec.tensor(np.stack([m for _, m in parts], 1))  # (3, J, 4, 4)
         # Actuated links in tree order (parents first), with the slot of their parent's anchor:

@@ -30,6 +30,10 @@ class MACEConfig:
     learning_rate: float = 1e-4  #: Adam step size
     objective: str = "cem"  #: "cem" (Eq. 3, the paper's method) or "is" (Eq. 2 baseline)
     pool_size: int = 256  #: best samples kept across all iterations (the answer if time runs out)
+    #: end with the θ whose batch scored best on average (E_θ[S], the quantity CEM raises), not
+    #: the last θ: past its best, the selection can drive θ into a thin part of the feasible set
+    #: (IK: ever nearer the target, ever closer to the obstacles) and the valid share collapses
+    keep_best: bool = True
 
     def validate(self) -> None:
         """Raise InvalidRequestError on values the loop cannot run with."""
@@ -91,6 +95,9 @@ class MACETrace:
     pool_scores: torch.Tensor  #: their scores: (P,)
     iterations: list[MACEIteration] = field(default_factory=list)  #: one entry per iteration run
     stopped_by_deadline: bool = False  #: True when the time budget cut the loop short
+    #: the iteration whose batch rated the θ the model ends with (``keep_best``): the last one
+    #: when the best batch was the last (its θ has then taken one more set of steps)
+    kept_iteration: int = -1
 
     @property
     def iterations_run(self) -> int:
@@ -155,6 +162,7 @@ def adapt(model: AdaptiveModel, score: ScoreFn, config: MACEConfig, generator: t
     optimizer = (torch.optim.Adam(params, lr=config.learning_rate, fused=True)
                  if config.iterations else None)
     stopped = False
+    best_mean, best_theta, best_is_last, best_it = -math.inf, None, True, -1
     for it in range(config.iterations):
         # No iteration starts that its measured mean duration says would end past the deadline.
         expected = (time.perf_counter() - start) / it if it else 0.0
@@ -168,6 +176,11 @@ def adapt(model: AdaptiveModel, score: ScoreFn, config: MACEConfig, generator: t
                 x = model.sample(config.num_samples, generator)
                 s = score(x)
         pool.add(x, s)
+        # x was drawn from the current θ: its mean score rates θ before this iteration's steps
+        best_is_last = float(s.mean()) > best_mean
+        if config.keep_best and best_is_last:
+            best_mean, best_it = float(s.mean()), it
+            best_theta = [p.detach().clone() for p in params]
         elite = elite_indices(s, config.quantile)
         if config.objective == "cem":
             x_fit, weights = x[elite], None
@@ -189,6 +202,13 @@ def adapt(model: AdaptiveModel, score: ScoreFn, config: MACEConfig, generator: t
             elapsed_s=time.perf_counter() - start))
         if stop_when is not None and stop_when(pool.x, pool.s):
             break
+    kept = len(trace_iters) - 1
+    if config.keep_best and trace_iters and not best_is_last:
+        # the θ after the last steps was never scored; the last scored θ was worse than the best
+        with torch.no_grad():
+            for p, best in zip(params, best_theta):
+                p.copy_(best)
+        kept = best_it
     if pool.x is None:
         if first_batch is not None:
             pool.add(*first_batch)
@@ -197,4 +217,4 @@ def adapt(model: AdaptiveModel, score: ScoreFn, config: MACEConfig, generator: t
                 x = model.sample(config.num_samples, generator)
                 pool.add(x, score(x))
     return MACETrace(pool_x=pool.x, pool_scores=pool.s, iterations=trace_iters,
-                     stopped_by_deadline=stopped)
+                     stopped_by_deadline=stopped, kept_iteration=kept)

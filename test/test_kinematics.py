@@ -85,3 +85,58 @@ def test_urdf_errors_are_typed():
     urdf = URDFModel.from_text(open(panda_urdf_path()).read())
     with pytest.raises(ModelLoadError):
         RobotKinematics(urdf, TensorSpec.resolve("cpu"), ee_link="no_such_link")
+
+
+TREE_URDF = """<robot name="tree">
+  <link name="base"/><link name="a"/><link name="a_fixed"/><link name="b"/><link name="c"/>
+  <link name="side"/><link name="tip"/>
+  <joint name="j1" type="revolute"><parent link="base"/><child link="a"/>
+    <origin xyz="0 0 0.2" rpy="0.1 0 0"/><axis xyz="0 0 1"/>
+    <limit lower="-3" upper="3" effort="1" velocity="1"/></joint>
+  <joint name="f1" type="fixed"><parent link="a"/><child link="a_fixed"/>
+    <origin xyz="0.1 0.05 0.3" rpy="0.3 -0.2 0.5"/></joint>
+  <joint name="j2" type="revolute"><parent link="a_fixed"/><child link="b"/>
+    <origin xyz="0 0.2 0" rpy="0 0.4 0"/><axis xyz="1 0 0"/>
+    <limit lower="-3" upper="3" effort="1" velocity="1"/></joint>
+  <joint name="j3" type="revolute"><parent link="b"/><child link="c"/>
+    <origin xyz="0.3 0 0.1" rpy="0 0 0"/><axis xyz="0 0.6 0.8"/>
+    <limit lower="-3" upper="3" effort="1" velocity="1"/></joint>
+  <joint name="j4" type="revolute"><parent link="a"/><child link="side"/>
+    <origin xyz="-0.2 0 0.1" rpy="0 0 0.7"/><axis xyz="0 1 0"/>
+    <limit lower="-3" upper="3" effort="1" velocity="1"/></joint>
+  <joint name="f2" type="fixed"><parent link="c"/><child link="tip"/>
+    <origin xyz="0 0 0.15" rpy="0 0.3 0"/></joint>
+</robot>"""
+
+
+def test_forward_kinematics_of_a_tree_with_fixed_links_between_joints(tmp_path):
+    """A branching robot with fixed joints between actuated ones and tilted axes: every link's
+    pose matches PyBullet's (the folded-constant plan of link_poses is general)."""
+    path = tmp_path / "tree.urdf"
+    path.write_text(TREE_URDF)
+    spec = TensorSpec.resolve("cpu", torch.float64)
+    joints = ("j1", "j2", "j3", "j4")
+    kin = RobotKinematics(URDFModel.from_text(TREE_URDF), spec, base_link="base", ee_link="tip",
+                          joint_names=joints, fixed_positions={})
+    q = kin.sample_uniform(50, spec.generator(1))
+    poses = kin.link_poses(q).numpy()
+    cid = p.connect(p.DIRECT)
+    try:
+        robot = p.loadURDF(str(path), useFixedBase=True, physicsClientId=cid)
+        info = [p.getJointInfo(robot, i, physicsClientId=cid)
+                for i in range(p.getNumJoints(robot, physicsClientId=cid))]
+        by_joint = {row[1].decode(): i for i, row in enumerate(info)}
+        by_link = {row[12].decode(): i for i, row in enumerate(info)}
+        worst = 0.0
+        for b in range(len(q)):
+            for k, name in enumerate(joints):
+                p.resetJointState(robot, by_joint[name], float(q[b, k]), physicsClientId=cid)
+            for k, name in enumerate(kin.link_names[1:], start=1):
+                state = p.getLinkState(robot, by_link[name], computeForwardKinematics=True,
+                                       physicsClientId=cid)
+                rot = np.array(p.getMatrixFromQuaternion(state[5])).reshape(3, 3)
+                worst = max(worst, np.abs(poses[b, k, :3, 3] - state[4]).max(),
+                            np.abs(poses[b, k, :3, :3] - rot).max())
+    finally:
+        p.disconnect(cid)
+    assert worst < 1e-6

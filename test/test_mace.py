@@ -87,3 +87,27 @@ def test_elite_is_the_top_quantile_and_config_is_validated():
                 dict(learning_rate=float("nan")), dict(gradient_steps=0)):
         with pytest.raises(InvalidRequestError):
             MACEConfig(**bad).validate()
+
+
+def test_keep_best_ends_with_the_best_scored_parameters():
+    """A score that drops after the second batch: keep_best restores the θ the best batch
+    rated (θ_0: the first two batches tie and the first best is kept); without it the loop
+    ends with its last θ."""
+    calls = []
+
+    def fading(x):
+        calls.append(1)
+        return torch.full((len(x),), 1.0 if len(calls) <= 2 else 0.5, dtype=x.dtype)
+
+    cfg = MACEConfig(num_samples=64, quantile=1 / 8, gradient_steps=2, iterations=5,
+                     learning_rate=0.1)
+    model = Gaussian()
+    trace = adapt(model, fading, cfg, torch.Generator().manual_seed(0))
+    assert trace.kept_iteration == 0 and trace.iterations_run == 5
+    assert torch.equal(model.mu.detach(), model.mu0)
+    calls.clear()
+    last = Gaussian()
+    trace = adapt(last, fading, MACEConfig(**{**cfg.__dict__, "keep_best": False}),
+                  torch.Generator().manual_seed(0))
+    assert trace.kept_iteration == 4
+    assert not torch.equal(last.mu.detach(), last.mu0)
