@@ -553,8 +553,9 @@ class IKAdapter:
             dist = (poses[:, self.kin.ee_index, :3, 3] - target.position).norm(dim=-1)
             rank = dist if scores is None else dist + 0.1 * (scores <= 0).to(dist.dtype)
             pre = torch.argsort(rank)[:4 * cfg.refine_seeds]
-            cand_q, poses = cand_q[pre], poses[pre]
+            cand_q = cand_q[pre]
             if cand_q.shape[0] > 2 * cfg.refine_seeds:  # else every candidate is spread out
+                poses = poses[pre]
                 cost = dist[pre] + self._penalty(world)(cand_q, poses)[0]
                 cost = cost + 1.0 * self.checker.self_collision(cand_q, poses=poses)
                 cand_q = cand_q[torch.argsort(cost)[:2 * cfg.refine_seeds]]
