@@ -185,6 +185,8 @@ class IKAdaptResult:
     solutions: list[IKSolution]  #: at most K, best first
     joint_names: list[str]  #: names of the 7 joints
     num_requested: int  #: K asked for
+    #: solutions that are collision-free and, when refined, reach the target within tolerance
+    num_found: int
     #: share of the first prior batch that is valid (``first_samples`` of them when refining,
     #: else N)
     valid_fraction_prior: float
@@ -195,8 +197,8 @@ class IKAdaptResult:
 
     @property
     def success(self) -> bool:
-        """True when at least one collision-free solution within tolerance was found."""
-        return bool(self.solutions) and self.solutions[0].collision_free
+        """True when at least one solution was found (see ``num_found``)."""
+        return self.num_found > 0
 
 
 class _ConditionedPrior:
@@ -499,13 +501,17 @@ class IKAdapter:
         solutions = solutions[:cfg.num_solutions]
         timings.total = time.perf_counter() - t0
         k = cfg.num_solutions
-        found = sum(1 for sol in solutions if sol.collision_free)
-        message = (f"found {found} of {k} solutions" + (
-            f" within {cfg.refinement.position_tolerance * 1e3:.2f} mm"
-            if cfg.refinement_mode != "none" else "") +
-            f" ({iters} MACE iterations, {timings.total * 1e3:.0f} ms)")
+        tol = cfg.refinement.position_tolerance
+        found = sum(1 for sol in solutions if sol.collision_free
+                    and (not refining or sol.position_error <= tol))
+        message = f"found {found} of {k} solutions" + (
+            f" within {tol * 1e3:.2f} mm" if refining else "")
+        if refining and found < len(solutions):
+            message += (f"; {len(solutions) - found} more returned that do not reach the target "
+                        "(best effort, not solutions)")
+        message += f" ({iters} MACE iterations, {timings.total * 1e3:.0f} ms)"
         return IKAdaptResult(solutions=solutions, joint_names=list(kin.joint_names),
-                             num_requested=k, valid_fraction_prior=valid_prior,
+                             num_requested=k, num_found=found, valid_fraction_prior=valid_prior,
                              valid_fraction_adapted=valid_adapted, iterations_run=iters,
                              timings=timings, message=message)
 
@@ -622,6 +628,8 @@ class IKAdapter:
         Rank: collision-free first, then by clearance from the obstacles (all accepted solutions
         reach the target within tolerance, so their scores differ only in the fifth decimal).
         """
+        if q.shape[0] == 0:  # no sample was valid and nothing was refined
+            return []
         poses = self.kin.link_poses(q)
         pos_err, rot_err = pose_errors(self.kin, q, target, poses)
         valid = (torch.ones(q.shape[0], dtype=torch.bool, device=q.device) if known_valid

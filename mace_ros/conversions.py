@@ -248,8 +248,9 @@ def ik_result_from_msg(response: AdaptIK.Response) -> IKAdaptResult:
                  for s in response.solutions]
     timings = IKTimings(sampling=response.sampling_time, adaptation=response.adaptation_time,
                         refinement=response.refinement_time, total=response.total_time)
+    found = sum(s.collision_free for s in solutions) if response.success else 0
     return IKAdaptResult(solutions=solutions, joint_names=names, num_requested=len(solutions),
-                         valid_fraction_prior=response.valid_fraction_prior,
+                         num_found=found, valid_fraction_prior=response.valid_fraction_prior,
                          valid_fraction_adapted=response.valid_fraction_adapted,
                          iterations_run=response.iterations_run, timings=timings,
                          message=response.message)

@@ -203,7 +203,7 @@ def make_result(k: int = 3) -> IKAdaptResult:
                        orientation_error=0.0, collision_free=i < k - 1, clearance=0.01)
             for i in range(k)]
     return IKAdaptResult(solutions=sols, joint_names=list(PANDA_JOINTS), num_requested=k,
-                         valid_fraction_prior=0.25, valid_fraction_adapted=0.75,
+                         num_found=k - 1, valid_fraction_prior=0.25, valid_fraction_adapted=0.75,
                          iterations_run=7, timings=IKTimings(0.1, 0.2, 0.3, 0.65),
                          message="found 2 of 3")
 

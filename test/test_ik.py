@@ -13,11 +13,13 @@ from mace_core.scenes import Obstacle, load_scene
 from mace_core.tensor import TensorSpec
 
 MODELS = "models"
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture(scope="module")
-def adapter():
-    return IKAdapter.from_models(MODELS, "panda_ik", IKAdaptConfig(), TensorSpec.resolve("cpu"))
+@pytest.fixture(scope="module", params=DEVICES)
+def adapter(request):
+    return IKAdapter.from_models(MODELS, "panda_ik", IKAdaptConfig(),
+                                 TensorSpec.resolve(request.param))
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +145,27 @@ def test_prior_only_mode_runs_no_iteration(adapter, wall):
     result = adapter.solve(request_in(wall, iterations=0, num_solutions=2, seed=2))
     assert result.iterations_run == 0
     assert result.valid_fraction_adapted == result.valid_fraction_prior
+
+
+def test_no_valid_sample_gives_an_empty_answer(adapter):
+    """A box around the whole robot: every sample collides; an empty answer, not an error."""
+    cage = Obstacle(name="cage", kind="box", size=(3.0, 3.0, 3.0), position=(0.0, 0.0, 0.0))
+    result = adapter.solve(IKRequest(position=np.array([0.5, 0.0, 0.4]), obstacles=[cage],
+                                     iterations=0, refinement="none", num_solutions=4, seed=0))
+    assert not result.success and result.solutions == []
+    assert result.valid_fraction_prior == 0.0 and "found 0 of 4" in result.message
+
+
+def test_unreached_target_is_no_success(adapter):
+    """The hand cannot reach a target inside a block: refinement fails, and the collision-free
+    samples returned as best effort do not count as solutions."""
+    block = Obstacle(name="block", kind="box", size=(0.3, 0.3, 0.3), position=(0.5, 0.0, 0.4))
+    result = adapter.solve(IKRequest(position=np.array([0.5, 0.0, 0.4]), obstacles=[block],
+                                     iterations=0, num_solutions=4, time_budget_s=0.3, seed=0))
+    assert not result.success and result.num_found == 0
+    assert all(s.position_error > IKAdaptConfig().refinement.position_tolerance
+               for s in result.solutions)
+    assert "found 0 of 4" in result.message and "do not reach" in result.message
 
 
 def test_same_seed_same_answer(adapter, wall):
