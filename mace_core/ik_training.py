@@ -36,6 +36,10 @@ class IKTrainingConfig:
     seed: int = 0  #: seeds data generation and training
     workers: int = 2  #: processes for PyBullet data generation
     threads: int = 1  #: torch threads for training (one beats two on a busy 2-core machine)
+    device: str = "cpu"  #: where the training runs (data generation and evaluation: the CPU)
+    #: wall-clock cap of the training, min (0: none); the step size then decays with the larger
+    #: of the step and the time progress, so a capped run still ends at the small step size
+    time_limit_min: float = 0.0
 
 
 _WORKER_ROBOT: tuple[int, int] | None = None
@@ -88,35 +92,49 @@ def train_ik_prior(q: torch.Tensor, p: torch.Tensor, cfg: IKTrainingConfig, spec
     """
     torch.manual_seed(cfg.seed)
     kin = RobotKinematics.panda(spec)
+    q, p = spec.tensor(q), spec.tensor(p)
     n_hold = max(1, int(len(q) * cfg.holdout_fraction))
     perm = torch.randperm(len(q), generator=torch.Generator().manual_seed(cfg.seed))
-    hold, train = perm[:n_hold], perm[n_hold:]
+    hold, train = perm[:n_hold].to(spec.device), perm[n_hold:].to(spec.device)
     prior = ARGMMPrior(arch, spec)
     prior.set_normalization(kin.lower, kin.upper, p[train].mean(0), p[train].std(0))
     if init is not None:
         prior.load_state_dict(init.state_dict())
     opt = torch.optim.Adam(prior.parameters(), lr=cfg.learning_rate, fused=True)
     steps = cfg.epochs * math.ceil(len(train) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    limit_s = cfg.time_limit_min * 60 or math.inf
     start = time.perf_counter()
+    done, epochs_run = 0, 0.0
     for epoch in range(cfg.epochs):
-        order = train[torch.randperm(len(train))]
-        total = 0.0
+        order = train[torch.randperm(len(train), device=spec.device)]
+        total, seen = 0.0, 0
         for step, idx in enumerate(order.split(cfg.batch_size)):
+            elapsed = time.perf_counter() - start
+            if elapsed > limit_s:
+                break
+            progress = max(done / steps, elapsed / limit_s)
+            lr = cfg.learning_rate * (0.01 + 0.495 * (1 + math.cos(math.pi * progress)))
+            for group in opt.param_groups:
+                group["lr"] = lr
             if step % 200 == 0:
-                log(f"    epoch {epoch + 1} step {step} ({time.perf_counter() - start:.0f} s)")
+                log(f"    epoch {epoch + 1} step {step} ({elapsed:.0f} s)")
             loss = -prior.log_prob(q[idx], p[idx]).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            done += 1
             total += float(loss.detach()) * len(idx)
+            seen += len(idx)
+        epochs_run += seen / len(train)
         with torch.no_grad():
             nll = -prior.log_prob(q[hold], p[hold]).mean().item()
-        log(f"  epoch {epoch + 1}/{cfg.epochs}: train NLL {total / len(train):.3f}, "
+        log(f"  epoch {epoch + 1}/{cfg.epochs}: train NLL {total / max(seen, 1):.3f}, "
             f"held-out NLL {nll:.3f} ({time.perf_counter() - start:.0f} s)")
+        if seen < len(train):
+            log(f"  time limit of {cfg.time_limit_min} min reached after {epochs_run:.2f} epochs")
+            break
     figures = {"heldout_nll": nll, "train_time_s": time.perf_counter() - start,
+               "epochs_run": round(epochs_run, 3),
                "heldout_size": int(n_hold), "train_size": int(len(train))}
     return prior, figures
 
@@ -152,8 +170,8 @@ self-collision by PyBullet's exact mesh checks ({free_rate:.3f} of uniform sampl
 pybullet_data `franka_panda/panda.urdf`, fingers open at 0.04 m |
 | split | {train_size:,} training / {heldout_size:,} held out |
 | data generation | {data_time_s:.0f} s ({workers} processes) |
-| training | {stages_table} total {train_time_s:.0f} s of training on a 2-core machine \
-shared with other jobs |
+| training | {stages_table} total {train_time_s:.0f} s of training (on the stage's \
+`--device`; `cpu`: a 2-core machine shared with other jobs) |
 | held-out negative log-likelihood | {heldout_nll:.3f} nats per configuration \
 (joint angles in rad) |
 | raw samples at held-out positions ({eval_samples:,}) | mean end-effector error \
@@ -161,9 +179,10 @@ shared with other jobs |
 {within_limits_fraction:.3f}; free of self-collision {self_collision_free_fraction:.3f}; both \
 {valid_fraction:.3f} |
 
-The paper used 10M samples and a GPU; this prior is trained on what a 2-core CPU does in \
-about forty minutes. Reproduce with the commands above, in order (same seed, same data;
-each stage continues from the weights the previous one wrote).
+The paper used 10M samples and a GPU. A stage's command names the device it trained on \
+(`--device`; a stage without it ran on the CPU). Reproduce with the commands above, in order \
+(same seed; each stage continues from the weights the previous one wrote, and generates its \
+own `--samples` unless `--data-cache` holds them).
 """
 
 
@@ -195,12 +214,13 @@ def main_ik(argv: list[str] | None = None) -> int:
         if args.init_from:
             init = load_ik_prior(args.init_from, spec)
             history = _training_history(args.init_from)
-        prior, figures = train_ik_prior(q, p, cfg, spec, init=init)
+        prior, figures = train_ik_prior(q, p, cfg, TensorSpec.resolve(cfg.device), init=init)
         figures.update(free_rate=free_rate, data_time_s=data_time, samples=len(q),
                        stages=history + [dict(asdict(cfg), heldout_nll=figures["heldout_nll"],
-                                              train_time_s=figures["train_time_s"])])
+                                              train_time_s=figures["train_time_s"],
+                                              epochs_run=figures["epochs_run"])])
         figures["train_time_s"] = sum(s["train_time_s"] for s in figures["stages"])
-        figures["epochs_total"] = sum(s["epochs"] for s in figures["stages"])
+        figures["epochs_total"] = sum(s.get("epochs_run", s["epochs"]) for s in figures["stages"])
         save_ik_prior(prior, path, metadata={"training": json.dumps(dict(asdict(cfg),
                                                                          **figures))})
         print(f"wrote {path} ({time.perf_counter() - start:.0f} s)")
@@ -226,7 +246,8 @@ def main_ik(argv: list[str] | None = None) -> int:
             if name in stage)
         if k > 0:
             cmd += f" --init-from {args.models_dir}/{args.name}.safetensors"
-        rows.append(f"stage {k + 1}: `{cmd}` ({stage['epochs']} epochs, Adam lr "
+        epochs = stage.get("epochs_run", stage["epochs"])
+        rows.append(f"stage {k + 1}: `{cmd}` ({epochs} epochs, Adam lr "
                     f"{stage['learning_rate']} cosine-decayed, {stage['train_time_s']:.0f} s, "
                     f"held-out NLL {stage['heldout_nll']:.3f});")
     with open(os.path.join(args.models_dir, f"{args.name}.md"), "w") as f:

@@ -48,6 +48,7 @@ class ShapeTrainingConfig:
     time_limit_s: float = 900.0  #: wall-clock cap of the run, s
     seed: int = 0  #: seed of data and initialisation
     threads: int = 1  #: torch intra-op threads
+    device: str = "cpu"  #: where the training runs: cpu, cuda[:N] or auto
     #: training draws the latent prior is fitted to after training (0: keep N(0, σ_z² I))
     fit_shapes: int = 4096
 
@@ -223,6 +224,8 @@ def _model_card(entry: ShapePriorEntry, cfg: ShapeTrainingConfig, report: ShapeT
                 f"rotation about z. {report.num_train} for training; held out "
                 f"({report.num_eval}, every 10th random_urdfs mesh): {held}.")
     rms = math.sqrt(report.held_out_cd_native / 2)
+    where = (f"{cfg.threads} CPU thread(s) of a shared 2-core machine" if cfg.device == "cpu"
+             else f"device `{cfg.device}`")
     return f"""# Shape prior `{entry.name}`
 
 Point-cloud VAE (PointNet encoder, fully connected decoder; Krupnik et al. 2023, App. A/C),
@@ -249,8 +252,8 @@ Command: `{command}`
 Adam lr {cfg.learning_rate} (cosine to 10 %), batch {cfg.batch_size}, β_rec {cfg.beta_rec}, \
 β_KL {cfg.beta_kl}, Chamfer loss of all decoded points against {cfg.loss_points} data points, \
 seed {cfg.seed}, \
-{cfg.threads} CPU thread(s). {report.steps} steps in {report.wall_time_s:.0f} s wall time \
-(shared 2-core CPU). Final loss (mean of last 50 steps) {report.final_loss:.3f}.
+{where}. {report.steps} steps in {report.wall_time_s:.0f} s wall time. Final loss (mean of last \
+50 steps) {report.final_loss:.3f}.
 
 ## Held-out reconstruction
 Chamfer distance of decode(μ(x)) to x over {report.num_eval} held-out shapes:
@@ -292,7 +295,7 @@ def main_shape(argv: list[str] | None = None) -> int:
     p.add_argument("--time-limit-min", type=float, default=d.time_limit_s / 60)
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=d.device, help="auto|cpu|cuda[:N]")
     p.add_argument("--init", default=None, help="safetensors weights to start from")
     p.add_argument("--fit-shapes", type=int, default=d.fit_shapes,
                    help="training draws to fit the latent prior to (0: keep N(0, σ_z² I))")
@@ -309,8 +312,8 @@ def main_shape(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size, learning_rate=args.lr, beta_rec=args.beta_rec,
         beta_kl=args.beta_kl, loss_points=args.loss_points, num_shapes=args.num_shapes,
         held_out=args.held_out, time_limit_s=args.time_limit_min * 60, seed=args.seed,
-        threads=args.threads, fit_shapes=args.fit_shapes)
-    spec = TensorSpec.resolve(args.device)
+        threads=args.threads, device=args.device, fit_shapes=args.fit_shapes)
+    spec = TensorSpec.resolve(cfg.device)
     init = Path(args.init).resolve() if args.init else None
     vae, report = train_shape_prior(entry, cfg, Path(args.data_dir), spec, init=init)
     out_dir = Path(args.registry).parent

@@ -100,3 +100,30 @@ def test_weights_round_trip_and_bad_files(tmp_path):
     corrupt.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ModelLoadError, match="corrupt"):
         load_ik_prior(str(corrupt), SPEC)
+
+
+@pytest.mark.parametrize("time_limit_min", [0.0, 1e-9])
+def test_training_lowers_the_held_out_nll_and_honours_its_time_limit(time_limit_min):
+    """``train_ik_prior`` on Panda configurations: the held-out NLL falls below the untrained
+    prior's; a time limit ends the run early, after less than one epoch."""
+    from mace_core.ik_training import IKTrainingConfig, train_ik_prior
+    from mace_core.kinematics import RobotKinematics
+
+    kin = RobotKinematics.panda(SPEC)
+    q = kin.sample_uniform(4000, SPEC.generator(0))
+    p = kin.ee_position(q)
+    arch = ARGMMConfig(hidden=32, layers=2)
+    cfg = IKTrainingConfig(samples=4000, epochs=3, batch_size=256, learning_rate=3e-3,
+                           holdout_fraction=0.1, time_limit_min=time_limit_min)
+    torch.manual_seed(cfg.seed)
+    untrained = ARGMMPrior(arch, SPEC)
+    untrained.set_normalization(kin.lower, kin.upper, p.mean(0), p.std(0))
+    prior, figures = train_ik_prior(q, p, cfg, SPEC, arch=arch, log=lambda _s: None)
+    assert figures["heldout_size"] == 400 and figures["train_size"] == 3600
+    if time_limit_min:
+        assert figures["epochs_run"] < 1.0
+        return
+    assert figures["epochs_run"] == 3.0
+    with torch.no_grad():
+        start_nll = -untrained.log_prob(q, p).mean().item()
+    assert figures["heldout_nll"] < start_nll - 1.0
