@@ -235,6 +235,21 @@ def test_bad_request_is_rejected_with_a_reason(ik_client, box, mutate, expected)
     assert time.monotonic() - t0 < 5.0, "a rejected request should answer at once"
 
 
+def test_target_inside_an_obstacle_is_no_success(ik_client, box):
+    """A block around the target: nothing reaches it; the answer says so, and lists no
+    best-effort entry as a solution."""
+    from mace_core.scenes import Obstacle
+
+    scene, target = box
+    block = Obstacle(name="block", kind="box", size=(0.3, 0.3, 0.3),
+                     position=tuple(float(v) for v in target))
+    response = ik_client.call(box_request(box, obstacles=[block], iterations=0,
+                                          time_budget_s=0.3), timeout_s=30.0)
+    assert not response.success
+    assert "found 0 of 4" in response.message
+    assert all(s.position_error > 1e-4 for s in response.solutions)
+
+
 def test_node_still_serves_after_bad_requests(ik_client, box):
     response = ik_client.call(box_request(box, num_solutions=1, seed=3), timeout_s=30.0)
     assert_valid_solutions(response, box[0], box[1], 1)
