@@ -507,8 +507,8 @@ class IKAdapter:
         message = f"found {found} of {k} solutions" + (
             f" within {tol * 1e3:.2f} mm" if refining else "")
         if refining and found < len(solutions):
-            message += (f"; {len(solutions) - found} more returned that do not reach the target "
-                        "(best effort, not solutions)")
+            message += (f"; {len(solutions) - found} more returned as best effort, not "
+                        "solutions (off the target or colliding)")
         message += f" ({iters} MACE iterations, {timings.total * 1e3:.0f} ms)"
         return IKAdaptResult(solutions=solutions, joint_names=list(kin.joint_names),
                              num_requested=k, num_found=found, valid_fraction_prior=valid_prior,

@@ -165,7 +165,7 @@ def test_unreached_target_is_no_success(adapter):
     assert not result.success and result.num_found == 0
     assert all(s.position_error > IKAdaptConfig().refinement.position_tolerance
                for s in result.solutions)
-    assert "found 0 of 4" in result.message and "do not reach" in result.message
+    assert "found 0 of 4" in result.message and "not solutions" in result.message
 
 
 def test_same_seed_same_answer(adapter, wall):
