@@ -20,7 +20,7 @@ from conftest import MODELS_DIR, NodeProcess, exit_results, wait_for_service
 from mace_core.collision import PyBulletCollisionChecker
 from mace_core.ik import IKRequest
 from mace_core.kinematics import PANDA_JOINTS, RobotKinematics
-from mace_core.scenes import load_scene
+from mace_core.scenes import Obstacle, load_scene
 from mace_core.tensor import TensorSpec
 from mace_ros.client import MaceClient
 from mace_ros.conversions import ik_request_to_msg
@@ -238,8 +238,6 @@ def test_bad_request_is_rejected_with_a_reason(ik_client, box, mutate, expected)
 def test_target_inside_an_obstacle_is_no_success(ik_client, box):
     """A block around the target: nothing reaches it; the answer says so, and lists no
     best-effort entry as a solution."""
-    from mace_core.scenes import Obstacle
-
     scene, target = box
     block = Obstacle(name="block", kind="box", size=(0.3, 0.3, 0.3),
                      position=tuple(float(v) for v in target))
