@@ -457,9 +457,9 @@ class CollisionWorld:
         hit = torch.zeros(points.shape[:2], dtype=torch.bool, device=points.device)
         for kind, rows in self._rows_by_kind(index):
             k = index[rows]
-            local = torch.bmm(points[rows] - self.positions[k].unsqueeze(1),
-                              self.rotations[k])  # R^T (p - c)
-            touch = _outside_sq(*local.unbind(-1), self.dims[k].unsqueeze(1),
+            local = torch.bmm(points[rows] - self.positions.index_select(0, k).unsqueeze(1),
+                              self.rotations.index_select(0, k))  # R^T (p - c)
+            touch = _outside_sq(*local.unbind(-1), self.dims.index_select(0, k).unsqueeze(1),
                                 kind) <= radii[rows].square()
             if isinstance(rows, slice):  # one kind: every row
                 return touch
@@ -489,9 +489,11 @@ class CollisionWorld:
         depth, grad = torch.zeros_like(radii), torch.zeros_like(points)
         for kind, rows in self._rows_by_kind(index):
             k = index[rows]
-            rot = self.rotations[k]  # (n, 3, 3)
-            local = torch.bmm(points[rows] - self.positions[k].unsqueeze(1), rot)  # R^T (p - c)
-            signed, g = _signed_with_gradient(*local.unbind(-1), self.dims[k].unsqueeze(1), kind)
+            rot = self.rotations.index_select(0, k)  # (n, 3, 3)
+            local = torch.bmm(points[rows] - self.positions.index_select(0, k).unsqueeze(1),
+                              rot)  # R^T (p - c)
+            signed, g = _signed_with_gradient(*local.unbind(-1),
+                                              self.dims.index_select(0, k).unsqueeze(1), kind)
             d = ((margin + radii[rows]) - signed).clamp_min_(0.0)
             # d local_j / d p_i = R_ij
             g = torch.where((d > 0.0).unsqueeze(-1), torch.stack(g, -1), 0.0).bmm(
@@ -661,8 +663,10 @@ class SphereCollisionChecker:
                     g: torch.Tensor) -> torch.Tensor:
         """Base-frame sphere centres ``(N, m, 3)`` of groups ``g`` ``(N,)`` in configurations
         ``b``, from the flattened link frames ``(B, 12 L)``."""
-        f = frames.view(frames.shape[0], -1, 3, 4)[b, self._group_link[g]]  # (N, 3, 4)
-        return torch.baddbmm(f[:, None, :, 3], self._group_points[g], f[..., :3].transpose(1, 2))
+        links = len(self.kinematics.link_names)
+        f = frames.view(-1, 3, 4).index_select(0, b * links + self._group_link.index_select(0, g))
+        return torch.baddbmm(f[:, None, :, 3], self._group_points.index_select(0, g),
+                             f[..., :3].transpose(1, 2))  # (N, m, 3)
 
     def _table_hits(self, q: torch.Tensor) -> torch.Tensor:
         """``(B,)`` bool: a pair answered by a table may touch (True outside a table's range)."""
@@ -700,8 +704,9 @@ class SphereCollisionChecker:
         k, g, b = self._world_candidates(centers, world)
         if b.numel() == 0:
             return hit
-        touch = world.pair_overlaps(self._spheres_of(frames, b, g), self._group_radii[g], k)
-        touch = (touch & self._group_valid[g]).any(1)
+        touch = world.pair_overlaps(self._spheres_of(frames, b, g),
+                                    self._group_radii.index_select(0, g), k)
+        touch = (touch & self._group_valid.index_select(0, g)).any(1)
         hit[b[touch]] = True
         return hit
 
@@ -742,10 +747,11 @@ class SphereCollisionChecker:
             k, g, b = self._world_candidates(self._group_centers(frames), world, margin)
             if b.numel():
                 pos = self._spheres_of(frames, b, g)  # (n, m, 3) sphere centres
-                depth, grad = world.pair_penetration(pos, self._group_pen_radii[g], k, margin)
+                depth, grad = world.pair_penetration(
+                    pos, self._group_pen_radii.index_select(0, g), k, margin)
                 cost.index_add_(0, b, depth.sum(1))
                 per_group = torch.cat([grad.sum(1), torch.cross(pos, grad, dim=-1).sum(1)], -1)
-                wrench.index_add_(0, b * links + self._group_link[g], per_group)
+                wrench.index_add_(0, b * links + self._group_link.index_select(0, g), per_group)
         return cost, wrench.view(batch, links, 6)
 
     @torch.no_grad()

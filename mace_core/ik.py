@@ -66,7 +66,9 @@ class IKAdaptConfig:
     num_solutions: int = 8  #: K, solutions returned
     time_budget_s: float = 1.0  #: s for the whole request
     refinement_mode: str = "dls"  #: one of ``REFINEMENTS``
-    first_samples: int = 64  #: prior samples of the first refinement round (the fast path)
+    #: prior samples of the first refinement round (the fast path); with no more than
+    #: ``refine_seeds`` of them every one is a seed, with no selection to pay for
+    first_samples: int = 48
     refine_seeds: int = 48  #: candidates refined per round (fewer second rounds than 32)
     #: a request is in clutter when fewer than this share of the first batch is valid; its
     #: rounds then draw ``clutter_samples`` and refine ``clutter_seeds``: the nearest of a
@@ -130,6 +132,7 @@ class IKAdaptConfig:
         except InvalidRequestError as exc:
             raise InvalidRequestError(f"mace.{exc}") from exc
         check(ref.max_iterations >= 1, "refinement.max_iterations", ">= 1", ref.max_iterations)
+        check(ref.corrections >= 0, "refinement.corrections", ">= 0", ref.corrections)
         for name in ("damping", "max_step", "position_tolerance", "orientation_weight",
                      "tracik_timeout"):
             value = getattr(ref, name)
@@ -551,9 +554,12 @@ class IKAdapter:
         for the 4 x refine_seeds nearest only, where a candidate known to collide
         (``scores <= 0``) ranks as if 0.1 m farther; the best 2 x refine_seeds are then spread
         out greedily (max-min joint distance), from the best. With at most 2 x refine_seeds
-        candidates (the fast path's first batch) the spreading keeps all of them in play, so the
-        penetration ranking, which would only pick the first, is skipped.
+        candidates the spreading keeps all of them in play, so the penetration ranking, which
+        would only pick the first, is skipped; with at most refine_seeds (the fast path's first
+        batch) every candidate is a seed.
         """
+        if cand_q.shape[0] <= cfg.refine_seeds:  # every candidate is a seed
+            return cand_q
         with torch.no_grad():
             poses = self.kin.link_poses(cand_q)
             dist = (poses[:, self.kin.ee_index, :3, 3] - target.position).norm(dim=-1)

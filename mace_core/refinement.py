@@ -34,6 +34,9 @@ class RefinementConfig:
     orientation_weight: float = 0.2  #: m per rad when orientation is asked for
     tracik_timeout: float = 0.005  #: s per TRAC-IK call (MoveIt's default attempt time)
     avoidance_gain: float = 0.5  #: β of the null-space step that pushes links out of obstacles
+    #: plain DLS steps (no collision term) after each step that has one: the null-space move is
+    #: first order, and these take the hand back to the target before the next collision test
+    corrections: int = 1
 
 
 @dataclass
@@ -97,11 +100,43 @@ class DLSRefiner:
         self.kin = kin
         self.config = config
 
+    def _task(self, q: torch.Tensor, target: IKTarget
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Link poses ``(B, L, 4, 4)``, task error ``(B, m)``, task Jacobian ``(B, m, 7)``, error
+        norm ``(B,)`` and converged flags ``(B,)`` of ``q (B, 7)`` (m = 3, or 6 with a
+        rotation, its rows weighted by ``orientation_weight``)."""
+        cfg, kin = self.config, self.kin
+        poses = kin.link_poses(q)
+        ee = poses[:, kin.ee_index]
+        err = target.position - ee[:, :3, 3]  # (B, 3)
+        jac = kin.jacobian(q, poses)  # (B, 6, 7)
+        norm = err.norm(dim=-1)
+        done = norm < 0.1 * cfg.position_tolerance
+        if target.rotation is None:
+            return poses, err, jac[:, :3], norm, done
+        rel = target.rotation @ ee[:, :3, :3].transpose(1, 2)
+        w = torch.stack([rel[:, 2, 1] - rel[:, 1, 2], rel[:, 0, 2] - rel[:, 2, 0],
+                         rel[:, 1, 0] - rel[:, 0, 1]], -1) * 0.5
+        err = torch.cat([err, cfg.orientation_weight * w], -1)
+        jac = torch.cat([jac[:, :3], cfg.orientation_weight * jac[:, 3:]], 1)
+        return poses, err, jac, err.norm(dim=-1), done & (w.norm(dim=-1) < 1e-4)
+
+    def _step(self, q: torch.Tensor, dq: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor:
+        """``q + dq`` with the largest joint change cut to ``max_step``, within the joint limits;
+        rows flagged ``frozen (B,)`` stay."""
+        scale = (self.config.max_step / dq.abs().amax(-1, keepdim=True).clamp_min(1e-12)).clamp(
+            max=1.0)
+        return torch.where(frozen.unsqueeze(-1), q,
+                           (q + dq * scale).clamp(self.kin.lower, self.kin.upper))
+
     def refine(self, q0: torch.Tensor, target: IKTarget,
                penalty: PenaltyFn | None = None, deadline: float | None = None,
                needed: int | None = None) -> torch.Tensor:
         """At most ``max_iterations`` DLS steps on ``q0 (B, 7)``; converged rows stop moving.
 
+        With a ``penalty``, each step that descends it is followed by ``corrections`` plain DLS
+        steps, so that the next test of convergence and collision sees the hand back on the
+        target (Newton's quadratic convergence instead of the drift the avoidance adds).
         No step starts after ``deadline`` (a ``time.perf_counter()`` value); the loop ends once
         ``needed`` rows have converged clear of obstacles."""
         cfg, kin = self.config, self.kin
@@ -111,22 +146,7 @@ class DLSRefiner:
             for it in range(cfg.max_iterations):
                 if deadline is not None and time.perf_counter() >= deadline:
                     break
-                poses = kin.link_poses(q)
-                ee = poses[:, kin.ee_index]
-                err = target.position - ee[:, :3, 3]  # (B, 3)
-                jac = kin.jacobian(q, poses)  # (B, 6, 7)
-                norm = err.norm(dim=-1)
-                done = norm < 0.1 * cfg.position_tolerance
-                if target.rotation is not None:
-                    rel = target.rotation @ ee[:, :3, :3].transpose(1, 2)
-                    w = torch.stack([rel[:, 2, 1] - rel[:, 1, 2], rel[:, 0, 2] - rel[:, 2, 0],
-                                     rel[:, 1, 0] - rel[:, 0, 1]], -1) * 0.5
-                    err = torch.cat([err, cfg.orientation_weight * w], -1)
-                    jac = torch.cat([jac[:, :3], cfg.orientation_weight * jac[:, 3:]], 1)
-                    norm = err.norm(dim=-1)
-                    done = done & (w.norm(dim=-1) < 1e-4)
-                else:
-                    jac = jac[:, :3]
+                poses, err, jac, norm, done = self._task(q, target)
                 grad = None
                 if penalty is not None:
                     cost, grad = penalty(q, poses)
@@ -143,10 +163,11 @@ class DLSRefiner:
                     rhs = torch.stack([err, (jac @ grad.unsqueeze(-1)).squeeze(-1)], -1)
                     steps = damped_least_squares(jac, rhs, cfg.damping)  # (B, 7, 2)
                     dq = steps[..., 0] - cfg.avoidance_gain * (grad - steps[..., 1])
-                scale = (cfg.max_step / dq.abs().amax(-1, keepdim=True).clamp_min(1e-12)).clamp(
-                    max=1.0)
-                q = torch.where(done.unsqueeze(-1), q, (q + dq * scale).clamp(kin.lower,
-                                                                              kin.upper))
+                q = self._step(q, dq, done)
+                for _ in range(cfg.corrections if grad is not None else 0):
+                    _, err, jac, _, _ = self._task(q, target)
+                    dq = damped_least_squares(jac, err.unsqueeze(-1), cfg.damping).squeeze(-1)
+                    q = self._step(q, dq, done)
         return q
 
 
