@@ -134,15 +134,19 @@ class DLSRefiner:
                needed: int | None = None) -> torch.Tensor:
         """At most ``max_iterations`` DLS steps on ``q0 (B, 7)``; converged rows stop moving.
 
-        With a ``penalty``, each step that descends it is followed by ``corrections`` plain DLS
-        steps, so that the next test of convergence and collision sees the hand back on the
-        target (Newton's quadratic convergence instead of the drift the avoidance adds).
+        With a ``penalty``, each step that descends it is followed (and the first is preceded)
+        by ``corrections`` plain DLS steps, so that the next test of convergence and collision
+        sees the hand back on the target (Newton's quadratic convergence instead of the drift
+        the avoidance adds).
         No step starts after ``deadline`` (a ``time.perf_counter()`` value); the loop ends once
         ``needed`` rows have converged clear of obstacles."""
         cfg, kin = self.config, self.kin
         q = q0.clone().clamp(kin.lower, kin.upper)
         prev = torch.full(q.shape[:1], math.inf, dtype=q.dtype, device=q.device)
         with torch.no_grad():
+            if penalty is not None:  # seeds centimetres off: the first collision test is
+                # worth more once they are near the target
+                q = self._correct(q, target, torch.zeros_like(prev, dtype=torch.bool))
             for it in range(cfg.max_iterations):
                 if deadline is not None and time.perf_counter() >= deadline:
                     break
@@ -164,10 +168,16 @@ class DLSRefiner:
                     steps = damped_least_squares(jac, rhs, cfg.damping)  # (B, 7, 2)
                     dq = steps[..., 0] - cfg.avoidance_gain * (grad - steps[..., 1])
                 q = self._step(q, dq, done)
-                for _ in range(cfg.corrections if grad is not None else 0):
-                    _, err, jac, _, _ = self._task(q, target)
-                    dq = damped_least_squares(jac, err.unsqueeze(-1), cfg.damping).squeeze(-1)
-                    q = self._step(q, dq, done)
+                if grad is not None:
+                    q = self._correct(q, target, done)
+        return q
+
+    def _correct(self, q: torch.Tensor, target: IKTarget, frozen: torch.Tensor) -> torch.Tensor:
+        """``corrections`` plain DLS steps on ``q (B, 7)`` (rows flagged ``frozen`` stay)."""
+        for _ in range(self.config.corrections):
+            _, err, jac, _, _ = self._task(q, target)
+            dq = damped_least_squares(jac, err.unsqueeze(-1), self.config.damping).squeeze(-1)
+            q = self._step(q, dq, frozen)
         return q
 
 
