@@ -49,6 +49,20 @@ def test_bench_shape_cli_writes_the_report(tmp_path, capsys):
     assert {"chamfer_ratio_mace_to_prior", "time_ok"} <= set(report["targets"]["top_cut"])
 
 
+def test_a_subset_of_modes_sees_what_a_full_run_sees(tmp_path):
+    """Observations and draws are seeded per mode, not by the mode's place in ``--modes``."""
+    rows = {}
+    for name, modes in (("all", ",".join(MODES["boxes"])), ("one", "grasp")):
+        path = tmp_path / f"{name}.json"
+        assert bench.main(["shape", "--prior", "boxes", "--cases", "1", "-k", "2", "--methods",
+                           "prior,prior_best", "--modes", modes, "--seed", "3", "--no-warmup",
+                           "--json", str(path)]) == 0
+        rows[name] = {c["mode"]: c for c in json.loads(path.read_text())["cases"]}
+    for method in ("prior", "prior_best"):
+        assert (rows["one"]["grasp"]["methods"][method]["chamfer_to_truth"]
+                == rows["all"]["grasp"]["methods"][method]["chamfer_to_truth"])
+
+
 def test_bench_shape_rejects_an_unknown_mode(capsys):
     assert bench.main(["shape", "--prior", "boxes", "--modes", "view", "--no-warmup"]) == 2
     assert "modes ['view'] unknown for 'boxes'" in capsys.readouterr().err
