@@ -34,8 +34,9 @@ class RefinementConfig:
     orientation_weight: float = 0.2  #: m per rad when orientation is asked for
     tracik_timeout: float = 0.005  #: s per TRAC-IK call (MoveIt's default attempt time)
     avoidance_gain: float = 0.5  #: β of the null-space step that pushes links out of obstacles
-    #: plain DLS steps (no collision term) after each step that has one: the null-space move is
-    #: first order, and these take the hand back to the target before the next collision test
+    #: plain DLS steps (no collision term) after each step that has one, and before the first:
+    #: the null-space move is first order, and these take the hand back to the target before
+    #: the next collision test
     corrections: int = 1
 
 
