@@ -542,6 +542,9 @@ class SphereCollisionChecker:
         self._radii = spec.tensor(spheres.radii)  # (S,)
         world = [k for k, n in enumerate(spheres.links) if n != kinematics.base_link]
         self._world_spheres = torch.tensor(world, device=spec.device, dtype=torch.long)
+        self._world_sphere_plan = self._gather_plan([index[spheres.links[k]] for k in world],
+                                                    spheres.centers[world])
+        self._world_radii = self._radii.index_select(0, self._world_spheres)  # (Sw,)
         skip = {frozenset(p) for p in spheres.never_colliding}
         skip |= {frozenset(p) for t in spheres.tables for p in t.pairs}
         #: link pairs whose spheres are tested for self-collision
@@ -593,16 +596,7 @@ class SphereCollisionChecker:
         pairs = [(a, b) for a, b in combinations(range(len(groups)), 2)
                  if frozenset((groups[a][0], groups[b][0])) in allowed]
         ab = torch.tensor(pairs, device=spec.device, dtype=torch.long).reshape(-1, 2)
-        # Group centre coordinate i of group g = sum_j frame[12 l + 4 i + j] * [c, 1]_j: the rows
-        # of the flattened (12 L, B) frames to gather, and their weights: (3, G, 4) each.
-        rows = np.zeros((3, len(groups), 4), dtype=np.int64)
-        weights = np.ones((3, len(groups), 4))
-        for g, lk in enumerate(links):
-            for i in range(3):
-                rows[i, g] = 12 * lk + 4 * i + np.arange(4)
-                weights[i, g, :3] = g_center[g]
-        self._center_rows = torch.tensor(rows.reshape(-1), device=spec.device)
-        self._center_weights = spec.tensor(weights).unsqueeze(-1)  # (3, G, 4, 1)
+        self._center_plan = self._gather_plan(links, g_center)
         self._pair_a, self._pair_b = ab[:, 0], ab[:, 1]
         # (P, m, m) squared contact distances of the spheres of each pair; -1 for padding slots
         reach = radii[ab[:, 0].cpu().numpy(), :, None] + radii[ab[:, 1].cpu().numpy(), None, :]
@@ -653,11 +647,32 @@ class SphereCollisionChecker:
         frames = frames[:, self._sphere_link]  # (B, S, 3, 4)
         return (frames[..., :3] @ self._centers.unsqueeze(-1)).squeeze(-1) + frames[..., 3]
 
+    def _gather_plan(self, links: Sequence[int], points: np.ndarray
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """How :meth:`_points` places ``points (P, 3)``, fixed in the frames of ``links (P,)``:
+        coordinate i of point p is Σ_j frame[12 l + 4 i + j] [c, 1]_j, so the rows of the
+        flattened frames ``(12 L, B)`` to gather ``(3 P 4,)`` and their weights
+        ``(3, P, 4, 1)``."""
+        rows = np.zeros((3, len(links), 4), dtype=np.int64)
+        weights = np.ones((3, len(links), 4))
+        for p, lk in enumerate(links):
+            for i in range(3):
+                rows[i, p] = 12 * lk + 4 * i + np.arange(4)
+                weights[i, p, :3] = points[p]
+        return (torch.tensor(rows.reshape(-1), device=self.spec.device),
+                self.spec.tensor(weights).unsqueeze(-1))
+
+    @staticmethod
+    def _points(frames: torch.Tensor, plan: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Base-frame positions of the points of a :meth:`_gather_plan`, batch last:
+        ``(3, P, B)`` m, from the flattened link frames ``(B, 12 L)``."""
+        rows, weights = plan
+        picked = frames.T.contiguous().index_select(0, rows)  # (3 P 4, B)
+        return picked.view(3, -1, 4, frames.shape[0]).mul_(weights).sum(2)
+
     def _group_centers(self, frames: torch.Tensor) -> torch.Tensor:
         """Group bounding-sphere centres, batch last: ``(3, G, B)`` m."""
-        rows = frames.T.contiguous().index_select(0, self._center_rows)  # (3 G 4, B)
-        picked = rows.view(3, -1, 4, frames.shape[0])  # (3, G, 4, B)
-        return picked.mul_(self._center_weights).sum(2)
+        return self._points(frames, self._center_plan)
 
     def _spheres_of(self, frames: torch.Tensor, b: torch.Tensor,
                     g: torch.Tensor) -> torch.Tensor:
@@ -791,12 +806,13 @@ class SphereCollisionChecker:
 
         A lower bound of the distance between PyBullet's collision shapes and the obstacles.
         """
-        x = self.sphere_positions(q, poses)
+        q = self._check(q)
+        batch = q.shape[0]
         if len(world) == 0:
-            return torch.full((x.shape[0],), float("inf"), device=x.device, dtype=x.dtype)
-        pts = x[:, self._world_spheres].reshape(-1, 3)
-        radii = self._radii[self._world_spheres].repeat(x.shape[0])
-        return world._signed_kn(pts, radii).amin(0).view(x.shape[0], -1).amin(1)
+            return torch.full((batch,), float("inf"), device=q.device, dtype=q.dtype)
+        x = self._points(self._frames(q, poses), self._world_sphere_plan)  # (3, Sw, B)
+        radii = self._world_radii.repeat_interleave(batch)
+        return world._signed_kn(x.reshape(3, -1).T, radii).view(-1, batch).amin(0)
 
 
 # ----------------------------------------------------------------------------------------------

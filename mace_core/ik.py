@@ -336,6 +336,7 @@ class IKAdapter:
         self._last_position: torch.Tensor | None = None  # (3,) target of the last solve()
         self._adapted = False  # whether the prior's weights differ from the pretrained ones
         self._moves = kin.ancestor_mask(list(kin.link_names))  # (J, L): joint j moves link l
+        self._world: tuple[tuple[Obstacle, ...], CollisionWorld] | None = None  # the last scene
 
     @classmethod
     def from_models(cls, models_dir: str, model_name: str, config: IKAdaptConfig,
@@ -406,13 +407,26 @@ class IKAdapter:
                                       f"got {len(request.obstacles)}")
         # each obstacle is validated where it is tensorized (CollisionWorld.from_obstacles)
 
+    def _world_of(self, obstacles: list[Obstacle]) -> CollisionWorld:
+        """The obstacles validated and tensorized; the last request's world when they are the
+        same (a planning pipeline asks for many targets in one scene: 0.3 ms per obstacle
+        list saved)."""
+        key = tuple(obstacles)
+        try:
+            same = self._world is not None and self._world[0] == key
+        except (TypeError, ValueError):  # fields given as arrays: no cheap comparison
+            same = False
+        if not same:
+            self._world = (key, CollisionWorld.from_obstacles(key, self.spec))
+        return self._world[1]
+
     def solve(self, request: IKRequest) -> IKAdaptResult:
         """Answer one request; raises InvalidRequestError on bad input."""
         t0 = time.perf_counter()
         cfg = self.effective_config(request)
         spec, kin = self.spec, self.kin
         deadline = t0 + cfg.time_budget_s
-        world = CollisionWorld.from_obstacles(request.obstacles, spec)
+        world = self._world_of(request.obstacles)
         target = IKTarget(
             position=spec.tensor(request.position),
             rotation=None if request.rotation is None else spec.tensor(request.rotation),
@@ -438,7 +452,7 @@ class IKAdapter:
         def fresh_batch(n: int, scored: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
             """``n`` new samples ``(n, 7)`` of the model as it is now, with scores if asked."""
             t = time.perf_counter()
-            with torch.no_grad():
+            with torch.inference_mode():  # cheaper than no_grad with the weights' views
                 batch = model.sample(n, generator)
                 scores = score(batch) if scored else None
             timings.sampling += time.perf_counter() - t
@@ -487,20 +501,21 @@ class IKAdapter:
         timings.adaptation = time.perf_counter() - t1 - (timings.refinement - refine_before)
         while refining and not done and rounds.time_for_another():
             done = rounds.run(*fresh_batch(cfg.mace.num_samples, scored=False))
-        if refining and rounds.accepted.shape[0] > 0:
-            accepted = rounds.accepted  # the last round may overshoot K: keep K spread out
-            solutions = self._describe(accepted[farthest_point_order(accepted,
-                                                                     cfg.num_solutions)],
-                                       target, world, known_valid=True)
-        else:  # nothing refined to a valid solution (or no refinement): the best samples as is
-            order = torch.argsort(cand_s, descending=True)
-            if not refining:
-                cand_q = cand_q[order][cand_s[order] > 0]
-                cand_q = cand_q[farthest_point_order(cand_q, cfg.num_solutions)] \
-                    if cand_q.shape[0] else cand_q
-            else:
-                cand_q = cand_q[order]
-            solutions = self._describe(cand_q[:cfg.num_solutions], target, world)
+        with torch.inference_mode():
+            if refining and rounds.accepted.shape[0] > 0:
+                accepted = rounds.accepted  # the last round may overshoot K: keep K spread out
+                solutions = self._describe(accepted[farthest_point_order(accepted,
+                                                                         cfg.num_solutions)],
+                                           target, world, known_valid=True)
+            else:  # nothing refined to a valid solution (or no refinement): the best samples
+                order = torch.argsort(cand_s, descending=True)
+                if not refining:
+                    cand_q = cand_q[order][cand_s[order] > 0]
+                    cand_q = cand_q[farthest_point_order(cand_q, cfg.num_solutions)] \
+                        if cand_q.shape[0] else cand_q
+                else:
+                    cand_q = cand_q[order]
+                solutions = self._describe(cand_q[:cfg.num_solutions], target, world)
         solutions = solutions[:cfg.num_solutions]
         timings.total = time.perf_counter() - t0
         k = cfg.num_solutions
@@ -562,7 +577,8 @@ class IKAdapter:
             return cand_q
         with torch.no_grad():
             poses = self.kin.link_poses(cand_q)
-            dist = (poses[:, self.kin.ee_index, :3, 3] - target.position).norm(dim=-1)
+            dist = torch.linalg.vector_norm(poses[:, self.kin.ee_index, :3, 3] - target.position,
+                                            dim=-1)
             rank = dist if scores is None else dist + 0.1 * (scores <= 0).to(dist.dtype)
             pre = torch.argsort(rank)[:4 * cfg.refine_seeds]
             cand_q = cand_q[pre]
@@ -644,9 +660,12 @@ class IKAdapter:
         score = torch.where(valid, torch.exp(-pos_err), 0.0)
         key = valid.to(q.dtype) * 1e3 + clearance.clamp(-1.0, 1.0)
         order = torch.argsort(key, descending=True)
-        q, score, pos_err, rot_err, valid, clearance = (t[order].detach().cpu().numpy() for t in (
-            q, score, pos_err, rot_err, valid, clearance))
-        return [IKSolution(q=q[i].astype(np.float64), score=float(score[i]),
-                           position_error=float(pos_err[i]), orientation_error=float(rot_err[i]),
-                           collision_free=bool(valid[i]), clearance=float(clearance[i]))
-                for i in range(len(q))]
+        # one gather and one copy to the host: (B, 7 + 5), columns q, then the figures
+        rows = torch.cat([q, torch.stack([score, pos_err, rot_err, valid.to(q.dtype),
+                                          clearance], 1)], 1).index_select(0, order)
+        rows = rows.detach().cpu().double().numpy()
+        j = q.shape[1]
+        return [IKSolution(q=r[:j].copy(), score=float(r[j]), position_error=float(r[j + 1]),
+                           orientation_error=float(r[j + 2]), collision_free=bool(r[j + 3]),
+                           clearance=float(r[j + 4]))
+                for r in rows]

@@ -479,43 +479,44 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
     """The ``requests`` protocol: the JSON-ready dict of :func:`run_benchmark`."""
     targets = sample_targets(scene, cfg.num_targets, cfg.seed)
     judge = SolutionJudge(scene, cfg.position_tolerance)
-    methods: dict[str, dict] = {}
+    runners: dict[str, Callable[[int, np.ndarray], TargetOutcome]] = {}
+    for method in cfg.methods:
+        if method == "tracik_restarts":
+            if urdf_text is None:
+                with open(panda_urdf_path()) as f:
+                    urdf_text = f.read()
+            baseline = TracIKRestarts(adapter.kin, urdf_text, judge.checker,
+                                      TracIKRestartsConfig(
+                                          num_solutions=cfg.num_solutions,
+                                          timeout_s=cfg.tracik_timeout_s,
+                                          attempt_s=cfg.tracik_attempt_s,
+                                          epsilon=cfg.tracik_epsilon,
+                                          orientation=cfg.tracik_orientation,
+                                          jacobian_steps=cfg.tracik_jacobian_steps,
+                                          min_joint_distance=cfg.min_joint_distance))
+            runners[method] = lambda i, target, baseline=baseline: baseline.solve(
+                target, np.random.default_rng([cfg.seed, i]))
+        else:
+            runners[method] = lambda i, target, overrides=MACE_METHODS[method]: _mace_outcome(
+                adapter, scene, target, cfg, overrides, seed=cfg.seed * 100003 + i)
+    outcomes: dict[str, list[TargetOutcome]] = {method: [] for method in runners}
     try:
-        for method in cfg.methods:
-            if method == "tracik_restarts":
-                if urdf_text is None:
-                    with open(panda_urdf_path()) as f:
-                        urdf_text = f.read()
-                baseline = TracIKRestarts(adapter.kin, urdf_text, judge.checker,
-                                          TracIKRestartsConfig(
-                                              num_solutions=cfg.num_solutions,
-                                              timeout_s=cfg.tracik_timeout_s,
-                                              attempt_s=cfg.tracik_attempt_s,
-                                              epsilon=cfg.tracik_epsilon,
-                                              orientation=cfg.tracik_orientation,
-                                              jacobian_steps=cfg.tracik_jacobian_steps,
-                                              min_joint_distance=cfg.min_joint_distance))
-
-                def run_one(i: int, target: np.ndarray) -> TargetOutcome:
-                    return baseline.solve(target, np.random.default_rng([cfg.seed, i]))
-            else:
-                overrides = MACE_METHODS[method]
-
-                def run_one(i: int, target: np.ndarray) -> TargetOutcome:
-                    return _mace_outcome(adapter, scene, target, cfg, overrides,
-                                         seed=cfg.seed * 100003 + i)
-            if cfg.warmup:  # on the first target, with its own seed (index n)
+        if cfg.warmup:  # on the first target, with its own seed (index n)
+            for run_one in runners.values():
                 run_one(len(targets), targets[0])
-            outcomes = []
-            for i, target in enumerate(targets):
+        # Methods take turns on each target, so that a change of the machine's load during the
+        # run weighs on all of them alike (their time ratio is the acceptance figure). Every
+        # method's seeds depend on the target's index only: the order changes no result.
+        for i, target in enumerate(targets):
+            for method, run_one in runners.items():
                 o = run_one(i, target)
                 o.valid, o.collision_free, o.position_error = judge.judge(o.solutions, target)
-                outcomes.append(o)
-            methods[method] = asdict(summarize(outcomes, cfg.num_solutions,
-                                               _time_basis(method, cfg)))
-            log(f"[{scene.name}] {method}: done")
+                outcomes[method].append(o)
+        log(f"[{scene.name}] {', '.join(runners)}: done")
     finally:
         judge.close()
+    methods = {method: asdict(summarize(rows, cfg.num_solutions, _time_basis(method, cfg)))
+               for method, rows in outcomes.items()}
     report = dict(targets=targets.round(9).tolist(), methods=methods)
     if "mace_refine" in methods and "tracik_restarts" in methods:
         report["comparison"] = compare(methods["mace_refine"], methods["tracik_restarts"])

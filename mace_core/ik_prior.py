@@ -113,8 +113,11 @@ class ARGMMPrior(nn.Module):
         """Draw one configuration per row of ``p_ee`` ``(B, 3)``: ``(B, J)`` in radians.
 
         Joint by joint through its own network; the component by inverse CDF on one uniform,
-        then only the drawn component's mean and std are read out."""
+        then only the drawn component's mean and std are read out. When the rows are one
+        position broadcast (``p.expand(B, 3)``, stride 0: a request's samples), the first
+        network, which sees the position only, runs on one row."""
         batch, j = p_ee.shape[0], self.config.num_joints
+        shared = batch > 1 and p_ee.stride(0) == 0
         k_mix, c = self.config.components, self.config.context_dim
         kw = dict(device=p_ee.device, dtype=p_ee.dtype)
         x = torch.cat([(p_ee - self.ctx_mean) / self.ctx_std, torch.zeros(batch, j, **kw)], -1)
@@ -123,10 +126,11 @@ class ARGMMPrior(nn.Module):
         weights, biases = list(self.weights), list(self.biases)
         first = weights[0] * self.input_mask  # (J, C + J, H): network k sees q_<k only
         for k in range(j):
-            h = torch.addmm(biases[0][k], x, first[k])
+            h = torch.addmm(biases[0][k], x[:1] if shared and k == 0 else x, first[k])
             for layer in range(1, len(weights)):
                 h = torch.addmm(biases[layer][k], nn.functional.leaky_relu(h, 0.2),
                                 weights[layer][k])
+            h = h.expand(batch, -1)
             cdf = torch.softmax(h[:, :k_mix], -1).cumsum_(-1)  # (B, K)
             comp = (cdf[:, :-1] < uniform[:, k]).sum(-1, keepdim=True)  # (B, 1)
             picked = h[:, k_mix:].view(batch, 2, k_mix).gather(

@@ -289,18 +289,23 @@ class RobotKinematics:
         self._fk_chain = [(self.joint_index[k], 0 if anchor[self.parent_index[k]] == 0 else
                            1 + self.joint_index[anchor[self.parent_index[k]]])
                           for k in range(1, links) if self.joint_index[k] >= 0]
-        fixed = [k for k in range(1, links) if self.joint_index[k] < 0]
-        slot = [0] + [1 + self.joint_index[k] if self.joint_index[k] >= 0 else -1
-                      for k in range(1, links)]
-        self._fk_fixed_anchor = torch.tensor(
-            [0 if anchor[k] == 0 else 1 + self.joint_index[anchor[k]] for k in fixed],
-            device=self.spec.device)
-        self._fk_fixed_rel = self.spec.tensor(np.stack([rel[k] for k in fixed])) \
-            if fixed else None  # (F, 4, 4)
-        for i, k in enumerate(fixed):
-            slot[k] = 1 + self.num_joints + i
-        self._fk_order = None if slot == list(range(links)) else torch.tensor(
-            slot, device=self.spec.device)  # slot of each link
+        # Fixed links grouped by anchor slot: one product per anchor, [A] (B, 4, 4) times the
+        # side-by-side constants (4, 4 F), is a plain matrix product (no batched one).
+        fixed: dict[int, list[int]] = {}
+        for k in range(1, links):
+            if self.joint_index[k] < 0:
+                a = anchor[k]
+                fixed.setdefault(0 if a == 0 else 1 + self.joint_index[a], []).append(k)
+        self._fk_fixed = [(a, self.spec.tensor(np.concatenate([rel[k] for k in ks], 1)))
+                          for a, ks in fixed.items()]  # (anchor slot, (4, 4 F))
+        # Where each link's pose comes from: ("slot", s) or ("fixed", group, column)
+        self._fk_layout: list[tuple[str, int, int]] = [("slot", 0, 0)] * links
+        for k in range(1, links):
+            if self.joint_index[k] >= 0:
+                self._fk_layout[k] = ("slot", 1 + self.joint_index[k], 0)
+        for g, ks in enumerate(fixed.values()):
+            for col, k in enumerate(ks):
+                self._fk_layout[k] = ("fixed", g, col)
         self._base_pose = self.spec.tensor(origins[0])  # (4, 4)
 
     def link_poses(self, q: torch.Tensor) -> torch.Tensor:
@@ -314,11 +319,11 @@ class RobotKinematics:
         slots: list[torch.Tensor | None] = [self._base_pose.expand(batch, 4, 4)]
         slots += [None] * self.num_joints
         for col, parent in self._fk_chain:
-            slots[1 + col] = local[:, col] if parent == 0 else slots[parent] @ local[:, col]
-        poses = torch.stack(slots, 1)  # (B, 1 + J, 4, 4)
-        if self._fk_fixed_rel is not None:
-            poses = torch.cat([poses, poses[:, self._fk_fixed_anchor] @ self._fk_fixed_rel], 1)
-        return poses if self._fk_order is None else poses[:, self._fk_order]
+            slots[1 + col] = local[:, col] if parent == 0 else torch.bmm(slots[parent],
+                                                                         local[:, col])
+        fixed = [(slots[a] @ rel).view(batch, 4, -1, 4) for a, rel in self._fk_fixed]
+        return torch.stack([slots[i] if kind == "slot" else fixed[i][:, :, col]
+                            for kind, i, col in self._fk_layout], 1)
 
     def ee_pose(self, q: torch.Tensor) -> torch.Tensor:
         """End-effector pose in the base frame: ``(B, 7)`` -> ``(B, 4, 4)``."""

@@ -53,7 +53,7 @@ def pose_errors(kin: RobotKinematics, q: torch.Tensor, target: IKTarget,
                 poses: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Position (m) and orientation (rad; 0 if position-only) errors of ``q (B, 7)``: ``(B,)``."""
     ee = (kin.link_poses(q) if poses is None else poses)[:, kin.ee_index]
-    pos_err = (ee[:, :3, 3] - target.position).norm(dim=-1)
+    pos_err = torch.linalg.vector_norm(ee[:, :3, 3] - target.position, dim=-1)
     if target.rotation is None:
         return pos_err, torch.zeros_like(pos_err)
     rel = target.rotation.T @ ee[:, :3, :3]
@@ -111,7 +111,7 @@ class DLSRefiner:
         ee = poses[:, kin.ee_index]
         err = target.position - ee[:, :3, 3]  # (B, 3)
         jac = kin.jacobian(q, poses)  # (B, 6, 7)
-        norm = err.norm(dim=-1)
+        norm = torch.linalg.vector_norm(err, dim=-1)  # (Tensor.norm: a Python wrapper)
         done = norm < 0.1 * cfg.position_tolerance
         if target.rotation is None:
             return poses, err, jac[:, :3], norm, done
@@ -120,7 +120,8 @@ class DLSRefiner:
                          rel[:, 1, 0] - rel[:, 0, 1]], -1) * 0.5
         err = torch.cat([err, cfg.orientation_weight * w], -1)
         jac = torch.cat([jac[:, :3], cfg.orientation_weight * jac[:, 3:]], 1)
-        return poses, err, jac, err.norm(dim=-1), done & (w.norm(dim=-1) < 1e-4)
+        return (poses, err, jac, torch.linalg.vector_norm(err, dim=-1),
+                done & (torch.linalg.vector_norm(w, dim=-1) < 1e-4))
 
     def _step(self, q: torch.Tensor, dq: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor:
         """``q + dq`` with the largest joint change cut to ``max_step``, within the joint limits;

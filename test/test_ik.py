@@ -205,6 +205,26 @@ def test_unreached_target_is_no_success(adapter):
     assert "found 0 of 4" in result.message and "not solutions" in result.message
 
 
+def test_a_changed_scene_is_not_served_from_the_last_one(adapter):
+    """The adapter reuses the last request's tensorized obstacles when they are equal: one
+    moved obstacle (same name) must be seen, and equal obstacles given as new objects or as
+    arrays must work."""
+    target = np.array([0.5, 0.0, 0.4])
+
+    def solve(obstacle):
+        return adapter.solve(IKRequest(position=target, obstacles=[obstacle], num_solutions=2,
+                                       time_budget_s=0.3, seed=0))
+
+    far = Obstacle(name="b", kind="box", size=(0.1, 0.1, 0.1), position=(-0.6, 0.6, 0.3))
+    assert solve(far).success
+    cage = Obstacle(name="b", kind="box", size=(3.0, 3.0, 3.0), position=(0.0, 0.0, 0.0))
+    assert not solve(cage).success
+    assert solve(Obstacle(name="b", kind="box", size=(0.1, 0.1, 0.1),
+                          position=(-0.6, 0.6, 0.3))).success
+    assert not solve(Obstacle(name="b", kind="box", size=np.array([3.0, 3.0, 3.0]),
+                              position=np.zeros(3))).success
+
+
 def test_same_seed_same_answer(adapter, wall):
     a = adapter.solve(request_in(wall, num_solutions=2, seed=5, time_budget_s=5.0))
     b = adapter.solve(request_in(wall, num_solutions=2, seed=5, time_budget_s=5.0))

@@ -63,6 +63,18 @@ def test_samples_follow_the_density():
         assert gap < 0.01, gap
 
 
+def test_one_broadcast_position_samples_as_many_rows():
+    """Rows that are one position broadcast (stride 0) run the first network once: the same
+    draws as the same position written out row by row."""
+    prior = tiny_prior(1)
+    p = torch.tensor([[0.3, -0.2, 0.5]], dtype=torch.float64)
+    with torch.no_grad():
+        shared = prior.sample(p.expand(64, 3), SPEC.generator(4))
+        rows = prior.sample(p.repeat(64, 1), SPEC.generator(4))
+    assert torch.allclose(shared, rows, atol=1e-12)
+    assert shared.std(0).min() > 0  # 64 different draws, not one copied
+
+
 def test_joint_i_does_not_see_later_joints():
     prior = tiny_prior()
     p = torch.randn(1, 3, dtype=torch.float64)
