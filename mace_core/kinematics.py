@@ -289,8 +289,8 @@ class RobotKinematics:
         self._fk_chain = [(self.joint_index[k], 0 if anchor[self.parent_index[k]] == 0 else
                            1 + self.joint_index[anchor[self.parent_index[k]]])
                           for k in range(1, links) if self.joint_index[k] >= 0]
-        # Fixed links grouped by anchor slot: one product per anchor, [A] (B, 4, 4) times the
-        # side-by-side constants (4, 4 F), is a plain matrix product (no batched one).
+        # Fixed links grouped by anchor slot: the anchor's poses (B, 4, 4) times its fixed
+        # links' constants side by side (4, 4 F), one plain matrix product per anchor.
         fixed: dict[int, list[int]] = {}
         for k in range(1, links):
             if self.joint_index[k] < 0:
