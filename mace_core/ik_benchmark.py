@@ -480,33 +480,33 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
     targets = sample_targets(scene, cfg.num_targets, cfg.seed)
     judge = SolutionJudge(scene, cfg.position_tolerance)
     runners: dict[str, Callable[[int, np.ndarray], TargetOutcome]] = {}
-    for method in cfg.methods:
-        if method == "tracik_restarts":
-            if urdf_text is None:
-                with open(panda_urdf_path()) as f:
-                    urdf_text = f.read()
-            baseline = TracIKRestarts(adapter.kin, urdf_text, judge.checker,
-                                      TracIKRestartsConfig(
-                                          num_solutions=cfg.num_solutions,
-                                          timeout_s=cfg.tracik_timeout_s,
-                                          attempt_s=cfg.tracik_attempt_s,
-                                          epsilon=cfg.tracik_epsilon,
-                                          orientation=cfg.tracik_orientation,
-                                          jacobian_steps=cfg.tracik_jacobian_steps,
-                                          min_joint_distance=cfg.min_joint_distance))
-            runners[method] = lambda i, target, baseline=baseline: baseline.solve(
-                target, np.random.default_rng([cfg.seed, i]))
-        else:
-            runners[method] = lambda i, target, overrides=MACE_METHODS[method]: _mace_outcome(
-                adapter, scene, target, cfg, overrides, seed=cfg.seed * 100003 + i)
-    outcomes: dict[str, list[TargetOutcome]] = {method: [] for method in runners}
+    outcomes: dict[str, list[TargetOutcome]] = {method: [] for method in cfg.methods}
     try:
+        for method in cfg.methods:
+            if method == "tracik_restarts":
+                if urdf_text is None:
+                    with open(panda_urdf_path()) as f:
+                        urdf_text = f.read()
+                baseline = TracIKRestarts(adapter.kin, urdf_text, judge.checker,
+                                          TracIKRestartsConfig(
+                                              num_solutions=cfg.num_solutions,
+                                              timeout_s=cfg.tracik_timeout_s,
+                                              attempt_s=cfg.tracik_attempt_s,
+                                              epsilon=cfg.tracik_epsilon,
+                                              orientation=cfg.tracik_orientation,
+                                              jacobian_steps=cfg.tracik_jacobian_steps,
+                                              min_joint_distance=cfg.min_joint_distance))
+                runners[method] = lambda i, target, baseline=baseline: baseline.solve(
+                    target, np.random.default_rng([cfg.seed, i]))
+            else:
+                runners[method] = lambda i, target, overrides=MACE_METHODS[method]: _mace_outcome(
+                    adapter, scene, target, cfg, overrides, seed=cfg.seed * 100003 + i)
         if cfg.warmup:  # on the first target, with its own seed (index n)
             for run_one in runners.values():
                 run_one(len(targets), targets[0])
         # Methods take turns on each target, so that a change of the machine's load during the
         # run weighs on all of them alike (their time ratio is the acceptance figure). Every
-        # method's seeds depend on the target's index only: the order changes no result.
+        # method's random draws depend on the target's index only, not on the order.
         for i, target in enumerate(targets):
             for method, run_one in runners.items():
                 o = run_one(i, target)
