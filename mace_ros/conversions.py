@@ -121,11 +121,10 @@ def obstacles_from_msgs(objects: Sequence[CollisionObject],
                     f"{where}: {kind} dimensions must be > 0, got {size.tolist()}")
             position = _vector(_point(pose.position), f"{where}: position")
             rotation = _rotation_from_quaternion(pose.orientation, f"{where}: orientation")
-            obstacle = Obstacle(name=name, kind=kind, size=tuple(size.tolist()),
+            # every field is checked above: Obstacle.validate() would only repeat it
+            out.append(Obstacle(name=name, kind=kind, size=tuple(size.tolist()),
                                 position=tuple(position.tolist()),
-                                rotation=tuple(tuple(row) for row in rotation.tolist()))
-            obstacle.validate()
-            out.append(obstacle)
+                                rotation=tuple(tuple(row) for row in rotation.tolist())))
     return out
 
 
