@@ -541,10 +541,10 @@ class SphereCollisionChecker:
         self._centers = spec.tensor(spheres.centers)  # (S, 3), link frames
         self._radii = spec.tensor(spheres.radii)  # (S,)
         world = [k for k, n in enumerate(spheres.links) if n != kinematics.base_link]
-        self._world_spheres = torch.tensor(world, device=spec.device, dtype=torch.long)
+        # the spheres an obstacle can touch (all but the base's), for clearance
         self._world_sphere_plan = self._gather_plan([index[spheres.links[k]] for k in world],
                                                     spheres.centers[world])
-        self._world_radii = self._radii.index_select(0, self._world_spheres)  # (Sw,)
+        self._world_radii = spec.tensor(spheres.radii[world])  # (Sw,)
         skip = {frozenset(p) for p in spheres.never_colliding}
         skip |= {frozenset(p) for t in spheres.tables for p in t.pairs}
         #: link pairs whose spheres are tested for self-collision
