@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from mace_core.shape_benchmark import (GRASP_DIRECTIONS, GRASP_OOD_DIRECTIONS, METHODS, MODES,
-                                       box_cases, camera_view, chamfer_to, grasp_contacts,
+                                       box_cases, box_posterior_reference, camera_view,
+                                       chamfer_to, grasp_contacts,
                                        mean_pairwise_chamfer, object_cases, partial_box,
                                        plane_cut, random_viewpoint, symmetric_chamfer, top_cut)
-from mace_core.shape_data import sample_box_clouds
+from mace_core.shape_data import rotate_z, sample_box_clouds
 from mace_core.shape_observations import REFERENCE_POINTS, chamfer_k
 from mace_core.tensor import TensorSpec
 from mace_ros import bench
@@ -46,7 +47,9 @@ def test_bench_shape_cli_writes_the_report(tmp_path, capsys):
     assert set(case["methods"]) == set(METHODS)
     assert all(c["methods"]["mace"]["iterations"] <= 2 for c in report["cases"])
     assert all(c["methods"]["prior"]["iterations"] == 0 for c in report["cases"])
-    assert {"chamfer_ratio_mace_to_prior", "time_ok"} <= set(report["targets"]["top_cut"])
+    assert {"chamfer_ratio_mace_to_prior", "time_ok",
+            "chamfer_ratio_box_posterior_to_prior"} <= set(report["targets"]["top_cut"])
+    assert "reference, the true footprint" in out
 
 
 def test_a_subset_of_modes_sees_what_a_full_run_sees(tmp_path):
@@ -89,6 +92,26 @@ def test_test_boxes_are_not_the_training_draw():
     for seed in (1000, 2000):
         theirs = random_box_edges(5, SPEC.generator(seed))
         assert not torch.allclose(ours, theirs, atol=1e-3)
+
+
+def test_box_posterior_keeps_the_footprint_and_draws_the_unseen_height():
+    """Top half hidden: heights uniform from the cut to 0.5 m; the top face seen: the truth's."""
+    case = box_cases(1, 2, 2048, 4096, SPEC)[0]
+    height = case.info["edges_m"][2]
+    cut = top_cut(case.dense)
+    draws = box_posterior_reference(case, dict(points=cut), 64, SPEC.generator(0))
+    assert draws.shape == (64, 2048, 3)
+    tops = draws[..., 2].amax(dim=1)
+    assert float(tops.min()) >= float(cut[:, 2].max()) - 1e-3 and float(tops.max()) <= 0.5
+    assert float(tops.max() - tops.min()) > 0.5 * (0.5 - 0.5 * height)
+    # the truth's footprint: turned back by the truth's angle, the extents are its edges
+    back = rotate_z(draws[:2], torch.full((2,), -case.info["angle_rad"]))
+    extents = back[..., :2].amax(dim=1) - back[..., :2].amin(dim=1)
+    torch.testing.assert_close(extents, torch.tensor([case.info["edges_m"][:2]] * 2),
+                               atol=0.01, rtol=0)
+    whole = box_posterior_reference(case, dict(points=case.dense), 4, SPEC.generator(0))
+    torch.testing.assert_close(whole[..., 2].amax(dim=1), torch.full((4,), height), atol=2e-4,
+                               rtol=0)
 
 
 def test_grasp_contacts_lie_on_the_fingers_lines():
