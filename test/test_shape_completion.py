@@ -173,6 +173,26 @@ def test_invalid_requests_raise(completer, changes, message):
         completer.complete(ShapeCompletionRequest(**fields))
 
 
+def test_one_sided_scores_read_their_own_number_of_candidate_points(tiny_vae):
+    """Without a viewpoint the score reads ``one_sided_candidate_points`` of each candidate, not
+    ``candidate_points``: an observed point only the denser subset holds then scores 1."""
+    from dataclasses import replace
+
+    entry = ShapePriorEntry(name="boxes", weights="-", architecture=TINY)
+    candidate = _axis_aligned_boxes(1, SPEC.generator(4))  # (1, 64, 3)
+    observed = candidate[0, 1:2]  # point 1: not in the 16-point stride 0, 4, 8, 13, ...
+
+    def score(**sizes) -> float:
+        c = ShapeCompleter({"boxes": ShapePrior(entry, tiny_vae)},
+                           replace(TINY_COMPLETION, **sizes), SPEC)
+        obs = c._validate(ShapeCompletionRequest(prior="boxes", points=observed),
+                          SPEC.generator(0))
+        return float(c._score_fn("boxes", obs)(candidate)[0])
+
+    assert score(candidate_points=16, one_sided_candidate_points=64) == pytest.approx(1.0)
+    assert score(candidate_points=64, one_sided_candidate_points=16) < 0.99
+
+
 def test_large_clouds_are_downsampled_not_rejected(completer):
     gen = SPEC.generator(3)
     big = _axis_aligned_boxes(1, gen)[0].repeat(500, 1)  # 32000 points
