@@ -347,8 +347,8 @@ def box_posterior_reference(case: ShapeCase, obs: dict, k: int, generator: torch
     height = float(edges[2])
     seen = obs["points"] if "points" in obs else obs["contacts"]
     top = float(seen[:, 2].max())
-    lo = height if top >= height - 1e-3 else max(top, edge_range[0])
-    hi = height if top >= height - 1e-3 else edge_range[1]
+    shown = top >= height - 1e-3  # the top face is in the observation: the height is known
+    lo, hi = (height, height) if shown else (max(top, edge_range[0]), edge_range[1])
     draws = edges.repeat(k, 1)
     draws[:, 2] = lo + (hi - lo) * torch.rand(k, generator=generator, device=generator.device,
                                               dtype=draws.dtype)
