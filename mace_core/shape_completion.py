@@ -97,18 +97,13 @@ class ShapeCompletionConfig:
     objective: str = "cem"  #: "cem" (Eq. 3) or "is" (Eq. 2 baseline)
     pool_size: int = 64  #: best candidates kept across iterations (raised to K if smaller)
     chamfer_k: int = 5  #: k of the top-k Chamfer distance with a viewpoint (App. C)
-    one_sided_k: int = 1  #: k without a viewpoint: with k > 1 the one-sided CD_k favours
-    #: shrunken candidates (denser points), see ``partial_cloud_scores``
+    one_sided_k: int = 1  #: k without a viewpoint (one-sided, density-corrected CD_k)
     temperature: float = 0.1  #: τ of S = exp(-τ CD_k) (App. C)
     observation_points: int = 128  #: observed points kept for scoring (farthest-point sampling)
     max_input_points: int = 20000  #: larger clouds are first randomly subsampled to this size
     candidate_points: int = 512  #: points of each candidate scored against a partial cloud
-    #: seen from a viewpoint (strided subset; contact scores use every point)
-    one_sided_candidate_points: int = 1024  #: the same without a viewpoint: the one-sided
-    #: CD favours candidates whose scored points are denser, i.e. smaller ones, by about the
-    #: square of their spacing, so it gets twice the points (boxes with the top half hidden,
-    #: MACE / prior Chamfer: 0.59 at 512 points, 0.49 at 1024, 0.46 at 2048 in 1.6x the time
-    #: of 1024, models/shape_boxes.md)
+    #: (strided subset; as many others gauge their density without a viewpoint; contact scores
+    #: use every point)
     visibility_pixel: float = 0.08  #: ℓ, z-buffer pixel size at the target's distance
     visibility_depth_tolerance: float = 0.12  #: ℓ, depth band counted as the visible surface
     #: (1.5 pixels, so that a surface seen at up to ~55° from its normal is not striped)
@@ -121,7 +116,6 @@ class ShapeCompletionConfig:
         """Raise InvalidRequestError naming the first field no request could be served with."""
         positive = ("num_samples", "gradient_steps", "pool_size", "chamfer_k", "one_sided_k",
                     "observation_points", "max_input_points", "candidate_points",
-                    "one_sided_candidate_points",
                     "max_completions", "temperature", "visibility_pixel", "learning_rate",
                     "finger_radius")
         for name in positive:
@@ -324,19 +318,25 @@ class ShapeCompleter:
             return lambda x: contact_scores(x - obs.grasp_center, obs.contacts,
                                             obs.directions, obs.finger_radius, scale)
         q = vae.config.num_points
-        n = c.candidate_points if obs.viewpoint is not None else c.one_sided_candidate_points
-        idx = torch.linspace(0, q - 1, min(n, q), device=self.spec.device)
+        idx = torch.linspace(0, q - 1, min(c.candidate_points, q), device=self.spec.device)
         idx = idx.round().long()
+        # as many other points, evenly among the rest, gauge the scored ones' density
+        others = torch.ones(q, dtype=torch.bool, device=self.spec.device)
+        others[idx] = False
+        others = others.nonzero()[:, 0]
+        pick = torch.linspace(0, others.numel() - 1, min(idx.numel(), others.numel()),
+                              device=self.spec.device).round().long()
+        rest = others[pick]
         target = obs.points.mean(dim=0)
 
         def score(x: torch.Tensor) -> torch.Tensor:
             cand = x[:, idx]
-            vis = None
-            if obs.viewpoint is not None:
-                vis = visible_mask(cand, obs.viewpoint, target, c.visibility_pixel * scale,
-                                   c.visibility_depth_tolerance * scale)
-            k = c.one_sided_k if vis is None else c.chamfer_k
-            return partial_cloud_scores(cand, obs.points, k, c.temperature, scale, vis)
+            if obs.viewpoint is None:
+                return partial_cloud_scores(cand, obs.points, c.one_sided_k, c.temperature,
+                                            scale, held_out=x[:, rest] if rest.numel() else None)
+            vis = visible_mask(cand, obs.viewpoint, target, c.visibility_pixel * scale,
+                               c.visibility_depth_tolerance * scale)
+            return partial_cloud_scores(cand, obs.points, c.chamfer_k, c.temperature, scale, vis)
         return score
 
     # -- main ---------------------------------------------------------------------------------

@@ -37,11 +37,11 @@ class BoxFamilyVAE(nn.Module):
     It isolates MACE-VAE's update of θ = (μ_z, log σ_z) from how well a network was trained.
     """
 
-    def __init__(self):
+    def __init__(self, num_points: int = 96):
         super().__init__()
-        self.config = PointCloudVAEConfig(num_points=96, latent_dim=3, length_scale=0.5)
+        self.config = PointCloudVAEConfig(num_points=num_points, latent_dim=3, length_scale=0.5)
         gen = SPEC.generator(0)
-        self.register_buffer("template", sample_box_clouds(torch.ones(1, 3), 96, gen,
+        self.register_buffer("template", sample_box_clouds(torch.ones(1, 3), num_points, gen,
                                                            angle=torch.zeros(1))[0])
         self.dummy = nn.Parameter(torch.zeros(1), requires_grad=False)
         self.register_buffer("latent_mean", torch.zeros(3))  # the latent prior N(0, I)
@@ -173,24 +173,24 @@ def test_invalid_requests_raise(completer, changes, message):
         completer.complete(ShapeCompletionRequest(**fields))
 
 
-def test_one_sided_scores_read_their_own_number_of_candidate_points(tiny_vae):
-    """Without a viewpoint the score reads ``one_sided_candidate_points`` of each candidate, not
-    ``candidate_points``: an observed point only the denser subset holds then scores 1."""
-    from dataclasses import replace
-
-    entry = ShapePriorEntry(name="boxes", weights="-", architecture=TINY)
-    candidate = _axis_aligned_boxes(1, SPEC.generator(4))  # (1, 64, 3)
-    observed = candidate[0, 1:2]  # point 1: not in the 16-point stride 0, 4, 8, 13, ...
-
-    def score(**sizes) -> float:
-        c = ShapeCompleter({"boxes": ShapePrior(entry, tiny_vae)},
-                           replace(TINY_COMPLETION, **sizes), SPEC)
-        obs = c._validate(ShapeCompletionRequest(prior="boxes", points=observed),
-                          SPEC.generator(0))
-        return float(c._score_fn("boxes", obs)(candidate)[0])
-
-    assert score(candidate_points=16, one_sided_candidate_points=64) == pytest.approx(1.0)
-    assert score(candidate_points=64, one_sided_candidate_points=16) < 0.99
+def test_hidden_top_does_not_shrink_the_completions_to_the_cut():
+    """With the top half of a box hidden and no viewpoint, every height above the cut explains
+    the observation. The density-corrected one-sided score leaves them open; the plain one
+    preferred the smallest boxes (densest points) and returned heights at the cut (0.19 m)."""
+    vae = BoxFamilyVAE(num_points=1024)
+    entry = ShapePriorEntry(name="boxes", weights="-", architecture=vae.config)
+    config = ShapeCompletionConfig(num_samples=64, quantile=1 / 8, gradient_steps=16,
+                                   iterations=10, learning_rate=0.05, pool_size=16,
+                                   observation_points=64, candidate_points=256)
+    completer = ShapeCompleter({"boxes": ShapePrior(entry, vae)}, config, SPEC)
+    full = sample_box_clouds(torch.tensor([[0.3, 0.3, 0.4]]), 2000, SPEC.generator(1),
+                             angle=torch.zeros(1))[0]
+    cut = 0.2
+    heights = torch.stack([completer.complete(ShapeCompletionRequest(
+        prior="boxes", points=full[full[:, 2] < cut], num_completions=8, seed=seed,
+        time_budget_s=60.0)).completions[..., 2].amax(dim=1) for seed in range(3)])
+    assert heights.min().item() > cut - 0.005, heights
+    assert heights.mean().item() > cut + 0.05, heights
 
 
 def test_large_clouds_are_downsampled_not_rejected(completer):

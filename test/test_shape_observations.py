@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from mace_core.shape_observations import (REFERENCE_POINTS, contact_scores,
-                                          farthest_point_indices, partial_cloud_scores,
-                                          simulate_contacts, visible_mask)
+from mace_core.shape_observations import (REFERENCE_POINTS, chamfer_k, contact_scores,
+                                          farthest_point_indices, one_sided_chamfer,
+                                          partial_cloud_scores, simulate_contacts, visible_mask)
 
 
 def _plane_grid(x: float, n: int = 11, half: float = 0.5) -> torch.Tensor:
@@ -50,6 +50,44 @@ def test_partial_cloud_score_hand_computed():
     assert s.item() == pytest.approx(math.exp(-0.1 * 0.05 * REFERENCE_POINTS), rel=1e-4)
     # a candidate that contains the observation scores 1 with k = 1
     assert partial_cloud_scores(cand, cand[0, :1], 1, 0.1, 1.0).item() == pytest.approx(1.0)
+
+
+def test_one_sided_chamfer_hand_computed():
+    obs = torch.tensor([[0.0, 0.0, 0.0]])
+    scored = torch.tensor([[[0.3, 0.0, 0.0], [5.0, 0.0, 0.0]]])
+    held_out = torch.tensor([[[0.2, 0.0, 0.0], [0.0, 3.0, 0.0]]])
+    # 0.3² to the nearest scored point, less 0.1² from the nearest held-out point to it
+    cd = one_sided_chamfer(obs, scored, held_out, k=1, length_scale=1.0)
+    assert cd.item() == pytest.approx(0.08 * REFERENCE_POINTS, rel=1e-4)
+    # the scores pass the held-out points on; a held-out point farther out clamps to 0
+    s = partial_cloud_scores(scored, obs, 1, 0.1, 1.0, held_out=held_out)
+    assert s.item() == pytest.approx(math.exp(-0.1 * 0.08 * REFERENCE_POINTS), rel=1e-4)
+    far = torch.tensor([[[0.0, 0.6, 0.0], [0.0, 3.0, 0.0]]])
+    assert one_sided_chamfer(obs, scored, far, k=1, length_scale=1.0).item() == 0.0
+
+
+def test_one_sided_chamfer_ignores_point_density_but_not_offsets():
+    """Two candidates hold the observed unit square: one is that square, the other a 2 x 2
+    square around it (a quarter of the density there). The plain one-sided CD is about four
+    times larger for the sparse one; the corrected one is near 0 for both, and still large
+    for a candidate 0.1 off the surface."""
+    gen = torch.Generator().manual_seed(0)
+
+    def square(n: int, side: float) -> torch.Tensor:
+        xy = side * torch.rand(n, 2, generator=gen) - (side - 1.0) / 2
+        return torch.cat([xy, torch.zeros(n, 1)], dim=-1)
+
+    obs = square(128, 1.0)
+    dense, sparse = torch.stack([square(512, 1.0), square(512, 2.0)]).unbind()
+    held = torch.stack([square(512, 1.0), square(512, 2.0)])
+    cands = torch.stack([dense, sparse])
+    plain = chamfer_k(obs, cands, k=1, one_sided=True)
+    corrected = one_sided_chamfer(obs, cands, held, k=1, length_scale=1.0)
+    assert plain[1] > 3.0 * plain[0] > 3.0  # 2048 A / (π n): about 1.3 and 5.1
+    assert (corrected < 0.3 * plain[0]).all(), (plain, corrected)
+    lifted = cands[:1] + torch.tensor([0.0, 0.0, 0.1])
+    off = one_sided_chamfer(obs, lifted, held[:1] + torch.tensor([0.0, 0.0, 0.1]), 1, 1.0)
+    assert off.item() > 0.8 * 0.01 * REFERENCE_POINTS
 
 
 def test_partial_cloud_score_ranks_the_true_shape_first():
