@@ -195,6 +195,10 @@ class ShapeCompleter:
         self.spec = spec
         # running mean of one iteration's wall time per (prior, observation kind), s
         self._iteration_s: dict[tuple[str, str], float] = {}
+        #: per prior, the indices of the candidate points scored against a partial cloud and of
+        #: as many others, evenly among the rest, that gauge their density (one-sided score)
+        self._scored_points = {name: self._point_subsets(p.vae.config.num_points)
+                               for name, p in priors.items()}
         MACEConfig(config.num_samples, config.quantile, config.gradient_steps, config.iterations,
                    config.learning_rate, config.objective, config.pool_size).validate()
 
@@ -218,6 +222,19 @@ class ShapeCompleter:
                     self.complete(ShapeCompletionRequest(
                         prior=name, num_completions=1, iterations=2, seed=0,
                         time_budget_s=60.0, **extra))
+
+    def _point_subsets(self, q: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Strided ``(n,)`` indices of ``candidate_points`` of a ``q``-point cloud, and up to
+        as many ``(h,)`` of the others (empty when none are left)."""
+        device = self.spec.device
+        idx = torch.linspace(0, q - 1, min(self.config.candidate_points, q), device=device)
+        idx = idx.round().long()
+        others = torch.ones(q, dtype=torch.bool, device=device)
+        others[idx] = False
+        others = others.nonzero()[:, 0]
+        pick = torch.linspace(0, others.numel() - 1, min(idx.numel(), others.numel()),
+                              device=device).round().long()
+        return idx, others[pick]
 
     # -- validation ---------------------------------------------------------------------------
 
@@ -317,16 +334,7 @@ class ShapeCompleter:
             # every point: a finger touches the few that lie within its radius of its line
             return lambda x: contact_scores(x - obs.grasp_center, obs.contacts,
                                             obs.directions, obs.finger_radius, scale)
-        q = vae.config.num_points
-        idx = torch.linspace(0, q - 1, min(c.candidate_points, q), device=self.spec.device)
-        idx = idx.round().long()
-        # as many other points, evenly among the rest, gauge the scored ones' density
-        others = torch.ones(q, dtype=torch.bool, device=self.spec.device)
-        others[idx] = False
-        others = others.nonzero()[:, 0]
-        pick = torch.linspace(0, others.numel() - 1, min(idx.numel(), others.numel()),
-                              device=self.spec.device).round().long()
-        rest = others[pick]
+        idx, rest = self._scored_points[prior]
         target = obs.points.mean(dim=0)
 
         def score(x: torch.Tensor) -> torch.Tensor:
