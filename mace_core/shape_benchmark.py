@@ -369,7 +369,8 @@ def _completers(priors: dict[str, ShapePrior], config: ShapeCompletionConfig, k:
                 spec: TensorSpec) -> dict[str, tuple[ShapeCompleter, dict]]:
     """Method -> (completer, request overrides). ``prior`` draws exactly K samples (N = K)."""
     main = ShapeCompleter(priors, config, spec)
-    plain = ShapeCompleter(priors, replace(config, num_samples=k, pool_size=k), spec)
+    plain = ShapeCompleter(priors, replace(config, num_samples=k, contact_num_samples=k,
+                                           pool_size=k), spec)
     return {"prior": (plain, dict(iterations=0)), "prior_best": (main, dict(iterations=0)),
             "mace": (main, {})}
 

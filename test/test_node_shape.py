@@ -345,7 +345,8 @@ def test_node_refuses_to_start_without_its_shape_priors(failed_shape_starts, nam
 
 
 @pytest.mark.parametrize("name,value", [
-    ("num_samples", 0), ("quantile", 0.0), ("quantile", 2.0), ("temperature", -0.1),
+    ("num_samples", 0), ("quantile", 0.0), ("quantile", 2.0), ("contact_quantile", 0.0),
+    ("contact_num_samples", 0), ("temperature", -0.1),
     ("objective", "adam"), ("learning_rate", math.nan), ("max_input_points", 0),
 ])
 def test_invalid_shape_parameter_is_named(name, value):

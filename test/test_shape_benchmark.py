@@ -64,6 +64,9 @@ def test_a_subset_of_modes_sees_what_a_full_run_sees(tmp_path):
     for method in ("prior", "prior_best"):
         assert (rows["one"]["grasp"]["methods"][method]["chamfer_to_truth"]
                 == rows["all"]["grasp"]["methods"][method]["chamfer_to_truth"])
+    for row in rows["all"].values():  # `prior` is K plain draws in every mode, not the best K
+        methods = row["methods"]
+        assert methods["prior_best"]["mean_score"] > methods["prior"]["mean_score"], row
 
 
 def test_bench_shape_rejects_an_unknown_mode(capsys):

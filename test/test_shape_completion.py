@@ -21,9 +21,10 @@ SPEC = TensorSpec(torch.device("cpu"), torch.float32)
 TINY = PointCloudVAEConfig(num_points=64, latent_dim=4, encoder_widths=(32, 64),
                            encoder_hidden=64, decoder_widths=(64,), encoder_points=64,
                            length_scale=0.5, prior_std=1.0)
-TINY_COMPLETION = ShapeCompletionConfig(num_samples=32, quantile=1 / 8, gradient_steps=8,
-                                        iterations=4, learning_rate=0.05, pool_size=16,
-                                        observation_points=32, candidate_points=64)
+TINY_COMPLETION = ShapeCompletionConfig(num_samples=32, contact_num_samples=32, quantile=1 / 8,
+                                        gradient_steps=8, iterations=4, learning_rate=0.05,
+                                        pool_size=16, observation_points=32,
+                                        candidate_points=64)
 
 
 def _axis_aligned_boxes(n: int, gen: torch.Generator) -> torch.Tensor:
@@ -132,6 +133,31 @@ def test_completer_with_viewpoint_and_contacts(completer):
     res = completer.complete(ShapeCompletionRequest(
         prior="boxes", contacts=contacts, directions=-contacts, num_completions=2, seed=2))
     assert res.completions.shape == (2, 64, 3) and res.notes == []
+
+
+def test_contacts_adapt_with_their_own_quantile(tiny_vae):
+    """A partial cloud selects elites with ``quantile``, fingertip contacts with
+    ``contact_quantile``: changing one leaves the other kind's answer as it was."""
+    from dataclasses import replace
+
+    entry = ShapePriorEntry(name="boxes", weights="-", architecture=TINY)
+    _, partial = _observation()
+    contacts = torch.tensor([[0.06, 0.0, 0.1], [-0.06, 0.0, 0.1]])
+    requests = {"points": dict(points=partial),
+                "contacts": dict(contacts=contacts, directions=-contacts)}
+    answers = {}
+    for name, q, q_contacts in (("base", 1 / 8, 1 / 8), ("points_q", 1.0, 1 / 8),
+                                ("contacts_q", 1 / 8, 1.0)):
+        config = replace(TINY_COMPLETION, quantile=q, contact_quantile=q_contacts)
+        completer = ShapeCompleter({"boxes": ShapePrior(entry, tiny_vae)}, config, SPEC)
+        answers[name] = {kind: completer.complete(ShapeCompletionRequest(
+            prior="boxes", num_completions=4, seed=3, **fields)).completions
+            for kind, fields in requests.items()}
+    base = answers["base"]
+    torch.testing.assert_close(answers["points_q"]["contacts"], base["contacts"])
+    torch.testing.assert_close(answers["contacts_q"]["points"], base["points"])
+    assert not torch.equal(answers["points_q"]["points"], base["points"])
+    assert not torch.equal(answers["contacts_q"]["contacts"], base["contacts"])
 
 
 def test_completer_iterations_zero_and_deadline(completer):
