@@ -92,7 +92,7 @@ class ShapeCompletionConfig:
 
     num_samples: int = 128  #: N, candidates drawn (and decoded, simulated, scored) per iteration
     quantile: float = 1.0 / 16.0  #: q, elite fraction (8 of 128) for a partial cloud
-    contact_num_samples: int = 256  #: N for fingertip contacts (their score is cheap)
+    contact_num_samples: int = 256  #: N for fingertip contacts (the paper's N for grasping)
     contact_quantile: float = 1.0 / 4.0  #: q for fingertip contacts (64 of 256)
     #: (their score levels off near 0.97, where its ranking follows how the decoded points fall
     #: within each finger's radius more than the shape: a larger elite set averages that out)
@@ -206,8 +206,7 @@ class ShapeCompleter:
         #: as many others, evenly among the rest, that gauge their density (one-sided score)
         self._scored_points = {name: self._point_subsets(p.vae.config.num_points)
                                for name, p in priors.items()}
-        MACEConfig(config.num_samples, config.quantile, config.gradient_steps, config.iterations,
-                   config.learning_rate, config.objective, config.pool_size).validate()
+        config.validate()  # the settings of both observation kinds, before any request
 
     def warmup(self) -> None:
         """Run short requests per prior and observation kind.
