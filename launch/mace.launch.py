@@ -2,7 +2,10 @@
 
     ros2 launch mace_ros mace.launch.py
     ros2 launch mace_ros mace.launch.py params_file:=/path/to/params.yaml device:=cuda
+    ros2 launch mace_ros mace.launch.py namespace:=robot1   # /robot1/mace/adapt_ik
 """
+
+import os
 
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
@@ -12,8 +15,18 @@ from launch_ros.substitutions import FindPackageShare
 
 
 def _mace_node(context):
-    """Build the node; ``device`` overrides the parameters file only when it is given."""
-    parameters = [LaunchConfiguration('params_file').perform(context)]
+    """Build the node; ``device`` overrides the parameters file only when it is given.
+
+    Raises:
+        FileNotFoundError: ``params_file`` names no file (the launch stops with this message
+            instead of starting the node on its built-in defaults).
+    """
+    params_file = LaunchConfiguration('params_file').perform(context)
+    if not os.path.isfile(params_file):
+        raise FileNotFoundError(f"mace.launch.py: params_file '{params_file}' does not exist "
+                                "(give an existing YAML file, or leave params_file out for "
+                                "the shipped config/panda.yaml)")
+    parameters = [params_file]
     device = LaunchConfiguration('device').perform(context)
     if device:
         parameters.append({'device': device})
@@ -22,6 +35,7 @@ def _mace_node(context):
             package='mace_ros',
             executable='mace_node',
             name='mace',
+            namespace=LaunchConfiguration('namespace').perform(context),
             output='screen',
             emulate_tty=True,
             parameters=parameters,
@@ -30,7 +44,7 @@ def _mace_node(context):
 
 
 def generate_launch_description():
-    """Declare ``params_file`` and ``device`` and start the node named ``mace``."""
+    """Declare ``params_file``, ``device`` and ``namespace`` and start the node ``mace``."""
     return LaunchDescription([
         DeclareLaunchArgument(
             'params_file',
@@ -43,6 +57,11 @@ def generate_launch_description():
             default_value='',
             description='torch device ("auto", "cpu", "cuda", "cuda:1"); '
                         'empty keeps the one in params_file',
+        ),
+        DeclareLaunchArgument(
+            'namespace',
+            default_value='',
+            description='namespace of the node (its services are <namespace>/mace/...)',
         ),
         OpaqueFunction(function=_mace_node),
     ])

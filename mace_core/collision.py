@@ -34,6 +34,7 @@ import yaml
 
 from .errors import InvalidRequestError, ModelLoadError
 from .kinematics import PANDA_FINGERS, PANDA_JOINTS, RobotKinematics, URDFModel, panda_urdf_path
+from .registry import default_models_dir
 from .rotations import matrix_to_quaternion_xyzw
 from .scenes import Obstacle
 from .tensor import TensorSpec
@@ -43,9 +44,8 @@ PYBULLET_MESH_MARGIN = 0.001
 
 
 def default_spheres_path() -> str:
-    """Path of ``models/panda_spheres.yaml`` in this repository."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models",
-                        "panda_spheres.yaml")
+    """Path of the shipped ``panda_spheres.yaml`` (see :func:`.registry.default_models_dir`)."""
+    return os.path.join(default_models_dir(), "panda_spheres.yaml")
 
 
 # ----------------------------------------------------------------------------------------------

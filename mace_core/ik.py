@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field, replace
 
@@ -28,10 +29,11 @@ import numpy as np
 import torch
 
 from .collision import CollisionWorld, SphereCollisionChecker
-from .errors import InvalidRequestError, ModelLoadError
+from .deadline import Deadline
+from .errors import InvalidRequestError, ModelLoadError, format_numbers, quote
 from .ik_prior import ARGMMPrior
 from .kinematics import RobotKinematics, panda_urdf_path
-from .mace import MACEConfig, adapt
+from .mace import MACEConfig, adapt, draw
 from .refinement import (DLSRefiner, IKTarget, PenaltyFn, RefinementConfig, Refiner,
                          TracIKRefiner, damped_least_squares, pose_errors)
 from .registry import load_ik_prior, load_registry
@@ -48,10 +50,15 @@ class IKLimits:
     """Hard limits on what one request may ask for (the node's safety net)."""
 
     max_solutions: int = 64  #: K at most
-    max_samples: int = 16384  #: N at most
+    max_samples: int = 16384  #: N at most (also the largest pool_size)
     max_iterations: int = 2000  #: T at most
+    max_gradient_steps: int = 256  #: M at most
+    max_learning_rate: float = 0.1  #: largest Adam step size (larger ones turn weights to NaN)
     max_time_budget_s: float = 30.0  #: s
     max_obstacles: int = 512  #: primitives per request
+    #: m, largest obstacle size and distance of an obstacle's centre from the base along any
+    #: axis (float32 geometry stays exact to well below a millimetre within it)
+    max_coordinate_m: float = 100.0
     reach_m: float = 1.0  #: farthest target from the shoulder (joint 2), m
 
 
@@ -93,12 +100,14 @@ class IKAdaptConfig:
 
         def check(ok: bool, name: str, want: str, value, hint: str = "") -> None:
             if not ok:
-                raise InvalidRequestError(f"{name} must be {want}, got {value!r}"
+                shown = quote(value) if isinstance(value, str) else repr(value)
+                raise InvalidRequestError(f"{name} must be {want}, got {shown}"
                                           + (f" ({hint})" if hint else ""))
 
-        for name in ("max_solutions", "max_samples", "max_iterations", "max_obstacles"):
+        for name in ("max_solutions", "max_samples", "max_iterations", "max_gradient_steps",
+                     "max_obstacles"):
             check(getattr(lim, name) >= 1, f"limits.{name}", ">= 1", getattr(lim, name))
-        for name in ("max_time_budget_s", "reach_m"):
+        for name in ("max_time_budget_s", "max_learning_rate", "max_coordinate_m", "reach_m"):
             value = getattr(lim, name)
             check(math.isfinite(value) and value > 0, f"limits.{name}", "> 0", value)
         check(1 <= self.num_solutions <= lim.max_solutions, "num_solutions",
@@ -127,6 +136,14 @@ class IKAdaptConfig:
               f"at most limits.max_samples = {lim.max_samples}", self.mace.num_samples)
         check(self.mace.iterations <= lim.max_iterations, "mace.iterations",
               f"at most limits.max_iterations = {lim.max_iterations}", self.mace.iterations)
+        check(self.mace.gradient_steps <= lim.max_gradient_steps, "mace.gradient_steps",
+              f"at most limits.max_gradient_steps = {lim.max_gradient_steps}",
+              self.mace.gradient_steps)
+        check(self.mace.learning_rate <= lim.max_learning_rate, "mace.learning_rate",
+              f"at most limits.max_learning_rate = {lim.max_learning_rate}",
+              self.mace.learning_rate)
+        check(self.mace.pool_size <= lim.max_samples, "mace.pool_size",
+              f"at most limits.max_samples = {lim.max_samples}", self.mace.pool_size)
         try:
             self.mace.validate()
         except InvalidRequestError as exc:
@@ -234,7 +251,7 @@ class _RefinementRounds:
     """Refinement rounds of one request: seeds -> exact solver -> re-check -> accepted set."""
 
     def __init__(self, adapter: "IKAdapter", cfg: "IKAdaptConfig", target: IKTarget,
-                 world: CollisionWorld, deadline: float, timings: "IKTimings",
+                 world: CollisionWorld, deadline: Deadline, timings: "IKTimings",
                  generator: torch.Generator):
         self.adapter, self.cfg, self.target, self.world = adapter, cfg, target, world
         self.deadline, self.timings, self.generator = deadline, timings, generator
@@ -278,7 +295,7 @@ class _RefinementRounds:
 
     def time_for_another(self) -> bool:
         """Whether a round (sampling a batch and refining it) still fits the budget."""
-        return time.perf_counter() + self.last_round_s < self.deadline
+        return self.deadline.allows(self.last_round_s)
 
     def run(self, candidates: torch.Tensor, scores: torch.Tensor | None = None) -> bool:
         """Refine seeds chosen among ``candidates (B, 7)`` (with their scores ``(B,)`` when known:
@@ -379,7 +396,8 @@ class IKAdapter:
         lim = cfg.limits
         pos = np.asarray(request.position, dtype=float)
         if pos.shape != (3,) or not np.isfinite(pos).all():
-            raise InvalidRequestError(f"target position must be 3 finite numbers, got {pos}")
+            raise InvalidRequestError(f"target position must be 3 finite numbers, got "
+                                      f"{format_numbers(pos)}")
         if request.rotation is not None:
             rot = np.asarray(request.rotation, dtype=float)
             if rot.shape != (3, 3) or not np.isfinite(rot).all():
@@ -390,22 +408,29 @@ class IKAdapter:
             tol = request.orientation_tolerance
             if not (math.isfinite(tol) and 0.0 <= tol <= math.pi):
                 raise InvalidRequestError(
-                    f"orientation tolerance must be in [0, pi] rad, got {tol}")
+                    f"orientation tolerance must be in [0, pi] rad, got {tol:.6g}")
         reach = float(np.linalg.norm(pos - np.asarray(_SHOULDER)))
         if reach > lim.reach_m:
             raise InvalidRequestError(
-                f"target {pos.round(3).tolist()} is unreachable: {reach:.3f} m from the shoulder, "
+                f"target {format_numbers(pos)} is unreachable: {reach:.4g} m from the shoulder, "
                 f"the Panda reaches {lim.reach_m:.2f} m")
         cfg.validate()
         if cfg.refinement_mode != "none" and cfg.refinement_mode not in self.refiners:
             hint = (" (MoveIt's /compute_ik needs moveit_msgs, which is not installed)"
                     if cfg.refinement_mode == "moveit" else "")
             raise InvalidRequestError(
-                f"refinement '{cfg.refinement_mode}' is not available{hint}")
+                f"refinement {quote(cfg.refinement_mode)} is not available{hint}")
         if len(request.obstacles) > lim.max_obstacles:
             raise InvalidRequestError(f"at most {lim.max_obstacles} obstacles per request, "
                                       f"got {len(request.obstacles)}")
-        # each obstacle is validated where it is tensorized (CollisionWorld.from_obstacles)
+        for o in request.obstacles:  # the rest is checked where they are tensorized
+            extent = max(np.abs(np.asarray(o.position, dtype=float)).max(initial=0.0),
+                         np.asarray(o.size, dtype=float).max(initial=0.0))
+            if not extent <= lim.max_coordinate_m:  # NaN fails too
+                raise InvalidRequestError(
+                    f"obstacle {quote(o.name)}: position {format_numbers(o.position)} and size "
+                    f"{format_numbers(o.size)} m must be within limits.max_coordinate_m = "
+                    f"{lim.max_coordinate_m:g} m")
 
     def _world_of(self, obstacles: list[Obstacle]) -> CollisionWorld:
         """The obstacles validated and tensorized; the last request's world when they are the
@@ -420,12 +445,21 @@ class IKAdapter:
             self._world = (key, CollisionWorld.from_obstacles(key, self.spec))
         return self._world[1]
 
-    def solve(self, request: IKRequest) -> IKAdaptResult:
-        """Answer one request; raises InvalidRequestError on bad input."""
+    def solve(self, request: IKRequest, start: float | None = None,
+              cancel: threading.Event | None = None) -> IKAdaptResult:
+        """Answer one request within its time budget; raises InvalidRequestError on bad input.
+
+        Args:
+            request: the query.
+            start: ``time.perf_counter()`` value the budget counts from (e.g. when a service
+                received the request); None: now.
+            cancel: an event that, once set, ends the request within one step of its current
+                loop (the answer is then whatever was found).
+        """
         t0 = time.perf_counter()
         cfg = self.effective_config(request)
         spec, kin = self.spec, self.kin
-        deadline = t0 + cfg.time_budget_s
+        deadline = Deadline.after(cfg.time_budget_s, start, cancel)
         world = self._world_of(request.obstacles)
         target = IKTarget(
             position=spec.tensor(request.position),
@@ -450,11 +484,12 @@ class IKAdapter:
         refining = cfg.refinement_mode != "none"
 
         def fresh_batch(n: int, scored: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-            """``n`` new samples ``(n, 7)`` of the model as it is now, with scores if asked."""
+            """Up to ``n`` new samples ``(n, 7)`` of the model as it is now (fewer when the
+            deadline comes first), with scores if asked."""
             t = time.perf_counter()
             with torch.inference_mode():  # cheaper than no_grad with the weights' views
-                batch = model.sample(n, generator)
-                scores = score(batch) if scored else None
+                batch, scores = draw(model, score if scored else None, n, generator,
+                                     cfg.mace.chunk_size, deadline)
             timings.sampling += time.perf_counter() - t
             return batch, scores
 
@@ -486,10 +521,12 @@ class IKAdapter:
 
         t1 = time.perf_counter()
         refine_before = timings.refinement
-        adapt_deadline = deadline - min(cfg.refine_reserve_s, 0.5 * cfg.time_budget_s)
+        adapt_deadline = deadline.earlier(min(cfg.refine_reserve_s, 0.5 * cfg.time_budget_s))
         cand_q, cand_s, iters, valid_adapted = q, s, 0, valid_prior
         if cfg.mace.iterations > 0 and not done:
-            first = (q, s) if q.shape[0] == cfg.mace.num_samples else None
+            # without refinement the first batch was drawn with N (fewer when the deadline cut
+            # its draw short): it is the first iteration's batch
+            first = (q, s) if not refining or q.shape[0] == cfg.mace.num_samples else None
             self._adapted = True
             trace = adapt(model, score, cfg.mace, generator, deadline=adapt_deadline,
                           first_batch=first, stop_when=stop_when)
@@ -609,7 +646,8 @@ class IKAdapter:
         return penalty
 
     def _refine(self, cfg: IKAdaptConfig, seeds: torch.Tensor, target: IKTarget,
-                world: CollisionWorld, deadline: float, needed: int | None = None) -> torch.Tensor:
+                world: CollisionWorld, deadline: Deadline,
+                needed: int | None = None) -> torch.Tensor:
         if cfg.refinement_mode == "none":
             return seeds
         return self.refiners[cfg.refinement_mode].refine(seeds, target, self._penalty(world),
@@ -650,6 +688,9 @@ class IKAdapter:
         Rank: collision-free first, then by clearance from the obstacles (all accepted solutions
         reach the target within tolerance, so their scores differ only in the fifth decimal).
         """
+        finite = torch.isfinite(q).all(dim=1)
+        if not bool(finite.all()):  # never answer NaN joints, whatever went wrong upstream
+            q = q[finite]
         if q.shape[0] == 0:  # no sample was valid and nothing was refined
             return []
         poses = self.kin.link_poses(q)

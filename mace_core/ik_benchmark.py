@@ -54,11 +54,6 @@ TRACIK_ORIENTATIONS = ("free", "seed", "jacobian")
 PROTOCOLS = ("requests", "table1")
 
 
-def default_models_dir() -> str:
-    """The ``models/`` folder of this repository (registry, weights, robot spheres)."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
-
-
 # ----------------------------------------------------------------------------------------------
 # Configuration and results
 # ----------------------------------------------------------------------------------------------
@@ -636,7 +631,7 @@ def run_benchmark(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
 
 #: Core sources whose content the report's ``environment.core_sha256`` identifies.
 _CORE_SOURCES = ("ik.py", "mace.py", "refinement.py", "collision.py", "kinematics.py",
-                 "ik_prior.py", "ik_benchmark.py")
+                 "ik_prior.py", "ik_benchmark.py", "deadline.py")
 
 
 def file_digest(paths: Sequence[str]) -> str:

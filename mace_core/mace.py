@@ -14,7 +14,8 @@ from typing import Callable, Protocol
 
 import torch
 
-from .errors import InvalidRequestError
+from .deadline import Deadline
+from .errors import InvalidRequestError, quote
 
 OBJECTIVES = ("cem", "is")
 
@@ -34,6 +35,9 @@ class MACEConfig:
     #: the last θ: past its best, the selection can drive θ into a thin part of the feasible set
     #: (IK: ever nearer the target, ever closer to the obstacles) and the valid share collapses
     keep_best: bool = True
+    #: rows per forward pass when drawing, scoring and fitting samples: the deadline is checked
+    #: between chunks, so one chunk bounds how far a request overshoots its budget
+    chunk_size: int = 1024
 
     def validate(self) -> None:
         """Raise InvalidRequestError on values the loop cannot run with."""
@@ -49,9 +53,11 @@ class MACEConfig:
             raise InvalidRequestError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.objective not in OBJECTIVES:
             raise InvalidRequestError(
-                f"objective must be one of {OBJECTIVES}, got '{self.objective}'")
+                f"objective must be one of {OBJECTIVES}, got {quote(self.objective)}")
         if self.pool_size < 1:
             raise InvalidRequestError(f"pool_size must be >= 1, got {self.pool_size}")
+        if self.chunk_size < 1:
+            raise InvalidRequestError(f"chunk_size must be >= 1, got {self.chunk_size}")
 
 
 class AdaptiveModel(Protocol):
@@ -131,19 +137,97 @@ def elite_indices(scores: torch.Tensor, quantile: float) -> torch.Tensor:
     return torch.topk(scores, k).indices
 
 
+def _chunks(n: int, size: int) -> list[slice]:
+    """Consecutive slices of at most ``size`` covering ``range(n)``."""
+    return [slice(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def _finite_scores(s: torch.Tensor) -> torch.Tensor:
+    """Scores ``(N,)`` with NaN (a simulation that failed) as 0, clipped to [0, 1]."""
+    return torch.nan_to_num(s, nan=0.0).clamp(0.0, 1.0)
+
+
+def draw(model: AdaptiveModel, score: ScoreFn | None, n: int, generator: torch.Generator,
+         chunk_size: int, deadline: Deadline | None = None
+         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Up to ``n`` samples ``(n', ...)`` of ``model`` and their scores ``(n',)`` (None without
+    ``score``), drawn in chunks of ``chunk_size``.
+
+    At least one chunk is drawn; no further chunk starts after ``deadline``, so ``n' < n`` when
+    the budget ends (or the request is cancelled) during the draw.
+    """
+    xs, ss = [], []
+    for part in _chunks(n, chunk_size):
+        if xs and deadline is not None and deadline.expired():
+            break
+        with torch.no_grad():
+            x = model.sample(part.stop - part.start, generator)
+            xs.append(x)
+            if score is not None:
+                ss.append(_finite_scores(score(x)))
+    if len(xs) == 1:
+        return xs[0], (ss[0] if ss else None)
+    return torch.cat(xs), (torch.cat(ss) if ss else None)
+
+
+def _importance_weights(model: AdaptiveModel, x: torch.Tensor, s: torch.Tensor, chunk_size: int,
+                        deadline: Deadline | None) -> torch.Tensor | None:
+    """w_i S_i of Eq. 2 for samples ``x (N, ...)`` with scores ``s (N,)``: ``(N,)``, the ratios
+    p(x_i; θ_0) / p(x_i; θ) self-normalized over the batch; None when the deadline comes first
+    (computed in chunks, the deadline checked between them)."""
+    log_w = []
+    with torch.no_grad():
+        for i, part in enumerate(_chunks(x.shape[0], chunk_size)):
+            if i and deadline is not None and deadline.expired():
+                return None
+            log_w.append(model.initial_log_likelihood(x[part])
+                         - model.log_likelihood_fn(x[part])())
+        return torch.softmax(torch.cat(log_w), dim=0) * s
+
+
+def _gradient_steps(model: AdaptiveModel, optimizer: torch.optim.Optimizer, x_fit: torch.Tensor,
+                    weights: torch.Tensor | None, config: MACEConfig,
+                    deadline: Deadline | None) -> int:
+    """Up to M optimizer steps on the objective over ``x_fit (n, ...)``: the number taken.
+
+    "cem" (``weights`` None) minimizes -mean log p(x_i; θ) over the elites (Eq. 3), "is" minimizes
+    -Σ w_i log p(x_i; θ) (Eq. 2). The gradient is accumulated over chunks of ``chunk_size``
+    rows; a step whose chunks the deadline interrupts is not applied.
+    """
+    n = x_fit.shape[0]
+    parts = _chunks(n, config.chunk_size)
+    log_liks = [model.log_likelihood_fn(x_fit[part]) for part in parts]
+    for step in range(config.gradient_steps):
+        optimizer.zero_grad(set_to_none=True)
+        for i, (part, log_lik) in enumerate(zip(parts, log_liks)):
+            if deadline is not None and (step or i) and deadline.expired():
+                return step
+            ll = log_lik()
+            if weights is None:
+                loss = -ll.mean() * ((part.stop - part.start) / n)
+            else:
+                loss = -(weights[part] * ll).sum()
+            loss.backward()
+        optimizer.step()
+    return config.gradient_steps
+
+
 def adapt(model: AdaptiveModel, score: ScoreFn, config: MACEConfig, generator: torch.Generator,
-          deadline: float | None = None,
+          deadline: Deadline | None = None,
           first_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
           stop_when: Callable[[torch.Tensor, torch.Tensor], bool] | None = None) -> MACETrace:
     """Run Algorithm 1 on ``model`` in place and return the best samples seen.
 
     Args:
         model: the generative model; its ``adapted_parameters()`` are changed in place.
-        score: maps samples ``(N, ...)`` to scores S(o_i, o) in [0, 1]: ``(N,)``.
+        score: maps samples ``(N, ...)`` to scores S(o_i, o) in [0, 1]: ``(N,)``. A NaN score
+            counts as 0 (a failed simulation).
         config: N, q, M, T, learning rate and objective.
         generator: random source for sampling (seeded by the caller for reproducibility).
-        deadline: ``time.perf_counter()`` value by which the loop should end: an iteration
-            starts only if the mean duration of the previous ones says it ends before it.
+        deadline: when the loop must end (or None). An iteration starts only if the mean
+            duration of the previous ones says it ends before it; within an iteration, no
+            sampling chunk, gradient step or gradient chunk starts after it, so the loop ends
+            within one chunk's time of the deadline, or of a cancel.
         first_batch: samples ``(N, ...)`` already drawn from the unadapted model and their scores
             ``(N,)``, used as the first iteration's batch instead of drawing a new one.
         stop_when: called with the pool (samples, scores) after each iteration; returning True ends
@@ -166,16 +250,18 @@ def adapt(model: AdaptiveModel, score: ScoreFn, config: MACEConfig, generator: t
     for it in range(config.iterations):
         # No iteration starts that its measured mean duration says would end past the deadline.
         expected = (time.perf_counter() - start) / it if it else 0.0
-        if deadline is not None and time.perf_counter() + expected >= deadline:
+        if deadline is not None and not deadline.allows(expected):
             stopped = True
             break
         if first_batch is not None:
             (x, s), first_batch = first_batch, None
+            s = _finite_scores(s)
         else:
-            with torch.no_grad():
-                x = model.sample(config.num_samples, generator)
-                s = score(x)
+            x, s = draw(model, score, config.num_samples, generator, config.chunk_size, deadline)
         pool.add(x, s)
+        if deadline is not None and deadline.expired():  # the draw itself ran into it
+            stopped = True
+            break
         # x was drawn from the current θ: its mean score rates θ before this iteration's steps
         best_is_last = float(s.mean()) > best_mean
         if config.keep_best and best_is_last:
@@ -185,25 +271,22 @@ def adapt(model: AdaptiveModel, score: ScoreFn, config: MACEConfig, generator: t
         if config.objective == "cem":
             x_fit, weights = x[elite], None
         else:
-            x_fit = x
-            with torch.no_grad():
-                log_w = model.initial_log_likelihood(x) - model.log_likelihood_fn(x)()
-                weights = torch.softmax(log_w, dim=0) * s
-        log_lik = model.log_likelihood_fn(x_fit)
-        for _ in range(config.gradient_steps):
-            optimizer.zero_grad(set_to_none=True)
-            ll = log_lik()
-            loss = -ll.mean() if weights is None else -(weights * ll).sum()
-            loss.backward()
-            optimizer.step()
+            x_fit, weights = x, _importance_weights(model, x, s, config.chunk_size, deadline)
+            if weights is None:
+                stopped = True
+                break
+        steps = _gradient_steps(model, optimizer, x_fit, weights, config, deadline)
         trace_iters.append(MACEIteration(
             mean_score=float(s.mean()), threshold=float(s[elite[-1]]),
             positive_fraction=float((s > 0).float().mean()),
             elapsed_s=time.perf_counter() - start))
+        if steps < config.gradient_steps:
+            stopped = True
+            break
         if stop_when is not None and stop_when(pool.x, pool.s):
             break
     kept = len(trace_iters) - 1
-    if config.keep_best and trace_iters and not best_is_last:
+    if config.keep_best and best_theta is not None and not best_is_last:
         # the θ after the last steps was never scored; the last scored θ was worse than the best
         with torch.no_grad():
             for p, best in zip(params, best_theta):
@@ -211,10 +294,9 @@ def adapt(model: AdaptiveModel, score: ScoreFn, config: MACEConfig, generator: t
         kept = best_it
     if pool.x is None:
         if first_batch is not None:
-            pool.add(*first_batch)
+            pool.add(first_batch[0], _finite_scores(first_batch[1]))
         else:
-            with torch.no_grad():
-                x = model.sample(config.num_samples, generator)
-                pool.add(x, score(x))
+            pool.add(*draw(model, score, config.num_samples, generator, config.chunk_size,
+                           deadline))
     return MACETrace(pool_x=pool.x, pool_scores=pool.s, iterations=trace_iters,
                      stopped_by_deadline=stopped, kept_iteration=kept)

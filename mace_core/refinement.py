@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import numpy as np
 import torch
 
+from .deadline import Deadline
 from .errors import InvalidRequestError
 from .kinematics import RobotKinematics
 from .rotations import matrix_to_quaternion_xyzw
@@ -78,13 +78,13 @@ class Refiner(Protocol):
     """An exact IK solver seeded from candidate configurations."""
 
     def refine(self, q0: torch.Tensor, target: IKTarget,
-               penalty: PenaltyFn | None = None, deadline: float | None = None,
+               penalty: PenaltyFn | None = None, deadline: Deadline | None = None,
                needed: int | None = None) -> torch.Tensor:
         """Refine seeds ``(B, 7)`` towards ``target``: ``(B, 7)`` (failed rows unchanged).
 
         ``penalty`` gives a collision cost and its gradient (see :data:`PenaltyFn`) that solvers
         able to use it (DLS) descend in the null space of the end-effector task. No work
-        starts after ``deadline`` (a ``time.perf_counter()`` value). A solver may stop once
+        starts after ``deadline`` (nor once it is cancelled). A solver may stop once
         ``needed`` rows are solved (the caller wants no more).
         """
 
@@ -132,7 +132,7 @@ class DLSRefiner:
                            (q + dq * scale).clamp(self.kin.lower, self.kin.upper))
 
     def refine(self, q0: torch.Tensor, target: IKTarget,
-               penalty: PenaltyFn | None = None, deadline: float | None = None,
+               penalty: PenaltyFn | None = None, deadline: Deadline | None = None,
                needed: int | None = None) -> torch.Tensor:
         """At most ``max_iterations`` DLS steps on ``q0 (B, 7)``; converged rows stop moving.
 
@@ -140,7 +140,7 @@ class DLSRefiner:
         by ``corrections`` plain DLS steps, so that the next test of convergence and collision
         sees the hand back on the target (Newton's quadratic convergence instead of the drift
         the avoidance adds).
-        No step starts after ``deadline`` (a ``time.perf_counter()`` value); the loop ends once
+        No step starts after ``deadline`` (or its cancel); the loop ends once
         ``needed`` rows have converged clear of obstacles."""
         cfg, kin = self.config, self.kin
         q = q0.clone().clamp(kin.lower, kin.upper)
@@ -150,7 +150,7 @@ class DLSRefiner:
                 # worth more once they are near the target
                 q = self._correct(q, target, torch.zeros_like(prev, dtype=torch.bool))
             for it in range(cfg.max_iterations):
-                if deadline is not None and time.perf_counter() >= deadline:
+                if deadline is not None and deadline.expired():
                     break
                 poses, err, jac, norm, done = self._task(q, target)
                 grad = None
@@ -217,7 +217,7 @@ class TracIKRefiner:
         return out[1:] if out[0] >= 0 else None
 
     def refine(self, q0: torch.Tensor, target: IKTarget,
-               penalty: PenaltyFn | None = None, deadline: float | None = None,
+               penalty: PenaltyFn | None = None, deadline: Deadline | None = None,
                needed: int | None = None) -> torch.Tensor:
         """Refine each row of ``q0 (B, 7)``; rows TRAC-IK fails on come back unchanged.
 
@@ -225,14 +225,14 @@ class TracIKRefiner:
         is ``needed`` (a solved row may still collide, so every seed is tried)."""
         seeds = q0.detach().cpu().double().numpy()
         if target.rotation is None:
-            reachable = self._orienter.refine(q0, target)
+            reachable = self._orienter.refine(q0, target, deadline=deadline)
             rots = self.kin.ee_pose(reachable)[:, :3, :3].detach().cpu().double().numpy()
         else:
             rots = np.broadcast_to(target.rotation.cpu().double().numpy(), (len(seeds), 3, 3))
         position = target.position.cpu().double().numpy()
         out = seeds.copy()
         for b in range(len(seeds)):  # TRAC-IK is a per-seed C++ call; B is small (seeds only)
-            if deadline is not None and time.perf_counter() >= deadline:
+            if deadline is not None and deadline.expired():
                 break
             sol = self.solve(seeds[b], position, matrix_to_quaternion_xyzw(rots[b]))
             if sol is not None:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import yaml
 
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, format_numbers, quote
 from .tensor import TensorSpec
 
 #: Number of size values of each obstacle kind (SolidPrimitive conventions).
@@ -39,10 +39,11 @@ def quaternion_xyzw_to_matrix(quat: Sequence[float]) -> tuple[tuple[float, ...],
     """
     q = np.asarray(quat, dtype=float)
     if q.shape != (4,) or not np.all(np.isfinite(q)):
-        raise InvalidRequestError(f"quaternion must be 4 finite values (x, y, z, w), got {quat}")
+        raise InvalidRequestError(f"quaternion must be 4 finite values (x, y, z, w), got "
+                                  f"{format_numbers(quat)}")
     norm = float(np.linalg.norm(q))
     if abs(norm - 1.0) > QUATERNION_TOLERANCE:
-        raise InvalidRequestError(f"quaternion (x, y, z, w) {list(quat)} is not unit "
+        raise InvalidRequestError(f"quaternion (x, y, z, w) {format_numbers(q)} is not unit "
                                   f"(norm {norm:.6g})")
     x, y, z, w = q / norm
     m = ((1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)),
@@ -55,11 +56,13 @@ def _finite_vector(values, length: int, what: str) -> tuple[float, ...]:
     try:
         arr = np.asarray(values, dtype=float)
     except (TypeError, ValueError) as exc:
-        raise InvalidRequestError(f"{what} must be {length} numbers, got {values!r}") from exc
+        raise InvalidRequestError(f"{what} must be {length} numbers, got "
+                                  f"{quote(values)}") from exc
     if arr.shape != (length,):
-        raise InvalidRequestError(f"{what} must be {length} numbers, got {values!r}")
+        raise InvalidRequestError(f"{what} must be {length} numbers, got "
+                                  f"{format_numbers(values)}")
     if not np.all(np.isfinite(arr)):
-        raise InvalidRequestError(f"{what} must be finite, got {values!r}")
+        raise InvalidRequestError(f"{what} must be finite, got {format_numbers(values)}")
     return tuple(float(v) for v in arr)
 
 
@@ -76,14 +79,15 @@ class Obstacle:
 
     def validate(self) -> None:
         """Raise InvalidRequestError on an unknown kind, bad sizes, NaN/inf or a non-rotation."""
-        label = f"obstacle '{self.name}'"
+        label = f"obstacle {quote(self.name)}"
         if self.kind not in OBSTACLE_DIMENSIONS:
             raise InvalidRequestError(f"{label}: kind must be one of "
-                                      f"{tuple(OBSTACLE_DIMENSIONS)}, got '{self.kind}'")
+                                      f"{tuple(OBSTACLE_DIMENSIONS)}, got {quote(self.kind)}")
         dims = OBSTACLE_DIMENSIONS[self.kind]
         size = _finite_vector(self.size, dims, f"{label}: {self.kind} size")
         if min(size) <= 0.0:
-            raise InvalidRequestError(f"{label}: sizes must be > 0, got {list(self.size)}")
+            raise InvalidRequestError(f"{label}: sizes must be > 0, got "
+                                      f"{format_numbers(self.size)}")
         _finite_vector(self.position, 3, f"{label}: position")
         try:
             rot = np.asarray(self.rotation, dtype=float)
@@ -91,7 +95,7 @@ class Obstacle:
             raise InvalidRequestError(f"{label}: rotation must be 3x3 numbers") from exc
         if rot.shape != (3, 3) or not np.all(np.isfinite(rot)):
             raise InvalidRequestError(f"{label}: rotation must be a finite 3x3 matrix, got "
-                                      f"{self.rotation!r}")
+                                      f"{format_numbers(self.rotation)}")
         if (np.abs(rot @ rot.T - np.eye(3)).max() > ROTATION_TOLERANCE
                 or abs(np.linalg.det(rot) - 1.0) > ROTATION_TOLERANCE):
             raise InvalidRequestError(f"{label}: rotation is not orthonormal with det +1")

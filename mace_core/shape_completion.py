@@ -17,6 +17,7 @@ finger directions, ``(K, 2048, 3)`` completions.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -25,7 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import InvalidRequestError
+from .deadline import Deadline
+from .errors import InvalidRequestError, quote
 from .mace import MACEConfig, adapt
 from .pointcloud_vae import PointCloudVAE, ShapePrior, gaussian_kl
 from .shape_observations import (contact_scores, farthest_point_indices, partial_cloud_scores,
@@ -114,6 +116,12 @@ class ShapeCompletionConfig:
     #: (1.5 pixels, so that a surface seen at up to ~55° from its normal is not striped)
     finger_radius: float = 0.04  #: ℓ, finger radius when the request gives none (App. A)
     max_completions: int = 256  #: upper bound on K
+    max_time_budget_s: float = 30.0  #: s, largest time budget a request may ask for
+    max_iterations: int = 1000  #: largest T a request may ask for
+    max_finger_radius: float = 1.0  #: ℓ, largest finger radius a request may give
+    #: ℓ, largest coordinate (any axis) of an observed point, viewpoint, contact or grasp centre:
+    #: the prior's shapes lie within about 1 ℓ of its origin
+    max_coordinate: float = 20.0
     deadline_margin: float = 1.5  #: no iteration starts later than this many mean iteration
     #: times before the budget ends, so the answer comes within the budget
 
@@ -122,7 +130,8 @@ class ShapeCompletionConfig:
         positive = ("num_samples", "contact_num_samples", "gradient_steps", "pool_size",
                     "chamfer_k", "one_sided_k", "observation_points", "max_input_points",
                     "candidate_points", "max_completions", "temperature", "visibility_pixel",
-                    "learning_rate", "finger_radius")
+                    "learning_rate", "finger_radius", "max_time_budget_s", "max_iterations",
+                    "max_finger_radius", "max_coordinate")
         for name in positive:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
@@ -135,8 +144,15 @@ class ShapeCompletionConfig:
             value = getattr(self, name)
             if not 0.0 < value <= 1.0:
                 raise InvalidRequestError(f"{name} must be in (0, 1], got {value!r}")
+        if self.iterations > self.max_iterations:
+            raise InvalidRequestError(f"iterations must be <= max_iterations = "
+                                      f"{self.max_iterations}, got {self.iterations}")
+        if self.finger_radius > self.max_finger_radius:
+            raise InvalidRequestError(f"finger_radius must be <= max_finger_radius = "
+                                      f"{self.max_finger_radius}, got {self.finger_radius}")
         if self.objective not in ("cem", "is"):
-            raise InvalidRequestError(f"objective must be 'cem' or 'is', got {self.objective!r}")
+            raise InvalidRequestError(f"objective must be 'cem' or 'is', got "
+                                      f"{quote(self.objective)}")
 
 
 @dataclass
@@ -227,7 +243,7 @@ class ShapeCompleter:
                               dict(contacts=cloud[:3], directions=directions)):
                     self.complete(ShapeCompletionRequest(
                         prior=name, num_completions=1, iterations=2, seed=0,
-                        time_budget_s=60.0, **extra))
+                        time_budget_s=self.config.max_time_budget_s, **extra))
 
     def _point_subsets(self, q: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Strided ``(n,)`` indices of ``candidate_points`` of a ``q``-point cloud, and up to
@@ -244,31 +260,49 @@ class ShapeCompleter:
 
     # -- validation ---------------------------------------------------------------------------
 
-    def _array(self, value, name: str, vector: bool) -> torch.Tensor:
+    def _array(self, value, name: str, vector: bool, max_abs: float | None = None,
+               unit: bool = False) -> torch.Tensor:
         """Return ``value`` as a finite tensor of shape ``(3,)`` (vector) or ``(n, 3)``.
 
+        Checked in float64 before the conversion to the spec's dtype, so that finite values too
+        large for float32 are told apart from NaN: every coordinate must be within ``max_abs``
+        (prior units); ``unit`` rows are normalised first (directions: any non-zero length).
         An empty input comes back as ``(0, 3)``.
         """
         try:
-            t = torch.as_tensor(value if isinstance(value, torch.Tensor)
+            t = torch.as_tensor(value.detach() if isinstance(value, torch.Tensor)
                                 else np.asarray(value, dtype=np.float64))
         except (TypeError, ValueError) as exc:
-            raise InvalidRequestError(f"{name} is not numeric: {exc}") from exc
-        t = t.to(device=self.spec.device, dtype=self.spec.dtype)
+            raise InvalidRequestError(f"{name} is not numeric: {quote(exc)}") from exc
+        t = t.to(device=self.spec.device, dtype=torch.float64)
         if not vector and t.numel() == 0:
-            return t.reshape(0, 3)
+            return t.reshape(0, 3).to(self.spec.dtype)
         bad = (tuple(t.shape) != (3,)) if vector else (t.dim() != 2 or t.shape[1] != 3)
         if bad:
             raise InvalidRequestError(f"{name} must have shape {'(3,)' if vector else '(n, 3)'}"
                                       f", got {tuple(t.shape)}")
         if not torch.isfinite(t).all():
             raise InvalidRequestError(f"{name} contains NaN or inf")
-        return t
+        if unit:
+            # scaled by the largest entry first: the norm of 1e300-sized rows stays finite
+            big = t.abs().amax(dim=-1, keepdim=True)
+            if not bool((big > 0).all()):
+                raise InvalidRequestError(f"{name} must be non-zero vectors")
+            t = t / big
+            t = t / torch.linalg.vector_norm(t, dim=-1, keepdim=True)
+        elif max_abs is not None:
+            largest = float(t.abs().max())
+            if largest > max_abs:
+                raise InvalidRequestError(
+                    f"{name} has a coordinate of {largest:.4g}, beyond shape.max_coordinate = "
+                    f"{max_abs:.4g} (prior units) from the prior's origin: is the observation in "
+                    "the prior's frame and units?")
+        return t.to(self.spec.dtype)
 
     def _validate(self, req: ShapeCompletionRequest, gen: torch.Generator) -> _Observation:
         c = self.config
         if req.prior not in self.priors:
-            raise InvalidRequestError(f"unknown prior '{req.prior}' (known: "
+            raise InvalidRequestError(f"unknown prior {quote(req.prior)} (known: "
                                       f"{sorted(self.priors)})")
         if not isinstance(req.num_completions, int) or req.num_completions <= 0:
             raise InvalidRequestError(f"num_completions must be > 0, got {req.num_completions}")
@@ -276,10 +310,12 @@ class ShapeCompleter:
         if req.num_completions > k_max:
             raise InvalidRequestError(f"num_completions must be <= {k_max}, got "
                                       f"{req.num_completions}")
-        if not (req.time_budget_s > 0 and math.isfinite(req.time_budget_s)):
-            raise InvalidRequestError(f"time_budget_s must be > 0, got {req.time_budget_s}")
-        if req.iterations is not None and req.iterations < 0:
-            raise InvalidRequestError(f"iterations must be >= 0 (or None), got {req.iterations}")
+        if not 0 < req.time_budget_s <= c.max_time_budget_s:  # NaN fails too
+            raise InvalidRequestError(f"time_budget_s must be in (0, shape.max_time_budget_s = "
+                                      f"{c.max_time_budget_s:g}] s, got {req.time_budget_s:.6g}")
+        if req.iterations is not None and not 0 <= req.iterations <= c.max_iterations:
+            raise InvalidRequestError(f"iterations must be in [0, shape.max_iterations = "
+                                      f"{c.max_iterations}] (or None), got {req.iterations}")
         has_points = req.points is not None
         has_contacts = req.contacts is not None or req.directions is not None
         if has_points == has_contacts:
@@ -287,9 +323,10 @@ class ShapeCompleter:
                                       " fingertip contacts with directions, not "
                                       + ("both" if has_points else "neither"))
         scale = self.priors[req.prior].vae.config.length_scale
+        reach = c.max_coordinate * scale
         notes: list[str] = []
         if has_points:
-            pts = self._array(req.points, "points", vector=False)
+            pts = self._array(req.points, "points", vector=False, max_abs=reach)
             if pts.shape[0] == 0:
                 raise InvalidRequestError("points is empty: the partial cloud needs >= 1 point")
             n_in = pts.shape[0]
@@ -302,30 +339,31 @@ class ShapeCompleter:
                              "(farthest-point sampling) for scoring")
             view = None
             if req.viewpoint is not None:
-                view = self._array(req.viewpoint, "viewpoint", vector=True)
+                view = self._array(req.viewpoint, "viewpoint", vector=True, max_abs=reach)
                 if (view - pts.mean(0)).norm() < 1e-6 * scale:
                     raise InvalidRequestError("viewpoint coincides with the cloud's centroid")
             return _Observation("points", pts, view, None, None, 0.0, notes)
         if req.contacts is None or req.directions is None:
             raise InvalidRequestError("contacts need directions (one per contact), and vice "
                                       "versa")
-        contacts = self._array(req.contacts, "contacts", vector=False)
-        directions = self._array(req.directions, "directions", vector=False)
+        contacts = self._array(req.contacts, "contacts", vector=False, max_abs=reach)
+        directions = self._array(req.directions, "directions", vector=False, unit=True)
         if contacts.shape[0] == 0:
             raise InvalidRequestError("contacts is empty: give at least one finger")
         if contacts.shape != directions.shape:
             raise InvalidRequestError(f"contacts {tuple(contacts.shape)} and directions "
                                       f"{tuple(directions.shape)} must have the same shape")
-        if (directions.norm(dim=-1) < 1e-9).any():
-            raise InvalidRequestError("directions must be non-zero vectors")
         radius = req.finger_radius
         if radius is None or radius == 0:
             radius = c.finger_radius * scale
-        elif not (radius > 0 and math.isfinite(radius)):
-            raise InvalidRequestError(f"finger_radius must be > 0, got {radius}")
+        elif not 0 < radius <= c.max_finger_radius * scale:  # NaN fails too
+            raise InvalidRequestError(
+                f"finger_radius must be in (0, shape.max_finger_radius = "
+                f"{c.max_finger_radius * scale:.4g}] (prior units), got {radius:.6g}")
         center = (torch.zeros(3, device=self.spec.device, dtype=self.spec.dtype)
                   if req.grasp_center is None
-                  else self._array(req.grasp_center, "grasp_center", vector=True))
+                  else self._array(req.grasp_center, "grasp_center", vector=True,
+                                   max_abs=reach))
         return _Observation("contacts", None, None, contacts - center, directions, float(radius),
                             notes, center)
 
@@ -355,8 +393,13 @@ class ShapeCompleter:
 
     # -- main ---------------------------------------------------------------------------------
 
-    def complete(self, request: ShapeCompletionRequest) -> ShapeCompletionResult:
+    def complete(self, request: ShapeCompletionRequest, start: float | None = None,
+                 cancel: threading.Event | None = None) -> ShapeCompletionResult:
         """Adapt the prior to the request's observation and return its K best completions.
+
+        ``start`` is the ``time.perf_counter()`` value the budget counts from (None: now);
+        setting ``cancel`` ends the adaptation within one step (the best completions so far are
+        returned).
 
         Raises:
             InvalidRequestError: see :meth:`_validate` (empty or non-finite input, both or
@@ -386,7 +429,7 @@ class ShapeCompleter:
                               pool_size=max(c.pool_size, request.num_completions))
         kind = (request.prior, obs.kind + ("+view" if obs.viewpoint is not None else ""))
         margin = c.deadline_margin * self._iteration_s.get(kind, 0.5)
-        deadline = t0 + request.time_budget_s - margin
+        deadline = Deadline.after(request.time_budget_s - margin, start, cancel)
         t_adapt = time.perf_counter()
         trace = adapt(model, score, mace_cfg, gen, deadline=deadline)
         loop_s = time.perf_counter() - t_adapt

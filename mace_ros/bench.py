@@ -5,7 +5,10 @@ runs MACE and the TRAC-IK restarts baseline on one scene (see :mod:`mace_core.ik
 ``--protocol table1`` runs the paper's Table 1 protocol instead.
 ``mace-bench shape --prior boxes --cases 20 --seed 0 --json out/bench_shape_boxes.json`` runs
 shape completion (MACE-VAE against the prior) on held-out shapes (see
-:mod:`mace_core.shape_benchmark`). Runs in-process, without ROS.
+:mod:`mace_core.shape_benchmark`). Both run in-process, without ROS.
+``mace-bench fuzz --requests 1000 --seed 0 --json out/fuzz.json`` starts the node and sends it
+extreme and malformed requests over DDS, counting hangs, crashes, internal errors and non-finite
+answers (see :mod:`mace_ros.fuzz`).
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ from mace_core.config import load_service_config
 from mace_core.errors import MaceError
 from mace_core.ik import IKAdaptConfig, IKAdapter
 from mace_core.ik_benchmark import (METHODS, PROTOCOLS, TABLE1_METHODS, TRACIK_ORIENTATIONS,
-                                    IKBenchmarkConfig, default_models_dir, format_table,
-                                    run_benchmark, table1_service_config)
+                                    IKBenchmarkConfig, format_table, run_benchmark,
+                                    table1_service_config)
+from mace_core.registry import default_models_dir
 from mace_core.scenes import load_scene
 from mace_core.tensor import TensorSpec
+from mace_ros import fuzz
 
 
 def _add_ik_parser(sub) -> None:
@@ -157,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_ik_parser(sub)
     _add_shape_parser(sub)
+    fuzz.add_parser(sub)
     return parser
 
 

@@ -20,7 +20,7 @@ from shape_msgs.msg import SolidPrimitive
 from std_msgs.msg import ColorRGBA, Header
 from visualization_msgs.msg import Marker, MarkerArray
 
-from mace_core.errors import InvalidRequestError
+from mace_core.errors import InvalidRequestError, format_numbers, quote
 from mace_core.ik import IKAdaptResult, IKRequest, IKSolution, IKTimings
 from mace_core.kinematics import RobotKinematics
 from mace_core.rotations import matrix_to_quaternion_xyzw
@@ -45,7 +45,7 @@ _PRIMITIVE_TYPES = {kind: (ptype, dims) for ptype, (kind, dims) in _PRIMITIVES.i
 def _check_frame(frame_id: str, base_frame: str, what: str) -> None:
     """Accept the base frame or an empty frame id (which means the base frame)."""
     if frame_id not in ("", base_frame):
-        raise InvalidRequestError(f"{what}: unknown frame '{frame_id}': targets must be in "
+        raise InvalidRequestError(f"{what}: unknown frame {quote(frame_id)}: targets must be in "
                                   f"{base_frame}")
 
 
@@ -53,7 +53,7 @@ def _vector(values: Sequence[float], what: str) -> np.ndarray:
     """Finite float64 array of ``values``."""
     arr = np.asarray(values, dtype=float)
     if not np.all(np.isfinite(arr)):
-        raise InvalidRequestError(f"{what} must be finite, got {arr.tolist()}")
+        raise InvalidRequestError(f"{what} must be finite, got {format_numbers(arr)}")
     return arr
 
 
@@ -96,7 +96,7 @@ def obstacles_from_msgs(objects: Sequence[CollisionObject],
     """One :class:`Obstacle` per primitive, named ``id`` (or ``id/i`` for several primitives)."""
     out = []
     for n, obj in enumerate(objects):
-        label = f"obstacle '{obj.id}'" if obj.id else f"obstacles[{n}]"
+        label = f"obstacle {quote(obj.id)}" if obj.id else f"obstacles[{n}]"
         _check_frame(obj.header.frame_id, base_frame, label)
         if len(obj.primitives) != len(obj.primitive_poses):
             raise InvalidRequestError(
@@ -118,7 +118,7 @@ def obstacles_from_msgs(objects: Sequence[CollisionObject],
             size = _vector(size, f"{where}: {kind} dimensions")
             if np.any(size <= 0.0):
                 raise InvalidRequestError(
-                    f"{where}: {kind} dimensions must be > 0, got {size.tolist()}")
+                    f"{where}: {kind} dimensions must be > 0, got {format_numbers(size)}")
             position = _vector(_point(pose.position), f"{where}: position")
             rotation = _rotation_from_quaternion(pose.orientation, f"{where}: orientation")
             # every field is checked above: Obstacle.validate() would only repeat it
@@ -153,7 +153,8 @@ def ik_request_from_msg(req: AdaptIK.Request, base_frame: str = BASE_FRAME) -> I
     _check_frame(req.target.header.frame_id, base_frame, "target")
     position = np.asarray(_point(req.target.pose.position), dtype=float)
     if not np.all(np.isfinite(position)):
-        raise InvalidRequestError(f"target position must be finite, got {position.tolist()}")
+        raise InvalidRequestError(f"target position must be finite, got "
+                                  f"{format_numbers(position)}")
     rotation = None
     if req.use_orientation:
         rotation = _rotation_from_quaternion(req.target.pose.orientation, "target orientation")
@@ -361,7 +362,7 @@ def points_from_cloud(msg: PointCloud2, skip_nans: bool = True) -> np.ndarray:
     missing = [n for n in _XYZ if n not in fields]
     if missing:
         raise InvalidRequestError(f"point cloud has no field(s) {missing} (fields: "
-                                  f"{sorted(fields)}); x, y, z float32 are required")
+                                  f"{quote(sorted(fields))}); x, y, z float32 are required")
     for name in _XYZ:
         f = fields[name]
         if f.datatype != PointField.FLOAT32 or f.count > 1:

@@ -11,7 +11,12 @@ request is taken off the wire at once; one :class:`RequestGate`, shared by both 
 serves them one at a time in arrival order (the IK adapter tunes the prior's weights in place, and
 both are heavy). Above ``max_concurrent_waiting`` waiting requests, a new one is answered at once
 with ``success = false``, "busy: N requests waiting". Malformed requests are answered before
-queueing.
+queueing. A request's time budget counts from its arrival, so the time it waits is part of it.
+
+Shutdown: SIGINT and SIGTERM (Ctrl-C, ``ros2 launch``) are handled by :class:`ShutdownSignals`,
+not by rclpy: the first one cancels the request being served and the waiting ones (each is
+answered ``success = false``, "node shutting down"), then the node is destroyed and the process
+exits with status 0, within about a second. Further signals change nothing.
 
     python -m mace_ros.node --ros-args --params-file config/panda.yaml -p device:=cpu
 """
@@ -19,7 +24,9 @@ queueing.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -33,14 +40,17 @@ import rclpy
 import torch
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions
 from std_msgs.msg import Header
 from visualization_msgs.msg import MarkerArray
 
 from mace_core.config import ServiceConfig
-from mace_core.errors import InvalidRequestError, MaceError
+from mace_core.deadline import Deadline
+from mace_core.errors import InvalidRequestError, MaceError, quote
 from mace_core.ik import IKAdapter, IKRequest
 from mace_core.kinematics import RobotKinematics
 from mace_core.pointcloud_vae import ShapePrior, load_shape_priors
@@ -59,15 +69,29 @@ MOVEIT_GROUP = "panda_arm"
 SHAPE_REGISTRY = "shape_registry.yaml"
 
 
+#: Seconds the node waits, once shutting down, for cancelled requests to send their answers.
+SHUTDOWN_GRACE_S = 1.0
+#: The answer to requests cancelled or refused because the node is shutting down.
+SHUTTING_DOWN = "node shutting down: the request was abandoned"
+
+
 class BusyError(MaceError):
     """Too many requests are already waiting for their turn."""
+
+
+class ShuttingDownError(MaceError):
+    """The node is shutting down: no request is served any more."""
+
+    def __init__(self, message: str = SHUTTING_DOWN):
+        super().__init__(message)
 
 
 class RequestGate:
     """Lets callers through one at a time, first come first served.
 
     A caller that would find more than ``max_waiting`` others waiting is refused with
-    :class:`BusyError` at once instead of queueing.
+    :class:`BusyError` at once instead of queueing. After :meth:`close`, waiting and new callers
+    get :class:`ShuttingDownError`.
     """
 
     def __init__(self, max_waiting: int):
@@ -75,6 +99,13 @@ class RequestGate:
         self._cond = threading.Condition()
         self._next_ticket = 0  # next ticket to hand out
         self._serving = 0  # ticket whose turn it is
+        self._closed = False
+
+    def close(self) -> None:
+        """Refuse every waiting and later caller (the one being served goes on)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
     @property
     def waiting(self) -> int:
@@ -86,12 +117,16 @@ class RequestGate:
     def turn(self) -> Iterator[None]:
         """Block until it is this caller's turn; raises BusyError if the queue is full."""
         with self._cond:
+            if self._closed:
+                raise ShuttingDownError()
             admitted = self._next_ticket - self._serving  # running + waiting
             if admitted > self.max_waiting:
                 raise BusyError(f"busy: {admitted - 1} requests waiting")
             ticket = self._next_ticket
             self._next_ticket += 1
-            self._cond.wait_for(lambda: self._serving == ticket)
+            self._cond.wait_for(lambda: self._serving == ticket or self._closed)
+            if self._closed:  # for good: the turns need no more counting
+                raise ShuttingDownError()
         try:
             yield
         finally:
@@ -119,12 +154,12 @@ class MoveItRefiner:
         self.solver_timeout_s, self.call_timeout_s = solver_timeout_s, call_timeout_s
 
     def refine(self, q0: torch.Tensor, target: IKTarget, penalty=None,
-               deadline: float | None = None, needed: int | None = None) -> torch.Tensor:
+               deadline: Deadline | None = None, needed: int | None = None) -> torch.Tensor:
         """Refine each row of ``q0 (B, 7)``; rows MoveIt fails on come back unchanged.
 
         MoveIt is asked with ``avoid_collisions`` off (MACE re-checks every answer), so the
         collision ``penalty`` is not used, nor ``needed`` (every seed is tried); no call starts
-        after ``deadline``."""
+        after ``deadline``, and none waits past it."""
         if not self._client.service_is_ready():
             raise InvalidRequestError(f"refinement 'moveit': MoveIt's {self.service} is not "
                                       f"available (is move_group running?)")
@@ -137,13 +172,16 @@ class MoveItRefiner:
         position = target.position.cpu().double().numpy()
         out = seeds.copy()
         for b, seed in enumerate(seeds):
-            if deadline is not None and time.perf_counter() >= deadline:
-                break
+            wait_s = self.call_timeout_s
+            if deadline is not None:
+                if deadline.expired():
+                    break
+                wait_s = min(wait_s, deadline.remaining())
             request = conversions.fill_compute_ik_request(
                 self._request_type(), seed, self.kin.joint_names, position, rotations[b],
                 MOVEIT_GROUP, self.kin.ee_link, self.solver_timeout_s, self.kin.base_link)
             try:
-                response = self._client.call(request, timeout_sec=self.call_timeout_s)
+                response = self._client.call(request, timeout_sec=wait_s)
             except TimeoutError:
                 response = None
             q = conversions.joints_from_compute_ik(response, self.kin.joint_names)
@@ -166,12 +204,24 @@ def resolve_models_dir(models_dir: str) -> str:
                              "set models_dir") from exc
 
 
+class BudgetSpentError(MaceError):
+    """A request's time budget ran out before its turn came."""
+
+
 class MaceNode(Node):
     """The node named ``mace``: ``~/adapt_ik`` and ``~/complete_shape`` services,
-    ``~/ik_solutions`` markers."""
+    ``~/ik_solutions`` markers.
 
-    def __init__(self, **kwargs):
+    ``params_files`` are the ``--params-file`` paths it was started with: it warns when none of
+    a file's sections names it (a file keyed ``mace:`` under a namespace applies to nothing).
+    """
+
+    def __init__(self, params_files: tuple[str, ...] = (), **kwargs):
         super().__init__("mace", **kwargs)
+        self._params_files = tuple(params_files)
+        self._cancel = threading.Event()  # set once: cancels the request being served
+        self._in_flight = 0  # service callbacks running (served or waiting)
+        self._in_flight_lock = threading.Lock()
         try:
             self._build()
         except BaseException:
@@ -183,10 +233,15 @@ class MaceNode(Node):
     def _build(self) -> None:
         t0 = time.perf_counter()
         log = self.get_logger()
+        log.info("starting: loading the models and warming up")
         self.config = params.declare_parameters(self)
         unknown = params.unknown_overrides(list(getattr(self, "_parameter_overrides", {})))
         if unknown:
             log.warning(f"ignoring unknown parameters {unknown} (see config/panda.yaml)")
+        for path in self._params_files:
+            problem = params.params_file_mismatch(path, self.get_fully_qualified_name())
+            if problem:
+                log.warning(problem)
         if self.config.torch_threads > 0:
             torch.set_num_threads(self.config.torch_threads)
         self.spec = TensorSpec.resolve(self.config.device)
@@ -332,12 +387,16 @@ class MaceNode(Node):
                      response: AdaptIK.Response) -> AdaptIK.Response:
         return self._serve("adapt_ik", self._adapt_ik, request, response)
 
-    def _adapt_ik(self, request: AdaptIK.Request, response: AdaptIK.Response) -> str:
+    def _adapt_ik(self, request: AdaptIK.Request, response: AdaptIK.Response,
+                  arrival: float) -> str:
         adapter = self._ik  # parameter changes swap in a new adapter; this request keeps its own
         kin = adapter.kin
         ik_request = conversions.ik_request_from_msg(request, kin.base_link)
         with self._gate.turn():
-            result = adapter.solve(ik_request)
+            _check_budget_left(arrival, ik_request.time_budget_s)
+            result = adapter.solve(ik_request, start=arrival, cancel=self._cancel)
+            if self._cancel.is_set():
+                raise ShuttingDownError()
             conversions.ik_result_to_msg(result, response)
             if self.config.publish_markers:
                 header = Header(frame_id=kin.base_link, stamp=self.get_clock().now().to_msg())
@@ -351,33 +410,41 @@ class MaceNode(Node):
         return self._serve("complete_shape", self._complete_shape, request, response)
 
     def _complete_shape(self, request: CompleteShape.Request,
-                        response: CompleteShape.Response) -> str:
+                        response: CompleteShape.Response, arrival: float) -> str:
         completer = self._shape  # parameter changes swap in a new one; this request keeps its own
         shape_request = conversions.shape_request_from_msg(request)
         header = conversions.shape_request_header(request)
         if shape_request.points is None:  # contacts carry no stamp: answer with the time now
             header.stamp = self.get_clock().now().to_msg()
         with self._gate.turn():
-            result = completer.complete(shape_request)
+            _check_budget_left(arrival, shape_request.time_budget_s)
+            result = completer.complete(shape_request, start=arrival, cancel=self._cancel)
+            if self._cancel.is_set():
+                raise ShuttingDownError()
         conversions.shape_result_to_msg(result, header, response)
         if shape_request.points is not None:
             n, limit = len(shape_request.points), completer.config.max_input_points
-            what = f"{n}-point cloud in '{header.frame_id}'"
+            what = f"{n}-point cloud in {quote(header.frame_id)}"
             if n > limit:
                 response.message += (f"; the cloud has {n} points, more than shape."
                                      f"max_input_points = {limit}: a random subset of {limit} "
                                      f"was used")
         else:
-            what = f"{len(shape_request.contacts)} contacts in '{header.frame_id}'"
-        return f"prior '{shape_request.prior}', {what}: {response.message}"
+            what = f"{len(shape_request.contacts)} contacts in {quote(header.frame_id)}"
+        return f"prior {quote(shape_request.prior)}, {what}: {response.message}"
 
-    def _serve(self, name: str, handler: Callable[[object, object], str], request, response):
-        """Run ``handler``; a failure answers a fresh response with success = false."""
+    def _serve(self, name: str, handler: Callable[[object, object, float], str], request,
+               response):
+        """Run ``handler(request, response, arrival)``; a failure answers a fresh response with
+        success = false."""
+        arrival = time.perf_counter()  # the request's time budget counts from here
         log = self.get_logger()
+        with self._in_flight_lock:
+            self._in_flight += 1
         try:
-            log.info(f"{name}: {handler(request, response)}")
+            log.info(f"{name}: {handler(request, response, arrival)}")
             return response
-        except BusyError as exc:
+        except (BusyError, ShuttingDownError, BudgetSpentError) as exc:
             message = str(exc)
             log.warning(f"{name}: {message}")
         except MaceError as exc:
@@ -386,34 +453,148 @@ class MaceNode(Node):
         except Exception as exc:  # noqa: BLE001 - keep serving; the traceback goes to the log
             message = f"internal error: {type(exc).__name__}: {exc}"
             log.error(f"{name}: internal error\n{traceback.format_exc()}")
+        finally:
+            with self._in_flight_lock:
+                self._in_flight -= 1
         failed = type(response)()
         failed.success, failed.message = False, message
         return failed
 
+    # -- shutdown ------------------------------------------------------------------------------
+
+    @property
+    def requests_in_flight(self) -> int:
+        """Service callbacks running now (being served or waiting for their turn)."""
+        with self._in_flight_lock:
+            return self._in_flight
+
+    def shut_down(self, executor: MultiThreadedExecutor, reason: str) -> bool:
+        """Cancel the request being served and the waiting ones, let their answers ("node
+        shutting down") go out, stop ``executor`` and destroy the node.
+
+        Returns False when a request did not end within ``SHUTDOWN_GRACE_S``; the node is then
+        left to the process's exit (destroying it under a running callback can crash).
+        """
+        busy = self.requests_in_flight
+        self.get_logger().info(f"{reason}: shutting down" + (
+            f", abandoning {busy} request(s) in progress or waiting" if busy else ""))
+        self._cancel.set()
+        self._gate.close()
+        end = time.monotonic() + SHUTDOWN_GRACE_S
+        while self.requests_in_flight and time.monotonic() < end:
+            time.sleep(0.01)
+        if self.requests_in_flight:
+            self.get_logger().warning(f"{self.requests_in_flight} request(s) still running after "
+                                      f"{SHUTDOWN_GRACE_S:.1f} s; exiting without waiting")
+            executor.shutdown(timeout_sec=0, wait_for_threads=False)
+            return False
+        executor.shutdown(timeout_sec=0)  # joins the worker threads: every answer is sent
+        if busy:
+            time.sleep(0.1)  # the last answers leave before their service is destroyed
+        self.destroy_node()
+        return True
+
+
+def _check_budget_left(arrival: float, budget_s: float | None) -> None:
+    """Raise BudgetSpentError when a request's (valid) budget ran out while it waited."""
+    waited = time.perf_counter() - arrival
+    if budget_s is not None and math.isfinite(budget_s) and 0 < budget_s <= waited:
+        raise BudgetSpentError(f"time budget of {budget_s:.3g} s ran out while the request "
+                               f"waited {waited:.2f} s for its turn (requests are served one at "
+                               "a time)")
+
+
+class StartInterrupted(BaseException):
+    """A shutdown signal arrived while the node was still starting (not an error)."""
+
+
+class ShutdownSignals:
+    """SIGINT and SIGTERM for the node's process, in place of rclpy's and Python's handlers.
+
+    While the node starts, the first signal raises :class:`StartInterrupted` (the start is
+    abandoned); afterwards it only sets :attr:`requested`, which the spin loop of :func:`main`
+    checks, so that shutdown runs in order (:meth:`MaceNode.shut_down`) and no
+    KeyboardInterrupt can strike in the middle of it. Later signals change nothing.
+    """
+
+    def __init__(self):
+        self.requested = threading.Event()  #: set by the first signal
+        self.name = ""  #: that signal's name
+        self.starting = True  #: while True, the first signal raises StartInterrupted
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested.is_set():
+            return
+        self.requested.set()
+        self.name = signal.Signals(signum).name
+        if self.starting:
+            raise StartInterrupted(self.name)
+
+
+def params_files_in(argv: list[str]) -> tuple[str, ...]:
+    """The ``--params-file`` paths among the ROS arguments of ``argv``."""
+    files, in_ros_args = [], False
+    for i, arg in enumerate(argv):
+        if arg == "--ros-args":
+            in_ros_args = True
+        elif arg == "--":
+            in_ros_args = False
+        elif in_ros_args and arg == "--params-file" and i + 1 < len(argv):
+            files.append(argv[i + 1])
+    return tuple(files)
+
 
 def main(args: list[str] | None = None) -> int:
-    """Run the node until Ctrl-C or shutdown; exit status 1 when it cannot start."""
-    rclpy.init(args=sys.argv if args is None else args)
+    """Run the node until SIGINT / SIGTERM or shutdown: exit status 0, or 1 when it cannot start.
+
+    The spin loop wakes every 0.1 s to see whether a signal asked for shutdown.
+    """
+    argv = list(sys.argv if args is None else args)
+    signals = ShutdownSignals()
+    signals.install()
+    log = rclpy.logging.get_logger("mace")
+    node = None
     try:
-        node = MaceNode()
+        try:
+            rclpy.init(args=argv, signal_handler_options=SignalHandlerOptions.NO)
+        except _rclpy.RCLError as exc:  # e.g. a --params-file that cannot be read
+            log.fatal(f"cannot start: {exc}")
+            return 1
+        node = MaceNode(params_files=params_files_in(argv))
+        signals.starting = False
     except MaceError as exc:
-        rclpy.logging.get_logger("mace").fatal(f"cannot start: {exc}")
+        log.fatal(f"cannot start: {exc}")
         rclpy.try_shutdown()
         return 1
-    except (KeyboardInterrupt, ExternalShutdownException):
+    except StartInterrupted as exc:
+        log.info(f"{exc}: start abandoned")
+        if node is not None:
+            node.destroy_node()
         rclpy.try_shutdown()
-        return 130
+        _exit_now(0)
     executor = MultiThreadedExecutor(num_threads=node.num_threads)
     executor.add_node(node)
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        executor.shutdown()
-        node.destroy_node()
+    while not signals.requested.is_set() and rclpy.ok():
+        executor.spin_once(timeout_sec=0.1)
+    if node.shut_down(executor, signals.name or "rclpy shut down"):
         rclpy.try_shutdown()
-    return 0
+        log.info("stopped")
+    # Everything that needs closing is closed (or, when a callback is stuck, must not be
+    # touched): skip the interpreter's teardown of the models, about a second of the 2 s that
+    # a stop may take.
+    _exit_now(0)
+    return 0  # not reached
+
+
+def _exit_now(status: int) -> None:
+    """Flush the output and end the process at once (no interpreter teardown)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":

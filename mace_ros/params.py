@@ -9,8 +9,10 @@ config, and validates them.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
+import yaml
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.node import Node
@@ -112,3 +114,37 @@ def validate(config: ServiceConfig) -> None:
         config.shape.validate()
     except InvalidRequestError as exc:
         raise ParameterError(f"parameter shape.{exc}") from exc
+
+
+def node_key_matches(key: str, fully_qualified_name: str) -> bool:
+    """Whether a parameters-file section ``key`` applies to a node, by rcl's rules.
+
+    A key without a leading ``/`` is taken from the root; ``*`` stands for one name token and
+    ``**`` for any number of them (``/**`` applies to every node).
+    """
+    key = key if key.startswith("/") else "/" + key
+    pattern = ""
+    for token in key.split("/")[1:]:
+        if token == "**":
+            pattern += "(/[^/]+)*"
+        else:
+            pattern += "/" + re.escape(token).replace(r"\*", "[^/]+")
+    return re.fullmatch(pattern, fully_qualified_name) is not None
+
+
+def params_file_mismatch(path: str, fully_qualified_name: str) -> str | None:
+    """A warning when no section of the parameters file ``path`` applies to the node (None when
+    one does, or when the file is not a mapping of sections)."""
+    try:
+        with open(path) as f:
+            sections = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return None  # rcl has read it already; nothing more to say here
+    if not isinstance(sections, dict) or not sections:
+        return None
+    keys = [str(k) for k in sections]
+    if any(node_key_matches(k, fully_qualified_name) for k in keys):
+        return None
+    return (f"parameters file {path}: none of its sections {keys} applies to this node "
+            f"({fully_qualified_name}), so none of its values is used; key it '/**:' (every "
+            f"node) or '{fully_qualified_name}:'")

@@ -31,10 +31,13 @@ class NodeProcess:
     """The mace node in a child process, its output in a log file."""
 
     def __init__(self, log_path: str, params: dict[str, object] | None = None,
-                 ros_args: list[str] | None = None, models_dir: str = MODELS_DIR):
+                 ros_args: list[str] | None = None, models_dir: str = MODELS_DIR,
+                 params_files: tuple[str, ...] = (PARAMS_FILE,)):
         self.log_path = log_path
-        cmd = [sys.executable, "-m", "mace_ros.node", "--ros-args", "--params-file",
-               PARAMS_FILE, "-p", f"models_dir:={models_dir}"]
+        cmd = [sys.executable, "-m", "mace_ros.node", "--ros-args"]
+        for path in params_files:
+            cmd += ["--params-file", path]
+        cmd += ["-p", f"models_dir:={models_dir}"]
         for name, value in (params or {}).items():
             cmd += ["-p", f"{name}:={value}"]
         cmd += ros_args or []
@@ -47,6 +50,15 @@ class NodeProcess:
         """Everything the node printed so far."""
         with open(self.log_path, errors="replace") as f:
             return f.read()
+
+    def wait_for_log(self, text: str, timeout_s: float = NODE_START_TIMEOUT_S) -> bool:
+        """Wait until the node has printed ``text``; False on timeout or exit."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end and self.proc.poll() is None:
+            if text in self.log():
+                return True
+            time.sleep(0.05)
+        return text in self.log()
 
     def wait_exit(self, timeout_s: float) -> int | None:
         """Exit status, or None if still running after ``timeout_s``."""

@@ -1,6 +1,9 @@
 """The IK engine with the shipped prior: adaptation, refinement, validation, judged by PyBullet."""
 
 import math
+import threading
+import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -247,6 +250,15 @@ BAD = [
                               position=(0.5, 0.0, 0.2))]), "size"),
     (dict(obstacles=[Obstacle(name="b", kind="box", size=(0.1, 0.1),
                               position=(0.5, 0.0, 0.2))]), "box size must be 3 numbers"),
+    (dict(gradient_steps=4294967295), "gradient_steps must be at most"),
+    (dict(iterations=2147483647), "iterations must be at most"),
+    (dict(learning_rate=1e38), "learning_rate must be at most"),
+    (dict(orientation_tolerance=1e300, rotation=np.eye(3)), "orientation tolerance"),
+    (dict(obstacles=[Obstacle(name="b", kind="box", size=(1e39, 0.1, 0.1),
+                              position=(0.5, 0.0, 0.2))]), "max_coordinate_m"),
+    (dict(obstacles=[Obstacle(name="s", kind="sphere", size=(0.1,),
+                              position=(1e30, 0.0, 0.2))]), "max_coordinate_m"),
+    (dict(refinement="x" * 10_000), r"got 'x{100}'\.\.\. \(10000 characters\)$"),
 ]
 
 
@@ -257,3 +269,46 @@ def test_bad_requests_raise_clear_errors(adapter, override, words):
         setattr(req, key, value)
     with pytest.raises(InvalidRequestError, match=f"(?i){words}"):
         adapter.solve(req)
+
+
+def test_huge_overrides_end_within_the_budget(adapter, wall):
+    """The largest M, N and T the limits allow, with the importance-sampling objective (which
+    fits all N samples) and no refinement: the request still ends near its budget (the
+    deadline is checked inside the gradient steps and between sampling chunks), where
+    M = 2,000 used to take 12 s on a 1 s budget."""
+    lim = adapter.config.limits
+    req = request_in(wall, num_solutions=64, time_budget_s=0.5, refinement="none",
+                     objective="is", num_samples=lim.max_samples,
+                     gradient_steps=lim.max_gradient_steps, iterations=lim.max_iterations,
+                     seed=0)
+    t0 = time.perf_counter()
+    result = adapter.solve(req)
+    assert time.perf_counter() - t0 < 0.5 + 2.0  # a generous bound; the benchmark measures it
+    assert all(np.isfinite(s.q).all() for s in result.solutions)
+
+
+def test_cancel_ends_a_request_at_once(adapter, wall):
+    """A cancel event (the node shutting down) ends a 30 s request; the answer is what was
+    found so far."""
+    cancel = threading.Event()
+    timer = threading.Timer(0.3, cancel.set)
+    req = request_in(wall, num_solutions=64, time_budget_s=30.0, refinement="none",
+                     iterations=2000, seed=0)
+    adapter.config, defaults = replace(adapter.config, early_stop=False), adapter.config
+    try:
+        t0 = time.perf_counter()
+        timer.start()
+        result = adapter.solve(req, cancel=cancel)
+    finally:
+        adapter.config = defaults
+        timer.join()
+    assert time.perf_counter() - t0 < 5.0
+    assert result.iterations_run < 2000
+
+
+def test_budget_counts_from_the_given_start(adapter, wall):
+    """A request whose budget was spent before its turn (start in the past) answers at once
+    with what one batch gives, instead of running its whole budget again."""
+    req = request_in(wall, num_solutions=8, time_budget_s=1.0, seed=0, iterations=40)
+    result = adapter.solve(req, start=time.perf_counter() - 5.0)
+    assert result.iterations_run == 0

@@ -27,7 +27,7 @@ from mace_ros.conversions import ik_request_to_msg
 from mace_ros.msg import CollisionObject
 from mace_ros.srv import AdaptIK
 from mace_core.errors import InvalidRequestError
-from mace_ros.node import BusyError, MaceNode, RequestGate
+from mace_ros.node import BusyError, MaceNode, RequestGate, ShuttingDownError
 
 BOX_SCENE = "config/scenes/box.yaml"
 
@@ -204,8 +204,29 @@ def _nan_obstacle(req):
     req.obstacles[2].primitive_poses[0].position.z = math.inf
 
 
+def _long_refinement(req):
+    req.refinement = "x" * 10_000
+
+
+def _non_unit_quaternion(req):
+    req.use_orientation = True
+    req.target.pose.orientation.w = 2.0
+
+
+def _huge_obstacle(req):
+    req.obstacles[1].primitives[0].dimensions = [1e300, 0.3, 0.1]
+
+
+def _huge_learning_rate(req):
+    req.learning_rate = 1e38
+
+
 BAD_REQUESTS = [
     (_nan_target, "target position must be finite"),
+    (_long_refinement, "'... (10000 characters)"),
+    (_non_unit_quaternion, "quaternion (x, y, z, w) [0, 0, 0, 2] is not unit (norm 2)"),
+    (_huge_obstacle, "must be within limits.max_coordinate_m = 100 m"),
+    (_huge_learning_rate, "learning_rate must be at most limits.max_learning_rate = 0.1"),
     (_frame, "unknown frame 'world'"),
     (_unreachable, "unreachable"),
     (_box_two_dims, "needs 3 dimensions, got 2"),
@@ -231,6 +252,7 @@ def test_bad_request_is_rejected_with_a_reason(ik_client, box, mutate, expected)
     response = ik_client.call(request, timeout_s=30.0)
     assert not response.success
     assert expected in response.message
+    assert len(response.message) < 400, "a rejection quotes its input briefly"
     assert not response.solutions
     assert time.monotonic() - t0 < 5.0, "a rejected request should answer at once"
 
@@ -323,25 +345,29 @@ class _FakeLogger:
 
 @pytest.mark.parametrize("error,message,level", [
     (BusyError("busy: 3 requests waiting"), "busy: 3 requests waiting", "warning"),
+    (ShuttingDownError(), "node shutting down: the request was abandoned", "warning"),
     (InvalidRequestError("target is unreachable"), "target is unreachable", "warning"),
     (ZeroDivisionError("division by zero"), "internal error: ZeroDivisionError: division by zero",
      "error"),
 ])
 def test_failures_become_fresh_unsuccessful_responses(error, message, level):
     logger = _FakeLogger()
-    fake_node = type("FakeNode", (), {"get_logger": lambda self: logger})()
+    fake_node = type("FakeNode", (), {"get_logger": lambda self: logger,
+                                      "_in_flight_lock": threading.Lock(), "_in_flight": 0})()
 
-    def handler(request, response):
+    def handler(request, response, arrival):
         response.success = True  # half-filled when the error strikes
         raise error
 
     response = MaceNode._serve(fake_node, "adapt_ik", handler, None, AdaptIK.Response())
     assert not response.success and response.message == message and not response.solutions
     assert logger.lines[-1][0] == level
+    assert fake_node._in_flight == 0
 
 
 def test_busy_node_answers_busy_and_serves_the_waiting_one(rclpy_context, tmp_path, box):
-    """A node allowing 1 waiting request: 1 runs, 1 waits, the third is told "busy"."""
+    """A node allowing 1 waiting request: 1 runs, 1 waits, the third is told "busy". A budget
+    counts from the request's arrival: one that runs out while waiting is answered so."""
     node = NodeProcess(str(tmp_path / "busy.log"),
                        params={"max_concurrent_waiting": 1, "ik.early_stop": "false",
                                "publish_markers": "false"},
@@ -357,28 +383,50 @@ def test_busy_node_answers_busy_and_serves_the_waiting_one(rclpy_context, tmp_pa
                         refinement="none" if i == 0 else None),
             timeout_s=60.0)
 
+    def run(budgets):
+        threads = [threading.Thread(target=call, args=(i, b)) for i, b in enumerate(budgets)]
+        for i, t in enumerate(threads):
+            t.start()
+            time.sleep((1.0, 0.5, 0.0)[i])
+        for t in threads:
+            t.join(90.0)
+        return list(responses[:len(budgets)])
+
     try:
         wait_for_service(node, clients[0])
         for c in clients[1:]:
             assert c.wait(10.0)
-        threads = [threading.Thread(target=call, args=(i, b))
-                   for i, b in enumerate((4.0, 0.5, 0.5))]
-        threads[0].start()
-        time.sleep(1.0)
-        threads[1].start()
-        time.sleep(0.5)
-        threads[2].start()
-        for t in threads:
-            t.join(90.0)
+        first, second, third = run((4.0, 6.0, 0.5))
+        long, short = run((2.5, 0.5))
     finally:
         for c in clients:
             c.close()
         status = node.stop()
     assert status == 0, node.log()
-    first, second, third = responses
     assert first.success and "busy" not in first.message
     assert "busy" not in second.message and second.solutions
     assert not third.success and third.message == "busy: 1 requests waiting"
+    assert long.success
+    assert not short.success and "ran out while the request waited" in short.message
+
+
+def test_huge_overrides_are_refused_or_answered_within_budget(ik_client, box):
+    """gradient_steps = 2^32 - 1 (which hung the node for good) is refused at once; the largest
+    M, N and T the limits allow, with the importance-sampling objective, answer near the
+    budget."""
+    request = box_request(box, num_solutions=64, refinement="none", time_budget_s=1.0)
+    request.gradient_steps = 4294967295
+    response = ik_client.call(request, timeout_s=30.0)
+    assert not response.success and "gradient_steps must be at most" in response.message
+    request = box_request(box, num_solutions=64, refinement="none", time_budget_s=1.0,
+                          objective="is", num_samples=16384, gradient_steps=256,
+                          iterations=2000)
+    t0 = time.monotonic()
+    response = ik_client.call(request, timeout_s=30.0)
+    wall = time.monotonic() - t0
+    assert response.solutions
+    assert all(math.isfinite(v) for sol in response.solutions for v in sol.positions)
+    assert wall < 1.0 + 2.0, f"answered after {wall:.2f} s on a 1 s budget"  # not a hang
 
 
 # ------------------------------------------------------------------------------------------------

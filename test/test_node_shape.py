@@ -209,6 +209,33 @@ def _iterations(req, box):
     req.iterations = -5
 
 
+def _huge_finger(req, box):
+    other = contacts_request(box)
+    req.cloud = CompleteShape.Request().cloud
+    req.contact_points, req.contact_directions = other.contact_points, other.contact_directions
+    req.finger_radius = 1e160
+
+
+def _cloud_scaled(factor):
+    def scaled(req, box):
+        with np.errstate(over="ignore", invalid="ignore"):  # float32 overflow is the point
+            req.cloud = conv.cloud_from_points(box[1] * factor, req.cloud.header)
+    scaled.__name__ = f"_cloud_times_{factor:.0e}"
+    return scaled
+
+
+def _huge_budget(req, box):
+    req.time_budget = 1e9
+
+
+def _huge_iterations(req, box):
+    req.iterations = 2147483647
+
+
+def _long_prior(req, box):
+    req.prior = "p" * 10_000
+
+
 limit = min(ShapeCompletionConfig().max_completions, ShapeCompletionConfig().num_samples)
 BAD_REQUESTS = [
     (_empty_cloud, "cloud is empty"),
@@ -224,9 +251,15 @@ BAD_REQUESTS = [
     (_zero_direction, "directions must be non-zero"),
     (_zero_k, "num_completions must be > 0, got 0"),
     (_k_above_limit, f"num_completions must be <= {limit}, got 1000"),
-    (_zero_budget, "time_budget_s must be > 0"),
-    (_negative_budget, "time_budget_s must be > 0"),
+    (_zero_budget, "time_budget_s must be in (0, shape.max_time_budget_s = 30] s, got 0"),
+    (_negative_budget, "time_budget_s must be in (0"),
     (_iterations, "iterations must be -1"),
+    (_huge_finger, "finger_radius must be in (0, shape.max_finger_radius"),
+    (_cloud_scaled(1e39), "NaN or inf"),  # float32 on the wire: 1e39 is inf
+    (_cloud_scaled(1e30), "beyond shape.max_coordinate"),
+    (_huge_budget, "time_budget_s must be in (0, shape.max_time_budget_s = 30] s, got 1e+09"),
+    (_huge_iterations, "iterations must be in [0, shape.max_iterations = 1000]"),
+    (_long_prior, "unknown prior 'pppp"),
 ]
 
 
@@ -238,6 +271,7 @@ def test_bad_shape_request_is_rejected_with_a_reason(shape_client, box, mutate, 
     t0 = time.monotonic()
     response = shape_client.call(request, timeout_s=30.0)
     assert not response.success
+    assert len(response.message) < 400, "a rejection quotes its input briefly"
     assert expected in response.message
     assert not response.completions and not response.scores
     assert time.monotonic() - t0 < 5.0, "a rejected request should answer at once"
