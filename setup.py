@@ -7,7 +7,7 @@ The ROS package (``mace_ros``: interfaces, node, client, launch file) is built f
 ``package.xml`` / ``CMakeLists.txt`` by colcon or ``scripts/setup.sh``; colcon identifies the
 package by its ``package.xml`` (build type ament_cmake), so this file does not compete with it.
 The shipped models and scenes go to ``<prefix>/share/mace/`` (see
-``mace_core.registry.default_models_dir``). Dependencies are ranges known to work (see
+``mace_core.paths.default_models_dir``). Dependencies are ranges known to work (see
 ``requirements.txt`` for the versions the project's own venv pins, and
 ``requirements-ros.txt`` beside a ROS distribution's numpy).
 """

@@ -5,16 +5,16 @@ Pure PyTorch + NumPy: kinematics, batched collision checks, generative priors, t
 Submodules import their heavy dependencies (pybullet, pytracik) only where they are used.
 """
 
-from .collision import (CollisionWorld, PyBulletCollisionChecker, RobotSpheres,
-                        SphereCollisionChecker)
 from .config import ServiceConfig, load_service_config
 from .errors import InvalidRequestError, MaceError, ModelLoadError
-from .ik import IKAdaptConfig, IKAdapter, IKAdaptResult, IKRequest, IKSolution
-from .ik_prior import ARGMMConfig, ARGMMPrior
-from .kinematics import RobotKinematics
+from .ik.adapter import IKAdaptConfig, IKAdapter, IKAdaptResult, IKRequest, IKSolution
+from .ik.prior import ARGMMConfig, ARGMMPrior
+from .ik.refinement import DLSRefiner, IKTarget, RefinementConfig, TracIKRefiner
 from .mace import MACEConfig, adapt
-from .refinement import DLSRefiner, IKTarget, RefinementConfig, TracIKRefiner
-from .scenes import Obstacle, Scene, load_scene
+from .robot.collision import (CollisionWorld, PyBulletCollisionChecker, RobotSpheres,
+                              SphereCollisionChecker)
+from .robot.kinematics import RobotKinematics
+from .robot.scenes import Obstacle, Scene, load_scene
 from .tensor import TensorSpec
 
 __all__ = [

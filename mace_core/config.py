@@ -18,8 +18,8 @@ from typing import Any
 import yaml
 
 from .errors import InvalidRequestError
-from .ik import IKAdaptConfig
-from .shape_completion import ShapeCompletionConfig
+from .ik.adapter import IKAdaptConfig
+from .shape.completion import ShapeCompletionConfig
 
 _SCALARS = (bool, int, float, str)
 

@@ -16,10 +16,10 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip())
         return 2
     if argv[0] == "ik":
-        from .ik_training import main_ik
+        from .ik.training import main_ik
 
         return main_ik(argv[1:])
-    from .shape_training import main_shape
+    from .shape.training import main_shape
 
     return main_shape(argv[1:])
 

@@ -1,11 +1,11 @@
 """``mace-bench``: benchmarks of the mace core, one subcommand per capability.
 
 ``mace-bench ik --scene config/scenes/box.yaml --targets 20 --seed 0 --json out/bench_box.json``
-runs MACE and the TRAC-IK restarts baseline on one scene (see :mod:`mace_core.ik_benchmark`);
+runs MACE and the TRAC-IK restarts baseline on one scene (see :mod:`mace_core.ik.benchmark`);
 ``--protocol table1`` runs the paper's Table 1 protocol instead.
 ``mace-bench shape --prior boxes --cases 20 --seed 0 --json out/bench_shape_boxes.json`` runs
 shape completion (MACE-VAE against the prior) on held-out shapes (see
-:mod:`mace_core.shape_benchmark`). Both run in-process, without ROS.
+:mod:`mace_core.shape.benchmark`). Both run in-process, without ROS.
 ``mace-bench fuzz --requests 1000 --seed 0 --json out/fuzz.json`` starts the node and sends it
 extreme and malformed requests over DDS, counting hangs, crashes, internal errors and non-finite
 answers (see :mod:`mace_ros.fuzz`).
@@ -20,12 +20,12 @@ import sys
 
 from mace_core.config import load_service_config
 from mace_core.errors import MaceError
-from mace_core.ik import IKAdaptConfig, IKAdapter
-from mace_core.ik_benchmark import (METHODS, PROTOCOLS, TABLE1_METHODS, TRACIK_ORIENTATIONS,
+from mace_core.ik.adapter import IKAdaptConfig, IKAdapter
+from mace_core.ik.benchmark import (METHODS, PROTOCOLS, TABLE1_METHODS, TRACIK_ORIENTATIONS,
                                     IKBenchmarkConfig, format_table, run_benchmark,
                                     table1_service_config)
-from mace_core.registry import default_models_dir
-from mace_core.scenes import load_scene
+from mace_core.paths import default_models_dir
+from mace_core.robot.scenes import load_scene
 from mace_core.tensor import TensorSpec
 from mace_ros import fuzz
 
@@ -101,7 +101,7 @@ def _run_ik(args: argparse.Namespace) -> int:
 
 
 def _add_shape_parser(sub) -> None:
-    from mace_core.shape_benchmark import METHODS as SHAPE_METHODS, ShapeBenchmarkConfig
+    from mace_core.shape.benchmark import METHODS as SHAPE_METHODS, ShapeBenchmarkConfig
 
     d = ShapeBenchmarkConfig()
     p = sub.add_parser("shape", help="shape completion: MACE-VAE vs the prior on held-out shapes",
@@ -133,10 +133,10 @@ def _add_shape_parser(sub) -> None:
 def _run_shape(args: argparse.Namespace) -> int:
     import torch
 
-    from mace_core.pointcloud_vae import load_shape_priors
-    from mace_core.shape_benchmark import (ShapeBenchmarkConfig, format_shape_table,
+    from mace_core.shape.vae import load_shape_priors
+    from mace_core.shape.benchmark import (ShapeBenchmarkConfig, format_shape_table,
                                            run_shape_benchmark)
-    from mace_core.shape_completion import ShapeCompletionConfig
+    from mace_core.shape.completion import ShapeCompletionConfig
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

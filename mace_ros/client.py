@@ -21,11 +21,11 @@ from rclpy.node import Node
 from rclpy.utilities import remove_ros_args
 
 from mace_core.errors import MaceError
-from mace_core.ik import IKRequest
-from mace_core.scenes import Obstacle, load_scene, quaternion_xyzw_to_matrix
-from mace_core.shape_benchmark import (BOX_CUTS, GRASP_CENTERS, GRASP_DIRECTIONS,
-                                       grasp_contacts, partial_box)
-from mace_core.shape_completion import ShapeCompletionRequest
+from mace_core.ik.adapter import IKRequest
+from mace_core.robot.scenes import Obstacle, load_scene, quaternion_xyzw_to_matrix
+from mace_core.shape.benchmark import (BOX_CUTS, GRASP_CENTERS, GRASP_DIRECTIONS, grasp_contacts,
+                                       partial_box)
+from mace_core.shape.completion import ShapeCompletionRequest
 from mace_core.tensor import TensorSpec
 from mace_ros.conversions import (BASE_FRAME, ik_request_to_msg, points_from_cloud,
                                   shape_request_to_msg)
@@ -98,9 +98,9 @@ class MaceClient:
             rotation: (3, 3) target orientation, or None for position-only.
             num_solutions: K.
             time_budget_s: wall-clock budget of the request, s.
-            **overrides: other :class:`~mace_core.ik.IKRequest` fields (iterations, refinement,
-                objective, num_samples, quantile, gradient_steps, learning_rate, seed,
-                orientation_tolerance).
+            **overrides: other :class:`~mace_core.ik.adapter.IKRequest` fields (iterations,
+                refinement, objective, num_samples, quantile, gradient_steps, learning_rate,
+                seed, orientation_tolerance).
         """
         obstacles = list(obstacles) + (list(load_scene(scene).obstacles) if scene else [])
         request = IKRequest(position=np.asarray(position, dtype=float), obstacles=obstacles,
@@ -129,7 +129,7 @@ class MaceClient:
             num_completions: K.
             time_budget_s: wall-clock budget of the request, s.
             frame_id: frame of the observation (echoed on the completions).
-            **overrides: other :class:`~mace_core.shape_completion.ShapeCompletionRequest`
+            **overrides: other :class:`~mace_core.shape.completion.ShapeCompletionRequest`
                 fields (grasp_center, finger_radius, iterations, seed).
         """
         request = ShapeCompletionRequest(prior=prior, points=points, viewpoint=viewpoint,

@@ -21,11 +21,11 @@ from std_msgs.msg import ColorRGBA, Header
 from visualization_msgs.msg import Marker, MarkerArray
 
 from mace_core.errors import InvalidRequestError, format_numbers, quote
-from mace_core.ik import IKAdaptResult, IKRequest, IKSolution, IKTimings
-from mace_core.kinematics import RobotKinematics
-from mace_core.rotations import matrix_to_quaternion_xyzw
-from mace_core.scenes import Obstacle, quaternion_xyzw_to_matrix
-from mace_core.shape_completion import ShapeCompletionRequest, ShapeCompletionResult
+from mace_core.ik.adapter import IKAdaptResult, IKRequest, IKSolution, IKTimings
+from mace_core.robot.kinematics import RobotKinematics
+from mace_core.robot.rotations import matrix_to_quaternion_xyzw
+from mace_core.robot.scenes import Obstacle, quaternion_xyzw_to_matrix
+from mace_core.shape.completion import ShapeCompletionRequest, ShapeCompletionResult
 from mace_ros.msg import CollisionObject, IKSolution as IKSolutionMsg
 from mace_ros.srv import AdaptIK, CompleteShape
 
@@ -88,7 +88,7 @@ def _pose_msg(position: Sequence[float], rotation: np.ndarray) -> Pose:
 
 
 # ------------------------------------------------------------------------------------------------
-# Obstacles: mace_ros/CollisionObject <-> mace_core.scenes.Obstacle
+# Obstacles: mace_ros/CollisionObject <-> mace_core.robot.scenes.Obstacle
 # ------------------------------------------------------------------------------------------------
 
 def obstacles_from_msgs(objects: Sequence[CollisionObject],

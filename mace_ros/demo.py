@@ -88,7 +88,7 @@ def _tail(path: str, lines: int = 20) -> str:
 def complete_box(client, args: argparse.Namespace, num_samples: int) -> bool:
     """Complete a partial test box through ``/mace/complete_shape``; draw it with 3 samples of
     the prior (the node's ``shape.num_samples`` is ``num_samples``). True on success."""
-    from mace_core.shape_benchmark import partial_box
+    from mace_core.shape.benchmark import partial_box
     from mace_core.tensor import TensorSpec
     from mace_ros.client import format_shape_response
     from mace_ros.conversions import shape_result_from_msg
@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     import rclpy
 
     from mace_core.config import load_service_config
-    from mace_core.kinematics import RobotKinematics
-    from mace_core.scenes import load_scene
+    from mace_core.robot.kinematics import RobotKinematics
+    from mace_core.robot.scenes import load_scene
     from mace_core.tensor import TensorSpec
     from mace_ros.client import MaceClient, format_solutions
     from mace_ros.conversions import arm_points, ik_result_from_msg

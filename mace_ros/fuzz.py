@@ -145,8 +145,8 @@ def set_path(msg, path: str, value) -> None:
 def base_ik_request(scene_path: str, budget_s: float):
     """A valid AdaptIK request: K = 16 at the centre of the scene's target region, position
     only, refinement "none": MACE alone, so that its iterations run into the budget."""
-    from mace_core.ik import IKRequest
-    from mace_core.scenes import load_scene
+    from mace_core.ik.adapter import IKRequest
+    from mace_core.robot.scenes import load_scene
     from mace_ros.conversions import ik_request_to_msg
 
     scene = load_scene(scene_path)
@@ -160,9 +160,9 @@ def base_ik_request(scene_path: str, budget_s: float):
 
 def base_shape_request(budget_s: float, contacts: bool):
     """A valid CompleteShape request on the boxes prior: a box's lower half, or 5 contacts."""
-    from mace_core.shape_benchmark import (GRASP_CENTERS, GRASP_DIRECTIONS, grasp_contacts,
+    from mace_core.shape.benchmark import (GRASP_CENTERS, GRASP_DIRECTIONS, grasp_contacts,
                                            partial_box)
-    from mace_core.shape_completion import ShapeCompletionRequest
+    from mace_core.shape.completion import ShapeCompletionRequest
     from mace_core.tensor import TensorSpec
     from mace_ros.conversions import shape_request_to_msg
 

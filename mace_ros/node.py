@@ -51,11 +51,11 @@ from visualization_msgs.msg import MarkerArray
 from mace_core.config import ServiceConfig
 from mace_core.deadline import Deadline
 from mace_core.errors import InvalidRequestError, MaceError, quote
-from mace_core.ik import IKAdapter, IKRequest
-from mace_core.kinematics import RobotKinematics
-from mace_core.pointcloud_vae import ShapePrior, load_shape_priors
-from mace_core.refinement import IKTarget, Refiner
-from mace_core.shape_completion import ShapeCompleter, ShapeCompletionConfig
+from mace_core.ik.adapter import IKAdapter, IKRequest
+from mace_core.ik.refinement import IKTarget, Refiner
+from mace_core.robot.kinematics import RobotKinematics
+from mace_core.shape.completion import ShapeCompleter, ShapeCompletionConfig
+from mace_core.shape.vae import ShapePrior, load_shape_priors
 from mace_core.tensor import TensorSpec
 from mace_ros import conversions, params
 from mace_ros.params import ParameterError
@@ -136,7 +136,7 @@ class RequestGate:
 
 
 class MoveItRefiner:
-    """:class:`~mace_core.refinement.Refiner` calling MoveIt's ``/compute_ik`` once per seed.
+    """:class:`~mace_core.ik.refinement.Refiner` calling MoveIt's ``/compute_ik`` once per seed.
 
     Each candidate seeds the request (``robot_state``); the pose asked for is the target position
     with the target orientation, or the candidate's own hand orientation for position-only

@@ -1,10 +1,10 @@
 """3D pictures of IK solutions in a scene and of shape completions, drawn with matplotlib.
 
-Only this module (and :mod:`mace_core.shape_plotting`) imports matplotlib. It draws arrays and
+Only this module (and :mod:`mace_core.shape.plotting`) imports matplotlib. It draws arrays and
 obstacles; it knows no ROS message and no kinematics (:func:`mace_ros.conversions.arm_points`
 turns joint values into arm polylines). IK figures use no pyplot and no global backend change:
 they are rendered straight to a PNG file. Shape figures are the core's Fig. 16-style panels
-(:func:`mace_core.shape_plotting.plot_completions`, pyplot on Agg), titled and saved here.
+(:func:`mace_core.shape.plotting.plot_completions`, pyplot on Agg), titled and saved here.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from mace_core.scenes import Obstacle
+from mace_core.robot.scenes import Obstacle
 
 #: Obstacles with a side longer than this (m) are clipped to the view (the floor, walls).
 _LARGE_M = 1.0
@@ -171,7 +171,7 @@ def plot_shape_completions(path: str, completions: np.ndarray, scores: Sequence[
     """
     import matplotlib.pyplot as plt
 
-    from mace_core.shape_plotting import plot_completions
+    from mace_core.shape.plotting import plot_completions
 
     completions = np.asarray(completions, dtype=float)
     panels, labels = [], []

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from mace_core.collision import (CollisionWorld, PairTable, PyBulletCollisionChecker,
-                                 RobotSpheres, SphereCollisionChecker, adjacent_link_pairs,
-                                 default_spheres_path, exact_self_collision_free,
-                                 self_collision_link_pairs)
-from mace_core.collision_benchmark import main as benchmark_main
 from mace_core.errors import InvalidRequestError, ModelLoadError
-from mace_core.kinematics import RobotKinematics
-from mace_core.scenes import Obstacle, load_scene, quaternion_xyzw_to_matrix
+from mace_core.robot.collision import (CollisionWorld, PairTable, PyBulletCollisionChecker,
+                                       RobotSpheres, SphereCollisionChecker, adjacent_link_pairs,
+                                       default_spheres_path, exact_self_collision_free,
+                                       self_collision_link_pairs)
+from mace_core.robot.collision_benchmark import main as benchmark_main
+from mace_core.robot.kinematics import RobotKinematics
+from mace_core.robot.scenes import Obstacle, load_scene, quaternion_xyzw_to_matrix
 from mace_core.tensor import TensorSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,10 +16,10 @@ from visualization_msgs.msg import Marker
 
 from mace_core.config import ServiceConfig, load_service_config, to_flat
 from mace_core.errors import InvalidRequestError
-from mace_core.ik import IKAdaptResult, IKRequest, IKSolution, IKTimings
-from mace_core.kinematics import PANDA_JOINTS, RobotKinematics
-from mace_core.scenes import Obstacle, quaternion_xyzw_to_matrix
-from mace_core.shape_completion import (ShapeCompletionConfig, ShapeCompletionRequest,
+from mace_core.ik.adapter import IKAdaptResult, IKRequest, IKSolution, IKTimings
+from mace_core.robot.kinematics import PANDA_JOINTS, RobotKinematics
+from mace_core.robot.scenes import Obstacle, quaternion_xyzw_to_matrix
+from mace_core.shape.completion import (ShapeCompletionConfig, ShapeCompletionRequest,
                                         ShapeCompletionResult)
 from mace_core.tensor import TensorSpec
 from mace_ros import conversions as conv

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from mace_core.collision import PyBulletCollisionChecker
 from mace_core.errors import InvalidRequestError
-from mace_core.ik import IKAdaptConfig, IKAdapter, IKRequest
-from mace_core.scenes import Obstacle, load_scene
+from mace_core.ik.adapter import IKAdaptConfig, IKAdapter, IKRequest
+from mace_core.robot.collision import PyBulletCollisionChecker
+from mace_core.robot.scenes import Obstacle, load_scene
 from mace_core.tensor import TensorSpec
 
 MODELS = "models"
@@ -58,9 +58,9 @@ def test_neighbour_seeds_follow_the_self_motion(adapter, wall, pose_target):
     a pose target), unlike raw joint noise of the same size."""
     from dataclasses import replace
 
-    from mace_core.collision import CollisionWorld
-    from mace_core.ik import IKTimings, _RefinementRounds
-    from mace_core.refinement import IKTarget
+    from mace_core.robot.collision import CollisionWorld
+    from mace_core.ik.adapter import IKTimings, _RefinementRounds
+    from mace_core.ik.refinement import IKTarget
 
     result = adapter.solve(request_in(wall, num_solutions=4, time_budget_s=5.0, seed=3))
     assert result.success, result.message
@@ -104,8 +104,8 @@ def test_corrections_reach_solutions_in_fewer_collision_tests(adapter):
     obstacles after fewer penalty evaluations (the costly part of a step) than without."""
     from dataclasses import replace
 
-    from mace_core.collision import CollisionWorld
-    from mace_core.refinement import DLSRefiner, IKTarget
+    from mace_core.robot.collision import CollisionWorld
+    from mace_core.ik.refinement import DLSRefiner, IKTarget
 
     window = load_scene("config/scenes/window.yaml")
     spec, kin = adapter.spec, adapter.kin

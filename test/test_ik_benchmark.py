@@ -16,16 +16,16 @@ import numpy as np
 import pytest
 import torch
 
-from mace_core.collision import PyBulletCollisionChecker, default_spheres_path
-from mace_core.ik import IKAdaptConfig, IKAdapter
-from mace_core.ik_benchmark import (METHODS, TABLE1_METHODS, IKBenchmarkConfig, SolutionJudge,
+from mace_core.ik.adapter import IKAdaptConfig, IKAdapter
+from mace_core.ik.benchmark import (METHODS, TABLE1_METHODS, IKBenchmarkConfig, SolutionJudge,
                                     TracIKRestarts, TracIKRestartsConfig, run_benchmark,
                                     sample_targets, table1_service_config)
-from mace_core.ik_prior import ARGMMConfig, ARGMMPrior
-from mace_core.kinematics import RobotKinematics, panda_urdf_path
+from mace_core.ik.prior import ARGMMConfig, ARGMMPrior
+from mace_core.ik.registry import save_ik_prior
 from mace_core.mace import MACEConfig
-from mace_core.registry import save_ik_prior
-from mace_core.scenes import load_scene
+from mace_core.robot.collision import PyBulletCollisionChecker, default_spheres_path
+from mace_core.robot.kinematics import RobotKinematics, panda_urdf_path
+from mace_core.robot.scenes import load_scene
 from mace_core.tensor import TensorSpec
 from mace_ros.bench import main
 

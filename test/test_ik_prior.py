@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mace_core.errors import ModelLoadError
-from mace_core.ik_prior import ARGMMConfig, ARGMMPrior
-from mace_core.registry import load_ik_prior, save_ik_prior
+from mace_core.ik.prior import ARGMMConfig, ARGMMPrior
+from mace_core.ik.registry import load_ik_prior, save_ik_prior
 from mace_core.tensor import TensorSpec
 
 TINY = ARGMMConfig(num_joints=2, context_dim=3, hidden=16, layers=2)
@@ -118,8 +118,8 @@ def test_weights_round_trip_and_bad_files(tmp_path):
 def test_training_lowers_the_held_out_nll_and_honours_its_time_limit(time_limit_min):
     """``train_ik_prior`` on Panda configurations: the held-out NLL falls below the untrained
     prior's; a time limit ends the run early, after less than one epoch."""
-    from mace_core.ik_training import IKTrainingConfig, train_ik_prior
-    from mace_core.kinematics import RobotKinematics
+    from mace_core.ik.training import IKTrainingConfig, train_ik_prior
+    from mace_core.robot.kinematics import RobotKinematics
 
     kin = RobotKinematics.panda(SPEC)
     q = kin.sample_uniform(4000, SPEC.generator(0))

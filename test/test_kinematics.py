@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mace_core.errors import InvalidRequestError, ModelLoadError
-from mace_core.kinematics import RobotKinematics, URDFModel, panda_urdf_path
+from mace_core.robot.kinematics import RobotKinematics, URDFModel, panda_urdf_path
 from mace_core.tensor import TensorSpec
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

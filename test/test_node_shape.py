@@ -17,8 +17,8 @@ import pytest
 from std_msgs.msg import Header
 
 from conftest import MODELS_DIR, NodeProcess, exit_results, wait_for_service
-from mace_core.shape_benchmark import GRASP_DIRECTIONS, grasp_contacts, partial_box
-from mace_core.shape_completion import ShapeCompletionConfig, ShapeCompletionRequest
+from mace_core.shape.benchmark import GRASP_DIRECTIONS, grasp_contacts, partial_box
+from mace_core.shape.completion import ShapeCompletionConfig, ShapeCompletionRequest
 from mace_core.tensor import TensorSpec
 from mace_ros import conversions as conv
 from mace_ros.client import MaceClient

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from mace_core.kinematics import RobotKinematics, panda_urdf_path
-from mace_core.refinement import DLSRefiner, IKTarget, RefinementConfig, TracIKRefiner, pose_errors
-from mace_core.rotations import matrix_to_quaternion_xyzw
+from mace_core.ik.refinement import (DLSRefiner, IKTarget, RefinementConfig, TracIKRefiner,
+                                     pose_errors)
+from mace_core.robot.kinematics import RobotKinematics, panda_urdf_path
+from mace_core.robot.rotations import matrix_to_quaternion_xyzw
 from mace_core.tensor import TensorSpec
 
 SPEC = TensorSpec.resolve("cpu", torch.float64)

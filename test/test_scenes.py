@@ -9,8 +9,8 @@ import torch
 import yaml
 
 from mace_core.errors import InvalidRequestError
-from mace_core.scenes import (Obstacle, Scene, TargetRegion, load_scene,
-                              quaternion_xyzw_to_matrix, scene_from_dict)
+from mace_core.robot.scenes import (Obstacle, Scene, TargetRegion, load_scene,
+                                    quaternion_xyzw_to_matrix, scene_from_dict)
 from mace_core.tensor import TensorSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

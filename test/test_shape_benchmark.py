@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from mace_core.shape_benchmark import (GRASP_DIRECTIONS, GRASP_OOD_DIRECTIONS, METHODS, MODES,
-                                       box_cases, box_posterior_reference, camera_view,
-                                       chamfer_to, grasp_contacts,
-                                       mean_pairwise_chamfer, object_cases, partial_box,
-                                       plane_cut, random_viewpoint, symmetric_chamfer, top_cut)
-from mace_core.shape_data import rotate_z, sample_box_clouds
-from mace_core.shape_observations import REFERENCE_POINTS, chamfer_k
+from mace_core.shape.benchmark import (GRASP_DIRECTIONS, GRASP_OOD_DIRECTIONS, METHODS, MODES,
+                                       box_cases, box_posterior_reference, camera_view, chamfer_to,
+                                       grasp_contacts, mean_pairwise_chamfer, object_cases,
+                                       partial_box, plane_cut, random_viewpoint, symmetric_chamfer,
+                                       top_cut)
+from mace_core.shape.data import rotate_z, sample_box_clouds
+from mace_core.shape.observations import REFERENCE_POINTS, chamfer_k
 from mace_core.tensor import TensorSpec
 from mace_ros import bench
 
@@ -89,7 +89,7 @@ def test_plane_cuts_keep_what_they_say():
 
 def test_test_boxes_are_not_the_training_draw():
     """Training draws its boxes from generator seeds 1000-3000 (seed 0): these differ."""
-    from mace_core.shape_data import random_box_edges
+    from mace_core.shape.data import random_box_edges
 
     ours = torch.tensor([c.info["edges_m"] for c in box_cases(5, 0, 16, 16, SPEC)])
     for seed in (1000, 2000):

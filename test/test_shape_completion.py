@@ -9,12 +9,11 @@ from torch import nn
 
 from mace_core.errors import InvalidRequestError
 from mace_core.mace import MACEConfig, adapt
-from mace_core.pointcloud_vae import (PointCloudVAE, PointCloudVAEConfig, ShapePrior,
-                                      ShapePriorEntry)
-from mace_core.shape_completion import (MACEVAEModel, ShapeCompleter, ShapeCompletionConfig,
+from mace_core.shape.completion import (MACEVAEModel, ShapeCompleter, ShapeCompletionConfig,
                                         ShapeCompletionRequest)
-from mace_core.shape_data import random_box_edges, sample_box_clouds
-from mace_core.shape_observations import partial_cloud_scores
+from mace_core.shape.data import random_box_edges, sample_box_clouds
+from mace_core.shape.observations import partial_cloud_scores
+from mace_core.shape.vae import PointCloudVAE, PointCloudVAEConfig, ShapePrior, ShapePriorEntry
 from mace_core.tensor import TensorSpec
 
 SPEC = TensorSpec(torch.device("cpu"), torch.float32)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mace_core.shape_observations import (REFERENCE_POINTS, chamfer_k, contact_scores,
+from mace_core.shape.observations import (REFERENCE_POINTS, chamfer_k, contact_scores,
                                           farthest_point_indices, one_sided_chamfer,
                                           partial_cloud_scores, simulate_contacts, visible_mask)
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from mace_core.shape_plotting import plot_completions
+from mace_core.shape.plotting import plot_completions
 
 
 def test_plot_cloud_and_contact_observations(tmp_path):

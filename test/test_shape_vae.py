@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from mace_core.errors import ModelLoadError
-from mace_core.pointcloud_vae import (PointCloudVAE, PointCloudVAEConfig, ShapePriorEntry,
-                                      fit_latent_prior, gaussian_kl, load_shape_priors,
-                                      load_vae, parse_shape_registry, save_vae_weights)
-from mace_core.shape_data import random_box_edges, rotate_z, sample_box_clouds
-from mace_core.shape_observations import REFERENCE_POINTS, chamfer_k
-from mace_core.shape_training import chamfer_loss, main_shape
+from mace_core.shape.data import random_box_edges, rotate_z, sample_box_clouds
+from mace_core.shape.observations import REFERENCE_POINTS, chamfer_k
+from mace_core.shape.training import chamfer_loss, main_shape
+from mace_core.shape.vae import (PointCloudVAE, PointCloudVAEConfig, ShapePriorEntry,
+                                 fit_latent_prior, gaussian_kl, load_shape_priors, load_vae,
+                                 parse_shape_registry, save_vae_weights)
 from mace_core.tensor import TensorSpec
 
 SPEC = TensorSpec(torch.device("cpu"), torch.float32)
@@ -123,7 +123,7 @@ def test_weights_round_trip_and_mismatch(tmp_path):
 def test_fitted_latent_prior_is_the_aggregate_posterior_and_is_stored(tmp_path):
     """fit_latent_prior sets mean E[μ(x)] and variance Var[μ(x)] + E[σ²(x)]; sampling and
     MACE-VAE's θ_0 use it; it survives a save and load; files without it keep N(0, σ_z² I)."""
-    from mace_core.shape_completion import MACEVAEModel
+    from mace_core.shape.completion import MACEVAEModel
 
     torch.manual_seed(5)
     vae = PointCloudVAE(TINY, SPEC)

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import InvalidRequestError, ModelLoadError
-from .tensor import TensorSpec
+from ..errors import InvalidRequestError, ModelLoadError
+from ..tensor import TensorSpec
 
 #: Joint names of the Panda arm, in the order of every ``(B, 7)`` configuration tensor.
 PANDA_JOINTS = tuple(f"panda_joint{i}" for i in range(1, 8))
@@ -374,3 +374,11 @@ class RobotKinematics:
         u = torch.rand(n, self.num_joints, generator=generator, device=self.spec.device,
                        dtype=self.spec.dtype)
         return self.lower + u * (self.upper - self.lower)
+
+
+def damped_least_squares(jac: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Tensor:
+    """Jᵀ (J Jᵀ + λ² I)⁻¹ r for Jacobians ``(B, m, n)`` and right-hand sides ``(B, m, c)``:
+    ``(B, n, c)``, the damped pseudo-inverse applied to every column (one factorization)."""
+    eye = torch.eye(jac.shape[1], dtype=jac.dtype, device=jac.device)
+    jjt = jac @ jac.transpose(1, 2) + damping ** 2 * eye
+    return jac.transpose(1, 2) @ torch.linalg.solve(jjt, rhs)

@@ -16,7 +16,7 @@ Every case is one held-out shape (the truth) and, per mode, one observation of i
   0.1 m tall), see :data:`GRASP_CENTERS`.
 
 Boxes are drawn afresh from a seed that training never uses; objects are the meshes held out of
-training (every 10th ``random_urdfs`` mesh, :func:`mace_core.shape_data.held_out_object_names`).
+training (every 10th ``random_urdfs`` mesh, :func:`mace_core.shape.data.held_out_object_names`).
 
 Methods, each answering K completions through :class:`ShapeCompleter`:
 
@@ -48,13 +48,13 @@ from typing import Callable
 
 import torch
 
-from .errors import InvalidRequestError
-from .pointcloud_vae import ShapePrior
-from .shape_completion import ShapeCompleter, ShapeCompletionConfig, ShapeCompletionRequest
-from .shape_data import (BOX_EDGE_RANGE_M, held_out_object_names, normalised_mesh_samples,
-                         pybullet_object_meshes, random_box_edges, rotate_z, sample_box_clouds)
-from .shape_observations import simulate_contacts, visible_mask
-from .tensor import TensorSpec
+from ..errors import InvalidRequestError
+from ..tensor import TensorSpec
+from .completion import ShapeCompleter, ShapeCompletionConfig, ShapeCompletionRequest
+from .data import (BOX_EDGE_RANGE_M, held_out_object_names, normalised_mesh_samples,
+                   pybullet_object_meshes, random_box_edges, rotate_z, sample_box_clouds)
+from .observations import simulate_contacts, visible_mask
+from .vae import ShapePrior
 
 #: Observation modes per data set, in table order.
 MODES = {"boxes": ("random_cut", "top_cut", "grasp", "grasp_ood"),
@@ -128,7 +128,7 @@ def camera_view(dense: torch.Tensor, viewpoint: torch.Tensor, pixel: float,
     """The points of a dense cloud ``(P, 3)`` a depth camera at ``viewpoint`` sees: ``(P', 3)``.
 
     ``pixel`` and ``depth_tolerance`` are in cloud units; the pixel must be a few times the point
-    spacing (see :func:`mace_core.shape_observations.visible_mask`)."""
+    spacing (see :func:`mace_core.shape.observations.visible_mask`)."""
     vis = visible_mask(dense[None], viewpoint.to(dense), dense.mean(dim=0), pixel,
                        depth_tolerance)[0]
     return dense[vis]

@@ -4,7 +4,7 @@ Given a partial point cloud (optionally with the camera position) or fingertip c
 the latent prior p(z; θ) = N(μ_z, diag σ_z²) of a frozen point-cloud VAE with Algorithm 1
 (:func:`mace_core.mace.adapt`) and answer the K best completions seen. θ starts from the prior
 stored with the VAE: a Gaussian fitted to the training shapes' aggregate posterior
-(:func:`~mace_core.pointcloud_vae.fit_latent_prior`), where the paper starts from N(0, I).
+(:func:`~mace_core.shape.vae.fit_latent_prior`), where the paper starts from N(0, I).
 
 The observation must be in the prior's frame and units (see ``frame`` in
 ``models/shape_registry.yaml``): metres, box standing on the xy plane centred on the z axis for
@@ -26,13 +26,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .deadline import Deadline
-from .errors import InvalidRequestError, quote
-from .mace import MACEConfig, adapt
-from .pointcloud_vae import PointCloudVAE, ShapePrior, gaussian_kl
-from .shape_observations import (contact_scores, farthest_point_indices, partial_cloud_scores,
-                                 visible_mask)
-from .tensor import TensorSpec
+from ..deadline import Deadline
+from ..errors import InvalidRequestError, quote
+from ..mace import MACEConfig, adapt
+from ..tensor import TensorSpec
+from .observations import (contact_scores, farthest_point_indices, partial_cloud_scores,
+                           visible_mask)
+from .vae import PointCloudVAE, ShapePrior, gaussian_kl
 
 
 class MACEVAEModel:

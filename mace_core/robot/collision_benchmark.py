@@ -11,7 +11,7 @@ Configuration sets (``--configs`` each):
 - ``ik``: configurations whose end effector reaches the scene's target region (damped
   least-squares IK from uniform starts to uniform targets), the distribution the service sees.
 
-``python -m mace_core.collision_benchmark --configs 10000 --json out.json``
+``python -m mace_core.robot.collision_benchmark --configs 10000 --json out.json``
 """
 
 from __future__ import annotations
@@ -25,18 +25,17 @@ import time
 import numpy as np
 import torch
 
+from ..paths import SOURCE_ROOT
+from ..tensor import TensorSpec
 from .collision import (CollisionWorld, PyBulletCollisionChecker, RobotSpheres,
                         SphereCollisionChecker)
-from .kinematics import RobotKinematics
-from .refinement import damped_least_squares
+from .kinematics import RobotKinematics, damped_least_squares
 from .scenes import Scene, load_scene
-from .tensor import TensorSpec
 
 
 def default_scene_paths() -> list[str]:
     """``config/scenes/*.yaml`` of this repository."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return sorted(glob.glob(os.path.join(root, "config", "scenes", "*.yaml")))
+    return sorted(glob.glob(os.path.join(SOURCE_ROOT, "config", "scenes", "*.yaml")))
 
 
 def ik_configurations(kin: RobotKinematics, scene: Scene, n: int, generator: torch.Generator,

@@ -30,13 +30,13 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .collision import PyBulletCollisionChecker
-from .errors import InvalidRequestError
-from .ik import IKAdaptConfig, IKAdapter, IKRequest
-from .kinematics import RobotKinematics, panda_urdf_path
-from .rotations import matrix_to_quaternion_xyzw
-from .scenes import Scene
-from .tensor import TensorSpec
+from ..errors import InvalidRequestError
+from ..robot.collision import PyBulletCollisionChecker
+from ..robot.kinematics import RobotKinematics, panda_urdf_path
+from ..robot.rotations import matrix_to_quaternion_xyzw
+from ..robot.scenes import Scene
+from ..tensor import TensorSpec
+from .adapter import IKAdaptConfig, IKAdapter, IKRequest
 
 #: Methods of the ``requests`` protocol, in table order.
 METHODS = ("prior", "mace", "mace_refine", "is", "tracik_restarts")
@@ -630,8 +630,8 @@ def run_benchmark(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
 
 
 #: Core sources whose content the report's ``environment.core_sha256`` identifies.
-_CORE_SOURCES = ("ik.py", "mace.py", "refinement.py", "collision.py", "kinematics.py",
-                 "ik_prior.py", "ik_benchmark.py", "deadline.py")
+_CORE_SOURCES = ("ik/adapter.py", "mace.py", "ik/refinement.py", "robot/collision.py",
+                 "robot/kinematics.py", "ik/prior.py", "ik/benchmark.py", "deadline.py")
 
 
 def file_digest(paths: Sequence[str]) -> str:
@@ -649,10 +649,10 @@ def environment(models_dir: str | None = None) -> dict:
     load average when the run ended, and digests of the IK core's sources and of the models
     folder's weights and spheres, so a report can be tied to the code and models it measured."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    here = os.path.dirname(os.path.abspath(__file__))
+    core = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # mace_core/
     env = dict(cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
                torch_version=torch.__version__, load_average_1m=load[0],
-               core_sha256=file_digest([os.path.join(here, n) for n in _CORE_SOURCES]))
+               core_sha256=file_digest([os.path.join(core, n) for n in _CORE_SOURCES]))
     if models_dir:
         env["models_sha256"] = file_digest(
             [os.path.join(models_dir, n) for n in sorted(os.listdir(models_dir))

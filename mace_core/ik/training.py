@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .ik_prior import ARGMMConfig, ARGMMPrior
-from .kinematics import RobotKinematics
+from ..robot.kinematics import RobotKinematics
+from ..tensor import TensorSpec
+from .prior import ARGMMConfig, ARGMMPrior
 from .registry import load_ik_prior, save_ik_prior
-from .tensor import TensorSpec
 
 
 @dataclass
@@ -48,7 +48,7 @@ _WORKER_ROBOT: tuple[int, int] | None = None
 def _free_worker(q: np.ndarray) -> np.ndarray:
     """Self-collision-free mask of ``q (n, 7)`` by PyBullet (one client per worker process)."""
     global _WORKER_ROBOT
-    from .collision import PyBulletCollisionChecker, exact_self_collision_free
+    from ..robot.collision import PyBulletCollisionChecker, exact_self_collision_free
 
     if _WORKER_ROBOT is None:
         _WORKER_ROBOT = PyBulletCollisionChecker()
@@ -141,7 +141,7 @@ def train_ik_prior(q: torch.Tensor, p: torch.Tensor, cfg: IKTrainingConfig, spec
 
 def evaluate_prior(prior: ARGMMPrior, p: torch.Tensor, spec: TensorSpec, seed: int) -> dict:
     """Raw-sample figures at ``p (n, 3)``: EE error, joint-limit and self-collision rates."""
-    from .collision import exact_self_collision_free
+    from ..robot.collision import exact_self_collision_free
 
     kin = RobotKinematics.panda(spec)
     with torch.no_grad():

@@ -8,30 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass
 
 import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import ModelLoadError
-from .ik_prior import ARGMMConfig, ARGMMPrior
-from .tensor import TensorSpec
-
-
-#: Where ``pip install .`` (setup.py) puts the shipped models, below the environment's prefix.
-INSTALLED_MODELS = os.path.join("share", "mace", "models")
-
-
-def default_models_dir() -> str:
-    """The shipped models: the source tree's ``models/`` when there is one, else the copy that
-    ``pip install .`` puts in ``<prefix>/share/mace/models`` (a ROS install has them in
-    ``share/mace_ros/models``, found through the ament index by the node)."""
-    source = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
-    if os.path.isdir(source):
-        return source
-    return os.path.join(sys.prefix, INSTALLED_MODELS)
+from ..errors import ModelLoadError
+from ..tensor import TensorSpec
+from .prior import ARGMMConfig, ARGMMPrior
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .errors import ModelLoadError
-from .tensor import TensorSpec
+from ..errors import ModelLoadError
+from ..tensor import TensorSpec
 
 _LOG_2PI = math.log(2.0 * math.pi)
 

@@ -17,10 +17,10 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from .deadline import Deadline
-from .errors import InvalidRequestError
-from .kinematics import RobotKinematics
-from .rotations import matrix_to_quaternion_xyzw
+from ..deadline import Deadline
+from ..errors import InvalidRequestError
+from ..robot.kinematics import RobotKinematics, damped_least_squares
+from ..robot.rotations import matrix_to_quaternion_xyzw
 
 
 @dataclass
@@ -59,14 +59,6 @@ def pose_errors(kin: RobotKinematics, q: torch.Tensor, target: IKTarget,
     rel = target.rotation.T @ ee[:, :3, :3]
     cos = ((rel.diagonal(dim1=-2, dim2=-1).sum(-1) - 1.0) * 0.5).clamp(-1.0, 1.0)
     return pos_err, torch.arccos(cos)
-
-
-def damped_least_squares(jac: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Tensor:
-    """Jᵀ (J Jᵀ + λ² I)⁻¹ r for Jacobians ``(B, m, n)`` and right-hand sides ``(B, m, c)``:
-    ``(B, n, c)``, the damped pseudo-inverse applied to every column (one factorization)."""
-    eye = torch.eye(jac.shape[1], dtype=jac.dtype, device=jac.device)
-    jjt = jac @ jac.transpose(1, 2) + damping ** 2 * eye
-    return jac.transpose(1, 2) @ torch.linalg.solve(jjt, rhs)
 
 
 #: Collision cost of configurations ``(B, 7)`` with their link poses ``(B, L, 4, 4)``: returns the

@@ -23,8 +23,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .errors import ModelLoadError
-from .tensor import TensorSpec
+from ..errors import ModelLoadError
+from ..tensor import TensorSpec
 
 
 @dataclass(frozen=True)

@@ -32,19 +32,20 @@ import numpy as np
 import torch
 import yaml
 
-from .errors import InvalidRequestError, ModelLoadError
+from ..errors import InvalidRequestError, ModelLoadError
+from ..paths import default_models_dir
+from ..tensor import TensorSpec
 from .kinematics import PANDA_FINGERS, PANDA_JOINTS, RobotKinematics, URDFModel, panda_urdf_path
-from .registry import default_models_dir
 from .rotations import matrix_to_quaternion_xyzw
 from .scenes import Obstacle
-from .tensor import TensorSpec
 
 #: Collision margin (m) PyBullet adds around the convex hull of a URDF mesh.
 PYBULLET_MESH_MARGIN = 0.001
 
 
 def default_spheres_path() -> str:
-    """Path of the shipped ``panda_spheres.yaml`` (see :func:`.registry.default_models_dir`)."""
+    """Path of the shipped ``panda_spheres.yaml`` (see
+    :func:`mace_core.paths.default_models_dir`)."""
     return os.path.join(default_models_dir(), "panda_spheres.yaml")
 
 

@@ -28,17 +28,17 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from .collision import CollisionWorld, SphereCollisionChecker
-from .deadline import Deadline
-from .errors import InvalidRequestError, ModelLoadError, format_numbers, quote
-from .ik_prior import ARGMMPrior
-from .kinematics import RobotKinematics, panda_urdf_path
-from .mace import MACEConfig, adapt, draw
-from .refinement import (DLSRefiner, IKTarget, PenaltyFn, RefinementConfig, Refiner,
-                         TracIKRefiner, damped_least_squares, pose_errors)
+from ..deadline import Deadline
+from ..errors import InvalidRequestError, ModelLoadError, format_numbers, quote
+from ..mace import MACEConfig, adapt, draw
+from ..robot.collision import CollisionWorld, SphereCollisionChecker
+from ..robot.kinematics import RobotKinematics, damped_least_squares, panda_urdf_path
+from ..robot.scenes import Obstacle
+from ..tensor import TensorSpec
+from .prior import ARGMMPrior
+from .refinement import (DLSRefiner, IKTarget, PenaltyFn, RefinementConfig, Refiner, TracIKRefiner,
+                         pose_errors)
 from .registry import load_ik_prior, load_registry
-from .scenes import Obstacle
-from .tensor import TensorSpec
 
 REFINEMENTS = ("none", "dls", "tracik", "moveit")
 #: Origin of joint 2 (the shoulder) in the base frame, m; reach is measured from there.

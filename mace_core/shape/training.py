@@ -1,10 +1,10 @@
 """Training of the shape priors: ``mace-train shape --prior boxes|objects`` (App. A and C).
 
 A plain VAE objective, as in App. C: ``β_rec CD(x̂, x) + β_KL KL(q(z|x) ‖ N(0, σ_z² I))`` with the
-Chamfer distance of :func:`~mace_core.shape_observations.chamfer_k` (k = 1, summed over 2048
+Chamfer distance of :func:`~mace_core.shape.observations.chamfer_k` (k = 1, summed over 2048
 points, in units of the prior's ``length_scale``), Adam, random rotations about z in [-π, π].
 After training, the latent prior that sampling and MACE start from is fitted to the aggregate
-posterior of the training shapes (:func:`~mace_core.pointcloud_vae.fit_latent_prior`).
+posterior of the training shapes (:func:`~mace_core.shape.vae.fit_latent_prior`).
 The architecture comes from the prior's entry in ``models/shape_registry.yaml``; the command
 writes the entry's weights file (float16 safetensors), a model card and a PNG of samples.
 """
@@ -20,15 +20,16 @@ from pathlib import Path
 
 import torch
 
-from .pointcloud_vae import (PointCloudVAE, ShapePriorEntry, fit_latent_prior, gaussian_kl,
-                             load_shape_registry, load_vae, parameter_count, save_vae_weights)
-from .shape_data import (held_out_object_names, load_object_clouds, random_box_edges,
-                         sample_box_clouds, subsample_clouds)
-from .shape_observations import REFERENCE_POINTS, pairwise_sq_distances
-from .tensor import TensorSpec
+from ..paths import SOURCE_ROOT
+from ..tensor import TensorSpec
+from .data import (held_out_object_names, load_object_clouds, random_box_edges, sample_box_clouds,
+                   subsample_clouds)
+from .observations import REFERENCE_POINTS, pairwise_sq_distances
+from .vae import (PointCloudVAE, ShapePriorEntry, fit_latent_prior, gaussian_kl,
+                  load_shape_registry, load_vae, parameter_count, save_vae_weights)
 
-DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "models" / "shape_registry.yaml"
-DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DEFAULT_REGISTRY = Path(SOURCE_ROOT) / "models" / "shape_registry.yaml"
+DEFAULT_DATA_DIR = Path(SOURCE_ROOT) / "data"
 DATA_SETS = ("boxes", "objects")  #: priors this module can make training data for
 
 
@@ -229,7 +230,7 @@ def _model_card(entry: ShapePriorEntry, cfg: ShapeTrainingConfig, report: ShapeT
     return f"""# Shape prior `{entry.name}`
 
 Point-cloud VAE (PointNet encoder, fully connected decoder; Krupnik et al. 2023, App. A/C),
-used by MACE-VAE shape completion (`mace_core.shape_completion`).
+used by MACE-VAE shape completion (`mace_core.shape.completion`).
 
 | | |
 |---|---|
@@ -332,7 +333,7 @@ def main_shape(argv: list[str] | None = None) -> int:
 @torch.no_grad()
 def _write_sample_png(vae: PointCloudVAE, data_dir: str, cfg: ShapeTrainingConfig,
                       spec: TensorSpec, path: Path) -> None:
-    from .shape_plotting import plot_completions
+    from .plotting import plot_completions
 
     source = _ShapeSource(cfg, vae.config.num_points, Path(data_dir), spec)
     samples = vae.sample(4, spec.generator(cfg.seed + 7))

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import yaml
 
-from .errors import InvalidRequestError, format_numbers, quote
-from .tensor import TensorSpec
+from ..errors import InvalidRequestError, format_numbers, quote
+from ..tensor import TensorSpec
 
 #: Number of size values of each obstacle kind (SolidPrimitive conventions).
 OBSTACLE_DIMENSIONS = {"box": 3, "sphere": 1, "cylinder": 2}

@@ -1,0 +1,18 @@
+"""Collision-aware inverse kinematics with MACE (paper Sec. 4.2).
+
+- ``adapter``: :class:`IKAdapter`, one request from prior samples to ranked solutions.
+- ``prior``: the autoregressive GMM prior p(q | p_target).
+- ``registry``: the model registry and safetensors weights.
+- ``refinement``: exact solvers that polish samples (damped least squares, TRAC-IK).
+- ``training``, ``benchmark``: ``mace-train ik`` and ``mace-bench ik``, not imported here.
+"""
+
+from .adapter import IKAdaptConfig, IKAdapter, IKAdaptResult, IKRequest, IKSolution, IKTimings
+from .prior import ARGMMConfig, ARGMMPrior
+from .refinement import DLSRefiner, IKTarget, RefinementConfig, Refiner, TracIKRefiner
+
+__all__ = [
+    "ARGMMConfig", "ARGMMPrior", "DLSRefiner", "IKAdaptConfig", "IKAdaptResult", "IKAdapter",
+    "IKRequest", "IKSolution", "IKTarget", "IKTimings", "RefinementConfig", "Refiner",
+    "TracIKRefiner",
+]

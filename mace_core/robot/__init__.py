@@ -1,0 +1,22 @@
+"""The robot and its world: kinematics, collision checks, scenes.
+
+The bottom of the core: nothing here imports :mod:`mace_core.ik` or :mod:`mace_core.shape`.
+
+- ``kinematics``: URDF forward kinematics, Jacobians and the damped least-squares step.
+- ``collision``: the sphere model and its world, the PyBullet checker, link-pair rules.
+- ``scenes``: obstacles and scene files (``config/scenes/*.yaml``).
+- ``rotations``: rotation matrix <-> quaternion.
+- ``sphere_fitting``, ``collision_benchmark``: commands (``python -m``), not imported here.
+"""
+
+from .collision import (CollisionWorld, PyBulletCollisionChecker, RobotSpheres,
+                        SphereCollisionChecker, exact_self_collision_free)
+from .kinematics import RobotKinematics, damped_least_squares, panda_urdf_path
+from .rotations import matrix_to_quaternion_xyzw
+from .scenes import Obstacle, Scene, load_scene, quaternion_xyzw_to_matrix
+
+__all__ = [
+    "CollisionWorld", "Obstacle", "PyBulletCollisionChecker", "RobotKinematics", "RobotSpheres",
+    "Scene", "SphereCollisionChecker", "damped_least_squares", "exact_self_collision_free",
+    "load_scene", "matrix_to_quaternion_xyzw", "panda_urdf_path", "quaternion_xyzw_to_matrix",
+]
