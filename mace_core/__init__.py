@@ -11,10 +11,10 @@ from .ik.adapter import IKAdaptConfig, IKAdapter, IKAdaptResult, IKRequest, IKSo
 from .ik.prior import ARGMMConfig, ARGMMPrior
 from .ik.refinement import DLSRefiner, IKTarget, RefinementConfig, TracIKRefiner
 from .mace import MACEConfig, adapt
-from .robot.collision import (CollisionWorld, PyBulletCollisionChecker, RobotSpheres,
-                              SphereCollisionChecker)
 from .robot.kinematics import RobotKinematics
+from .robot.pybullet_checker import PyBulletCollisionChecker
 from .robot.scenes import Obstacle, Scene, load_scene
+from .robot.spheres import CollisionWorld, RobotSpheres, SphereCollisionChecker
 from .tensor import TensorSpec
 
 __all__ = [

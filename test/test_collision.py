@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from mace_core.errors import InvalidRequestError, ModelLoadError
-from mace_core.robot.collision import (CollisionWorld, PairTable, PyBulletCollisionChecker,
-                                       RobotSpheres, SphereCollisionChecker, adjacent_link_pairs,
-                                       default_spheres_path, exact_self_collision_free,
-                                       self_collision_link_pairs)
+from mace_core.robot.collision import adjacent_link_pairs, self_collision_link_pairs
 from mace_core.robot.collision_benchmark import main as benchmark_main
 from mace_core.robot.kinematics import RobotKinematics
+from mace_core.robot.pybullet_checker import PyBulletCollisionChecker, exact_self_collision_free
 from mace_core.robot.scenes import Obstacle, load_scene, quaternion_xyzw_to_matrix
+from mace_core.robot.spheres import (CollisionWorld, PairTable, RobotSpheres,
+                                     SphereCollisionChecker, default_spheres_path)
 from mace_core.tensor import TensorSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -324,3 +324,20 @@ def test_benchmark_smoke(tmp_path):
     rows = res["scenes"]["wall"]["sets"]
     assert set(rows) == {"uniform", "near", "ik"} and out.exists()
     assert all(r["false_free"] == 0 for r in rows.values())
+
+
+def test_pybullet_checker_implements_the_exact_checker_interface():
+    """Every method of :class:`ExactCollisionChecker` exists on the PyBullet checker with the
+    same parameters (the MuJoCo checker will be held to the same)."""
+    import inspect
+
+    from mace_core.robot.collision import ExactCollisionChecker
+
+    for name, member in vars(ExactCollisionChecker).items():
+        if name.startswith("_") or not callable(member):
+            continue
+        theirs = getattr(PyBulletCollisionChecker, name)
+        assert (list(inspect.signature(theirs).parameters)
+                == list(inspect.signature(member).parameters)), name
+    with PyBulletCollisionChecker() as checker:
+        assert checker.link_pairs

@@ -11,7 +11,7 @@ import torch
 
 from mace_core.errors import InvalidRequestError
 from mace_core.ik.adapter import IKAdaptConfig, IKAdapter, IKRequest
-from mace_core.robot.collision import PyBulletCollisionChecker
+from mace_core.robot.pybullet_checker import PyBulletCollisionChecker
 from mace_core.robot.scenes import Obstacle, load_scene
 from mace_core.tensor import TensorSpec
 
@@ -58,7 +58,7 @@ def test_neighbour_seeds_follow_the_self_motion(adapter, wall, pose_target):
     a pose target), unlike raw joint noise of the same size."""
     from dataclasses import replace
 
-    from mace_core.robot.collision import CollisionWorld
+    from mace_core.robot.spheres import CollisionWorld
     from mace_core.ik.adapter import IKTimings, _RefinementRounds
     from mace_core.ik.refinement import IKTarget
 
@@ -104,7 +104,7 @@ def test_corrections_reach_solutions_in_fewer_collision_tests(adapter):
     obstacles after fewer penalty evaluations (the costly part of a step) than without."""
     from dataclasses import replace
 
-    from mace_core.robot.collision import CollisionWorld
+    from mace_core.robot.spheres import CollisionWorld
     from mace_core.ik.refinement import DLSRefiner, IKTarget
 
     window = load_scene("config/scenes/window.yaml")

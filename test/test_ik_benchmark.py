@@ -23,9 +23,10 @@ from mace_core.ik.benchmark import (METHODS, TABLE1_METHODS, IKBenchmarkConfig, 
 from mace_core.ik.prior import ARGMMConfig, ARGMMPrior
 from mace_core.ik.registry import save_ik_prior
 from mace_core.mace import MACEConfig
-from mace_core.robot.collision import PyBulletCollisionChecker, default_spheres_path
 from mace_core.robot.kinematics import RobotKinematics, panda_urdf_path
+from mace_core.robot.pybullet_checker import PyBulletCollisionChecker
 from mace_core.robot.scenes import load_scene
+from mace_core.robot.spheres import default_spheres_path
 from mace_core.tensor import TensorSpec
 from mace_ros.bench import main
 

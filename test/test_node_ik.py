@@ -18,8 +18,8 @@ from shape_msgs.msg import SolidPrimitive
 
 from conftest import MODELS_DIR, NodeProcess, exit_results, wait_for_service
 from mace_core.ik.adapter import IKRequest
-from mace_core.robot.collision import PyBulletCollisionChecker
 from mace_core.robot.kinematics import PANDA_JOINTS, RobotKinematics
+from mace_core.robot.pybullet_checker import PyBulletCollisionChecker
 from mace_core.robot.scenes import Obstacle, load_scene
 from mace_core.tensor import TensorSpec
 from mace_ros.client import MaceClient

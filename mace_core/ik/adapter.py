@@ -31,9 +31,9 @@ import torch
 from ..deadline import Deadline
 from ..errors import InvalidRequestError, ModelLoadError, format_numbers, quote
 from ..mace import MACEConfig, adapt, draw
-from ..robot.collision import CollisionWorld, SphereCollisionChecker
 from ..robot.kinematics import RobotKinematics, damped_least_squares, panda_urdf_path
 from ..robot.scenes import Obstacle
+from ..robot.spheres import CollisionWorld, SphereCollisionChecker
 from ..tensor import TensorSpec
 from .prior import ARGMMPrior
 from .refinement import (DLSRefiner, IKTarget, PenaltyFn, RefinementConfig, Refiner, TracIKRefiner,

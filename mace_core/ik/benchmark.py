@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from ..errors import InvalidRequestError
-from ..robot.collision import PyBulletCollisionChecker
 from ..robot.kinematics import RobotKinematics, panda_urdf_path
+from ..robot.pybullet_checker import PyBulletCollisionChecker
 from ..robot.rotations import matrix_to_quaternion_xyzw
 from ..robot.scenes import Scene
 from ..tensor import TensorSpec
@@ -631,7 +631,8 @@ def run_benchmark(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
 
 #: Core sources whose content the report's ``environment.core_sha256`` identifies.
 _CORE_SOURCES = ("ik/adapter.py", "mace.py", "ik/refinement.py", "robot/collision.py",
-                 "robot/kinematics.py", "ik/prior.py", "ik/benchmark.py", "deadline.py")
+                 "robot/spheres.py", "robot/kinematics.py", "ik/prior.py", "ik/benchmark.py",
+                 "deadline.py")
 
 
 def file_digest(paths: Sequence[str]) -> str:

@@ -48,7 +48,7 @@ _WORKER_ROBOT: tuple[int, int] | None = None
 def _free_worker(q: np.ndarray) -> np.ndarray:
     """Self-collision-free mask of ``q (n, 7)`` by PyBullet (one client per worker process)."""
     global _WORKER_ROBOT
-    from ..robot.collision import PyBulletCollisionChecker, exact_self_collision_free
+    from ..robot.pybullet_checker import PyBulletCollisionChecker, exact_self_collision_free
 
     if _WORKER_ROBOT is None:
         _WORKER_ROBOT = PyBulletCollisionChecker()
@@ -141,7 +141,7 @@ def train_ik_prior(q: torch.Tensor, p: torch.Tensor, cfg: IKTrainingConfig, spec
 
 def evaluate_prior(prior: ARGMMPrior, p: torch.Tensor, spec: TensorSpec, seed: int) -> dict:
     """Raw-sample figures at ``p (n, 3)``: EE error, joint-limit and self-collision rates."""
-    from ..robot.collision import exact_self_collision_free
+    from ..robot.pybullet_checker import exact_self_collision_free
 
     kin = RobotKinematics.panda(spec)
     with torch.no_grad():

@@ -9,11 +9,11 @@ The bottom of the core: nothing here imports :mod:`mace_core.ik` or :mod:`mace_c
 - ``sphere_fitting``, ``collision_benchmark``: commands (``python -m``), not imported here.
 """
 
-from .collision import (CollisionWorld, PyBulletCollisionChecker, RobotSpheres,
-                        SphereCollisionChecker, exact_self_collision_free)
 from .kinematics import RobotKinematics, damped_least_squares, panda_urdf_path
+from .pybullet_checker import PyBulletCollisionChecker, exact_self_collision_free
 from .rotations import matrix_to_quaternion_xyzw
 from .scenes import Obstacle, Scene, load_scene, quaternion_xyzw_to_matrix
+from .spheres import CollisionWorld, RobotSpheres, SphereCollisionChecker
 
 __all__ = [
     "CollisionWorld", "Obstacle", "PyBulletCollisionChecker", "RobotKinematics", "RobotSpheres",

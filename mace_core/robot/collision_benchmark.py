@@ -27,10 +27,10 @@ import torch
 
 from ..paths import SOURCE_ROOT
 from ..tensor import TensorSpec
-from .collision import (CollisionWorld, PyBulletCollisionChecker, RobotSpheres,
-                        SphereCollisionChecker)
 from .kinematics import RobotKinematics, damped_least_squares
+from .pybullet_checker import PyBulletCollisionChecker
 from .scenes import Scene, load_scene
+from .spheres import CollisionWorld, RobotSpheres, SphereCollisionChecker
 
 
 def default_scene_paths() -> list[str]:

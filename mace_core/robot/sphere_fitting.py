@@ -35,9 +35,10 @@ from scipy.spatial import ConvexHull
 
 from ..errors import ModelLoadError
 from ..tensor import TensorSpec
-from .collision import (PYBULLET_MESH_MARGIN, PairTable, PyBulletCollisionChecker, RobotSpheres,
-                        joints_between, self_collision_link_pairs)
+from .collision import PYBULLET_MESH_MARGIN, joints_between, self_collision_link_pairs
 from .kinematics import RobotKinematics, URDFModel
+from .pybullet_checker import PyBulletCollisionChecker
+from .spheres import PairTable, RobotSpheres
 
 #: Spheres per link of the Panda: most on the wrist and hand, which come close to the forearm
 #: and to obstacles; few on the base, which only meets the wrist.
