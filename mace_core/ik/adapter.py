@@ -1,20 +1,24 @@
 """Collision-aware IK by MACE: adapt the IK prior to a scene at query time, then refine exactly.
 
-The product's pipeline for one request (Algorithm 1 with the IK score of paper Sec. 4.2):
+The product's pipeline for one request (Algorithm 1 with the IK score of paper Sec. 4.2), each
+stage a method of :class:`_RequestPipeline` that :meth:`IKAdapter.solve` calls in turn:
 
-1. sampling: configurations from the prior p(q | p_target); score 0 on collision (or outside the
-   joint limits), else exp(−‖p_target − p_ee(q)‖);
-2. refinement rounds: diverse candidates near the target seed an exact solver (DLS, TRAC-IK, or an
-   external one such as MoveIt) that reaches the target within the tolerance; results are
-   re-checked for collision. Once solutions exist, half of a round's seeds are drawn around them:
-   where the free space is a narrow passage, the arm's self-motion near a solution holds more.
-   A small prior batch (``first_samples``) often gives all K at once; rounds on fresh small
-   batches go on while they add solutions. In clutter (few valid samples in the first batch)
-   rounds draw and refine more (``clutter_samples``, ``clutter_seeds``);
-3. adaptation: when a round adds none, MACE iterations on all the prior's weights (N samples each),
-   with a refinement round on the best pooled samples after each, stopped by T, by the time
-   budget, or once K solutions are accepted (T = 0: prior samples only); then rounds on batches of
-   the adapted model until K solutions or the deadline.
+1. sampling (``draw_first_batch``): configurations from the prior p(q | p_target); score 0 on
+   collision (or outside the joint limits), else exp(−‖p_target − p_ee(q)‖);
+2. refinement rounds (``refine_while_adding``): diverse candidates near the target seed an exact
+   solver (DLS, TRAC-IK, or an external one such as MoveIt) that reaches the target within the
+   tolerance; results are re-checked for collision. Once solutions exist, half of a round's
+   seeds are drawn around them: where the free space is a narrow passage, the arm's self-motion
+   near a solution holds more. A small prior batch (``first_samples``) often gives all K at
+   once; rounds on fresh small batches go on while they add solutions. In clutter (few valid
+   samples in the first batch) rounds draw and refine more (``clutter_samples``,
+   ``clutter_seeds``);
+3. adaptation (``adapt_with_rounds``): when a round adds none, MACE iterations on all the prior's
+   weights (N samples each), with a refinement round on the best pooled samples after each,
+   stopped by T, by the time budget, or once K solutions are accepted (T = 0: prior samples
+   only); then rounds on batches of the adapted model (``refine_adapted_batches``) until K
+   solutions or the deadline;
+4. the answer (``answer``): the accepted solutions spread out, or the best samples, ranked.
 """
 
 from __future__ import annotations
@@ -316,6 +320,179 @@ class _RefinementRounds:
         return self.done
 
 
+class _RequestPipeline:
+    """One request, as the named stages of the module docstring, with the state they share.
+
+    Built by :meth:`IKAdapter.solve`, which calls the stages in order: :meth:`draw_first_batch`,
+    :meth:`refine_while_adding`, :meth:`adapt_with_rounds`, :meth:`refine_adapted_batches`,
+    :meth:`answer`. Every stage checks the deadline and does nothing once K solutions are found.
+    """
+
+    def __init__(self, adapter: "IKAdapter", request: IKRequest, start: float | None,
+                 cancel: threading.Event | None):
+        """Resolve the request's settings (raises InvalidRequestError), its target, world,
+        deadline and random source, and start from the pretrained prior."""
+        self.t0 = time.perf_counter()
+        self.adapter = adapter
+        self.cfg = adapter.effective_config(request)  #: the clutter stage may replace it
+        spec = adapter.spec
+        self.deadline = Deadline.after(self.cfg.time_budget_s, start, cancel)
+        self.world = adapter._world_of(request.obstacles)
+        self.target = IKTarget(
+            position=spec.tensor(request.position),
+            rotation=None if request.rotation is None else spec.tensor(request.rotation),
+            orientation_tolerance=request.orientation_tolerance)
+        self.generator = spec.generator(request.seed)
+        self.model = adapter._pretrained_model(self.target.position)
+        self.timings = IKTimings()
+        self.refining = self.cfg.refinement_mode != "none"
+        self.rounds: _RefinementRounds | None = None  #: built once the clutter stage decided
+        self.done = False  #: K solutions accepted
+        # candidates to answer with when no refinement round accepted anything: ``(B, 7)`` and
+        # their scores ``(B,)``, the first batch's until adaptation pools better ones
+        self.cand_q = self.cand_s = None
+        self.valid_prior = self.valid_adapted = 0.0
+        self.iterations = 0  #: MACE iterations run
+
+    # -- helpers of the stages ------------------------------------------------------------------
+
+    def score(self, q: torch.Tensor) -> torch.Tensor:
+        """S of paper Sec. 4.2 for ``q (N, 7)``: ``(N,)``, 0 on collision or outside the joint
+        limits, else exp(−(position error + w_rot · orientation error))."""
+        kin = self.adapter.kin
+        poses = kin.link_poses(q)
+        pos_err, rot_err = pose_errors(kin, q, self.target, poses)
+        valid = self.adapter.checker.valid(q, self.world, poses=poses)
+        w_rot = self.cfg.refinement.orientation_weight
+        return torch.where(valid, torch.exp(-(pos_err + w_rot * rot_err)), 0.0)
+
+    def fresh_batch(self, n: int, scored: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Up to ``n`` new samples ``(n, 7)`` of the model as it is now (fewer when the deadline
+        comes first), with their scores ``(n,)`` if asked."""
+        t = time.perf_counter()
+        with torch.inference_mode():  # cheaper than no_grad with the weights' views
+            batch, scores = draw(self.model, self.score if scored else None, n, self.generator,
+                                 self.cfg.mace.chunk_size, self.deadline)
+        self.timings.sampling += time.perf_counter() - t
+        return batch, scores
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    def draw_first_batch(self) -> None:
+        """Stage 1: sample the prior, a small batch when refining (often enough), N otherwise.
+
+        When less than ``clutter_valid_fraction`` of it is valid the request is in clutter: the
+        batch is topped up to ``clutter_samples`` and rounds refine ``clutter_seeds``.
+        """
+        cfg = self.cfg
+        q, s = self.fresh_batch(cfg.first_samples if self.refining else cfg.mace.num_samples,
+                                scored=True)
+        self.valid_prior = float((s > 0).float().mean())
+        if self.refining and self.valid_prior < cfg.clutter_valid_fraction:
+            cfg = self.cfg = replace(cfg, first_samples=cfg.clutter_samples,
+                                     refine_seeds=cfg.clutter_seeds)
+            if cfg.first_samples > q.shape[0]:
+                more_q, more_s = self.fresh_batch(cfg.first_samples - q.shape[0], scored=True)
+                q, s = torch.cat([q, more_q]), torch.cat([s, more_s])
+        self.cand_q, self.cand_s, self.valid_adapted = q, s, self.valid_prior
+        self.rounds = _RefinementRounds(self.adapter, cfg, self.target, self.world,
+                                        self.deadline, self.timings, self.generator)
+
+    def refine_while_adding(self) -> None:
+        """Stage 2: a refinement round on the first batch, then rounds on fresh prior batches
+        while each adds solutions: cheaper than adapting (a fresh batch plus seeds around the
+        solutions found). Without refinement, nothing."""
+        if not self.refining:
+            return
+        rounds = self.rounds
+        self.done = rounds.run(self.cand_q, self.cand_s)
+        while not self.done and rounds.last_added > 0 and rounds.time_for_another():
+            self.cand_q, self.cand_s = self.fresh_batch(self.cfg.first_samples, scored=True)
+            self.done = rounds.run(self.cand_q, self.cand_s)
+
+    def _stop_adapting(self, pool_x: torch.Tensor, pool_s: torch.Tensor) -> bool:
+        """After each MACE iteration: a refinement round on the pool (True once K solutions are
+        accepted); without refinement, True once ``refine_seeds`` pooled samples score above
+        exp(−seed_radius_m) (with ``early_stop``)."""
+        if self.refining:
+            return self.rounds.run(pool_x, pool_s)
+        good = math.exp(-self.cfg.seed_radius_m)
+        return self.cfg.early_stop and int((pool_s >= good).sum()) >= self.cfg.refine_seeds
+
+    def adapt_with_rounds(self) -> None:
+        """Stage 3: MACE iterations on all the prior's weights (Algorithm 1) with a refinement
+        round after each, until T, K solutions, or the deadline less ``refine_reserve_s``
+        (at most half the budget). The pool of the best samples replaces the candidates."""
+        cfg, timings = self.cfg, self.timings
+        t1 = time.perf_counter()
+        refine_before = timings.refinement
+        adapt_deadline = self.deadline.earlier(min(cfg.refine_reserve_s,
+                                                   0.5 * cfg.time_budget_s))
+        if cfg.mace.iterations > 0 and not self.done:
+            q, s = self.cand_q, self.cand_s
+            # without refinement the first batch was drawn with N (fewer when the deadline cut
+            # its draw short): it is the first iteration's batch
+            first = (q, s) if not self.refining or q.shape[0] == cfg.mace.num_samples else None
+            self.adapter._adapted = True
+            trace = adapt(self.model, self.score, cfg.mace, self.generator,
+                          deadline=adapt_deadline, first_batch=first,
+                          stop_when=self._stop_adapting)
+            self.cand_q, self.cand_s = trace.pool_x, trace.pool_scores
+            self.iterations = trace.iterations_run
+            if self.iterations:
+                self.valid_adapted = trace.iterations[trace.kept_iteration].positive_fraction
+            self.done = self.refining and self.rounds.done
+        timings.adaptation = time.perf_counter() - t1 - (timings.refinement - refine_before)
+
+    def refine_adapted_batches(self) -> None:
+        """Stage 4: refinement rounds on fresh batches of the (adapted) model until K solutions
+        or the deadline."""
+        while self.refining and not self.done and self.rounds.time_for_another():
+            self.done = self.rounds.run(*self.fresh_batch(self.cfg.mace.num_samples,
+                                                          scored=False))
+
+    def select_solutions(self) -> list[IKSolution]:
+        """At most K solutions, best first: the accepted ones spread out (the last round may
+        overshoot K); when none was accepted (or without refinement), the best samples."""
+        cfg, k = self.cfg, self.cfg.num_solutions
+        describe = self.adapter._describe
+        with torch.inference_mode():
+            accepted = self.rounds.accepted
+            if self.refining and accepted.shape[0] > 0:
+                return describe(accepted[farthest_point_order(accepted, k)], self.target,
+                                self.world, known_valid=True)[:k]
+            cand_q, cand_s = self.cand_q, self.cand_s
+            order = torch.argsort(cand_s, descending=True)
+            if not self.refining:  # the valid samples, spread out
+                cand_q = cand_q[order][cand_s[order] > 0]
+                if cand_q.shape[0]:
+                    cand_q = cand_q[farthest_point_order(cand_q, k)]
+            else:
+                cand_q = cand_q[order]
+            return describe(cand_q[:cfg.num_solutions], self.target, self.world)[:k]
+
+    def answer(self) -> IKAdaptResult:
+        """Stage 5: the selected solutions, what was found, and a message for humans."""
+        solutions = self.select_solutions()
+        self.timings.total = time.perf_counter() - self.t0
+        cfg, refining = self.cfg, self.refining
+        k, tol = cfg.num_solutions, cfg.refinement.position_tolerance
+        found = sum(1 for sol in solutions if sol.collision_free
+                    and (not refining or sol.position_error <= tol))
+        message = f"found {found} of {k} solutions" + (
+            f" within {tol * 1e3:.2f} mm" if refining else "")
+        if refining and found < len(solutions):
+            message += (f"; {len(solutions) - found} more returned as best effort, not "
+                        "solutions (off the target or colliding)")
+        message += f" ({self.iterations} MACE iterations, {self.timings.total * 1e3:.0f} ms)"
+        return IKAdaptResult(solutions=solutions, joint_names=list(self.adapter.kin.joint_names),
+                             num_requested=k, num_found=found,
+                             valid_fraction_prior=self.valid_prior,
+                             valid_fraction_adapted=self.valid_adapted,
+                             iterations_run=self.iterations, timings=self.timings,
+                             message=message)
+
+
 def farthest_point_order(q: torch.Tensor, k: int) -> torch.Tensor:
     """Greedy max-min selection of ``k`` rows of ``q (B, 7)`` from row 0: indices ``(k,)``.
 
@@ -449,6 +626,8 @@ class IKAdapter:
               cancel: threading.Event | None = None) -> IKAdaptResult:
         """Answer one request within its time budget; raises InvalidRequestError on bad input.
 
+        The stages of the module docstring, each a method of :class:`_RequestPipeline`.
+
         Args:
             request: the query.
             start: ``time.perf_counter()`` value the budget counts from (e.g. when a service
@@ -456,119 +635,22 @@ class IKAdapter:
             cancel: an event that, once set, ends the request within one step of its current
                 loop (the answer is then whatever was found).
         """
-        t0 = time.perf_counter()
-        cfg = self.effective_config(request)
-        spec, kin = self.spec, self.kin
-        deadline = Deadline.after(cfg.time_budget_s, start, cancel)
-        world = self._world_of(request.obstacles)
-        target = IKTarget(
-            position=spec.tensor(request.position),
-            rotation=None if request.rotation is None else spec.tensor(request.rotation),
-            orientation_tolerance=request.orientation_tolerance)
-        generator = spec.generator(request.seed)
-        if self._adapted:  # the last request tuned the weights: back to the pretrained prior
+        run = _RequestPipeline(self, request, start, cancel)
+        run.draw_first_batch()
+        run.refine_while_adding()
+        run.adapt_with_rounds()
+        run.refine_adapted_batches()
+        return run.answer()
+
+    def _pretrained_model(self, position: torch.Tensor) -> _ConditionedPrior:
+        """The prior at ``position (3,)`` with its pretrained weights (restored when the last
+        request adapted them); remembered for :meth:`sample_adapted`."""
+        if self._adapted:
             self.prior.load_state_dict(self._pristine)
             self._adapted = False
-        model = _ConditionedPrior(self.prior, self.initial_prior, target.position, kin.lower,
-                                  kin.upper)
-        self._last_position = target.position
-        w_rot = cfg.refinement.orientation_weight
-
-        def score(q: torch.Tensor) -> torch.Tensor:
-            poses = kin.link_poses(q)
-            pos_err, rot_err = pose_errors(kin, q, target, poses)
-            valid = self.checker.valid(q, world, poses=poses)
-            return torch.where(valid, torch.exp(-(pos_err + w_rot * rot_err)), 0.0)
-
-        timings = IKTimings()
-        refining = cfg.refinement_mode != "none"
-
-        def fresh_batch(n: int, scored: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-            """Up to ``n`` new samples ``(n, 7)`` of the model as it is now (fewer when the
-            deadline comes first), with scores if asked."""
-            t = time.perf_counter()
-            with torch.inference_mode():  # cheaper than no_grad with the weights' views
-                batch, scores = draw(model, score if scored else None, n, generator,
-                                     cfg.mace.chunk_size, deadline)
-            timings.sampling += time.perf_counter() - t
-            return batch, scores
-
-        # 1. sampling from the prior (a small batch first when refining: often enough)
-        q, s = fresh_batch(cfg.first_samples if refining else cfg.mace.num_samples, scored=True)
-        valid_prior = float((s > 0).float().mean())
-        if refining and valid_prior < cfg.clutter_valid_fraction:
-            cfg = replace(cfg, first_samples=cfg.clutter_samples, refine_seeds=cfg.clutter_seeds)
-            if cfg.first_samples > q.shape[0]:
-                more_q, more_s = fresh_batch(cfg.first_samples - q.shape[0], scored=True)
-                q, s = torch.cat([q, more_q]), torch.cat([s, more_s])
-        # 2-3. anytime (module docstring): refinement rounds while they add solutions, then
-        # adaptation with a round after every MACE iteration, then rounds on the adapted model,
-        # until K solutions or the deadline. Without refinement the loop adapts until T, the
-        # deadline, or enough good samples are pooled, and returns the best samples.
-        rounds = _RefinementRounds(self, cfg, target, world, deadline, timings, generator)
-        done = refining and rounds.run(q, s)
-        # While rounds keep adding solutions, more rounds are cheaper than adapting: a fresh
-        # batch plus seeds around the solutions found. Adaptation starts when one adds none.
-        while refining and not done and rounds.last_added > 0 and rounds.time_for_another():
-            q, s = fresh_batch(cfg.first_samples, scored=True)
-            done = rounds.run(q, s)
-        good = math.exp(-cfg.seed_radius_m)
-
-        def stop_when(pool_x: torch.Tensor, pool_s: torch.Tensor) -> bool:
-            if refining:
-                return rounds.run(pool_x, pool_s)
-            return cfg.early_stop and int((pool_s >= good).sum()) >= cfg.refine_seeds
-
-        t1 = time.perf_counter()
-        refine_before = timings.refinement
-        adapt_deadline = deadline.earlier(min(cfg.refine_reserve_s, 0.5 * cfg.time_budget_s))
-        cand_q, cand_s, iters, valid_adapted = q, s, 0, valid_prior
-        if cfg.mace.iterations > 0 and not done:
-            # without refinement the first batch was drawn with N (fewer when the deadline cut
-            # its draw short): it is the first iteration's batch
-            first = (q, s) if not refining or q.shape[0] == cfg.mace.num_samples else None
-            self._adapted = True
-            trace = adapt(model, score, cfg.mace, generator, deadline=adapt_deadline,
-                          first_batch=first, stop_when=stop_when)
-            cand_q, cand_s = trace.pool_x, trace.pool_scores
-            iters = trace.iterations_run
-            valid_adapted = (trace.iterations[trace.kept_iteration].positive_fraction
-                             if iters else valid_prior)
-            done = refining and rounds.done
-        timings.adaptation = time.perf_counter() - t1 - (timings.refinement - refine_before)
-        while refining and not done and rounds.time_for_another():
-            done = rounds.run(*fresh_batch(cfg.mace.num_samples, scored=False))
-        with torch.inference_mode():
-            if refining and rounds.accepted.shape[0] > 0:
-                accepted = rounds.accepted  # the last round may overshoot K: keep K spread out
-                solutions = self._describe(accepted[farthest_point_order(accepted,
-                                                                         cfg.num_solutions)],
-                                           target, world, known_valid=True)
-            else:  # nothing refined to a valid solution (or no refinement): the best samples
-                order = torch.argsort(cand_s, descending=True)
-                if not refining:
-                    cand_q = cand_q[order][cand_s[order] > 0]
-                    cand_q = cand_q[farthest_point_order(cand_q, cfg.num_solutions)] \
-                        if cand_q.shape[0] else cand_q
-                else:
-                    cand_q = cand_q[order]
-                solutions = self._describe(cand_q[:cfg.num_solutions], target, world)
-        solutions = solutions[:cfg.num_solutions]
-        timings.total = time.perf_counter() - t0
-        k = cfg.num_solutions
-        tol = cfg.refinement.position_tolerance
-        found = sum(1 for sol in solutions if sol.collision_free
-                    and (not refining or sol.position_error <= tol))
-        message = f"found {found} of {k} solutions" + (
-            f" within {tol * 1e3:.2f} mm" if refining else "")
-        if refining and found < len(solutions):
-            message += (f"; {len(solutions) - found} more returned as best effort, not "
-                        "solutions (off the target or colliding)")
-        message += f" ({iters} MACE iterations, {timings.total * 1e3:.0f} ms)"
-        return IKAdaptResult(solutions=solutions, joint_names=list(kin.joint_names),
-                             num_requested=k, num_found=found, valid_fraction_prior=valid_prior,
-                             valid_fraction_adapted=valid_adapted, iterations_run=iters,
-                             timings=timings, message=message)
+        self._last_position = position
+        return _ConditionedPrior(self.prior, self.initial_prior, position, self.kin.lower,
+                                 self.kin.upper)
 
     def sample_adapted(self, n: int, seed: int | None = None) -> torch.Tensor:
         """``n`` samples ``(n, 7)`` of the model as the last :meth:`solve` left it, at its target.
