@@ -7,9 +7,10 @@ Submodules import their heavy dependencies (pybullet, pytracik) only where they 
 
 from .config import ServiceConfig, load_service_config
 from .errors import InvalidRequestError, MaceError, ModelLoadError
-from .ik.adapter import IKAdaptConfig, IKAdapter, IKAdaptResult, IKRequest, IKSolution
+from .ik.adapter import IKAdapter
 from .ik.prior import ARGMMConfig, ARGMMPrior
 from .ik.refinement import DLSRefiner, IKTarget, RefinementConfig, TracIKRefiner
+from .ik.request import IKAdaptConfig, IKAdaptResult, IKRequest, IKSolution
 from .mace import MACEConfig, adapt
 from .robot.kinematics import RobotKinematics
 from .robot.pybullet_checker import PyBulletCollisionChecker

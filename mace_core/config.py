@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from .errors import InvalidRequestError
-from .ik.adapter import IKAdaptConfig
+from .ik.request import IKAdaptConfig
 from .shape.completion import ShapeCompletionConfig
 
 _SCALARS = (bool, int, float, str)

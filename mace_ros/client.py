@@ -21,7 +21,7 @@ from rclpy.node import Node
 from rclpy.utilities import remove_ros_args
 
 from mace_core.errors import MaceError
-from mace_core.ik.adapter import IKRequest
+from mace_core.ik.request import IKRequest
 from mace_core.robot.scenes import Obstacle, load_scene, quaternion_xyzw_to_matrix
 from mace_core.shape.benchmark import (BOX_CUTS, GRASP_CENTERS, GRASP_DIRECTIONS, grasp_contacts,
                                        partial_box)
@@ -98,7 +98,7 @@ class MaceClient:
             rotation: (3, 3) target orientation, or None for position-only.
             num_solutions: K.
             time_budget_s: wall-clock budget of the request, s.
-            **overrides: other :class:`~mace_core.ik.adapter.IKRequest` fields (iterations,
+            **overrides: other :class:`~mace_core.ik.request.IKRequest` fields (iterations,
                 refinement, objective, num_samples, quantile, gradient_steps, learning_rate,
                 seed, orientation_tolerance).
         """

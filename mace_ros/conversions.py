@@ -21,7 +21,7 @@ from std_msgs.msg import ColorRGBA, Header
 from visualization_msgs.msg import Marker, MarkerArray
 
 from mace_core.errors import InvalidRequestError, format_numbers, quote
-from mace_core.ik.adapter import IKAdaptResult, IKRequest, IKSolution, IKTimings
+from mace_core.ik.request import IKAdaptResult, IKRequest, IKSolution, IKTimings
 from mace_core.robot.kinematics import RobotKinematics
 from mace_core.robot.rotations import matrix_to_quaternion_xyzw
 from mace_core.robot.scenes import Obstacle, quaternion_xyzw_to_matrix

@@ -145,7 +145,7 @@ def set_path(msg, path: str, value) -> None:
 def base_ik_request(scene_path: str, budget_s: float):
     """A valid AdaptIK request: K = 16 at the centre of the scene's target region, position
     only, refinement "none": MACE alone, so that its iterations run into the budget."""
-    from mace_core.ik.adapter import IKRequest
+    from mace_core.ik.request import IKRequest
     from mace_core.robot.scenes import load_scene
     from mace_ros.conversions import ik_request_to_msg
 

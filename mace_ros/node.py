@@ -51,8 +51,9 @@ from visualization_msgs.msg import MarkerArray
 from mace_core.config import ServiceConfig
 from mace_core.deadline import Deadline
 from mace_core.errors import InvalidRequestError, MaceError, quote
-from mace_core.ik.adapter import IKAdapter, IKRequest
+from mace_core.ik.adapter import IKAdapter
 from mace_core.ik.refinement import IKTarget, Refiner
+from mace_core.ik.request import IKRequest
 from mace_core.robot.kinematics import RobotKinematics
 from mace_core.shape.completion import ShapeCompleter, ShapeCompletionConfig
 from mace_core.shape.vae import ShapePrior, load_shape_priors

@@ -16,7 +16,7 @@ from visualization_msgs.msg import Marker
 
 from mace_core.config import ServiceConfig, load_service_config, to_flat
 from mace_core.errors import InvalidRequestError
-from mace_core.ik.adapter import IKAdaptResult, IKRequest, IKSolution, IKTimings
+from mace_core.ik.request import IKAdaptResult, IKRequest, IKSolution, IKTimings
 from mace_core.robot.kinematics import PANDA_JOINTS, RobotKinematics
 from mace_core.robot.scenes import Obstacle, quaternion_xyzw_to_matrix
 from mace_core.shape.completion import (ShapeCompletionConfig, ShapeCompletionRequest,

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from mace_core.errors import InvalidRequestError
-from mace_core.ik.adapter import IKAdaptConfig, IKAdapter, IKRequest
+from mace_core.ik.adapter import IKAdapter
+from mace_core.ik.request import IKAdaptConfig, IKRequest
 from mace_core.robot.pybullet_checker import PyBulletCollisionChecker
 from mace_core.robot.scenes import Obstacle, load_scene
 from mace_core.tensor import TensorSpec
@@ -59,7 +60,8 @@ def test_neighbour_seeds_follow_the_self_motion(adapter, wall, pose_target):
     from dataclasses import replace
 
     from mace_core.robot.spheres import CollisionWorld
-    from mace_core.ik.adapter import IKTimings, _RefinementRounds
+    from mace_core.ik.adapter import _RefinementRounds
+    from mace_core.ik.request import IKTimings
     from mace_core.ik.refinement import IKTarget
 
     result = adapter.solve(request_in(wall, num_solutions=4, time_budget_s=5.0, seed=3))

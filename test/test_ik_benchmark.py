@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from mace_core.ik.adapter import IKAdaptConfig, IKAdapter
+from mace_core.ik.adapter import IKAdapter
 from mace_core.ik.benchmark import (METHODS, TABLE1_METHODS, IKBenchmarkConfig, SolutionJudge,
                                     TracIKRestarts, TracIKRestartsConfig, run_benchmark,
                                     sample_targets, table1_service_config)
 from mace_core.ik.prior import ARGMMConfig, ARGMMPrior
 from mace_core.ik.registry import save_ik_prior
+from mace_core.ik.request import IKAdaptConfig
 from mace_core.mace import MACEConfig
 from mace_core.robot.kinematics import RobotKinematics, panda_urdf_path
 from mace_core.robot.pybullet_checker import PyBulletCollisionChecker

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from mace_core.ik.adapter import IKAdaptConfig, IKAdapter, IKRequest
+from mace_core.ik.adapter import IKAdapter
 from mace_core.ik.refinement import RefinementConfig
+from mace_core.ik.request import IKAdaptConfig, IKRequest
 from mace_core.robot.scenes import load_scene
 from mace_core.tensor import TensorSpec
 

@@ -17,7 +17,7 @@ from geometry_msgs.msg import Pose
 from shape_msgs.msg import SolidPrimitive
 
 from conftest import MODELS_DIR, NodeProcess, exit_results, wait_for_service
-from mace_core.ik.adapter import IKRequest
+from mace_core.ik.request import IKRequest
 from mace_core.robot.kinematics import PANDA_JOINTS, RobotKinematics
 from mace_core.robot.pybullet_checker import PyBulletCollisionChecker
 from mace_core.robot.scenes import Obstacle, load_scene

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import PARAMS_FILE, NodeProcess, wait_for_service
-from mace_core.ik.adapter import IKRequest
+from mace_core.ik.request import IKRequest
 from mace_core.robot.scenes import load_scene
 from mace_ros.client import MaceClient
 from mace_ros.conversions import ik_request_to_msg

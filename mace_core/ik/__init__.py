@@ -1,15 +1,18 @@
 """Collision-aware inverse kinematics with MACE (paper Sec. 4.2).
 
-- ``adapter``: :class:`IKAdapter`, one request from prior samples to ranked solutions.
+- ``request``: the settings, the request and the answer (dataclasses).
+- ``adapter``: :class:`IKAdapter`, one request from prior samples to ranked solutions, as named
+  stages.
 - ``prior``: the autoregressive GMM prior p(q | p_target).
 - ``registry``: the model registry and safetensors weights.
 - ``refinement``: exact solvers that polish samples (damped least squares, TRAC-IK).
 - ``training``, ``benchmark``: ``mace-train ik`` and ``mace-bench ik``, not imported here.
 """
 
-from .adapter import IKAdaptConfig, IKAdapter, IKAdaptResult, IKRequest, IKSolution, IKTimings
+from .adapter import IKAdapter
 from .prior import ARGMMConfig, ARGMMPrior
 from .refinement import DLSRefiner, IKTarget, RefinementConfig, Refiner, TracIKRefiner
+from .request import IKAdaptConfig, IKAdaptResult, IKRequest, IKSolution, IKTimings
 
 __all__ = [
     "ARGMMConfig", "ARGMMPrior", "DLSRefiner", "IKAdaptConfig", "IKAdaptResult", "IKAdapter",

@@ -36,7 +36,8 @@ from ..robot.pybullet_checker import PyBulletCollisionChecker
 from ..robot.rotations import matrix_to_quaternion_xyzw
 from ..robot.scenes import Scene
 from ..tensor import TensorSpec
-from .adapter import IKAdaptConfig, IKAdapter, IKRequest
+from .adapter import IKAdapter
+from .request import IKAdaptConfig, IKRequest
 
 #: Methods of the ``requests`` protocol, in table order.
 METHODS = ("prior", "mace", "mace_refine", "is", "tracik_restarts")
@@ -630,9 +631,9 @@ def run_benchmark(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
 
 
 #: Core sources whose content the report's ``environment.core_sha256`` identifies.
-_CORE_SOURCES = ("ik/adapter.py", "mace.py", "ik/refinement.py", "robot/collision.py",
-                 "robot/spheres.py", "robot/kinematics.py", "ik/prior.py", "ik/benchmark.py",
-                 "deadline.py")
+_CORE_SOURCES = ("ik/adapter.py", "ik/request.py", "mace.py", "ik/refinement.py",
+                 "robot/collision.py", "robot/spheres.py", "robot/kinematics.py", "ik/prior.py",
+                 "ik/benchmark.py", "deadline.py")
 
 
 def file_digest(paths: Sequence[str]) -> str:
