@@ -3,6 +3,18 @@
 Pure PyTorch + NumPy: kinematics, batched collision checks, generative priors, the MACE loop
 (Krupnik et al., CoRL 2023, Algorithm 1), exact refinement, data generation and training. No ROS.
 Submodules import their heavy dependencies (pybullet, pytracik) only where they are used.
+
+Grouped by what the code serves; imports run downward only (``test/test_layout.py``):
+
+- :mod:`.robot`: the Panda and its world (kinematics, collision checks, scenes). Imports
+  nothing from ``ik`` or ``shape``.
+- :mod:`.ik`: collision-aware IK (the request, its pipeline, the prior, refinement, training,
+  the benchmark).
+- :mod:`.shape`: shape completion (the VAE priors, scores of observations, training, the
+  benchmark).
+- On top, shared: :mod:`.mace` (Algorithm 1), :mod:`.config` (the service's settings),
+  :mod:`.tensor` (``TensorSpec``), :mod:`.deadline`, :mod:`.errors`, :mod:`.paths`,
+  :mod:`.training` (the ``mace-train`` entry).
 """
 
 from .config import ServiceConfig, load_service_config
