@@ -48,6 +48,7 @@ setup(
         "PyYAML>=6.0",
         "safetensors>=0.4",
         "pybullet>=3.2.5",
+        "mujoco>=4.0",  # exact collision checks (4.0.0 tested)
         "pytracik>=0.0.3",
         "trimesh>=4.0",
     ],

@@ -319,11 +319,13 @@ def test_spheres_file_round_trip(tmp_path):
 
 def test_benchmark_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    res = benchmark_main(["--configs", "40", "--scenes", SCENES[2], "--batch", "64",
-                          "--repeats", "1", "--json", str(out)])
+    res = benchmark_main(["--backends", "spheres,mujoco", "--configs", "40", "--scenes",
+                          SCENES[2], "--batches", "16,64", "--repeats", "1", "--json", str(out)])
     rows = res["scenes"]["wall"]["sets"]
     assert set(rows) == {"uniform", "near", "ik"} and out.exists()
-    assert all(r["false_free"] == 0 for r in rows.values())
+    assert all(set(r["backends"]) == {"spheres", "mujoco"} for r in rows.values())
+    assert all(b["false_free"] == 0 for r in rows.values() for b in r["backends"].values())
+    assert set(res["scenes"]["wall"]["timing_ms"]["mujoco"]) == {"16", "64"}
 
 
 def test_pybullet_checker_implements_the_exact_checker_interface():

@@ -1,8 +1,11 @@
-"""Sphere checker versus PyBullet on the benchmark scenes: counts and timings.
+"""Collision backends versus PyBullet on the benchmark scenes: counts and timings.
 
 For every scene and every configuration set, PyBullet (exact, on the collision meshes) is the
-ground truth; the sphere checker must call no PyBullet-colliding configuration free (``false
-free`` = 0) and call colliding at most 5 % of the PyBullet-free ones (``false colliding``).
+ground truth; each backend (``--backends``: ``spheres``, the batched conservative sphere model;
+``mujoco``, exact checks in MuJoCo) must call no PyBullet-colliding configuration free (``false
+free`` = 0) and as few PyBullet-free ones colliding as it can (``false colliding``, as a share
+of the PyBullet-free ones). Timings: the median wall time of one ``valid`` call on a batch of
+48, 256 and 4,096 uniform configurations (``--batches``), forward kinematics included.
 
 Configuration sets (``--configs`` each):
 - ``uniform``: uniform within the joint limits;
@@ -11,7 +14,8 @@ Configuration sets (``--configs`` each):
 - ``ik``: configurations whose end effector reaches the scene's target region (damped
   least-squares IK from uniform starts to uniform targets), the distribution the service sees.
 
-``python -m mace_core.robot.collision_benchmark --configs 10000 --json out.json``
+``python -m mace_core.robot.collision_benchmark --backends spheres,mujoco --configs 10000
+--json out.json``
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 from ..paths import SOURCE_ROOT
 from ..tensor import TensorSpec
 from .kinematics import RobotKinematics, damped_least_squares
+from .mujoco_checker import MuJoCoCollisionChecker
 from .pybullet_checker import PyBulletCollisionChecker
 from .scenes import Scene, load_scene
 from .spheres import CollisionWorld, RobotSpheres, SphereCollisionChecker
@@ -72,107 +77,141 @@ def _median_ms(fn, repeats: int) -> float:
     return float(np.median(times) * 1e3)
 
 
-def evaluate_scene(scene: Scene, kin: RobotKinematics, checker: SphereCollisionChecker,
-                   configs: int, sigma: float, seed: int) -> dict:
-    """Count agreements (and PyBullet's cost) on every configuration set of one scene."""
+BACKENDS = ("spheres", "mujoco")
+
+
+class _Backend:
+    """One backend's verdicts in a scene: ``collisions(q) -> (B, 2)`` bool numpy (self,
+    world) and ``valid(q) -> (B,)``, forward kinematics included."""
+
+    def __init__(self, name: str, kin: RobotKinematics, spheres: SphereCollisionChecker,
+                 mujoco: MuJoCoCollisionChecker | None):
+        self.name, self.kin, self.spheres, self.mujoco = name, kin, spheres, mujoco
+        self.world: CollisionWorld | None = None
+
+    def set_scene(self, scene: Scene) -> None:
+        if self.name == "spheres":
+            self.world = CollisionWorld.from_obstacles(scene.obstacles, self.kin.spec)
+        else:
+            self.mujoco.set_obstacles(scene.obstacles)
+
+    def collisions(self, q: torch.Tensor) -> np.ndarray:
+        if self.name == "mujoco":
+            return self.mujoco.collisions(q)
+        poses = self.kin.link_poses(q)
+        return np.stack([self.spheres.self_collision(q, poses).cpu().numpy(),
+                         self.spheres.world_collision(q, self.world, poses).cpu().numpy()], 1)
+
+    def valid(self, q: torch.Tensor) -> np.ndarray:
+        if self.name == "mujoco":
+            return self.mujoco.valid(q)
+        return self.spheres.valid(q, self.world).cpu().numpy()
+
+
+def configuration_sets(kin: RobotKinematics, scene: Scene, pb: PyBulletCollisionChecker,
+                       configs: int, sigma: float, gen: torch.Generator) -> dict:
+    """The three sets of the module docstring, ``(configs, 7)`` each (``ik``: up to that)."""
     spec = kin.spec
-    gen = spec.generator(seed)
-    world = CollisionWorld.from_obstacles(scene.obstacles, spec)
+    uniform = kin.sample_uniform(configs, gen)
+    free = uniform[torch.from_numpy(pb.valid(uniform))]
+    pick = torch.randint(free.shape[0], (configs,), generator=gen)
+    noise = sigma * torch.randn(configs, 7, generator=gen, dtype=spec.dtype)
+    near = torch.maximum(torch.minimum(free[pick] + noise, kin.upper), kin.lower)
+    return {"uniform": uniform, "near": near,
+            "ik": ik_configurations(kin, scene, configs, gen)}
+
+
+def evaluate_scene(scene: Scene, kin: RobotKinematics, backends: list[_Backend], configs: int,
+                   sigma: float, seed: int) -> dict:
+    """Count each backend's agreement with PyBullet on every configuration set of one scene."""
+    gen = kin.spec.generator(seed)
+    for backend in backends:
+        backend.set_scene(scene)
     rows = {}
     with PyBulletCollisionChecker(scene.obstacles) as pb:
-        uniform = kin.sample_uniform(configs, gen)
-        sets = {"uniform": uniform}
-        pb_uniform = None
-        for name in ("uniform", "near", "ik"):
-            if name == "near":
-                free = sets["uniform"][torch.from_numpy(pb_uniform)]
-                pick = torch.randint(free.shape[0], (configs,), generator=gen)
-                noise = sigma * torch.randn(configs, 7, generator=gen, dtype=spec.dtype)
-                sets[name] = torch.maximum(torch.minimum(free[pick] + noise, kin.upper),
-                                           kin.lower)
-            elif name == "ik":
-                sets[name] = ik_configurations(kin, scene, configs, gen)
-            q = sets[name]
+        for name, q in configuration_sets(kin, scene, pb, configs, sigma, gen).items():
             start = time.perf_counter()
             pb_pair = pb.collisions(q)  # (self, world) per configuration
             pb_ms = (time.perf_counter() - start) / q.shape[0] * 1e3
             truth = pb.within_limits(q) & ~pb_pair.any(1)
-            if name == "uniform":
-                pb_uniform = truth
-            poses = kin.link_poses(q)
-            ours = checker.valid(q, world, poses).cpu().numpy()
-            ours_self = checker.self_collision(q, poses).cpu().numpy()
-            ours_world = checker.world_collision(q, world, poses).cpu().numpy()
-            false_coll = ~ours & truth
-            rows[name] = {
-                "configs": int(q.shape[0]), "pybullet_free": int(truth.sum()),
-                "pybullet_colliding": int((~truth).sum()),
-                "false_free": int((ours & ~truth).sum()),
-                "false_colliding": int(false_coll.sum()),
-                "false_colliding_rate": float(false_coll.sum() / max(int(truth.sum()), 1)),
-                "false_self": int((ours_self & ~pb_pair[:, 0]).sum()),
-                "false_world": int((ours_world & ~pb_pair[:, 1]).sum()),
-                "pybullet_ms_per_config": pb_ms,
-            }
+            row = {"configs": int(q.shape[0]), "pybullet_free": int(truth.sum()),
+                   "pybullet_colliding": int((~truth).sum()), "pybullet_ms_per_config": pb_ms,
+                   "backends": {}}
+            for backend in backends:
+                pair = backend.collisions(q)
+                ours = backend.valid(q)
+                false_coll = ~ours & truth
+                row["backends"][backend.name] = {
+                    "false_free": int((ours & ~truth).sum()),
+                    "false_colliding": int(false_coll.sum()),
+                    "false_colliding_rate": float(false_coll.sum() / max(int(truth.sum()), 1)),
+                    "false_self": int((pair[:, 0] & ~pb_pair[:, 0]).sum()),
+                    "false_world": int((pair[:, 1] & ~pb_pair[:, 1]).sum()),
+                }
+            rows[name] = row
     return rows
 
 
-def time_sphere_checker(kin: RobotKinematics, checker: SphereCollisionChecker, scene: Scene,
-                        batch: int, repeats: int, seed: int) -> dict:
-    """Median wall time (ms) of one batch: FK, valid() given poses, and both together."""
-    spec = kin.spec
-    world = CollisionWorld.from_obstacles(scene.obstacles, spec)
-    q = kin.sample_uniform(batch, spec.generator(seed))
-    poses = kin.link_poses(q)
-    return {
-        "batch": batch,
-        "fk_ms": _median_ms(lambda: kin.link_poses(q), repeats),
-        "valid_given_poses_ms": _median_ms(lambda: checker.valid(q, world, poses), repeats),
-        "self_given_poses_ms": _median_ms(lambda: checker.self_collision(q, poses), repeats),
-        "world_given_poses_ms": _median_ms(lambda: checker.world_collision(q, world, poses),
-                                           repeats),
-        "valid_with_fk_ms": _median_ms(lambda: checker.valid(q, world), repeats),
-    }
+def time_backends(kin: RobotKinematics, backends: list[_Backend], scene: Scene,
+                  batches: list[int], repeats: int, seed: int) -> dict:
+    """Median wall time (ms) of one ``valid`` call per backend and batch size (uniform
+    configurations, forward kinematics included)."""
+    out = {}
+    for backend in backends:
+        backend.set_scene(scene)
+        out[backend.name] = {}
+        for batch in batches:
+            q = kin.sample_uniform(batch, kin.spec.generator(seed))
+            out[backend.name][str(batch)] = _median_ms(lambda: backend.valid(q), repeats)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", default="spheres",
+                        help=f"comma-separated, of {', '.join(BACKENDS)}")
     parser.add_argument("--configs", type=int, default=10000, help="configurations per set")
     parser.add_argument("--scenes", nargs="*", default=None, help="scene YAML files")
     parser.add_argument("--spheres", default=None, help="robot spheres YAML")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (spheres)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--sigma", type=float, default=0.1, help="rad, 'near' perturbation")
-    parser.add_argument("--batch", type=int, default=4096, help="batch size of the timings")
+    parser.add_argument("--batches", default="48,256,4096", help="batch sizes of the timings")
     parser.add_argument("--repeats", type=int, default=20, help="timing repetitions")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
+    names = [n.strip() for n in args.backends.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(BACKENDS))
+    if unknown or not names:
+        parser.error(f"--backends: unknown {unknown}; choose from {', '.join(BACKENDS)}")
+    batches = [int(b) for b in args.batches.split(",")]
     torch.set_num_threads(args.threads)
     spec = TensorSpec.resolve(args.device)
     kin = RobotKinematics.panda(spec)
-    checker = SphereCollisionChecker(kin, RobotSpheres.load(args.spheres), spec)
+    spheres = SphereCollisionChecker(kin, RobotSpheres.load(args.spheres), spec)
+    mujoco = MuJoCoCollisionChecker() if "mujoco" in names else None
+    backends = [_Backend(n, kin, spheres, mujoco) for n in names]
     scenes = [load_scene(p) for p in (args.scenes or default_scene_paths())]
-    results = {"device": str(spec.device), "threads": args.threads,
-               "spheres": checker.num_spheres, "groups": checker.num_groups, "scenes": {}}
-    header = (f"{'scene':8s} {'set':8s} {'configs':>7s} {'pb free':>7s} {'pb coll':>7s} "
-              f"{'false free':>10s} {'false coll':>10s} {'rate':>6s} {'(self':>6s} "
-              f"{'world)':>6s} {'pb ms/cfg':>9s}")
-    print(header)
+    results = {"device": str(spec.device), "threads": args.threads, "backends": names,
+               "spheres": spheres.num_spheres, "groups": spheres.num_groups, "scenes": {}}
+    print(f"{'scene':8s} {'set':8s} {'backend':8s} {'configs':>7s} {'pb free':>7s} "
+          f"{'pb coll':>7s} {'false free':>10s} {'false coll':>10s} {'rate':>7s} "
+          f"{'(self':>6s} {'world)':>6s} {'pb ms/cfg':>9s}")
     for k, scene in enumerate(scenes):
-        rows = evaluate_scene(scene, kin, checker, args.configs, args.sigma, args.seed + k)
-        timing = time_sphere_checker(kin, checker, scene, args.batch, args.repeats, args.seed)
-        results["scenes"][scene.name] = {"sets": rows, "timing": timing}
+        rows = evaluate_scene(scene, kin, backends, args.configs, args.sigma, args.seed + k)
+        timing = time_backends(kin, backends, scene, batches, args.repeats, args.seed)
+        results["scenes"][scene.name] = {"sets": rows, "timing_ms": timing}
         for name, r in rows.items():
-            print(f"{scene.name:8s} {name:8s} {r['configs']:7d} {r['pybullet_free']:7d} "
-                  f"{r['pybullet_colliding']:7d} {r['false_free']:10d} "
-                  f"{r['false_colliding']:10d} {r['false_colliding_rate']:6.3f} "
-                  f"{r['false_self']:6d} {r['false_world']:6d} "
-                  f"{r['pybullet_ms_per_config']:9.3f}", flush=True)
-        print(f"{scene.name:8s} timing B={timing['batch']}: FK {timing['fk_ms']:.1f} ms, "
-              f"valid given poses {timing['valid_given_poses_ms']:.1f} ms (self "
-              f"{timing['self_given_poses_ms']:.1f}, world {timing['world_given_poses_ms']:.1f})"
-              f", valid with FK {timing['valid_with_fk_ms']:.1f} ms", flush=True)
+            for backend, b in r["backends"].items():
+                print(f"{scene.name:8s} {name:8s} {backend:8s} {r['configs']:7d} "
+                      f"{r['pybullet_free']:7d} {r['pybullet_colliding']:7d} "
+                      f"{b['false_free']:10d} {b['false_colliding']:10d} "
+                      f"{b['false_colliding_rate']:7.4f} {b['false_self']:6d} "
+                      f"{b['false_world']:6d} {r['pybullet_ms_per_config']:9.3f}", flush=True)
+        for backend, times in timing.items():
+            shown = ", ".join(f"B={b}: {ms:.2f} ms" for b, ms in times.items())
+            print(f"{scene.name:8s} timing {backend:8s} valid() {shown}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
