@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 
 from mace_core.config import load_service_config
 from mace_core.errors import MaceError
@@ -70,6 +71,10 @@ def _add_ik_parser(sub) -> None:
     p.add_argument("--table1-iterations", type=int, default=d.table1_iterations,
                    help="MACE iterations at most per target")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run")
+    p.add_argument("--collision-backend", default="",
+                   help="comma-separated ik.collision.backend values (spheres, mujoco): the "
+                        "first serves the MACE methods, each other one runs them again as "
+                        "<method>@<backend> in the same turns (default: the config's)")
     p.set_defaults(func=_run_ik)
 
 
@@ -93,10 +98,18 @@ def _run_ik(args: argparse.Namespace) -> int:
         service = table1_service_config(service)
     scene = load_scene(args.scene)
     models_dir = _models_dir(args.models_dir)
-    adapter = IKAdapter.from_models(models_dir, args.model, service,
-                                    TensorSpec.resolve(args.device))
+    spec = TensorSpec.resolve(args.device)
+    backends = [b for b in args.collision_backend.split(",") if b] or [
+        service.collision.backend]
+
+    def adapter_for(backend: str) -> IKAdapter:
+        config = replace(service, collision=replace(service.collision, backend=backend))
+        return IKAdapter.from_models(models_dir, args.model, config, spec)
+
+    adapter = adapter_for(backends[0])
+    others = {b: adapter_for(b) for b in backends[1:]}
     report = run_benchmark(adapter, scene, cfg, models_dir=models_dir,
-                           log=lambda s: print(s, file=sys.stderr, flush=True))
+                           log=lambda s: print(s, file=sys.stderr, flush=True), others=others)
     report["scene_file"] = os.path.abspath(args.scene)
     return _report(format_table(report), report, args.json)
 

@@ -155,7 +155,8 @@ class MoveItRefiner:
         self.solver_timeout_s, self.call_timeout_s = solver_timeout_s, call_timeout_s
 
     def refine(self, q0: torch.Tensor, target: IKTarget, penalty=None,
-               deadline: Deadline | None = None, needed: int | None = None) -> torch.Tensor:
+               deadline: Deadline | None = None, needed: int | None = None,
+               clear=None) -> torch.Tensor:
         """Refine each row of ``q0 (B, 7)``; rows MoveIt fails on come back unchanged.
 
         MoveIt is asked with ``avoid_collisions`` off (MACE re-checks every answer), so the

@@ -164,9 +164,9 @@ def test_cluttered_requests_refine_more_seeds(clutter_valid_fraction, seeds):
         def __init__(self, inner):
             self.inner, self.sizes = inner, []
 
-        def refine(self, q0, target, penalty=None, deadline=None, needed=None):
+        def refine(self, q0, target, penalty=None, deadline=None, needed=None, clear=None):
             self.sizes.append(q0.shape[0])
-            return self.inner.refine(q0, target, penalty, deadline, needed)
+            return self.inner.refine(q0, target, penalty, deadline, needed, clear)
 
     spec = TensorSpec.resolve("cpu")
     cfg = replace(IKAdaptConfig(), clutter_valid_fraction=clutter_valid_fraction)
@@ -314,3 +314,80 @@ def test_budget_counts_from_the_given_start(adapter, wall):
     req = request_in(wall, num_solutions=8, time_budget_s=1.0, seed=0, iterations=40)
     result = adapter.solve(req, start=time.perf_counter() - 5.0)
     assert result.iterations_run == 0
+
+
+def _pybullet_clearance(pb: PyBulletCollisionChecker, q: np.ndarray, reach: float) -> float:
+    """Smallest PyBullet distance (its 1 mm mesh margin included) from any link but the base
+    to any obstacle, looked for within ``reach`` m."""
+    p, best = pb._p, reach
+    for row in q:
+        pb._set(row)
+        for body in pb._bodies:
+            for link in pb._moving:
+                pts = p.getClosestPoints(pb.robot, body, reach, linkIndexA=link,
+                                         physicsClientId=pb.client)
+                best = min([best] + [pt[8] for pt in pts])
+    return best
+
+
+@pytest.mark.parametrize("backend", ["mujoco", "spheres"])
+def test_padding_keeps_every_solution_that_far_from_the_obstacles(backend):
+    """``collision.padding_m``: PyBullet measures at least the padding between every returned
+    solution and every obstacle (MoveIt's scene padding), with either backend."""
+    from mace_core.robot.collision import CollisionConfig
+
+    pad = 0.03
+    cfg = IKAdaptConfig(collision=CollisionConfig(backend=backend, padding_m=pad))
+    padded = IKAdapter.from_models(MODELS, "panda_ik", cfg, TensorSpec.resolve("cpu"))
+    window = load_scene("config/scenes/window.yaml")
+    with PyBulletCollisionChecker(window.obstacles) as pb:
+        for index in range(2):
+            result = padded.solve(request_in(window, index=index, num_solutions=6, seed=index,
+                                             time_budget_s=5.0))
+            assert result.num_found >= 1, result.message
+            q = np.stack([s.q for s in result.solutions if s.collision_free])
+            assert pb.valid(q).all()
+            assert _pybullet_clearance(pb, q, 2 * pad) >= pad - 1e-4
+            assert all(s.clearance >= pad - 1e-6 for s in result.solutions
+                       if s.collision_free)
+        unpadded = adapter_for_backend(backend).solve(
+            request_in(window, index=0, num_solutions=6, seed=0, time_budget_s=5.0))
+        q = np.stack([s.q for s in unpadded.solutions if s.collision_free])
+        assert _pybullet_clearance(pb, q, 2 * pad) < pad  # the padding is what keeps them away
+
+
+def adapter_for_backend(backend: str) -> IKAdapter:
+    from mace_core.robot.collision import CollisionConfig
+
+    return IKAdapter.from_models(MODELS, "panda_ik",
+                                 IKAdaptConfig(collision=CollisionConfig(backend=backend)),
+                                 TensorSpec.resolve("cpu"))
+
+
+def test_the_exact_backend_accepts_what_the_spheres_refuse():
+    """In the cabinet the spheres call most free answers near the target colliding: with the
+    MuJoCo backend the returned solutions include some the sphere model rejects, and PyBullet
+    calls every one of them valid."""
+    cabinet = load_scene("config/scenes/cabinet.yaml")
+    exact = adapter_for_backend("mujoco")
+    world = exact._world_of(list(cabinet.obstacles))
+    refused = 0
+    with PyBulletCollisionChecker(cabinet.obstacles) as pb:
+        for index in range(3):
+            result = exact.solve(request_in(cabinet, index=index, num_solutions=8, seed=index,
+                                            time_budget_s=5.0))
+            assert result.num_found == 8, result.message
+            q = np.stack([s.q for s in result.solutions])
+            assert pb.valid(q).all()
+            refused += int((~exact.checker.valid(exact.spec.tensor(q), world)).sum())
+    assert refused > 0
+
+
+def test_collision_settings_are_validated():
+    from mace_core.robot.collision import CollisionConfig
+
+    for bad, words in ((CollisionConfig(backend="fcl"), "collision.backend"),
+                       (CollisionConfig(padding_m=-0.01), "padding_m"),
+                       (CollisionConfig(padding_m=float("nan")), "padding_m")):
+        with pytest.raises(InvalidRequestError, match=words):
+            IKAdaptConfig(collision=bad).validate()

@@ -21,6 +21,7 @@ import torch
 
 from mace_core.ik.adapter import IKAdapter
 from mace_core.ik.refinement import RefinementConfig
+from mace_core.robot.collision import CollisionConfig
 from mace_core.ik.request import IKAdaptConfig, IKRequest
 from mace_core.robot.scenes import load_scene
 from mace_core.tensor import TensorSpec
@@ -28,11 +29,15 @@ from mace_core.tensor import TensorSpec
 FIXTURE = Path(__file__).resolve().parent / "data" / "ik_seeded_answers.json"
 SPEC = TensorSpec(torch.device("cpu"), torch.float64)
 
-#: An adapter whose rounds rarely reach the target (3 DLS iterations, 8 seeds, no neighbour
-#: seeds): its first rounds add nothing, so its requests adapt, with a round after each iteration.
-CONFIGS = {"default": IKAdaptConfig(),
+#: The sphere model accepts answers, as it did when the answers were recorded (the exact
+#: backends came later and answer differently). ``weak_rounds``: an adapter whose rounds rarely
+#: reach the target (3 DLS iterations, 8 seeds, no neighbour seeds): its first rounds add
+#: nothing, so its requests adapt, with a round after each iteration.
+SPHERES = CollisionConfig(backend="spheres")
+CONFIGS = {"default": IKAdaptConfig(collision=SPHERES),
            "weak_rounds": IKAdaptConfig(refinement=replace(RefinementConfig(), max_iterations=3),
-                                        first_samples=8, refine_seeds=8, neighbour_share=0.0)}
+                                        first_samples=8, refine_seeds=8, neighbour_share=0.0,
+                                        collision=SPHERES)}
 
 #: name -> (scene, target index, request fields[, adapter config name])
 CASES = {

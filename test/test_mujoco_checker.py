@@ -135,3 +135,26 @@ def test_rejects_bad_batches_and_obstacles(checker):
     with pytest.raises(InvalidRequestError):
         checker.set_obstacles([Obstacle(name="b", kind="box", size=(0.1, -0.1, 0.1),
                                         position=(0.5, 0.0, 0.2))])
+
+
+def test_clearance_is_pybullets_distance(kin, checker):
+    """The distance from the links to the obstacles matches PyBullet's (its 1 mm margin
+    included) within its distance error near box edges."""
+    scene = load_scene("config/scenes/window.yaml")
+    checker.set_obstacles(scene.obstacles)
+    q = kin.sample_uniform(40, SPEC.generator(4))
+    ours = checker.clearance(q, reach_m=0.5)
+    with PyBulletCollisionChecker(scene.obstacles) as pb:
+        p = pb._p
+        theirs = np.full(q.shape[0], 0.5)
+        for k, row in enumerate(q.double().numpy()):
+            pb._set(row)
+            for body in pb._bodies:
+                for link in pb._moving:
+                    pts = p.getClosestPoints(pb.robot, body, 0.5, linkIndexA=link,
+                                             physicsClientId=pb.client)
+                    theirs[k] = min([theirs[k]] + [pt[8] for pt in pts])
+    apart = theirs > 0
+    assert apart.sum() > 10 and (~apart).sum() > 3
+    assert np.abs(ours[apart] - theirs[apart]).max() < 1e-3
+    assert (ours[~apart] <= 1e-4).all()  # overlapping: negative, or within the tolerance

@@ -36,7 +36,8 @@ from ..deadline import Deadline
 from ..errors import InvalidRequestError, ModelLoadError, format_numbers, quote
 from ..mace import adapt, draw
 from ..robot.kinematics import RobotKinematics, damped_least_squares, panda_urdf_path
-from ..robot.scenes import Obstacle
+from ..robot.mujoco_checker import MuJoCoCollisionChecker
+from ..robot.scenes import Obstacle, padded
 from ..robot.spheres import CollisionWorld, SphereCollisionChecker
 from ..tensor import TensorSpec
 from .prior import ARGMMPrior
@@ -185,7 +186,10 @@ class _RequestPipeline:
         kin = self.adapter.kin
         poses = kin.link_poses(q)
         pos_err, rot_err = pose_errors(kin, q, self.target, poses)
-        valid = self.adapter.checker.valid(q, self.world, poses=poses)
+        if self.cfg.collision.exact_scores:
+            valid = self.adapter._valid(q, self.world, poses)
+        else:
+            valid = self.adapter.checker.valid(q, self.world, poses=poses)
         w_rot = self.cfg.refinement.orientation_weight
         return torch.where(valid, torch.exp(-(pos_err + w_rot * rot_err)), 0.0)
 
@@ -342,10 +346,15 @@ class IKAdapter:
     def __init__(self, prior: ARGMMPrior, initial_prior: ARGMMPrior, kin: RobotKinematics,
                  checker: SphereCollisionChecker, config: IKAdaptConfig, spec: TensorSpec,
                  urdf_text: str | None = None, refiners: dict[str, Refiner] | None = None):
+        config.collision.validate()
         self.prior = prior.requires_grad_(True)
         self.initial_prior = initial_prior.requires_grad_(False)
         self._pristine = {k: v.detach().clone() for k, v in prior.state_dict().items()}
         self.kin, self.checker, self.config, self.spec = kin, checker, config, spec
+        #: the exact checker that accepts and describes answers (None: the spheres do)
+        self.exact: MuJoCoCollisionChecker | None = None
+        if config.collision.backend == "mujoco":
+            self.exact = MuJoCoCollisionChecker()
         self.refiners: dict[str, Refiner] = {"dls": DLSRefiner(kin, config.refinement)}
         if urdf_text is not None:
             self.refiners["tracik"] = TracIKRefiner(kin, urdf_text, config.refinement)
@@ -433,17 +442,41 @@ class IKAdapter:
                     f"{lim.max_coordinate_m:g} m")
 
     def _world_of(self, obstacles: list[Obstacle]) -> CollisionWorld:
-        """The obstacles validated and tensorized; the last request's world when they are the
-        same (a planning pipeline asks for many targets in one scene; 0.4 to 0.6 ms a request
-        in the benchmark scenes)."""
+        """The obstacles validated, grown by the padding and tensorized; the last request's
+        world when they are the same (a planning pipeline asks for many targets in one scene;
+        0.4 to 0.6 ms a request in the benchmark scenes)."""
         key = tuple(obstacles)
         try:
             same = self._world is not None and self._world[0] == key
         except (TypeError, ValueError):  # fields given as arrays: no cheap comparison
             same = False
         if not same:
-            self._world = (key, CollisionWorld.from_obstacles(key, self.spec))
+            pad = self.config.collision.padding_m
+            world = CollisionWorld.from_obstacles(key, self.spec)  # validates them as given
+            if pad > 0.0:
+                world = CollisionWorld.from_obstacles([padded(o, pad) for o in key], self.spec)
+            self._world = (key, world)
         return self._world[1]
+
+    def _clearance(self, q: torch.Tensor, world: CollisionWorld,
+                   poses: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B,)`` m, each row's distance from the obstacles as given (the world is grown by
+        the padding): the exact checker's when configured (PyBullet's measure), else the
+        spheres' (a lower bound)."""
+        pad = self.config.collision.padding_m
+        if self.exact is None:
+            return self.checker.clearance(q, world, poses=poses) + pad
+        self.exact.set_obstacles(world.obstacles)
+        return torch.from_numpy(self.exact.clearance(q)).to(q.device, q.dtype) + pad
+
+    def _valid(self, q: torch.Tensor, world: CollisionWorld,
+               poses: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B,)`` bool: ``q (B, 7)`` within the joint limits and clear of ``world``'s (padded)
+        obstacles for the checker that accepts answers: the exact one when configured."""
+        if self.exact is None:
+            return self.checker.valid(q, world, poses=poses)
+        self.exact.set_obstacles(world.obstacles)  # nothing to do when they are the last ones
+        return torch.from_numpy(self.exact.valid(q)).to(q.device)
 
     def solve(self, request: IKRequest, start: float | None = None,
               cancel: threading.Event | None = None) -> IKAdaptResult:
@@ -555,14 +588,16 @@ class IKAdapter:
                 needed: int | None = None) -> torch.Tensor:
         if cfg.refinement_mode == "none":
             return seeds
+        clear = None if self.exact is None else (lambda q: self._valid(q, world))
         return self.refiners[cfg.refinement_mode].refine(seeds, target, self._penalty(world),
-                                                         deadline=deadline, needed=needed)
+                                                         deadline=deadline, needed=needed,
+                                                         clear=clear)
 
     def _acceptable(self, cfg: IKAdaptConfig, q: torch.Tensor, target: IKTarget,
                     world: CollisionWorld) -> torch.Tensor:
         """``(B,)`` bool: valid, and within tolerance when refinement is on."""
         poses = self.kin.link_poses(q)
-        ok = self.checker.valid(q, world, poses=poses)
+        ok = self._valid(q, world, poses)
         if cfg.refinement_mode != "none":
             pos_err, rot_err = pose_errors(self.kin, q, target, poses)
             ok &= pos_err <= cfg.refinement.position_tolerance
@@ -601,8 +636,8 @@ class IKAdapter:
         poses = self.kin.link_poses(q)
         pos_err, rot_err = pose_errors(self.kin, q, target, poses)
         valid = (torch.ones(q.shape[0], dtype=torch.bool, device=q.device) if known_valid
-                 else self.checker.valid(q, world, poses=poses))
-        clearance = self.checker.clearance(q, world, poses=poses)
+                 else self._valid(q, world, poses))
+        clearance = self._clearance(q, world, poses)
         score = torch.where(valid, torch.exp(-pos_err), 0.0)
         key = valid.to(q.dtype) * 1e3 + clearance.clamp(-1.0, 1.0)
         order = torch.argsort(key, descending=True)

@@ -464,15 +464,21 @@ def _time_basis(method: str, cfg: IKBenchmarkConfig) -> str:
                 f"the loop) or the {cfg.tracik_timeout_s:g} s timeout")
     if method == "mace_refine":
         return (f"request wall time: returns at K={cfg.num_solutions} refined solutions "
-                f"(sphere-checked, within tolerance) or the {cfg.time_budget_s:g} s budget")
-    return (f"request wall time: returns at K={cfg.num_solutions} sphere-valid samples (no "
+                f"(checked by ik.collision.backend, within tolerance) or the "
+                f"{cfg.time_budget_s:g} s budget")
+    return (f"request wall time: returns at K={cfg.num_solutions} valid samples (no "
             f"refinement: not within 0.1 mm) or the {cfg.time_budget_s:g} s budget")
 
 
 def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
                  urdf_text: str | None = None,
-                 log: Callable[[str], None] = lambda _s: None) -> dict:
-    """The ``requests`` protocol: the JSON-ready dict of :func:`run_benchmark`."""
+                 log: Callable[[str], None] = lambda _s: None,
+                 others: dict[str, IKAdapter] | None = None) -> dict:
+    """The ``requests`` protocol: the JSON-ready dict of :func:`run_benchmark`.
+
+    ``others``: more adapters (by label, e.g. a collision backend) whose MACE methods run as
+    ``<method>@<label>`` in the same turns, so their figures compare under the same load.
+    """
     targets = sample_targets(scene, cfg.num_targets, cfg.seed)
     judge = SolutionJudge(scene, cfg.position_tolerance)
     runners: dict[str, Callable[[int, np.ndarray], TargetOutcome]] = {}
@@ -495,8 +501,13 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
                 runners[method] = lambda i, target, baseline=baseline: baseline.solve(
                     target, np.random.default_rng([cfg.seed, i]))
             else:
-                runners[method] = lambda i, target, overrides=MACE_METHODS[method]: _mace_outcome(
-                    adapter, scene, target, cfg, overrides, seed=cfg.seed * 100003 + i)
+                for label, served_by in [("", adapter)] + sorted((others or {}).items()):
+                    name = f"{method}@{label}" if label else method
+                    outcomes.setdefault(name, [])
+                    runners[name] = (
+                        lambda i, target, a=served_by, overrides=MACE_METHODS[method]:
+                        _mace_outcome(a, scene, target, cfg, overrides,
+                                      seed=cfg.seed * 100003 + i))
         if cfg.warmup:  # on the first target, with its own seed (index n)
             for run_one in runners.values():
                 run_one(len(targets), targets[0])
@@ -511,7 +522,8 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
         log(f"[{scene.name}] {', '.join(runners)}: done")
     finally:
         judge.close()
-    methods = {method: asdict(summarize(rows, cfg.num_solutions, _time_basis(method, cfg)))
+    methods = {method: asdict(summarize(rows, cfg.num_solutions,
+                                        _time_basis(method.split("@")[0], cfg)))
                for method, rows in outcomes.items()}
     report = dict(targets=targets.round(9).tolist(), methods=methods)
     if "mace_refine" in methods and "tracik_restarts" in methods:
@@ -610,8 +622,12 @@ def table1_service_config(service: IKAdaptConfig) -> IKAdaptConfig:
 
 def run_benchmark(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
                   urdf_text: str | None = None, models_dir: str | None = None,
-                  log: Callable[[str], None] = lambda _s: None) -> dict:
+                  log: Callable[[str], None] = lambda _s: None,
+                  others: dict[str, IKAdapter] | None = None) -> dict:
     """Run the configured protocol on ``scene``; returns the JSON-ready report.
+
+    ``others`` (``requests`` protocol): more adapters whose MACE methods run beside ``adapter``'s
+    as ``<method>@<label>`` (:func:`run_requests`).
 
     Keys: ``scene``, ``protocol``, ``config`` (the benchmark settings), ``service`` (the IK
     service's config), ``environment``, ``targets`` ((n, 3) m) and ``methods`` (name -> figures,
@@ -620,11 +636,12 @@ def run_benchmark(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
     cfg.validate()
     env = environment(models_dir)  # digests before the run; the load average after it
     if cfg.warmup:  # one-time costs (the optimizer's first construction), as the node does
-        adapter.warm_up()
+        for a in [adapter, *(others or {}).values()]:
+            a.warm_up()
     if cfg.protocol == "table1":
         body = run_table1(adapter, scene, cfg, log)
     else:
-        body = run_requests(adapter, scene, cfg, urdf_text, log)
+        body = run_requests(adapter, scene, cfg, urdf_text, log, others)
     env["load_average_1m"] = environment()["load_average_1m"]
     return dict(scene=scene.name, protocol=cfg.protocol, config=asdict(cfg),
                 service=asdict(adapter.config), environment=env, **body)
@@ -691,12 +708,12 @@ def format_table(report: dict) -> str:
                          f"{m['median_adaptation_time_s']:>11.3f} "
                          f"{m['max_adaptation_time_s']:>11.3f} {m['mean_iterations']:>6.1f}")
         return "\n".join(lines)
-    lines = [head, f"{'method':<16} {'succ':>5} {'succK':>5} {'med s':>7} {'p90 s':>7} "
+    lines = [head, f"{'method':<20} {'succ':>5} {'succK':>5} {'med s':>7} {'p90 s':>7} "
                    f"{'1st med':>7} {'1st p90':>7} {'valid/t':>7} {'err mm':>8} {'div rad':>7} "
                    f"{'free':>5} {'vf pri':>6} {'vf ada':>6} {'iters':>5}"]
     for name, m in methods.items():
         lines.append(
-            f"{name:<16} {_fmt(m['success_rate'], digits=2):>5} "
+            f"{name:<20} {_fmt(m['success_rate'], digits=2):>5} "
             f"{_fmt(m['k_success_rate'], digits=2):>5} {_fmt(m['median_time_s']):>7} "
             f"{_fmt(m['p90_time_s']):>7} {_fmt(m['median_time_first_s']):>7} "
             f"{_fmt(m['p90_time_first_s']):>7} {_fmt(m['mean_valid_per_target'], digits=1):>7} "

@@ -64,6 +64,8 @@ def pose_errors(kin: RobotKinematics, q: torch.Tensor, target: IKTarget,
 #: Collision cost of configurations ``(B, 7)`` with their link poses ``(B, L, 4, 4)``: returns the
 #: cost ``(B,)`` (0 when clear) and its gradient with respect to the joints ``(B, 7)``.
 PenaltyFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+#: An exact verdict on configurations ``(n, 7)``: ``(n,)`` bool, True where clear.
+ClearFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 class Refiner(Protocol):
@@ -71,13 +73,14 @@ class Refiner(Protocol):
 
     def refine(self, q0: torch.Tensor, target: IKTarget,
                penalty: PenaltyFn | None = None, deadline: Deadline | None = None,
-               needed: int | None = None) -> torch.Tensor:
+               needed: int | None = None, clear: ClearFn | None = None) -> torch.Tensor:
         """Refine seeds ``(B, 7)`` towards ``target``: ``(B, 7)`` (failed rows unchanged).
 
         ``penalty`` gives a collision cost and its gradient (see :data:`PenaltyFn`) that solvers
-        able to use it (DLS) descend in the null space of the end-effector task. No work
-        starts after ``deadline`` (nor once it is cancelled). A solver may stop once
-        ``needed`` rows are solved (the caller wants no more).
+        able to use it (DLS) descend in the null space of the end-effector task; ``clear``, an
+        exact verdict, may end that descent for rows it calls clear (the penalty's model is
+        conservative). No work starts after ``deadline`` (nor once it is cancelled). A solver
+        may stop once ``needed`` rows are solved (the caller wants no more).
         """
 
 
@@ -125,13 +128,16 @@ class DLSRefiner:
 
     def refine(self, q0: torch.Tensor, target: IKTarget,
                penalty: PenaltyFn | None = None, deadline: Deadline | None = None,
-               needed: int | None = None) -> torch.Tensor:
+               needed: int | None = None, clear: ClearFn | None = None) -> torch.Tensor:
         """At most ``max_iterations`` DLS steps on ``q0 (B, 7)``; converged rows stop moving.
 
         With a ``penalty``, each step that descends it is followed (and the first is preceded)
         by ``corrections`` plain DLS steps, so that the next test of convergence and collision
         sees the hand back on the target (Newton's quadratic convergence instead of the drift
         the avoidance adds).
+        A row on the target that the penalty still flags is also done when ``clear`` calls it
+        clear: the penalty's spheres are conservative (and counted from a margin), and in
+        clutter most rows an exact check calls clear never satisfy them.
         No step starts after ``deadline`` (or its cancel); the loop ends once
         ``needed`` rows have converged clear of obstacles."""
         cfg, kin = self.config, self.kin
@@ -148,7 +154,11 @@ class DLSRefiner:
                 grad = None
                 if penalty is not None:
                     cost, grad = penalty(q, poses)
+                    blocked = done & (cost > 0)
                     done = done & (cost <= 0)
+                    if clear is not None and bool(blocked.any()):
+                        rows = blocked.nonzero().squeeze(1)
+                        done[rows] = clear(q[rows])
                 # A row that stopped improving (stuck at a limit or a singularity) is given up.
                 stalled = (norm > 0.9 * prev) if it >= 8 else torch.zeros_like(done)
                 if bool((done | stalled).all()) or (
@@ -210,7 +220,7 @@ class TracIKRefiner:
 
     def refine(self, q0: torch.Tensor, target: IKTarget,
                penalty: PenaltyFn | None = None, deadline: Deadline | None = None,
-               needed: int | None = None) -> torch.Tensor:
+               needed: int | None = None, clear: ClearFn | None = None) -> torch.Tensor:
         """Refine each row of ``q0 (B, 7)``; rows TRAC-IK fails on come back unchanged.
 
         TRAC-IK knows no collision cost: ``penalty`` is ignored (results are re-checked), and so

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import InvalidRequestError, quote
 from ..mace import MACEConfig
+from ..robot.collision import CollisionConfig
 from ..robot.scenes import Obstacle
 from .refinement import RefinementConfig
 
@@ -43,6 +44,8 @@ class IKAdaptConfig:
         num_samples=256, quantile=1.0 / 16.0, gradient_steps=16, iterations=40,
         learning_rate=1e-4, objective="cem", pool_size=512))  #: Algorithm 1 settings
     refinement: RefinementConfig = field(default_factory=RefinementConfig)  #: exact solvers
+    #: which checker accepts answers, and their clearance (fixed when the adapter is built)
+    collision: CollisionConfig = field(default_factory=CollisionConfig)
     num_solutions: int = 8  #: K, solutions returned
     time_budget_s: float = 1.0  #: s for the whole request
     refinement_mode: str = "dls"  #: one of ``REFINEMENTS``
@@ -121,6 +124,7 @@ class IKAdaptConfig:
             self.mace.validate()
         except InvalidRequestError as exc:
             raise InvalidRequestError(f"mace.{exc}") from exc
+        self.collision.validate()
         check(ref.max_iterations >= 1, "refinement.max_iterations", ">= 1", ref.max_iterations)
         check(ref.corrections >= 0, "refinement.corrections", ">= 0", ref.corrections)
         for name in ("damping", "max_step", "position_tolerance", "orientation_weight",

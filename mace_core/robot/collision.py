@@ -23,15 +23,50 @@ Conventions shared by all (see ``config/scenes/README.md``):
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from itertools import combinations
 from typing import Protocol, Sequence
 
 import numpy as np
 
+from ..errors import InvalidRequestError
 from .kinematics import URDFModel
 
 #: Collision margin (m) PyBullet adds around the convex hull of a URDF mesh.
 PYBULLET_MESH_MARGIN = 0.001
+#: Checkers that can accept and describe a service's answers.
+COLLISION_BACKENDS = ("spheres", "mujoco")
+#: m, the largest padding accepted (more than the arm's reach is a mistake, not a setting)
+MAX_PADDING_M = 1.0
+
+
+@dataclass
+class CollisionConfig:
+    """Which checker judges answers, and the clearance they keep (parameters ``ik.collision.*``).
+
+    The sphere model always serves where a gradient is needed (the refinement's collision
+    penalty) and where whole batches are ranked; ``backend`` is the checker that accepts and
+    describes the returned solutions.
+    """
+
+    #: "mujoco": exact checks on the collision meshes (none of the free answers near obstacles
+    #: is thrown away); "spheres": the conservative sphere model alone (no MuJoCo needed)
+    backend: str = "mujoco"
+    #: m, clearance every returned solution keeps from every obstacle (MoveIt's scene padding);
+    #: the sphere model sees every obstacle grown by it
+    padding_m: float = 0.0
+    #: score MACE's samples with ``backend`` too, not with the sphere model
+    exact_scores: bool = False
+
+    def validate(self) -> None:
+        """Raise InvalidRequestError on an unknown backend or a padding out of range."""
+        if self.backend not in COLLISION_BACKENDS:
+            raise InvalidRequestError(f"collision.backend must be one of {COLLISION_BACKENDS}, "
+                                      f"got {self.backend!r}")
+        if not (math.isfinite(self.padding_m) and 0.0 <= self.padding_m <= MAX_PADDING_M):
+            raise InvalidRequestError(f"collision.padding_m must be in [0, {MAX_PADDING_M}] m, "
+                                      f"got {self.padding_m!r}")
 
 
 class ExactCollisionChecker(Protocol):

@@ -8,7 +8,7 @@ The YAML format is the one of ``config/scenes/*.yaml`` (described in ``scenes/RE
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -104,6 +104,22 @@ class Obstacle:
     def rotation_matrix(self) -> np.ndarray:
         """(3, 3) rotation base-from-primitive."""
         return np.asarray(self.rotation, dtype=float)
+
+
+def padded(obstacle: Obstacle, padding_m: float) -> Obstacle:
+    """``obstacle`` grown by ``padding_m`` on every side (box sides, sphere and cylinder radii,
+    cylinder height): a configuration clear of it keeps that distance from the original.
+    A grown box keeps its sharp corners, so it covers a little more than the padding asks."""
+    if padding_m <= 0.0:
+        return obstacle
+    size = tuple(float(v) for v in obstacle.size)
+    if obstacle.kind == "box":
+        size = tuple(v + 2.0 * padding_m for v in size)
+    elif obstacle.kind == "sphere":
+        size = (size[0] + padding_m,)
+    else:  # cylinder: (height, radius)
+        size = (size[0] + 2.0 * padding_m, size[1] + padding_m)
+    return replace(obstacle, size=size)
 
 
 @dataclass(frozen=True)
