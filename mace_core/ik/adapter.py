@@ -135,7 +135,7 @@ class _RefinementRounds:
             seeds = self._with_neighbours(seeds)
             needed = cfg.num_solutions - self.accepted.shape[0]
             refined = ad._refine(cfg, seeds, self.target, self.world, self.deadline, needed)
-            ok = ad._acceptable(cfg, refined, self.target, self.world)
+            ok = ad._acceptable(cfg, refined, self.target, self.world, needed)
             before = self.accepted.shape[0]
             self.accepted = ad._merge(cfg, self.accepted, refined[ok])
         self.last_added = self.accepted.shape[0] - before
@@ -594,16 +594,27 @@ class IKAdapter:
                                                          clear=clear)
 
     def _acceptable(self, cfg: IKAdaptConfig, q: torch.Tensor, target: IKTarget,
-                    world: CollisionWorld) -> torch.Tensor:
-        """``(B,)`` bool: valid, and within tolerance when refinement is on."""
+                    world: CollisionWorld, needed: int | None = None) -> torch.Tensor:
+        """``(B,)`` bool: valid, and within tolerance when refinement is on.
+
+        Valid: the sphere model calls the row free (it never calls free what the exact
+        checkers call colliding, and it is cheap), or else the exact checker does. Only rows
+        on the target are put to the exact check, and none when the spheres already accept
+        ``needed`` rows (the fast path in open scenes)."""
         poses = self.kin.link_poses(q)
-        ok = self._valid(q, world, poses)
+        ok = torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
         if cfg.refinement_mode != "none":
             pos_err, rot_err = pose_errors(self.kin, q, target, poses)
             ok &= pos_err <= cfg.refinement.position_tolerance
             if target.rotation is not None:
                 ok &= rot_err <= max(target.orientation_tolerance, 1e-3)
-        return ok
+        free = self.checker.valid(q, world, poses=poses)
+        if self.exact is not None and (needed is None or int((ok & free).sum()) < needed):
+            ask = ok & ~free
+            if bool(ask.any()):
+                rows = ask.nonzero().squeeze(1)
+                free[rows] = self._valid(q[rows], world)
+        return ok & free
 
     def _merge(self, cfg: IKAdaptConfig, accepted: torch.Tensor,
                new: torch.Tensor) -> torch.Tensor:

@@ -127,6 +127,8 @@ class IKAdaptConfig:
         self.collision.validate()
         check(ref.max_iterations >= 1, "refinement.max_iterations", ">= 1", ref.max_iterations)
         check(ref.corrections >= 0, "refinement.corrections", ">= 0", ref.corrections)
+        check(math.isfinite(ref.exact_check_cost_m) and ref.exact_check_cost_m >= 0,
+              "refinement.exact_check_cost_m", ">= 0", ref.exact_check_cost_m)
         for name in ("damping", "max_step", "position_tolerance", "orientation_weight",
                      "tracik_timeout"):
             value = getattr(ref, name)

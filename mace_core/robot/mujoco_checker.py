@@ -37,8 +37,9 @@ from .scenes import Obstacle
 
 #: m, contacts are counted this much before PyBullet's margins (the engines' distance tolerance)
 SAFETY_MARGIN_M = 1e-4
-#: m, the distance within which MuJoCo reports contacts: above every threshold in use
-_DETECTION_MARGIN_M = 5e-3
+#: m, the distance within which MuJoCo reports contacts: above every threshold in use (the
+#: closer, the fewer contacts to compute and read)
+_DETECTION_MARGIN_M = 2.5e-3
 _KINDS = ("box", "sphere", "cylinder")
 #: where unused slots wait (far from everything, and colliding with nothing anyway)
 _PARKED = (1e3, 1e3, -1e3)
@@ -142,6 +143,9 @@ class MuJoCoCollisionChecker:
                                        for k in range(slots_per_kind)]) for kind in _KINDS}
         self._slot_contype = (int(model.geom_contype[0]), int(model.geom_conaffinity[0]))
         self._qpos = np.array([model.jnt_qposadr[model.joint(n).id] for n in PANDA_JOINTS])
+        first = int(self._qpos[0])  # a slice writes faster than an index array
+        contiguous = np.array_equal(self._qpos, np.arange(first, first + len(self._qpos)))
+        self._arm_qpos = slice(first, first + len(self._qpos)) if contiguous else self._qpos
         for name, value in PANDA_FINGERS.items():
             self.data.qpos[model.jnt_qposadr[model.joint(name).id]] = value
         # contact thresholds per geom pair: PyBullet's margins, less the safety margin
@@ -209,15 +213,18 @@ class MuJoCoCollisionChecker:
         mj, model, data = self._mj, self.model, self.data
         out = np.zeros((q.shape[0], 2), dtype=bool)
         threshold, obstacle = self._threshold, self._obstacle_geom
+        qpos, kinematics, collision = data.qpos, mj.mj_kinematics, mj.mj_collision
+        arm = self._arm_qpos
         for k in range(q.shape[0]):
-            data.qpos[self._qpos] = q[k]
-            mj.mj_kinematics(model, data)
-            mj.mj_collision(model, data)
+            qpos[arm] = q[k]
+            kinematics(model, data)
+            collision(model, data)
             n = data.ncon
             if n == 0:
                 continue
-            geom = data.contact.geom[:n]
-            hit = data.contact.dist[:n] <= threshold[geom[:, 0], geom[:, 1]]
+            contact = data.contact
+            geom = contact.geom[:n]
+            hit = contact.dist[:n] <= threshold[geom[:, 0], geom[:, 1]]
             if hit.any():
                 world = obstacle[geom[:, 0]] | obstacle[geom[:, 1]]
                 out[k, 0] = bool((hit & ~world).any())
@@ -257,13 +264,23 @@ class MuJoCoCollisionChecker:
         if slots.size == 0:
             return out
         fromto = np.zeros(6)
+        moving = self._moving_geoms
+        radii = model.geom_rbound[moving][:, None] + model.geom_rbound[slots][None, :]
         for k in range(q.shape[0]):
             data.qpos[self._qpos] = q[k]
             mj.mj_kinematics(model, data)
-            for g in self._moving_geoms:
-                for s in slots:
-                    d = mj.mj_geomDistance(model, data, int(g), int(s), reach_m, fromto)
-                    out[k] = min(out[k], d - PYBULLET_MESH_MARGIN)
+            # pairs in order of their bounding spheres' gap, a lower bound of their distance:
+            # once it passes the nearest distance found, no later pair can be nearer
+            gap = np.linalg.norm(data.geom_xpos[moving][:, None] - data.geom_xpos[slots][None],
+                                 axis=-1) - radii
+            best = reach_m + PYBULLET_MESH_MARGIN
+            for flat in np.argsort(gap, axis=None):
+                i, j = divmod(int(flat), slots.size)
+                if gap[i, j] >= best:
+                    break
+                best = min(best, mj.mj_geomDistance(model, data, int(moving[i]), int(slots[j]),
+                                                    best, fromto))
+            out[k] = min(reach_m, best - PYBULLET_MESH_MARGIN)
         return out
 
     def close(self) -> None:
