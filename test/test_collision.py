@@ -326,20 +326,3 @@ def test_benchmark_smoke(tmp_path):
     assert all(set(r["backends"]) == {"spheres", "mujoco"} for r in rows.values())
     assert all(b["false_free"] == 0 for r in rows.values() for b in r["backends"].values())
     assert set(res["scenes"]["wall"]["timing_ms"]["mujoco"]) == {"16", "64"}
-
-
-def test_pybullet_checker_implements_the_exact_checker_interface():
-    """Every method of :class:`ExactCollisionChecker` exists on the PyBullet checker with the
-    same parameters (the MuJoCo checker will be held to the same)."""
-    import inspect
-
-    from mace_core.robot.collision import ExactCollisionChecker
-
-    for name, member in vars(ExactCollisionChecker).items():
-        if name.startswith("_") or not callable(member):
-            continue
-        theirs = getattr(PyBulletCollisionChecker, name)
-        assert (list(inspect.signature(theirs).parameters)
-                == list(inspect.signature(member).parameters)), name
-    with PyBulletCollisionChecker() as checker:
-        assert checker.link_pairs

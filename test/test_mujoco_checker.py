@@ -118,11 +118,13 @@ def test_the_slot_pool_keeps_nothing_of_the_last_scene(kin, checker):
     assert not checker.world_collision(q).any()
 
 
-def test_implements_the_exact_checker_interface():
+@pytest.mark.parametrize("cls", [MuJoCoCollisionChecker, PyBulletCollisionChecker])
+def test_implements_the_exact_checker_interface(cls):
+    """Every method of :class:`ExactCollisionChecker`, with the same parameters."""
     for name, member in vars(ExactCollisionChecker).items():
         if name.startswith("_") or not callable(member):
             continue
-        theirs = getattr(MuJoCoCollisionChecker, name)
+        theirs = getattr(cls, name)
         assert (list(inspect.signature(theirs).parameters)
                 == list(inspect.signature(member).parameters)), name
 

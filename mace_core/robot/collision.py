@@ -69,6 +69,22 @@ class CollisionConfig:
                                       f"got {self.padding_m!r}")
 
 
+def joint_batch(q, num_joints: int) -> np.ndarray:
+    """``q`` (numpy or torch, ``(B, num_joints)``) as a float64 numpy array, for the exact
+    checkers.
+
+    Raises:
+        InvalidRequestError: another shape.
+    """
+    if hasattr(q, "detach"):  # a torch tensor (torch is not imported here)
+        q = q.detach().cpu().double().numpy()
+    q = np.asarray(q, dtype=float)
+    if q.ndim != 2 or q.shape[1] != num_joints:
+        raise InvalidRequestError(
+            f"joint configurations must be (B, {num_joints}), got {tuple(q.shape)}")
+    return q
+
+
 class ExactCollisionChecker(Protocol):
     """An exact checker of joint configurations against a fixed set of obstacles (given when it
     is built), one configuration at a time: the ground truth that benchmarks and tests judge

@@ -28,10 +28,9 @@ import re
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from ..errors import InvalidRequestError, ModelLoadError
-from .collision import PYBULLET_MESH_MARGIN, self_collision_link_pairs
+from .collision import PYBULLET_MESH_MARGIN, joint_batch, self_collision_link_pairs
 from .kinematics import PANDA_FINGERS, PANDA_JOINTS, URDFModel, panda_urdf_path
 from .scenes import Obstacle
 
@@ -52,16 +51,6 @@ def _mujoco():
         raise ModelLoadError("the MuJoCo collision backend needs the 'mujoco' package "
                              "(pip install mujoco)") from exc
     return mujoco
-
-
-def _as_numpy_batch(q, num_joints: int) -> np.ndarray:
-    if isinstance(q, torch.Tensor):
-        q = q.detach().cpu().double().numpy()
-    q = np.asarray(q, dtype=float)
-    if q.ndim != 2 or q.shape[1] != num_joints:
-        raise InvalidRequestError(
-            f"joint configurations must be (B, {num_joints}), got {tuple(q.shape)}")
-    return q
 
 
 class MuJoCoCollisionChecker:
@@ -209,7 +198,7 @@ class MuJoCoCollisionChecker:
 
     def _run(self, q) -> np.ndarray:
         """``(B, 2)`` bool: (self-collision, obstacle collision) of each row of ``q``."""
-        q = _as_numpy_batch(q, len(self._qpos))
+        q = joint_batch(q, len(self._qpos))
         mj, model, data = self._mj, self.model, self.data
         out = np.zeros((q.shape[0], 2), dtype=bool)
         threshold, obstacle = self._threshold, self._obstacle_geom
@@ -233,7 +222,7 @@ class MuJoCoCollisionChecker:
 
     def within_limits(self, q) -> np.ndarray:
         """``(B,)`` bool: every joint inside the URDF limits."""
-        q = _as_numpy_batch(q, len(self._qpos))
+        q = joint_batch(q, len(self._qpos))
         return ((q >= self.lower) & (q <= self.upper)).all(1)
 
     def self_collision(self, q) -> np.ndarray:
@@ -257,7 +246,7 @@ class MuJoCoCollisionChecker:
         """``(B,)`` m: the smallest distance from a link (the base excepted) to an obstacle, as
         PyBullet measures it (the hulls grown by its 1 mm margin); ``reach_m`` where nothing is
         nearer, negative where they overlap."""
-        q = _as_numpy_batch(q, len(self._qpos))
+        q = joint_batch(q, len(self._qpos))
         mj, model, data = self._mj, self.model, self.data
         slots = np.flatnonzero(self._obstacle_geom & (model.geom_contype > 0))
         out = np.full(q.shape[0], reach_m)
@@ -265,14 +254,19 @@ class MuJoCoCollisionChecker:
             return out
         fromto = np.zeros(6)
         moving = self._moving_geoms
-        radii = model.geom_rbound[moving][:, None] + model.geom_rbound[slots][None, :]
+        rbound = model.geom_rbound[moving][:, None]  # (G, 1) each link hull's bounding sphere
+        half = model.geom_aabb[slots, 3:]  # (S, 3) each obstacle's box in its own frame
         for k in range(q.shape[0]):
-            data.qpos[self._qpos] = q[k]
+            data.qpos[self._arm_qpos] = q[k]
             mj.mj_kinematics(model, data)
-            # pairs in order of their bounding spheres' gap, a lower bound of their distance:
-            # once it passes the nearest distance found, no later pair can be nearer
-            gap = np.linalg.norm(data.geom_xpos[moving][:, None] - data.geom_xpos[slots][None],
-                                 axis=-1) - radii
+            # pairs in order of a lower bound of their distance: from the link's bounding
+            # sphere to the obstacle's box (a floor's bounding sphere would be useless); once
+            # it passes the nearest distance found, no later pair can be nearer
+            rot = data.geom_xmat[slots].reshape(-1, 3, 3)  # (S, 3, 3) world-from-obstacle
+            offset = data.geom_xpos[moving][:, None] - data.geom_xpos[slots][None]  # (G, S, 3)
+            local = np.einsum("skj,gsk->gsj", rot, offset)
+            outside = np.maximum(np.abs(local) - half[None], 0.0)
+            gap = np.linalg.norm(outside, axis=-1) - rbound
             best = reach_m + PYBULLET_MESH_MARGIN
             for flat in np.argsort(gap, axis=None):
                 i, j = divmod(int(flat), slots.size)

@@ -11,23 +11,12 @@ from itertools import combinations
 from typing import Sequence
 
 import numpy as np
-import torch
 
-from ..errors import InvalidRequestError, ModelLoadError
-from .collision import self_collision_link_pairs
+from ..errors import ModelLoadError
+from .collision import joint_batch, self_collision_link_pairs
 from .kinematics import PANDA_FINGERS, PANDA_JOINTS, URDFModel, panda_urdf_path
 from .rotations import matrix_to_quaternion_xyzw
 from .scenes import Obstacle
-
-
-def _as_numpy_batch(q, num_joints: int) -> np.ndarray:
-    if isinstance(q, torch.Tensor):
-        q = q.detach().cpu().double().numpy()
-    q = np.asarray(q, dtype=float)
-    if q.ndim != 2 or q.shape[1] != num_joints:
-        raise InvalidRequestError(
-            f"joint configurations must be (B, {num_joints}), got {tuple(q.shape)}")
-    return q
 
 
 class PyBulletCollisionChecker:
@@ -172,7 +161,7 @@ class PyBulletCollisionChecker:
 
     # -- batches --------------------------------------------------------------------------------
     def _run(self, q, want_self: bool, want_world: bool) -> np.ndarray:
-        q = _as_numpy_batch(q, len(self._joints))
+        q = joint_batch(q, len(self._joints))
         out = np.zeros((q.shape[0], 2), dtype=bool)
         for k in range(q.shape[0]):
             self._set(q[k])
@@ -181,7 +170,7 @@ class PyBulletCollisionChecker:
 
     def within_limits(self, q) -> np.ndarray:
         """``(B,)`` bool: every joint inside the URDF limits."""
-        q = _as_numpy_batch(q, len(self._joints))
+        q = joint_batch(q, len(self._joints))
         return ((q >= self.lower) & (q <= self.upper)).all(1)
 
     def self_collision(self, q) -> np.ndarray:
