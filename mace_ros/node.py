@@ -284,7 +284,9 @@ class MaceNode(Node):
                  if self._complete_shape_srv else "no shape service (shape_priors is empty)")
         log.info(f"ready in {time.perf_counter() - t0:.1f} s: {self._adapt_ik_srv.service_name} "
                  f"on {self.spec.device}, IK prior '{self.config.ik_model}' from "
-                 f"{self.models_dir}, {self._ik.checker.num_spheres} collision spheres, refiners "
+                 f"{self.models_dir}, collision backend {self.config.ik.collision.backend} "
+                 f"(padding {self.config.ik.collision.padding_m:g} m; "
+                 f"{self._ik.checker.num_spheres} spheres for the penalty), refiners "
                  f"{sorted(self._ik.refiners)}, warm-up {warmup_s * 1e3:.0f} ms; {shape}")
 
     def _build_ik(self, config: ServiceConfig) -> IKAdapter:
