@@ -3,6 +3,7 @@
 The bottom of the core: nothing here imports :mod:`mace_core.ik` or :mod:`mace_core.shape`.
 
 - ``kinematics``: URDF forward kinematics, Jacobians and the damped least-squares step.
+- ``closed_form_ik``: every joint solution of a Panda hand pose for a given q7 (He & Liu 2021).
 - ``collision``: the sphere model and its world, the PyBullet checker, link-pair rules.
 - ``scenes``: obstacles and scene files (``config/scenes/*.yaml``).
 - ``rotations``: rotation matrix <-> quaternion.

@@ -1,0 +1,193 @@
+"""Closed-form inverse kinematics of the Franka Panda: every solution of a hand pose, given q7.
+
+The Panda has one redundant joint. Following the geometric construction of He & Liu ("Analytical
+Inverse Kinematics for Franka Emika Panda - a Geometrical Solver for 7-DOF Manipulators with
+Unconventional Design", ICCMA 2021), the last joint q7 is the free parameter: with it the pose of
+frame 6 is known, and q1..q6 follow from the planar "elbow" triangle that the shoulder (joint 2's
+origin), the elbow (joint 4's) and the wrist (joints 5 and 6's) span. This module derives the
+construction for the chain of ``franka_panda/panda.urdf`` (modified DH, lengths in m):
+
+- d1 = 0.333 (shoulder height), d3 = 0.316, a4 = 0.0825, a5 = -0.0825, d5 = 0.384, a7 = 0.088.
+- The shoulder O2, the elbow O4 and the wrist O6 lie in the plane normal to joint 4's axis z4,
+  |O2 O4| = L24 = hypot(d3, a4) and |O4 O6| = L46 = hypot(d5, a4): |O2 O6| fixes the angle at O4.
+- Joint 5's axis z5 lies in that plane, perpendicular to joint 6's axis, z5 = sin q6 x6 + cos q6 y6
+  in frame 6, and makes a fixed angle with O6 O4. O2 lies on either side of the line O6 O4 (the two
+  elbow branches: the published arccos gives one of them, q4 <= -0.4664 rad; its mirror the
+  straighter elbows), and for each the condition on z5 has two solutions q6. With q6, z5 and z4
+  are known, hence O4, q5 and q4; the rotation of frame 3, R03 = Rz(q1) Ry(q2) Rz(q3), gives the
+  two shoulder branches (sign of q2).
+
+So a pose and a q7 give up to 8 configurations, ``(N, 8, 7)`` here, with a mask of those that
+exist (the triangle closes, no singularity), lie within the URDF's limits and reproduce the pose
+(forward kinematics, ``pose_tolerance``): near singularities a candidate can come out millimetres
+off, so the check is part of the answer. Every computation is batched torch in the pose's dtype
+(float64 recommended); NaN never leaves this module.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..tensor import TensorSpec
+from .kinematics import PANDA_JOINTS, RobotKinematics
+
+#: Modified-DH lengths of the Panda (m), as the URDF's joint origins give them.
+D1, D3, A4, D5, A7 = 0.333, 0.316, 0.0825, 0.384, 0.088
+L24 = math.hypot(D3, A4)  #: shoulder (O2) to elbow (O4)
+L46 = math.hypot(D5, A4)  #: elbow (O4) to wrist (O6)
+#: branch order along the second axis of the answer: (elbow, q6, shoulder) sign bits
+BRANCHES = tuple((e, w, s) for e in (1, -1) for w in (0, 1) for s in (1, -1))
+
+
+def _rot_x(angle: float, like: torch.Tensor) -> torch.Tensor:
+    c, s = math.cos(angle), math.sin(angle)
+    return like.new_tensor([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+
+
+def _rot_z(angle: torch.Tensor) -> torch.Tensor:
+    """``(...,)`` -> ``(..., 3, 3)`` rotations about z."""
+    c, s = torch.cos(angle), torch.sin(angle)
+    zero, one = torch.zeros_like(c), torch.ones_like(c)
+    return torch.stack([torch.stack([c, -s, zero], -1), torch.stack([s, c, zero], -1),
+                        torch.stack([zero, zero, one], -1)], -2)
+
+
+def _wrap(angle: torch.Tensor) -> torch.Tensor:
+    return torch.atan2(torch.sin(angle), torch.cos(angle))
+
+
+class PandaClosedFormIK:
+    """All joint solutions of Panda hand poses for given q7, batched (CPU or CUDA).
+
+    ``kin`` supplies the frames: the fixed transform from joint 7's frame to the end-effector
+    link (``panda_grasptarget``: flange, Rz(-pi/4), 0.105 m along z) and the joint limits.
+    :meth:`matches` says whether ``kin`` is the chain this closed form was derived for.
+    """
+
+    def __init__(self, kin: RobotKinematics, pose_tolerance: float = 1e-6):
+        self.kin = kin
+        self.pose_tolerance = pose_tolerance
+        #: the same chain in float64, for the poses the answers are checked against
+        self.kin64 = RobotKinematics(
+            kin.urdf, TensorSpec(kin.spec.device, torch.float64), base_link=kin.base_link,
+            ee_link=kin.ee_link, joint_names=tuple(kin.joint_names))
+        poses = self.kin64.link_poses(torch.zeros(1, kin.num_joints, dtype=torch.float64,
+                                                  device=kin.spec.device))[0]
+        link7 = poses[self.kin64.link_names.index("panda_link7")]
+        #: (4, 4) joint 7's frame (at q7 = 0) to the end-effector link, fixed
+        self.t_7e = torch.linalg.solve(link7, poses[self.kin64.ee_index])
+        self.lower = self.kin64.lower
+        self.upper = self.kin64.upper
+
+    def matches(self, samples: int = 64, seed: int = 0) -> bool:
+        """Whether the loaded chain is the Panda's: configurations drawn within its limits are
+        recovered from their own pose and q7 (a chain with other lengths or axes is not)."""
+        if list(self.kin.joint_names) != list(PANDA_JOINTS):
+            return False
+        gen = torch.Generator(device=self.kin.spec.device).manual_seed(seed)
+        q = self.kin.sample_uniform(samples, gen).to(torch.float64)
+        q = q[q[:, 1].abs() > 0.05]  # away from the shoulder singularity
+        target = self._fk(q)
+        sols, ok = self.solve(target, q[:, 6])
+        err = (sols - q[:, None]).abs().amax(-1).masked_fill(~ok, math.inf).amin(-1)
+        return bool((err < 1e-6).float().mean() >= 0.95)
+
+    # -- forward kinematics in float64 ----------------------------------------------------------
+
+    def _fk(self, q: torch.Tensor) -> torch.Tensor:
+        """``(B, 7)`` -> ``(B, 4, 4)`` end-effector poses, float64."""
+        return self.kin64.ee_pose(q.to(torch.float64))
+
+    # -- the closed form ------------------------------------------------------------------------
+
+    def solve(self, pose: torch.Tensor, q7: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every configuration reaching ``pose (N, 4, 4)`` (end-effector link in the base frame)
+        with joint 7 at ``q7 (N,)``: ``(N, 8, 7)`` float64 and a mask ``(N, 8)`` of the ones
+        that exist, lie within the joint limits and reproduce the pose. Rows not in the mask
+        hold zeros."""
+        pose = pose.to(torch.float64)
+        q7 = q7.to(torch.float64).reshape(-1)
+        cand, exists = self._candidates(pose, q7)  # (N, 8, 7), (N, 8)
+        # angles come out in (-pi, pi]; joint 6 reaches 3.82 rad: take the turn within limits
+        turn = torch.full_like(cand, 2.0 * math.pi)  # (a bool times a float would be float32)
+        cand = torch.where(cand < self.lower, cand + turn,
+                           torch.where(cand > self.upper, cand - turn, cand))
+        within = ((cand >= self.lower) & (cand <= self.upper)).all(-1)
+        ok = exists & within
+        # the pose check, for the candidates that may be answers only (FK is the costly part)
+        rows = ok.nonzero(as_tuple=True)
+        reached = self._fk(cand[rows])
+        target = pose[rows[0]]
+        pos_err = (reached[:, :3, 3] - target[:, :3, 3]).norm(dim=-1)
+        rot_err = (reached[:, :3, :3] - target[:, :3, :3]).abs().amax((-1, -2))
+        ok[rows] = (pos_err < self.pose_tolerance) & (rot_err < self.pose_tolerance)
+        return torch.where(ok[..., None], cand, torch.zeros_like(cand)), ok
+
+    def _candidates(self, pose: torch.Tensor, q7: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 8 branches of the construction (module docstring), before the limit and pose
+        checks: ``(N, 8, 7)`` and ``(N, 8)`` True where the branch exists."""
+        dev, eps = pose.device, 1e-12
+        # frame 7 (at q7) and frame 6: T06 = T0E T7E^-1 T67(q7)^-1, T67 = Tx(a7) Rx(pi/2) Rz(q7)
+        t07 = pose @ torch.linalg.inv(self.t_7e.to(dev))
+        r67 = _rot_x(math.pi / 2, pose) @ _rot_z(q7)  # (N, 3, 3)
+        r06 = t07[:, :3, :3] @ r67.transpose(1, 2)
+        o6 = t07[:, :3, 3] - r06[:, :, 0] * A7  # O7 = O6 + R06 (a7, 0, 0)
+        x6, y6 = r06[:, :, 0], r06[:, :, 1]
+        o2 = pose.new_tensor([0.0, 0.0, D1])
+        to2 = o2 - o6  # (N, 3)
+        dist = to2.norm(dim=-1).clamp_min(eps)
+        w = to2 / dist[:, None]
+        # the triangle: angle at O6 between O6->O4 and O6->O2
+        cos_g = (L46 ** 2 + dist ** 2 - L24 ** 2) / (2 * L46 * dist)
+        closes = cos_g.abs() <= 1.0
+        gamma = torch.arccos(cos_g.clamp(-1.0, 1.0))
+        # in-plane frame (u = z5, v = z4 x z5): O4 - O6 = -d5 u - a4 v, at angle phi4
+        phi4 = math.atan2(-A4, -D5)
+        a, b = (to2 * x6).sum(-1) / dist, (to2 * y6).sum(-1) / dist
+        r = torch.sqrt(a * a + b * b).clamp_min(eps)
+        psi = torch.atan2(b, a)
+        rows, masks = [], []
+        for elbow, wrist, shoulder in BRANCHES:
+            phi2 = phi4 + elbow * gamma  # direction of O6->O2 in (u, v)
+            # u . w = cos(phi2) with u = sin(q6) x6 + cos(q6) y6: a sin q6 + b cos q6 = cos phi2
+            sin_arg = torch.cos(phi2) / r
+            feasible = closes & (sin_arg.abs() <= 1.0)
+            base = torch.arcsin(sin_arg.clamp(-1.0, 1.0))
+            q6 = _wrap((base if wrist == 0 else math.pi - base) - psi)
+            u = torch.sin(q6)[:, None] * x6 + torch.cos(q6)[:, None] * y6  # z5
+            sin_phi2 = torch.sin(phi2)
+            feasible = feasible & (sin_phi2.abs() > 1e-9)
+            v = (w - torch.cos(phi2)[:, None] * u) / torch.where(
+                sin_phi2.abs() > 1e-9, sin_phi2, torch.ones_like(sin_phi2))[:, None]
+            v = v / v.norm(dim=-1, keepdim=True).clamp_min(eps)
+            z4 = torch.cross(u, v, dim=-1)
+            o4 = o6 - D5 * u - A4 * v
+            # q5: z4 in frame 5 is (-sin q5, -cos q5, 0); R05 = R06 R65, R56 = Rx(pi/2) Rz(q6)
+            r56 = _rot_x(math.pi / 2, pose) @ _rot_z(q6)
+            r05 = r06 @ r56.transpose(1, 2)
+            z4_5 = (r05.transpose(1, 2) @ z4[..., None])[..., 0]
+            q5 = torch.atan2(-z4_5[:, 0], -z4_5[:, 1])
+            # q4: the signed angle about z4 from O4->O6 to O4->O2 is theta_b0 - q4 - theta_a
+            to6, to2_4 = o6 - o4, o2 - o4
+            alpha = torch.atan2((torch.cross(to6, to2_4, dim=-1) * z4).sum(-1),
+                                (to6 * to2_4).sum(-1))
+            q4 = _wrap(math.atan2(-D3, -A4) - alpha - math.atan2(D5, -A4))
+            # R03 = R04 R34^T, R34 = Rx(pi/2) Rz(q4); R04's columns are x4 = -v, y4 = u, z4
+            r04 = torch.stack([-v, u, z4], -1)
+            r34 = _rot_x(math.pi / 2, pose) @ _rot_z(q4)
+            r03 = r04 @ r34.transpose(1, 2)
+            # R03 = Rz(q1) Ry(q2) Rz(q3): ZYZ Euler angles, shoulder branch = sign of sin(q2)
+            s2 = shoulder * torch.sqrt((r03[:, 0, 2] ** 2 + r03[:, 1, 2] ** 2).clamp_min(0.0))
+            q2 = torch.atan2(s2, r03[:, 2, 2])
+            regular = s2.abs() > 1e-9
+            safe = torch.where(regular, s2, torch.ones_like(s2))
+            q1 = torch.atan2(r03[:, 1, 2] / safe, r03[:, 0, 2] / safe)
+            q3 = torch.atan2(r03[:, 2, 1] / safe, -r03[:, 2, 0] / safe)
+            rows.append(torch.stack([q1, q2, q3, q4, q5, q6, q7], -1))
+            masks.append(feasible & regular)
+        cand = torch.stack(rows, 1)  # (N, 8, 7)
+        ok = torch.stack(masks, 1) & torch.isfinite(cand).all(-1)
+        return torch.nan_to_num(cand), ok

@@ -1,0 +1,102 @@
+"""The Panda's closed-form IK against the URDF's forward kinematics (float64)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mace_core.robot.closed_form_ik import PandaClosedFormIK
+from mace_core.robot.kinematics import RobotKinematics, URDFModel, panda_urdf_path
+from mace_core.tensor import TensorSpec
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def kin(request) -> RobotKinematics:
+    return RobotKinematics.panda(TensorSpec(torch.device(request.param), torch.float64))
+
+
+@pytest.fixture(scope="module")
+def ik(kin) -> PandaClosedFormIK:
+    return PandaClosedFormIK(kin)
+
+
+def _uniform(kin: RobotKinematics, n: int, seed: int) -> torch.Tensor:
+    return kin.sample_uniform(n, torch.Generator(device=kin.spec.device).manual_seed(seed))
+
+
+def _recovery_error(sols: torch.Tensor, ok: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` max-norm distance from each ``q`` to the nearest valid solution (inf: none)."""
+    return (sols - q[:, None]).abs().amax(-1).masked_fill(~ok, math.inf).amin(-1)
+
+
+def test_recovers_uniform_configurations_from_their_own_q7(kin, ik):
+    """At least 99 % of configurations uniform within the limits are among the solutions of
+    their own pose and q7 (the misses are singular: a straight or exactly folded elbow, a wrist
+    at +-pi/2), straighter elbows (q4 > -0.4664, the mirrored branch) included."""
+    q = _uniform(kin, 4000, 0)
+    sols, ok = ik.solve(kin.ee_pose(q), q[:, 6])
+    recovered = _recovery_error(sols, ok, q) < 1e-6
+    assert recovered.float().mean() >= 0.99
+    straight = q[:, 3] > -0.4664
+    assert straight.sum() > 300 and recovered[straight].float().mean() >= 0.99
+    assert ok.sum(-1).float().mean() > 2.0  # several solutions per pose and q7
+
+
+def test_every_solution_reproduces_the_pose(kin, ik):
+    q = _uniform(kin, 2000, 1)
+    pose = kin.ee_pose(q)
+    sols, ok = ik.solve(pose, q[:, 6])
+    reached = kin.ee_pose(sols[ok])
+    target = pose[:, None].expand(-1, 8, -1, -1)[ok]
+    pos_err = (reached[:, :3, 3] - target[:, :3, 3]).norm(dim=-1)
+    rot_err = (reached[:, :3, :3] - target[:, :3, :3]).abs().amax((-1, -2))
+    assert pos_err.max() < 1e-9 and rot_err.max() < 1e-9
+    assert ((sols[ok] >= kin.lower) & (sols[ok] <= kin.upper)).all()
+    assert (sols[ok][:, 6] == q[:, None, 6].expand(-1, 8)[ok]).all()  # q7 as asked
+
+
+def test_both_elbows_and_both_shoulders_come_out(kin, ik):
+    """One reachable pose has solutions on both sides of the published elbow limit and with
+    both signs of q2."""
+    q = kin.spec.tensor([[0.3, 0.4, -0.2, -0.3, 0.3, 1.4, 0.5]])
+    sols, ok = ik.solve(kin.ee_pose(q), q[:, 6])
+    valid = sols[ok]
+    assert valid.shape[0] >= 4
+    assert (valid[:, 3] > -0.4664).any() and (valid[:, 3] <= -0.4664).any()
+    assert (valid[:, 1] > 0).any() and (valid[:, 1] < 0).any()
+
+
+def test_singular_unreachable_and_malformed_poses_give_masked_rows(kin, ik):
+    q = kin.spec.tensor([[0.0, 0.0, 0.0, -1.5, 0.0, 1.5, 0.7],   # shoulder singular (q2 = 0)
+                         [0.2, 0.3, 0.1, -2.0, 0.1, 1.8, 0.2]])
+    pose = kin.ee_pose(q)
+    far = pose[1].clone()
+    far[:3, 3] = kin.spec.tensor([2.0, 0.0, 0.5])  # beyond the arm's reach
+    broken = pose[1].clone()
+    broken[0, 0] = float("nan")
+    poses = torch.stack([pose[0], far, broken, pose[1]])
+    q7 = torch.cat([q[:, 6], q[1:, 6], q[1:, 6]])[[0, 2, 3, 1]]
+    sols, ok = ik.solve(poses, q7)
+    assert torch.isfinite(sols).all()
+    assert not ok[1].any() and not ok[2].any()
+    assert (sols[~ok] == 0).all()
+    assert ok[3].any()
+    # the singular pose: whatever comes out reproduces it
+    if ok[0].any():
+        reached = kin.ee_pose(sols[0][ok[0]])
+        assert (reached[:, :3, 3] - pose[0, :3, 3]).norm(dim=-1).max() < 1e-6
+
+
+def test_knows_the_panda_from_another_chain(kin, ik):
+    assert ik.matches()
+    with open(panda_urdf_path()) as f:
+        text = f.read()
+    # a longer forearm: joint 5 at 0.40 m from joint 4 instead of 0.384
+    other = text.replace('xyz="-0.0825 0.384 0"', 'xyz="-0.0825 0.40 0"')
+    assert other != text
+    changed = RobotKinematics(URDFModel.from_text(other), kin.spec)
+    assert not PandaClosedFormIK(changed).matches()
