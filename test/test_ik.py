@@ -12,6 +12,7 @@ import torch
 from mace_core.errors import InvalidRequestError
 from mace_core.ik.adapter import IKAdapter
 from mace_core.ik.request import IKAdaptConfig, IKRequest
+from mace_core.robot.kinematics import RobotKinematics
 from mace_core.robot.pybullet_checker import PyBulletCollisionChecker
 from mace_core.robot.scenes import Obstacle, load_scene
 from mace_core.tensor import TensorSpec
@@ -391,3 +392,29 @@ def test_collision_settings_are_validated():
                        (CollisionConfig(padding_m=float("nan")), "padding_m")):
         with pytest.raises(InvalidRequestError, match=words):
             IKAdaptConfig(collision=bad).validate()
+
+
+def test_pose_requests_are_answered_exactly_by_the_closed_form(adapter):
+    """A request with an orientation is refined in closed form (the default on a Panda): the
+    solutions reach the pose to float precision, PyBullet calls them valid, and they spread over
+    several branches."""
+    kin64 = RobotKinematics.panda(TensorSpec(torch.device("cpu"), torch.float64))
+    box = load_scene("config/scenes/box.yaml")
+    q = torch.tensor([[0.1, 0.5, -0.1, -1.9, 0.1, 2.4, 0.6]], dtype=torch.float64)
+    pose = kin64.ee_pose(q)[0]
+    req = IKRequest(position=pose[:3, 3].numpy(), rotation=pose[:3, :3].numpy(),
+                    orientation_tolerance=1e-3, obstacles=list(box.obstacles),
+                    num_solutions=8, time_budget_s=5.0, seed=0)
+    assert adapter.effective_config(req).refinement_mode == "analytic"
+    result = adapter.solve(req)
+    assert result.num_found == 8, result.message
+    sols = torch.tensor(np.stack([s.q for s in result.solutions]), dtype=torch.float64)
+    reached = kin64.ee_pose(sols)
+    assert (reached[:, :3, 3] - pose[:3, 3]).norm(dim=-1).max() < 1e-5  # float32 joints
+    assert (reached[:, :3, :3] - pose[:3, :3]).abs().max() < 1e-4
+    with PyBulletCollisionChecker(box.obstacles) as pb:
+        assert pb.valid(sols.numpy()).all()
+    assert len({(bool(s.q[3] > -0.4664), bool(s.q[1] > 0), bool(s.q[5] > 1.6))
+                for s in result.solutions}) >= 2  # more than one branch
+    dls = adapter.solve(replace(req, refinement="dls"))
+    assert dls.success  # the general path stays available

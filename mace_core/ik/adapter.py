@@ -35,13 +35,15 @@ import torch
 from ..deadline import Deadline
 from ..errors import InvalidRequestError, ModelLoadError, format_numbers, quote
 from ..mace import adapt, draw
+from ..robot.closed_form_ik import PandaClosedFormIK
 from ..robot.kinematics import RobotKinematics, damped_least_squares, panda_urdf_path
 from ..robot.mujoco_checker import MuJoCoCollisionChecker
 from ..robot.scenes import Obstacle, padded
 from ..robot.spheres import CollisionWorld, SphereCollisionChecker
 from ..tensor import TensorSpec
 from .prior import ARGMMPrior
-from .refinement import DLSRefiner, IKTarget, PenaltyFn, Refiner, TracIKRefiner, pose_errors
+from .refinement import (AnalyticRefiner, DLSRefiner, IKTarget, PenaltyFn, Refiner, TracIKRefiner,
+                         pose_errors)
 from .registry import load_ik_prior, load_registry
 from .request import IKAdaptConfig, IKAdaptResult, IKRequest, IKSolution, IKTimings
 
@@ -364,6 +366,9 @@ class IKAdapter:
         self.refiners: dict[str, Refiner] = {"dls": DLSRefiner(kin, config.refinement)}
         if urdf_text is not None:
             self.refiners["tracik"] = TracIKRefiner(kin, urdf_text, config.refinement)
+        closed_form = PandaClosedFormIK(kin)
+        if closed_form.matches():  # the chain is the Panda's: pose requests solved exactly
+            self.refiners["analytic"] = AnalyticRefiner(kin, closed_form)
         self.refiners.update(refiners or {})
         self._last_position: torch.Tensor | None = None  # (3,) target of the last solve()
         self._adapted = False  # whether the prior's weights differ from the pretrained ones
@@ -401,9 +406,13 @@ class IKAdapter:
                      ("iterations", "objective", "num_samples", "quantile", "gradient_steps",
                       "learning_rate") if getattr(request, name) is not None}
         mace = replace(cfg.mace, **mace_over)
+        refinement = request.refinement
+        if (refinement is None and request.rotation is not None
+                and cfg.pose_refinement_mode in self.refiners):
+            refinement = cfg.pose_refinement_mode
         cfg = replace(cfg, mace=mace, **{k: v for k, v in (
             ("num_solutions", request.num_solutions), ("time_budget_s", request.time_budget_s),
-            ("refinement_mode", request.refinement)) if v is not None})
+            ("refinement_mode", refinement)) if v is not None})
         self._validate(cfg, request)
         return cfg
 

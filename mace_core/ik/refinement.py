@@ -19,6 +19,7 @@ import torch
 
 from ..deadline import Deadline
 from ..errors import InvalidRequestError
+from ..robot.closed_form_ik import PandaClosedFormIK
 from ..robot.kinematics import RobotKinematics, damped_least_squares
 from ..robot.rotations import matrix_to_quaternion_xyzw
 
@@ -78,7 +79,8 @@ class Refiner(Protocol):
     def refine(self, q0: torch.Tensor, target: IKTarget,
                penalty: PenaltyFn | None = None, deadline: Deadline | None = None,
                needed: int | None = None, clear: ClearFn | None = None) -> torch.Tensor:
-        """Refine seeds ``(B, 7)`` towards ``target``: ``(B, 7)`` (failed rows unchanged).
+        """Refine seeds ``(B, 7)`` towards ``target``: ``(B, 7)`` (failed rows unchanged), or
+        for a solver that finds several answers per seed (closed form), ``(B', 7)``.
 
         ``penalty`` gives a collision cost and its gradient (see :data:`PenaltyFn`) that solvers
         able to use it (DLS) descend in the null space of the end-effector task; ``clear``, an
@@ -244,3 +246,56 @@ class TracIKRefiner:
             if sol is not None:
                 out[b] = sol
         return torch.as_tensor(out, dtype=q0.dtype, device=q0.device)
+
+
+class AnalyticRefiner:
+    """Full-pose solutions of the Panda in closed form (:mod:`mace_core.robot.closed_form_ik`).
+
+    Each seed is projected: the pose asked for (the target orientation, or for a position-only
+    target the seed's own hand orientation) is solved with the seed's q7, and every branch that
+    exists within the joint limits is an answer (up to 8 per seed, exact to float64 precision):
+    one batched solve gives the rounds several distinct candidates per seed, and the checks
+    after it pick the collision-free ones. Every call also solves ``q7_grid`` values spread over
+    joint 7's range (shifted from call to call by the seeds), all branches, after the seeds'
+    answers: a reachable pose is not missed for the prior's sake. No iteration: ``penalty`` and
+    ``clear`` are unused.
+    """
+
+    def __init__(self, kin: RobotKinematics, closed_form: PandaClosedFormIK,
+                 q7_grid: int = 16):
+        self.kin, self.closed_form = kin, closed_form
+        lo, hi = float(closed_form.lower[6]), float(closed_form.upper[6])
+        self._grid = torch.linspace(lo, hi, q7_grid, dtype=torch.float64,
+                                    device=kin.spec.device)  # (G,) q7 values to fall back on
+
+    def refine(self, q0: torch.Tensor, target: IKTarget,
+               penalty: PenaltyFn | None = None, deadline: Deadline | None = None,
+               needed: int | None = None, clear: ClearFn | None = None) -> torch.Tensor:
+        """Every branch of the target pose at each seed's q7: ``(B', 7)`` in ``q0``'s dtype,
+        nearest the seed first within each seed's rows; ``q0`` itself when none exists."""
+        b = q0.shape[0]
+        if b == 0 or (deadline is not None and deadline.expired()):
+            return q0
+        seeds = q0.to(torch.float64)
+        pose = torch.zeros(b, 4, 4, dtype=torch.float64, device=q0.device)
+        pose[:, 3, 3] = 1.0
+        pose[:, :3, 3] = target.position.to(torch.float64)
+        if target.rotation is not None:
+            pose[:, :3, :3] = target.rotation.to(torch.float64)
+        else:  # the seed's own hand orientation
+            pose[:, :3, :3] = self.closed_form.kin64.ee_pose(seeds)[:, :3, :3]
+        sols, ok = self.closed_form.solve(pose, seeds[:, 6])  # (B, 8, 7), (B, 8)
+        dist = (sols - seeds[:, None]).abs().amax(-1).masked_fill(~ok, math.inf)
+        order = dist.argsort(-1)  # each seed's branches, nearest first
+        sols = sols.gather(1, order[..., None].expand(-1, -1, 7))
+        ok = ok.gather(1, order)
+        out = [sols[ok]]
+        if deadline is None or not deadline.expired():
+            grid = self._grid
+            step = float(grid[1] - grid[0]) if grid.shape[0] > 1 else 0.0
+            shift = step * float(torch.frac(seeds[:, 6].sum() * 0.6180339887).abs())
+            q7 = (grid + shift).clamp(max=float(self.closed_form.upper[6]))
+            more, more_ok = self.closed_form.solve(pose[:1].expand(q7.shape[0], -1, -1), q7)
+            out.append(more[more_ok])
+        found = torch.cat(out)
+        return (found if found.shape[0] else seeds).to(q0.dtype)

@@ -16,7 +16,7 @@ from ..robot.collision import CollisionConfig
 from ..robot.scenes import Obstacle
 from .refinement import RefinementConfig
 
-REFINEMENTS = ("none", "dls", "tracik", "moveit")
+REFINEMENTS = ("none", "dls", "tracik", "moveit", "analytic")
 
 
 @dataclass
@@ -49,6 +49,9 @@ class IKAdaptConfig:
     num_solutions: int = 8  #: K, solutions returned
     time_budget_s: float = 1.0  #: s for the whole request
     refinement_mode: str = "dls"  #: one of ``REFINEMENTS``
+    #: refinement of requests with an orientation that name none: "analytic" (the Panda's
+    #: closed form, exact) where the robot is a Panda, else ``refinement_mode``
+    pose_refinement_mode: str = "analytic"
     #: prior samples of the first refinement round (the fast path); with no more than
     #: ``refine_seeds`` of them every one is a seed, with no selection to pay for
     first_samples: int = 48
@@ -94,6 +97,8 @@ class IKAdaptConfig:
               self.time_budget_s)
         check(self.refinement_mode in REFINEMENTS, "refinement_mode", f"one of {REFINEMENTS}",
               self.refinement_mode)
+        check(self.pose_refinement_mode in REFINEMENTS, "pose_refinement_mode",
+              f"one of {REFINEMENTS}", self.pose_refinement_mode)
         check(self.refine_seeds >= 1, "refine_seeds", ">= 1", self.refine_seeds)
         check(self.clutter_seeds >= 1, "clutter_seeds", ">= 1", self.clutter_seeds)
         for name in ("first_samples", "clutter_samples"):
