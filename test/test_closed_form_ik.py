@@ -85,6 +85,9 @@ def test_singular_unreachable_and_malformed_poses_give_masked_rows(kin, ik):
     assert not ok[1].any() and not ok[2].any()
     assert (sols[~ok] == 0).all()
     assert ok[3].any()
+    # a batch with no solution at all
+    sols, ok = ik.solve(torch.stack([far, broken]), q7[1:3])
+    assert not ok.any() and (sols == 0).all()
     # the singular pose: whatever comes out reproduces it
     if ok[0].any():
         reached = kin.ee_pose(sols[0][ok[0]])

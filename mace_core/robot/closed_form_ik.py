@@ -118,6 +118,8 @@ class PandaClosedFormIK:
         ok = exists & within
         # the pose check, for the candidates that may be answers only (FK is the costly part)
         rows = ok.nonzero(as_tuple=True)
+        if rows[0].numel() == 0:  # nothing to check (forward kinematics wants a batch)
+            return torch.zeros_like(cand), ok
         reached = self._fk(cand[rows])
         target = pose[rows[0]]
         pos_err = (reached[:, :3, 3] - target[:, :3, 3]).norm(dim=-1)
