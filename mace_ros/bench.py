@@ -22,9 +22,9 @@ from dataclasses import replace
 from mace_core.config import load_service_config
 from mace_core.errors import MaceError
 from mace_core.ik.adapter import IKAdapter
-from mace_core.ik.benchmark import (METHODS, PROTOCOLS, TABLE1_METHODS, TRACIK_ORIENTATIONS,
-                                    IKBenchmarkConfig, format_table, run_benchmark,
-                                    table1_service_config)
+from mace_core.ik.baselines import TRACIK_ORIENTATIONS
+from mace_core.ik.benchmark import (METHODS, PROTOCOLS, TABLE1_METHODS, IKBenchmarkConfig,
+                                    format_table, run_benchmark, table1_service_config)
 from mace_core.ik.request import IKAdaptConfig
 from mace_core.paths import default_models_dir
 from mace_core.robot.scenes import load_scene

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from mace_core.ik.adapter import IKAdapter
+from mace_core.ik.baselines import TracIKRestarts, TracIKRestartsConfig
 from mace_core.ik.benchmark import (METHODS, TABLE1_METHODS, IKBenchmarkConfig, SolutionJudge,
-                                    TracIKRestarts, TracIKRestartsConfig, run_benchmark,
-                                    sample_targets, table1_service_config)
+                                    run_benchmark, sample_targets, table1_service_config)
 from mace_core.ik.prior import ARGMMConfig, ARGMMPrior
 from mace_core.ik.registry import save_ik_prior
 from mace_core.ik.request import IKAdaptConfig

@@ -30,11 +30,13 @@ FIXTURE = Path(__file__).resolve().parent / "data" / "ik_seeded_answers.json"
 SPEC = TensorSpec(torch.device("cpu"), torch.float64)
 
 #: The sphere model accepts answers and DLS refines pose requests, as when the answers were
-#: recorded (the exact backend and the closed form came later and answer differently). ``weak_rounds``: an adapter whose rounds rarely
-#: reach the target (3 DLS iterations, 8 seeds, no neighbour seeds): its first rounds add
-#: nothing, so its requests adapt, with a round after each iteration.
+#: recorded (the exact backend and the closed form came later and answer differently).
+#: ``weak_rounds``: an adapter whose rounds rarely reach the target (3 DLS iterations, 8 seeds,
+#: no neighbour seeds): its first rounds add nothing, so its requests adapt, with a round after
+#: each iteration.
 SPHERES = CollisionConfig(backend="spheres")
-CONFIGS = {"default": IKAdaptConfig(collision=SPHERES, pose_refinement_mode="dls"),
+CONFIGS = {"default": IKAdaptConfig(collision=SPHERES,
+                                    pose_refinement_mode="dls"),
            "weak_rounds": IKAdaptConfig(refinement=replace(RefinementConfig(), max_iterations=3),
                                         first_samples=8, refine_seeds=8, neighbour_share=0.0,
                                         collision=SPHERES)}

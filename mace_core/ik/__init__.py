@@ -6,7 +6,8 @@
 - ``prior``: the autoregressive GMM prior p(q | p_target).
 - ``registry``: the model registry and safetensors weights.
 - ``refinement``: exact solvers that polish samples (damped least squares, TRAC-IK).
-- ``training``, ``benchmark``: ``mace-train ik`` and ``mace-bench ik``, not imported here.
+- ``training``, ``benchmark``: ``mace-train ik`` and ``mace-bench ik``, with ``baselines`` (the
+  methods it compares MACE with), not imported here.
 """
 
 from .adapter import IKAdapter

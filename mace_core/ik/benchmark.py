@@ -33,10 +33,11 @@ import torch
 from ..errors import InvalidRequestError
 from ..robot.kinematics import RobotKinematics, panda_urdf_path
 from ..robot.pybullet_checker import PyBulletCollisionChecker
-from ..robot.rotations import matrix_to_quaternion_xyzw
 from ..robot.scenes import Scene
 from ..tensor import TensorSpec
 from .adapter import IKAdapter
+from .baselines import (TRACIK_ORIENTATIONS, TargetOutcome, TracIKRestarts,
+                        TracIKRestartsConfig)
 from .request import IKAdaptConfig, IKRequest
 
 #: Methods of the ``requests`` protocol, in table order.
@@ -51,7 +52,6 @@ MACE_METHODS = {
 #: Methods of the ``table1`` protocol.
 TABLE1_METHODS = ("prior", "mace", "is")
 #: How :class:`TracIKRestarts` picks the orientation it asks TRAC-IK for.
-TRACIK_ORIENTATIONS = ("free", "seed", "jacobian")
 PROTOCOLS = ("requests", "table1")
 
 
@@ -103,24 +103,6 @@ class IKBenchmarkConfig:
                                       f"{TRACIK_ORIENTATIONS}, got '{self.tracik_orientation}'")
         if self.tracik_jacobian_steps < 0 or self.table1_iterations < 0:
             raise InvalidRequestError("step and iteration counts must be >= 0")
-
-
-@dataclass
-class TargetOutcome:
-    """One method's answer to one target, judged by the ground truth."""
-
-    solutions: np.ndarray  #: (S, 7) rad, returned configurations, the method's order
-    time_s: float  #: s, wall time of the request (K valid solutions, or gave up)
-    time_first_s: float  #: s, until the first valid solution (= time_s when answers come at once)
-    valid: np.ndarray  #: (S,) bool, collision-free (PyBullet) and within the position tolerance
-    collision_free: np.ndarray  #: (S,) bool, PyBullet: within limits, no collision
-    position_error: np.ndarray  #: (S,) m
-    valid_fraction_prior: float | None = None  #: MACE: share of prior samples valid (spheres)
-    valid_fraction_adapted: float | None = None  #: MACE: share of adapted samples valid
-    iterations_run: int | None = None  #: MACE iterations (None for TRAC-IK)
-    attempts: int | None = None  #: TRAC-IK calls (None for MACE)
-    converged: int | None = None  #: TRAC-IK calls that reached the target (valid or not)
-    stage_times: dict | None = None  #: MACE: s per stage (sampling, adaptation, refinement, total)
 
 
 @dataclass
@@ -177,197 +159,6 @@ class SolutionJudge:
 
     def close(self) -> None:
         self.checker.close()
-
-
-# ----------------------------------------------------------------------------------------------
-# TRAC-IK restarts (MoveIt's protocol)
-# ----------------------------------------------------------------------------------------------
-
-class _NumpyChain:
-    """Forward kinematics and position Jacobian of one configuration in numpy (float64).
-
-    Used by the TRAC-IK baseline for its per-attempt position-only steps, where torch's per-call
-    overhead on a batch of one would dominate.
-    """
-
-    def __init__(self, kin: RobotKinematics):
-        self.steps = []  # (origin (4, 4), axis (3,) or None, column of q or -1)
-        for joint in kin.urdf.path_to_root(kin.ee_link):
-            col = kin.joint_names.index(joint.name) if joint.name in kin.joint_names else -1
-            self.steps.append((joint.origin, joint.axis, col))
-        # The URDF's own (double) limits: kin.lower may be float32-rounded past them.
-        self.lower = np.array([kin.urdf.joints[n].lower for n in kin.joint_names])
-        self.upper = np.array([kin.urdf.joints[n].upper for n in kin.joint_names])
-
-    @staticmethod
-    def _rot(axis: np.ndarray, angle: float) -> np.ndarray:
-        x, y, z = axis
-        c, s = math.cos(angle), math.sin(angle)
-        t = 1.0 - c
-        return np.array([[t * x * x + c, t * x * y - s * z, t * x * z + s * y],
-                         [t * x * y + s * z, t * y * y + c, t * y * z - s * x],
-                         [t * x * z - s * y, t * y * z + s * x, t * z * z + c]])
-
-    def fk(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """End-effector pose ``(4, 4)`` and position Jacobian ``(3, 7)`` of ``q (7,)``."""
-        pose = np.eye(4)
-        axes, origins = np.zeros((len(q), 3)), np.zeros((len(q), 3))
-        for origin, axis, col in self.steps:
-            pose = pose @ origin
-            if col >= 0:
-                axes[col] = pose[:3, :3] @ axis
-                origins[col] = pose[:3, 3]
-                rot = np.eye(4)
-                rot[:3, :3] = self._rot(axis, float(q[col]))
-                pose = pose @ rot
-        jac = np.cross(axes, pose[:3, 3] - origins).T
-        return pose, jac
-
-    def position_steps(self, q: np.ndarray, target: np.ndarray, steps: int,
-                       damping: float = 1e-2, max_step: float = 0.3) -> tuple[np.ndarray, ...]:
-        """``steps`` damped least-squares steps on the position only; returns (q, pose)."""
-        pose, jac = self.fk(q)
-        for _ in range(steps):
-            err = target - pose[:3, 3]
-            dq = jac.T @ np.linalg.solve(jac @ jac.T + damping ** 2 * np.eye(3), err)
-            dq *= min(1.0, max_step / max(np.abs(dq).max(), 1e-12))
-            q = np.clip(q + dq, self.lower, self.upper)
-            pose, jac = self.fk(q)
-        return q, pose
-
-
-#: Links and joints :func:`with_free_wrist` appends after the end effector.
-FREE_WRIST_LINKS = ("mace_free_rx", "mace_free_ry", "mace_free_tip")
-
-
-def with_free_wrist(urdf_text: str, ee_link: str) -> str:
-    """URDF text with a virtual ball joint at the end effector's origin.
-
-    Three zero-length revolute joints (x, y, z axes, limits ±π) lead from ``ee_link`` to
-    ``mace_free_tip``. A full-pose target for the tip then constrains the end effector's position
-    only: the virtual joints absorb any orientation. This is how a position-only target is posed
-    to a solver that takes full poses only.
-    """
-    parents = (ee_link,) + FREE_WRIST_LINKS[:-1]
-    xml = [f'<link name="{name}"/>' for name in FREE_WRIST_LINKS]
-    for k, (axis, parent, child) in enumerate(zip(("1 0 0", "0 1 0", "0 0 1"), parents,
-                                                  FREE_WRIST_LINKS)):
-        xml.append(f'<joint name="mace_free_joint{k}" type="revolute"><parent link="{parent}"/>'
-                   f'<child link="{child}"/><origin xyz="0 0 0" rpy="0 0 0"/>'
-                   f'<axis xyz="{axis}"/><limit lower="{-math.pi:.6f}" upper="{math.pi:.6f}" '
-                   f'effort="0" velocity="0"/></joint>')
-    head, sep, tail = urdf_text.rpartition("</robot>")
-    if not sep:
-        raise InvalidRequestError("URDF text has no closing </robot> tag")
-    return head + "\n".join(xml) + "\n" + sep + tail
-
-
-@dataclass
-class TracIKRestartsConfig:
-    """Settings of :class:`TracIKRestarts`."""
-
-    num_solutions: int = 8  #: K distinct valid solutions wanted
-    timeout_s: float = 1.0  #: s, give up after this
-    attempt_s: float = 0.005  #: s, TRAC-IK's own timeout per call
-    epsilon: float = 1e-5  #: TRAC-IK convergence tolerance
-    orientation: str = "free"  #: "free", "seed" or "jacobian" (see TracIKRestarts)
-    jacobian_steps: int = 2  #: position-only steps before reading the orientation ("jacobian")
-    min_joint_distance: float = 0.1  #: rad (max-norm); closer answers count once
-
-
-class TracIKRestarts:
-    """MoveIt's IK protocol with TRAC-IK: random restarts, each answer checked exactly.
-
-    Per attempt: a seed q0 uniform in the joint limits; TRAC-IK (``Speed``, ``attempt_s``) from it;
-    the answer is checked with the exact PyBullet checker inside the timed loop; valid answers
-    that differ from the ones kept by at least ``min_joint_distance`` are kept; stop at K or at
-    ``timeout_s``.
-
-    Position-only targets: MoveIt's TRAC-IK plugin in ``position_only_ik`` mode leaves the
-    orientation free through TRAC-IK's tolerance bounds (rotational bounds at infinity). The
-    ``pytracik`` wheel binds ``TRAC_IK::CartToJnt`` with bounds only for KDL types it does not
-    expose to Python, so every call is a full pose. Three ways to pose the target:
-
-    - ``"free"`` (default): TRAC-IK solves for a chain extended by a virtual ball joint at the
-      end effector (:func:`with_free_wrist`), asked for the target position with the hand
-      orientation of FK(q0), seeded at (q0, 0, 0, 0). The virtual joints absorb any orientation,
-      so the first seven joints solve the position-only problem, as with infinite rotational
-      bounds (zero orientation error at the seed; the pseudo-inverse spreads the orientation
-      correction over the arm's joints and the virtual ones alike).
-    - ``"seed"``: the 7-joint chain asked for the hand orientation of FK(q0), seeded at q0.
-    - ``"jacobian"``: ``jacobian_steps`` damped least-squares steps on the position only from q0
-      give q1; the 7-joint chain is asked for FK(q1)'s orientation, seeded at q1 (the time of the
-      steps counts).
-    """
-
-    def __init__(self, kin: RobotKinematics, urdf_text: str, checker: PyBulletCollisionChecker,
-                 config: TracIKRestartsConfig):
-        import pytracik
-
-        if config.orientation not in TRACIK_ORIENTATIONS:
-            raise InvalidRequestError(f"orientation must be one of {TRACIK_ORIENTATIONS}, "
-                                      f"got '{config.orientation}'")
-        self._tracik = pytracik
-        self.config = config
-        self.checker = checker
-        self.chain = _NumpyChain(kin)
-        lower, upper = self.chain.lower.tolist(), self.chain.upper.tolist()
-        tip = kin.ee_link
-        self._extra = 0
-        if config.orientation == "free":
-            urdf_text = with_free_wrist(urdf_text, kin.ee_link)
-            tip = FREE_WRIST_LINKS[-1]
-            self._extra = len(FREE_WRIST_LINKS)
-            lower += [-math.pi] * self._extra
-            upper += [math.pi] * self._extra
-        self.solver = pytracik.TRAC_IK(kin.base_link, tip, urdf_text, config.attempt_s,
-                                       config.epsilon, pytracik.Speed)
-        # Without this call the wheel reads every joint limit as zero.
-        pytracik.set_joint_limits(self.solver, lower, upper)
-
-    def _pose_attempt(self, q0: np.ndarray, position: np.ndarray) -> tuple[np.ndarray, ...]:
-        """TRAC-IK seed and target quaternion (x, y, z, w) for one attempt from ``q0 (7,)``."""
-        cfg = self.config
-        if cfg.orientation == "free":
-            seed = np.concatenate([q0, np.zeros(self._extra)])
-            rot = self._tracik.fk(self.solver, seed)[:3, :3]
-        elif cfg.orientation == "seed":
-            seed, rot = q0, self._tracik.fk(self.solver, q0)[:3, :3]
-        else:
-            seed, pose = self.chain.position_steps(q0, position, cfg.jacobian_steps)
-            rot = pose[:3, :3]
-        return seed, matrix_to_quaternion_xyzw(rot)
-
-    def solve(self, position: np.ndarray, rng: np.random.Generator) -> TargetOutcome:
-        """Run the protocol for one target ``(3,)``; ``valid`` etc. are left for the judge."""
-        cfg, chain, ik = self.config, self.chain, self._tracik.ik
-        position = np.asarray(position, dtype=float)
-        kept: list[np.ndarray] = []
-        attempts = converged = 0
-        t_first = math.inf
-        t0 = time.perf_counter()
-        deadline = t0 + cfg.timeout_s
-        while len(kept) < cfg.num_solutions and time.perf_counter() < deadline:
-            seed, quat = self._pose_attempt(rng.uniform(chain.lower, chain.upper), position)
-            out = ik(self.solver, seed, *position, *quat)
-            attempts += 1
-            if out[0] < 0:
-                continue
-            converged += 1
-            q = np.asarray(out[1:8], dtype=float)
-            if not bool(self.checker.valid(q[None])[0]):
-                continue
-            if all(np.abs(q - other).max() >= cfg.min_joint_distance for other in kept):
-                kept.append(q)
-                if len(kept) == 1:
-                    t_first = time.perf_counter() - t0
-        elapsed = time.perf_counter() - t0
-        sols = np.asarray(kept, dtype=float).reshape(-1, 7)
-        empty = np.zeros(0, dtype=bool)
-        return TargetOutcome(solutions=sols, time_s=elapsed,
-                             time_first_s=min(t_first, elapsed), valid=empty,
-                             collision_free=empty, position_error=np.zeros(0),
-                             attempts=attempts, converged=converged)
 
 
 # ----------------------------------------------------------------------------------------------
