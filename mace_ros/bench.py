@@ -23,8 +23,9 @@ from mace_core.config import load_service_config
 from mace_core.errors import MaceError
 from mace_core.ik.adapter import IKAdapter
 from mace_core.ik.baselines import TRACIK_ORIENTATIONS
-from mace_core.ik.benchmark import (METHODS, PROTOCOLS, TABLE1_METHODS, IKBenchmarkConfig,
-                                    format_table, run_benchmark, table1_service_config)
+from mace_core.ik.benchmark import (METHODS, POSE_METHODS, PROTOCOLS, TABLE1_METHODS,
+                                    TARGET_KINDS, IKBenchmarkConfig, format_table, run_benchmark,
+                                    table1_service_config)
 from mace_core.ik.request import IKAdaptConfig
 from mace_core.paths import default_models_dir
 from mace_core.robot.scenes import load_scene
@@ -71,6 +72,12 @@ def _add_ik_parser(sub) -> None:
     p.add_argument("--table1-iterations", type=int, default=d.table1_iterations,
                    help="MACE iterations at most per target")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run")
+    p.add_argument("--target-kind", choices=TARGET_KINDS, default=d.target_kind,
+                   help="position: uniform in the scene's region; pose: hand poses of valid "
+                        "configurations with the hand there (methods "
+                        f"{', '.join(POSE_METHODS)})")
+    p.add_argument("--orientation-tolerance", type=float, default=d.orientation_tolerance,
+                   help="rad, pose targets")
     p.add_argument("--collision-backend", default="",
                    help="comma-separated ik.collision.backend values (spheres, mujoco): the "
                         "first serves the MACE methods, each other one runs them again as "
@@ -83,10 +90,12 @@ def _run_ik(args: argparse.Namespace) -> int:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    protocol_methods = METHODS if args.protocol == "requests" else TABLE1_METHODS
+    protocol_methods = (TABLE1_METHODS if args.protocol != "requests"
+                        else POSE_METHODS if args.target_kind == "pose" else METHODS)
     methods = tuple(m for m in args.methods.split(",") if m) or protocol_methods
     cfg = IKBenchmarkConfig(
         num_targets=args.targets, seed=args.seed, protocol=args.protocol, methods=methods,
+        target_kind=args.target_kind, orientation_tolerance=args.orientation_tolerance,
         num_solutions=args.num_solutions, time_budget_s=args.budget,
         warmup=not args.no_warmup, tracik_timeout_s=args.tracik_timeout,
         tracik_orientation=args.tracik_orientation,

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from mace_core.errors import InvalidRequestError
 from mace_core.ik.adapter import IKAdapter
 from mace_core.ik.baselines import TracIKRestarts, TracIKRestartsConfig
 from mace_core.ik.benchmark import (METHODS, TABLE1_METHODS, IKBenchmarkConfig, SolutionJudge,
@@ -180,3 +181,30 @@ def test_tracik_free_wrist_is_position_only():
     if len(out.solutions) >= 2:
         z = ee[:, :3, 2]
         assert math.degrees(math.acos(np.clip(abs(z[0] @ z[1]), 0, 1))) > 1.0
+
+
+def test_pose_targets_report_exact_answers_from_every_method(models_dir):
+    """``target_kind = "pose"``: the targets are hand poses of PyBullet-valid configurations;
+    the closed-form floor and MACE's closed-form refinement answer every one with solutions the
+    judge (PyBullet, 0.1 mm, 1e-3 rad) calls valid; TRAC-IK solves the full pose."""
+    from mace_core.ik.benchmark import POSE_METHODS, sample_pose_targets
+
+    adapter = IKAdapter.from_models(models_dir, "panda_ik", IKAdaptConfig(), TensorSpec())
+    scene = load_scene(os.path.join(ROOT, "config", "scenes", "box.yaml"))
+    cfg = IKBenchmarkConfig(num_targets=3, target_kind="pose", warmup=False,
+                            methods=("mace_refine", "tracik_restarts", "analytic_restarts"))
+    report = run_benchmark(adapter, scene, cfg)
+    targets = np.asarray(report["targets"])
+    assert targets.shape == (3, 7)
+    assert np.allclose(np.linalg.norm(targets[:, 3:], axis=1), 1.0)
+    for name in cfg.methods:
+        m = report["methods"][name]
+        assert m["success_rate"] == 1.0, name
+        assert m["mean_valid_per_target"] >= 1.0, name
+    assert "comparison_analytic" in report and "comparison" in report
+    with PyBulletCollisionChecker(scene.obstacles) as pb:  # the targets: free solutions exist
+        again = sample_pose_targets(scene, 3, 0, pb)
+    assert np.allclose(again, targets, atol=1e-9)
+    assert set(POSE_METHODS) >= set(cfg.methods)
+    with pytest.raises(InvalidRequestError, match="target_kind"):
+        IKBenchmarkConfig(target_kind="joint").validate()

@@ -2,6 +2,8 @@
 
 - :class:`TracIKRestarts`: MoveIt's IK protocol with TRAC-IK (random restarts, each answer
   checked exactly), position-only or full pose.
+- :class:`AnalyticRestarts`: the Panda's closed form from uniform q7, each answer checked
+  exactly (full pose): the floor.
 
 Every method returns a :class:`TargetOutcome`; :mod:`.benchmark` judges and summarizes them.
 """
@@ -200,8 +202,11 @@ class TracIKRestarts:
             rot = pose[:3, :3]
         return seed, matrix_to_quaternion_xyzw(rot)
 
-    def solve(self, position: np.ndarray, rng: np.random.Generator) -> TargetOutcome:
-        """Run the protocol for one target ``(3,)``; ``valid`` etc. are left for the judge."""
+    def solve(self, position: np.ndarray, rng: np.random.Generator,
+              quat: np.ndarray | None = None) -> TargetOutcome:
+        """Run the protocol for one target ``(3,)``, or with ``quat`` (x, y, z, w) for that
+        full pose (build it with ``orientation="seed"``: the 7-joint chain, seeded at q0);
+        ``valid`` etc. are left for the judge."""
         cfg, chain, ik = self.config, self.chain, self._tracik.ik
         position = np.asarray(position, dtype=float)
         kept: list[np.ndarray] = []
@@ -210,8 +215,9 @@ class TracIKRestarts:
         t0 = time.perf_counter()
         deadline = t0 + cfg.timeout_s
         while len(kept) < cfg.num_solutions and time.perf_counter() < deadline:
-            seed, quat = self._pose_attempt(rng.uniform(chain.lower, chain.upper), position)
-            out = ik(self.solver, seed, *position, *quat)
+            q0 = rng.uniform(chain.lower, chain.upper)
+            seed, asked = (q0, quat) if quat is not None else self._pose_attempt(q0, position)
+            out = ik(self.solver, seed, *position, *asked)
             attempts += 1
             if out[0] < 0:
                 continue
@@ -230,3 +236,60 @@ class TracIKRestarts:
                              time_first_s=min(t_first, elapsed), valid=empty,
                              collision_free=empty, position_error=np.zeros(0),
                              attempts=attempts, converged=converged)
+
+
+# ----------------------------------------------------------------------------------------------
+# Closed-form restarts (the floor for full-pose targets)
+# ----------------------------------------------------------------------------------------------
+
+class AnalyticRestarts:
+    """The Panda's closed form from uniform q7: the floor of full-pose IK on this robot.
+
+    Per batch: ``batch`` values of q7 uniform in joint 7's limits, every branch of the target
+    pose for each (:class:`~mace_core.robot.closed_form_ik.PandaClosedFormIK`); the candidates
+    are checked with the exact PyBullet checker one at a time, inside the timed loop, and kept
+    when they differ from the kept ones by ``min_joint_distance``; stop at K or ``timeout_s``.
+    """
+
+    def __init__(self, kin: RobotKinematics, checker: PyBulletCollisionChecker,
+                 num_solutions: int = 8, timeout_s: float = 1.0, batch: int = 64,
+                 min_joint_distance: float = 0.1):
+        from ..robot.closed_form_ik import PandaClosedFormIK
+
+        self.closed_form = PandaClosedFormIK(kin)
+        self.checker = checker
+        self.num_solutions, self.timeout_s, self.batch = num_solutions, timeout_s, batch
+        self.min_joint_distance = min_joint_distance
+
+    def solve(self, pose: np.ndarray, rng: np.random.Generator) -> TargetOutcome:
+        """Run the protocol for one target ``pose (4, 4)`` (end-effector link, base frame)."""
+        import torch
+
+        cf = self.closed_form
+        lo, hi = float(cf.lower[6]), float(cf.upper[6])
+        target = torch.as_tensor(pose, dtype=torch.float64)
+        kept: list[np.ndarray] = []
+        attempts = checks = 0
+        t_first = math.inf
+        t0 = time.perf_counter()
+        deadline = t0 + self.timeout_s
+        while len(kept) < self.num_solutions and time.perf_counter() < deadline:
+            q7 = torch.as_tensor(rng.uniform(lo, hi, self.batch), dtype=torch.float64)
+            sols, ok = cf.solve(target.expand(self.batch, 4, 4), q7)
+            attempts += self.batch
+            for q in sols[ok].numpy():
+                if len(kept) >= self.num_solutions or time.perf_counter() >= deadline:
+                    break
+                if any(np.abs(q - other).max() < self.min_joint_distance for other in kept):
+                    continue
+                checks += 1
+                if bool(self.checker.valid(q[None])[0]):
+                    kept.append(q)
+                    if len(kept) == 1:
+                        t_first = time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        empty = np.zeros(0, dtype=bool)
+        return TargetOutcome(solutions=np.asarray(kept, dtype=float).reshape(-1, 7),
+                             time_s=elapsed, time_first_s=min(t_first, elapsed), valid=empty,
+                             collision_free=empty, position_error=np.zeros(0),
+                             attempts=attempts, converged=checks)

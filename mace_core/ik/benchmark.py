@@ -33,22 +33,28 @@ import torch
 from ..errors import InvalidRequestError
 from ..robot.kinematics import RobotKinematics, panda_urdf_path
 from ..robot.pybullet_checker import PyBulletCollisionChecker
-from ..robot.scenes import Scene
+from ..robot.collision_benchmark import ik_configurations
+from ..robot.rotations import matrix_to_quaternion_xyzw
+from ..robot.scenes import Scene, quaternion_xyzw_to_matrix
 from ..tensor import TensorSpec
 from .adapter import IKAdapter
-from .baselines import (TRACIK_ORIENTATIONS, TargetOutcome, TracIKRestarts,
+from .baselines import (TRACIK_ORIENTATIONS, AnalyticRestarts, TargetOutcome, TracIKRestarts,
                         TracIKRestartsConfig)
 from .request import IKAdaptConfig, IKRequest
 
 #: Methods of the ``requests`` protocol, in table order.
 METHODS = ("prior", "mace", "mace_refine", "is", "tracik_restarts")
-#: Methods served by :class:`IKAdapter`, as per-request overrides.
+#: Methods of the ``requests`` protocol for full-pose targets (``target_kind`` "pose").
+POSE_METHODS = ("prior", "mace", "mace_refine", "tracik_restarts", "analytic_restarts")
+#: Methods served by :class:`IKAdapter`, as per-request overrides (``mace_refine``: the
+#: service's own refinement, DLS for positions, the closed form for poses on a Panda).
 MACE_METHODS = {
     "prior": dict(iterations=0, refinement="none"),
     "mace": dict(refinement="none"),
-    "mace_refine": dict(refinement="dls"),
+    "mace_refine": dict(),
     "is": dict(objective="is", refinement="none"),
 }
+TARGET_KINDS = ("position", "pose")
 #: Methods of the ``table1`` protocol.
 TABLE1_METHODS = ("prior", "mace", "is")
 #: How :class:`TracIKRestarts` picks the orientation it asks TRAC-IK for.
@@ -66,6 +72,10 @@ class IKBenchmarkConfig:
     num_targets: int = 20  #: targets drawn uniformly in the scene's target region
     seed: int = 0  #: seeds the targets, every request and the TRAC-IK restarts
     protocol: str = "requests"  #: "requests" or "table1"
+    #: "position": targets uniform in the scene's region; "pose": the hand poses of
+    #: configurations PyBullet calls valid with the hand in that region (a free solution exists)
+    target_kind: str = "position"
+    orientation_tolerance: float = 1e-3  #: rad, pose targets: a valid solution's orientation
     methods: tuple[str, ...] = METHODS  #: methods to run, among METHODS (TABLE1_METHODS)
     num_solutions: int = 8  #: K, valid solutions wanted per target
     time_budget_s: float = 1.0  #: s, budget of one MACE request
@@ -86,14 +96,21 @@ class IKBenchmarkConfig:
         if self.protocol not in PROTOCOLS:
             raise InvalidRequestError(f"protocol must be one of {PROTOCOLS}, "
                                       f"got '{self.protocol}'")
-        allowed = METHODS if self.protocol == "requests" else TABLE1_METHODS
+        if self.target_kind not in TARGET_KINDS:
+            raise InvalidRequestError(f"target_kind must be one of {TARGET_KINDS}, "
+                                      f"got '{self.target_kind}'")
+        if self.target_kind == "pose" and self.protocol != "requests":
+            raise InvalidRequestError("pose targets run the 'requests' protocol")
+        allowed = (TABLE1_METHODS if self.protocol != "requests"
+                   else POSE_METHODS if self.target_kind == "pose" else METHODS)
         unknown = [m for m in self.methods if m not in allowed]
         if unknown or not self.methods:
             raise InvalidRequestError(f"methods of protocol '{self.protocol}' are {allowed}, "
                                       f"got {list(self.methods)}")
         if self.num_targets < 1 or self.num_solutions < 1 or self.table1_samples < 1:
             raise InvalidRequestError("targets, solutions and samples must be >= 1")
-        for name in ("time_budget_s", "position_tolerance", "tracik_timeout_s",
+        for name in ("time_budget_s", "position_tolerance", "orientation_tolerance",
+                     "tracik_timeout_s",
                      "tracik_attempt_s", "tracik_epsilon", "table1_budget_s"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0.0):
@@ -137,9 +154,11 @@ class SolutionJudge:
     """Ground truth of the benchmark: PyBullet validity + double-precision FK position error."""
 
     def __init__(self, scene: Scene, position_tolerance: float,
-                 checker: PyBulletCollisionChecker | None = None):
+                 checker: PyBulletCollisionChecker | None = None,
+                 orientation_tolerance: float = 1e-3):
         self.scene = scene
         self.position_tolerance = position_tolerance
+        self.orientation_tolerance = orientation_tolerance
         self.checker = checker or PyBulletCollisionChecker(scene.obstacles)
         self.kin = RobotKinematics.panda(TensorSpec(torch.device("cpu"), torch.float64))
 
@@ -150,12 +169,27 @@ class SolutionJudge:
         ee = self.kin.ee_position(torch.as_tensor(q, dtype=torch.float64)).numpy()
         return np.linalg.norm(ee - np.asarray(target, dtype=float), axis=1)
 
+    def orientation_error(self, q: np.ndarray, rotation: np.ndarray) -> np.ndarray:
+        """``(S,)`` rad: angle between the hand orientation of ``q (S, 7)`` and ``rotation``."""
+        if len(q) == 0:
+            return np.zeros(0)
+        rot = self.kin.ee_pose(torch.as_tensor(q, dtype=torch.float64))[:, :3, :3].numpy()
+        cos = (np.einsum("sji,jk->sik", rot, rotation).trace(axis1=1, axis2=2) - 1.0) / 2.0
+        return np.arccos(np.clip(cos, -1.0, 1.0))
+
     def judge(self, q: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, ...]:
-        """``(valid, collision_free, position_error)`` of ``q (S, 7)``, each ``(S,)``."""
+        """``(valid, collision_free, position_error)`` of ``q (S, 7)``, each ``(S,)``; a target
+        of 7 numbers (x, y, z, qx, qy, qz, qw) also asks the orientation within
+        ``orientation_tolerance``."""
         q = np.asarray(q, dtype=float).reshape(-1, 7)
         free = self.checker.valid(q) if len(q) else np.zeros(0, dtype=bool)
-        err = self.position_error(q, target)
-        return free & (err <= self.position_tolerance), free, err
+        target = np.asarray(target, dtype=float)
+        err = self.position_error(q, target[:3])
+        valid = free & (err <= self.position_tolerance)
+        if target.shape[0] == 7:
+            rotation = np.asarray(quaternion_xyzw_to_matrix(target[3:]))
+            valid &= self.orientation_error(q, rotation) <= self.orientation_tolerance
+        return valid, free, err
 
     def close(self) -> None:
         self.checker.close()
@@ -171,11 +205,44 @@ def sample_targets(scene: Scene, n: int, seed: int) -> np.ndarray:
     return scene.sample_targets(n, spec.generator(seed), spec).numpy()
 
 
+def sample_pose_targets(scene: Scene, n: int, seed: int,
+                        checker: PyBulletCollisionChecker) -> np.ndarray:
+    """``(n, 7)``: hand poses (x, y, z, qx, qy, qz, qw) of configurations that ``checker``
+    calls valid with the hand within 1 cm of a target of the scene's region (seeded), so a
+    collision-free solution of each exists.
+
+    Raises:
+        InvalidRequestError: the region yields fewer than ``n`` such configurations.
+    """
+    kin = RobotKinematics.panda(TensorSpec(torch.device("cpu"), torch.float64))
+    gen = kin.spec.generator(seed)
+    found: list[torch.Tensor] = []
+    total = 0
+    for _ in range(50):
+        q = ik_configurations(kin, scene, 8 * n, gen)
+        q = q[torch.from_numpy(checker.valid(q))]
+        found.append(q)
+        total += q.shape[0]
+        if total >= n:
+            break
+    if total < n:
+        raise InvalidRequestError(f"scene '{scene.name}': only {total} valid configurations "
+                                  f"with the hand in the target region, {n} wanted")
+    pose = kin.ee_pose(torch.cat(found)[:n])
+    quat = np.stack([matrix_to_quaternion_xyzw(r) for r in pose[:, :3, :3].numpy()])
+    return np.concatenate([pose[:, :3, 3].numpy(), quat], 1)
+
+
 def _mace_outcome(adapter: IKAdapter, scene: Scene, target: np.ndarray, cfg: IKBenchmarkConfig,
                   overrides: dict, seed: int) -> TargetOutcome:
-    request = IKRequest(position=np.asarray(target, dtype=float),
-                        obstacles=list(scene.obstacles), num_solutions=cfg.num_solutions,
-                        time_budget_s=cfg.time_budget_s, seed=seed, **overrides)
+    target = np.asarray(target, dtype=float)
+    pose = {}
+    if target.shape[0] == 7:  # x, y, z, qx, qy, qz, qw
+        pose = dict(rotation=np.asarray(quaternion_xyzw_to_matrix(target[3:])),
+                    orientation_tolerance=cfg.orientation_tolerance)
+    request = IKRequest(position=target[:3], obstacles=list(scene.obstacles),
+                        num_solutions=cfg.num_solutions, time_budget_s=cfg.time_budget_s,
+                        seed=seed, **pose, **overrides)
     t0 = time.perf_counter()
     result = adapter.solve(request)
     elapsed = time.perf_counter() - t0
@@ -253,6 +320,10 @@ def _time_basis(method: str, cfg: IKBenchmarkConfig) -> str:
     if method == "tracik_restarts":
         return (f"until K={cfg.num_solutions} distinct valid solutions (PyBullet checks inside "
                 f"the loop) or the {cfg.tracik_timeout_s:g} s timeout")
+    if method == "analytic_restarts":
+        return (f"until K={cfg.num_solutions} distinct valid solutions (closed form from "
+                f"uniform q7 in batches of 64, PyBullet checks inside the loop) or the "
+                f"{cfg.tracik_timeout_s:g} s timeout")
     if method == "mace_refine":
         return (f"request wall time: returns at K={cfg.num_solutions} refined solutions "
                 f"(checked by ik.collision.backend, within tolerance) or the "
@@ -270,8 +341,11 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
     ``others``: more adapters (by label, e.g. a collision backend) whose MACE methods run as
     ``<method>@<label>`` in the same turns, so their figures compare under the same load.
     """
-    targets = sample_targets(scene, cfg.num_targets, cfg.seed)
-    judge = SolutionJudge(scene, cfg.position_tolerance)
+    pose_targets = cfg.target_kind == "pose"
+    judge = SolutionJudge(scene, cfg.position_tolerance,
+                          orientation_tolerance=cfg.orientation_tolerance)
+    targets = (sample_pose_targets(scene, cfg.num_targets, cfg.seed, judge.checker)
+               if pose_targets else sample_targets(scene, cfg.num_targets, cfg.seed))
     runners: dict[str, Callable[[int, np.ndarray], TargetOutcome]] = {}
     outcomes: dict[str, list[TargetOutcome]] = {method: [] for method in cfg.methods}
     try:
@@ -286,11 +360,20 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
                                               timeout_s=cfg.tracik_timeout_s,
                                               attempt_s=cfg.tracik_attempt_s,
                                               epsilon=cfg.tracik_epsilon,
-                                              orientation=cfg.tracik_orientation,
+                                              # a full pose: the 7-joint chain, seeded at q0
+                                              orientation=("seed" if pose_targets
+                                                           else cfg.tracik_orientation),
                                               jacobian_steps=cfg.tracik_jacobian_steps,
                                               min_joint_distance=cfg.min_joint_distance))
                 runners[method] = lambda i, target, baseline=baseline: baseline.solve(
-                    target, np.random.default_rng([cfg.seed, i]))
+                    target[:3], np.random.default_rng([cfg.seed, i]),
+                    quat=target[3:] if pose_targets else None)
+            elif method == "analytic_restarts":
+                floor = AnalyticRestarts(adapter.kin, judge.checker, cfg.num_solutions,
+                                         cfg.tracik_timeout_s,
+                                         min_joint_distance=cfg.min_joint_distance)
+                runners[method] = lambda i, target, floor=floor: floor.solve(
+                    _pose_matrix(target), np.random.default_rng([cfg.seed, i]))
             else:
                 for label, served_by in [("", adapter)] + sorted((others or {}).items()):
                     name = f"{method}@{label}" if label else method
@@ -324,7 +407,18 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
     report = dict(targets=targets.round(9).tolist(), methods=methods)
     if "mace_refine" in methods and "tracik_restarts" in methods:
         report["comparison"] = compare(methods["mace_refine"], methods["tracik_restarts"])
+    if "mace_refine" in methods and "analytic_restarts" in methods:
+        report["comparison_analytic"] = compare(methods["mace_refine"],
+                                                methods["analytic_restarts"])
     return report
+
+
+def _pose_matrix(target: np.ndarray) -> np.ndarray:
+    """``(4, 4)`` of a pose target (x, y, z, qx, qy, qz, qw)."""
+    pose = np.eye(4)
+    pose[:3, :3] = np.asarray(quaternion_xyzw_to_matrix(target[3:]))
+    pose[:3, 3] = target[:3]
+    return pose
 
 
 def compare(mace: dict, tracik: dict) -> dict:
@@ -519,6 +613,11 @@ def format_table(report: dict) -> str:
             f"{_fmt(m['valid_fraction_prior'], digits=2):>6} "
             f"{_fmt(m['valid_fraction_adapted'], digits=2):>6} "
             f"{_fmt(m['mean_iterations'], digits=1):>5}")
+    if "comparison_analytic" in report:
+        c = report["comparison_analytic"]
+        lines.append(f"mace_refine vs analytic_restarts: time ratio {c['time_ratio']:.2f}, "
+                     f"diversity ratio {c['diversity_ratio']:.2f}, K-success "
+                     f"{c['mace_k_success']:.2f} vs {c['tracik_k_success']:.2f}")
     if "comparison" in report:
         c = report["comparison"]
         lines.append(f"mace_refine vs tracik_restarts: time ratio {c['time_ratio']:.2f} (median "
