@@ -78,6 +78,26 @@ def test_box_scene_returns_collision_free_solutions(ik_client, box):
     assert 0.0 <= response.valid_fraction_adapted <= 1.0
 
 
+def test_pose_request_is_answered_exactly(ik_client, box):
+    """``use_orientation``: the closed form answers (the default on a Panda); the solutions
+    reach the hand pose of a valid configuration within the tolerance, PyBullet calls them
+    free."""
+    scene, _ = box
+    kin64 = RobotKinematics.panda(TensorSpec(torch.device("cpu"), torch.float64))
+    pose = kin64.ee_pose(torch.tensor([[0.1, 0.5, -0.1, -1.9, 0.1, 2.4, 0.6]],
+                                      dtype=torch.float64))[0].numpy()
+    request = box_request(box, position=pose[:3, 3], rotation=pose[:3, :3],
+                          orientation_tolerance=1e-3)
+    assert request.use_orientation
+    response = ik_client.call(request, timeout_s=30.0)
+    assert_valid_solutions(response, scene, pose[:3, 3], 4)
+    q = torch.tensor([s.positions for s in response.solutions], dtype=torch.float64)
+    reached = kin64.ee_pose(q)[:, :3, :3].numpy()
+    cos = (np.einsum("sji,jk->sik", reached, pose[:3, :3]).trace(axis1=1, axis2=2) - 1) / 2
+    assert np.arccos(np.clip(cos, -1, 1)).max() <= 1e-3
+    assert all(s.orientation_error <= 1e-3 for s in response.solutions)
+
+
 @pytest.fixture
 def ros_node(rclpy_context):
     """A plain ROS node with its own executor, for subscriptions and parameter calls."""
@@ -213,6 +233,11 @@ def _non_unit_quaternion(req):
     req.target.pose.orientation.w = 2.0
 
 
+def _orientation_tolerance_out_of_range(req):
+    req.use_orientation = True
+    req.orientation_tolerance = 4.0
+
+
 def _huge_obstacle(req):
     req.obstacles[1].primitives[0].dimensions = [1e300, 0.3, 0.1]
 
@@ -225,6 +250,7 @@ BAD_REQUESTS = [
     (_nan_target, "target position must be finite"),
     (_long_refinement, "'... (10000 characters)"),
     (_non_unit_quaternion, "quaternion (x, y, z, w) [0, 0, 0, 2] is not unit (norm 2)"),
+    (_orientation_tolerance_out_of_range, "orientation tolerance must be in [0, pi] rad"),
     (_huge_obstacle, "must be within limits.max_coordinate_m = 100 m"),
     (_huge_learning_rate, "learning_rate must be at most limits.max_learning_rate = 0.1"),
     (_frame, "unknown frame 'world'"),
