@@ -151,45 +151,42 @@ class PandaClosedFormIK:
         a, b = (to2 * x6).sum(-1) / dist, (to2 * y6).sum(-1) / dist
         r = torch.sqrt(a * a + b * b).clamp_min(eps)
         psi = torch.atan2(b, a)
-        rows, masks = [], []
-        for elbow, wrist, shoulder in BRANCHES:
-            phi2 = phi4 + elbow * gamma  # direction of O6->O2 in (u, v)
-            # u . w = cos(phi2) with u = sin(q6) x6 + cos(q6) y6: a sin q6 + b cos q6 = cos phi2
-            sin_arg = torch.cos(phi2) / r
-            feasible = closes & (sin_arg.abs() <= 1.0)
-            base = torch.arcsin(sin_arg.clamp(-1.0, 1.0))
-            q6 = _wrap((base if wrist == 0 else math.pi - base) - psi)
-            u = torch.sin(q6)[:, None] * x6 + torch.cos(q6)[:, None] * y6  # z5
-            sin_phi2 = torch.sin(phi2)
-            feasible = feasible & (sin_phi2.abs() > 1e-9)
-            v = (w - torch.cos(phi2)[:, None] * u) / torch.where(
-                sin_phi2.abs() > 1e-9, sin_phi2, torch.ones_like(sin_phi2))[:, None]
-            v = v / v.norm(dim=-1, keepdim=True).clamp_min(eps)
-            z4 = torch.cross(u, v, dim=-1)
-            o4 = o6 - D5 * u - A4 * v
-            # q5: z4 in frame 5 is (-sin q5, -cos q5, 0); R05 = R06 R65, R56 = Rx(pi/2) Rz(q6)
-            r56 = _rot_x(math.pi / 2, pose) @ _rot_z(q6)
-            r05 = r06 @ r56.transpose(1, 2)
-            z4_5 = (r05.transpose(1, 2) @ z4[..., None])[..., 0]
-            q5 = torch.atan2(-z4_5[:, 0], -z4_5[:, 1])
-            # q4: the signed angle about z4 from O4->O6 to O4->O2 is theta_b0 - q4 - theta_a
-            to6, to2_4 = o6 - o4, o2 - o4
-            alpha = torch.atan2((torch.cross(to6, to2_4, dim=-1) * z4).sum(-1),
-                                (to6 * to2_4).sum(-1))
-            q4 = _wrap(math.atan2(-D3, -A4) - alpha - math.atan2(D5, -A4))
-            # R03 = R04 R34^T, R34 = Rx(pi/2) Rz(q4); R04's columns are x4 = -v, y4 = u, z4
-            r04 = torch.stack([-v, u, z4], -1)
-            r34 = _rot_x(math.pi / 2, pose) @ _rot_z(q4)
-            r03 = r04 @ r34.transpose(1, 2)
-            # R03 = Rz(q1) Ry(q2) Rz(q3): ZYZ Euler angles, shoulder branch = sign of sin(q2)
-            s2 = shoulder * torch.sqrt((r03[:, 0, 2] ** 2 + r03[:, 1, 2] ** 2).clamp_min(0.0))
-            q2 = torch.atan2(s2, r03[:, 2, 2])
-            regular = s2.abs() > 1e-9
-            safe = torch.where(regular, s2, torch.ones_like(s2))
-            q1 = torch.atan2(r03[:, 1, 2] / safe, r03[:, 0, 2] / safe)
-            q3 = torch.atan2(r03[:, 2, 1] / safe, -r03[:, 2, 0] / safe)
-            rows.append(torch.stack([q1, q2, q3, q4, q5, q6, q7], -1))
-            masks.append(feasible & regular)
-        cand = torch.stack(rows, 1)  # (N, 8, 7)
-        ok = torch.stack(masks, 1) & torch.isfinite(cand).all(-1)
+        # the 8 branches side by side: (N, 8) from here on, signs from BRANCHES
+        signs = pose.new_tensor(BRANCHES)  # (8, 3): elbow, wrist (0/1), shoulder
+        elbow, wrist, shoulder = signs[:, 0], signs[:, 1], signs[:, 2]
+        phi2 = phi4 + elbow * gamma[:, None]  # direction of O6->O2 in (u, v)
+        # u . w = cos(phi2) with u = sin(q6) x6 + cos(q6) y6: a sin q6 + b cos q6 = cos phi2
+        sin_arg = torch.cos(phi2) / r[:, None]
+        base = torch.arcsin(sin_arg.clamp(-1.0, 1.0))
+        q6 = _wrap(torch.where(wrist == 0, base, math.pi - base) - psi[:, None])
+        u = torch.sin(q6)[..., None] * x6[:, None] + torch.cos(q6)[..., None] * y6[:, None]
+        sin_phi2 = torch.sin(phi2)
+        feasible = closes[:, None] & (sin_arg.abs() <= 1.0) & (sin_phi2.abs() > 1e-9)
+        v = (w[:, None] - torch.cos(phi2)[..., None] * u) / torch.where(
+            sin_phi2.abs() > 1e-9, sin_phi2, torch.ones_like(sin_phi2))[..., None]
+        v = v / v.norm(dim=-1, keepdim=True).clamp_min(eps)
+        z4 = torch.cross(u, v, dim=-1)  # (N, 8, 3)
+        o4 = o6[:, None] - D5 * u - A4 * v
+        # q5: z4 in frame 5 is (-sin q5, -cos q5, 0); R05 = R06 R65, R56 = Rx(pi/2) Rz(q6)
+        rx = _rot_x(math.pi / 2, pose)
+        r05 = r06[:, None] @ (rx @ _rot_z(q6)).transpose(-1, -2)  # (N, 8, 3, 3)
+        z4_5 = (r05.transpose(-1, -2) @ z4[..., None])[..., 0]
+        q5 = torch.atan2(-z4_5[..., 0], -z4_5[..., 1])
+        # q4: the signed angle about z4 from O4->O6 to O4->O2 is theta_b0 - q4 - theta_a
+        to6, to2_4 = o6[:, None] - o4, o2 - o4
+        alpha = torch.atan2((torch.cross(to6, to2_4, dim=-1) * z4).sum(-1),
+                            (to6 * to2_4).sum(-1))
+        q4 = _wrap(math.atan2(-D3, -A4) - alpha - math.atan2(D5, -A4))
+        # R03 = R04 R34^T, R34 = Rx(pi/2) Rz(q4); R04's columns are x4 = -v, y4 = u, z4
+        r04 = torch.stack([-v, u, z4], -1)
+        r03 = r04 @ (rx @ _rot_z(q4)).transpose(-1, -2)
+        # R03 = Rz(q1) Ry(q2) Rz(q3): ZYZ Euler angles, shoulder branch = sign of sin(q2)
+        s2 = shoulder * torch.sqrt((r03[..., 0, 2] ** 2 + r03[..., 1, 2] ** 2).clamp_min(0.0))
+        q2 = torch.atan2(s2, r03[..., 2, 2])
+        regular = s2.abs() > 1e-9
+        safe = torch.where(regular, s2, torch.ones_like(s2))
+        q1 = torch.atan2(r03[..., 1, 2] / safe, r03[..., 0, 2] / safe)
+        q3 = torch.atan2(r03[..., 2, 1] / safe, -r03[..., 2, 0] / safe)
+        cand = torch.stack([q1, q2, q3, q4, q5, q6, q7[:, None].expand_as(q6)], -1)
+        ok = feasible & regular & torch.isfinite(cand).all(-1)
         return torch.nan_to_num(cand), ok
