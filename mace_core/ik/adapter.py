@@ -216,13 +216,16 @@ class _RequestPipeline:
         """Stage 1: sample the prior, a small batch when refining (often enough), N otherwise.
 
         When less than ``clutter_valid_fraction`` of it is valid the request is in clutter: the
-        batch is topped up to ``clutter_samples`` and rounds refine ``clutter_seeds``.
+        batch is topped up to ``clutter_samples`` and rounds refine ``clutter_seeds``; not with
+        the closed form, which makes every seed exact whatever its distance (the cabinet's pose
+        targets: 12.8 ms median without the top-up, 38 ms with it, same answers found).
         """
         cfg = self.cfg
         q, s = self.fresh_batch(cfg.first_samples if self.refining else cfg.mace.num_samples,
                                 scored=True)
         self.valid_prior = float((s > 0).float().mean())
-        clutter = self.refining and self.valid_prior < cfg.clutter_valid_fraction
+        clutter = (self.refining and cfg.refinement_mode != "analytic"
+                   and self.valid_prior < cfg.clutter_valid_fraction)
         if clutter:
             cfg = self.cfg = replace(cfg, first_samples=cfg.clutter_samples,
                                      refine_seeds=cfg.clutter_seeds)
