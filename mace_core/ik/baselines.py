@@ -25,6 +25,40 @@ from ..robot.rotations import matrix_to_quaternion_xyzw
 TRACIK_ORIENTATIONS = ("free", "seed", "jacobian")
 
 
+class _Kept:
+    """The solutions a restart protocol keeps for one target, and its clock: distinct ones
+    (``min_joint_distance`` apart, max-norm) until ``wanted`` or ``timeout_s``."""
+
+    def __init__(self, wanted: int, timeout_s: float, min_joint_distance: float):
+        self.wanted, self.min_joint_distance = wanted, min_joint_distance
+        self.solutions: list[np.ndarray] = []
+        self.t0 = time.perf_counter()
+        self.deadline = self.t0 + timeout_s
+        self.t_first = math.inf
+
+    @property
+    def going(self) -> bool:
+        """Fewer than ``wanted`` kept and time left."""
+        return len(self.solutions) < self.wanted and time.perf_counter() < self.deadline
+
+    def distinct(self, q: np.ndarray) -> bool:
+        return all(np.abs(q - other).max() >= self.min_joint_distance
+                   for other in self.solutions)
+
+    def keep(self, q: np.ndarray) -> None:
+        self.solutions.append(q)
+        if len(self.solutions) == 1:
+            self.t_first = time.perf_counter() - self.t0
+
+    def outcome(self, **counts) -> "TargetOutcome":
+        elapsed = time.perf_counter() - self.t0
+        empty = np.zeros(0, dtype=bool)
+        return TargetOutcome(solutions=np.asarray(self.solutions, dtype=float).reshape(-1, 7),
+                             time_s=elapsed, time_first_s=min(self.t_first, elapsed),
+                             valid=empty, collision_free=empty, position_error=np.zeros(0),
+                             **counts)
+
+
 @dataclass
 class TargetOutcome:
     """One method's answer to one target, judged by the ground truth."""
@@ -209,12 +243,9 @@ class TracIKRestarts:
         ``valid`` etc. are left for the judge."""
         cfg, chain, ik = self.config, self.chain, self._tracik.ik
         position = np.asarray(position, dtype=float)
-        kept: list[np.ndarray] = []
+        kept = _Kept(cfg.num_solutions, cfg.timeout_s, cfg.min_joint_distance)
         attempts = converged = 0
-        t_first = math.inf
-        t0 = time.perf_counter()
-        deadline = t0 + cfg.timeout_s
-        while len(kept) < cfg.num_solutions and time.perf_counter() < deadline:
+        while kept.going:
             q0 = rng.uniform(chain.lower, chain.upper)
             seed, asked = (q0, quat) if quat is not None else self._pose_attempt(q0, position)
             out = ik(self.solver, seed, *position, *asked)
@@ -223,19 +254,9 @@ class TracIKRestarts:
                 continue
             converged += 1
             q = np.asarray(out[1:8], dtype=float)
-            if not bool(self.checker.valid(q[None])[0]):
-                continue
-            if all(np.abs(q - other).max() >= cfg.min_joint_distance for other in kept):
-                kept.append(q)
-                if len(kept) == 1:
-                    t_first = time.perf_counter() - t0
-        elapsed = time.perf_counter() - t0
-        sols = np.asarray(kept, dtype=float).reshape(-1, 7)
-        empty = np.zeros(0, dtype=bool)
-        return TargetOutcome(solutions=sols, time_s=elapsed,
-                             time_first_s=min(t_first, elapsed), valid=empty,
-                             collision_free=empty, position_error=np.zeros(0),
-                             attempts=attempts, converged=converged)
+            if bool(self.checker.valid(q[None])[0]) and kept.distinct(q):
+                kept.keep(q)
+        return kept.outcome(attempts=attempts, converged=converged)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,28 +289,17 @@ class AnalyticRestarts:
         cf = self.closed_form
         lo, hi = float(cf.lower[6]), float(cf.upper[6])
         target = torch.as_tensor(pose, dtype=torch.float64)
-        kept: list[np.ndarray] = []
+        kept = _Kept(self.num_solutions, self.timeout_s, self.min_joint_distance)
         attempts = checks = 0
-        t_first = math.inf
-        t0 = time.perf_counter()
-        deadline = t0 + self.timeout_s
-        while len(kept) < self.num_solutions and time.perf_counter() < deadline:
+        while kept.going:
             q7 = torch.as_tensor(rng.uniform(lo, hi, self.batch), dtype=torch.float64)
             sols, ok = cf.solve(target.expand(self.batch, 4, 4), q7)
             attempts += self.batch
             for q in sols[ok].numpy():
-                if len(kept) >= self.num_solutions or time.perf_counter() >= deadline:
+                if not kept.going:
                     break
-                if any(np.abs(q - other).max() < self.min_joint_distance for other in kept):
-                    continue
-                checks += 1
-                if bool(self.checker.valid(q[None])[0]):
-                    kept.append(q)
-                    if len(kept) == 1:
-                        t_first = time.perf_counter() - t0
-        elapsed = time.perf_counter() - t0
-        empty = np.zeros(0, dtype=bool)
-        return TargetOutcome(solutions=np.asarray(kept, dtype=float).reshape(-1, 7),
-                             time_s=elapsed, time_first_s=min(t_first, elapsed), valid=empty,
-                             collision_free=empty, position_error=np.zeros(0),
-                             attempts=attempts, converged=checks)
+                if kept.distinct(q):
+                    checks += 1
+                    if bool(self.checker.valid(q[None])[0]):
+                        kept.keep(q)
+        return kept.outcome(attempts=attempts, converged=checks)
