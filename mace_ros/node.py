@@ -287,7 +287,18 @@ class MaceNode(Node):
                  f"{self.models_dir}, collision backend {self.config.ik.collision.backend} "
                  f"(padding {self.config.ik.collision.padding_m:g} m; "
                  f"{self._ik.checker.num_spheres} spheres for the penalty), refiners "
-                 f"{sorted(self._ik.refiners)}, warm-up {warmup_s * 1e3:.0f} ms; {shape}")
+                 f"{sorted(self._ik.refiners)}, {self._pose_ik_path()}, warm-up "
+                 f"{warmup_s * 1e3:.0f} ms; {shape}")
+
+    def _pose_ik_path(self) -> str:
+        """Which solver answers requests with an orientation, for the start-up line."""
+        ik = self.config.ik
+        if ik.pose_refinement_mode in self._ik.refiners:
+            if ik.pose_refinement_mode == "analytic":
+                return "pose requests: closed form (the URDF is the Panda's chain)"
+            return f"pose requests: {ik.pose_refinement_mode}"
+        return (f"pose requests: {ik.refinement_mode} ({ik.pose_refinement_mode} unavailable: "
+                f"the URDF is not the Panda's chain)")
 
     def _build_ik(self, config: ServiceConfig) -> IKAdapter:
         """An adapter loaded from the models folder, whose defaults are valid requests.

@@ -78,6 +78,13 @@ def test_box_scene_returns_collision_free_solutions(ik_client, box):
     assert 0.0 <= response.valid_fraction_adapted <= 1.0
 
 
+def test_start_up_line_names_the_checkers_and_the_pose_solver(mace_node):
+    assert mace_node.wait_for_log("ready in", 30.0)
+    line = next(x for x in mace_node.log().splitlines() if "ready in" in x)
+    assert "collision backend mujoco" in line
+    assert "pose requests: closed form (the URDF is the Panda's chain)" in line
+
+
 def test_pose_request_is_answered_exactly(ik_client, box):
     """``use_orientation``: the closed form answers (the default on a Panda); the solutions
     reach the hand pose of a valid configuration within the tolerance, PyBullet calls them
