@@ -78,6 +78,9 @@ def _add_ik_parser(sub) -> None:
                         f"{', '.join(POSE_METHODS)})")
     p.add_argument("--orientation-tolerance", type=float, default=d.orientation_tolerance,
                    help="rad, pose targets")
+    p.add_argument("--targets-file", default="",
+                   help="YAML list of [x, y, z, qx, qy, qz, qw] poses (base frame) to use as "
+                        "the targets (implies --target-kind pose)")
     p.add_argument("--collision-backend", default="",
                    help="comma-separated ik.collision.backend values (spheres, mujoco): the "
                         "first serves the MACE methods, each other one runs them again as "
@@ -90,12 +93,14 @@ def _run_ik(args: argparse.Namespace) -> int:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    pose = args.target_kind == "pose" or bool(args.targets_file)
     protocol_methods = (TABLE1_METHODS if args.protocol != "requests"
-                        else POSE_METHODS if args.target_kind == "pose" else METHODS)
+                        else POSE_METHODS if pose else METHODS)
     methods = tuple(m for m in args.methods.split(",") if m) or protocol_methods
     cfg = IKBenchmarkConfig(
         num_targets=args.targets, seed=args.seed, protocol=args.protocol, methods=methods,
-        target_kind=args.target_kind, orientation_tolerance=args.orientation_tolerance,
+        target_kind="pose" if args.targets_file else args.target_kind,
+        orientation_tolerance=args.orientation_tolerance, targets_file=args.targets_file,
         num_solutions=args.num_solutions, time_budget_s=args.budget,
         warmup=not args.no_warmup, tracik_timeout_s=args.tracik_timeout,
         tracik_orientation=args.tracik_orientation,

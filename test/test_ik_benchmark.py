@@ -208,3 +208,31 @@ def test_pose_targets_report_exact_answers_from_every_method(models_dir):
     assert set(POSE_METHODS) >= set(cfg.methods)
     with pytest.raises(InvalidRequestError, match="target_kind"):
         IKBenchmarkConfig(target_kind="joint").validate()
+
+
+def test_a_users_pose_targets_file(models_dir, tmp_path):
+    """``targets_file``: the poses of a YAML list are the targets, quaternions normalized; bad
+    entries are refused with their index."""
+    from mace_core.ik.benchmark import load_pose_targets, sample_pose_targets
+
+    scene = load_scene(os.path.join(ROOT, "config", "scenes", "wall.yaml"))
+    with PyBulletCollisionChecker(scene.obstacles) as pb:
+        poses = sample_pose_targets(scene, 2, 3, pb)
+    scaled = poses.copy()
+    scaled[1, 3:] *= 1.0005  # a quaternion a little off unit: normalized
+    path = tmp_path / "targets.yaml"
+    path.write_text("\n".join(f"- [{', '.join(repr(float(v)) for v in row)}]" for row in scaled))
+    assert np.allclose(load_pose_targets(str(path)), poses, atol=1e-12)
+    adapter = IKAdapter.from_models(models_dir, "panda_ik", IKAdaptConfig(), TensorSpec())
+    cfg = IKBenchmarkConfig(num_targets=2, target_kind="pose", targets_file=str(path),
+                            warmup=False, methods=("analytic_restarts",))
+    report = run_benchmark(adapter, scene, cfg)
+    assert np.allclose(report["targets"], poses, atol=1e-8)
+    assert report["methods"]["analytic_restarts"]["success_rate"] == 1.0
+    for text, words in (("- [0.5, 0.0, 0.4]", "entry 0"), ("- [0.5, 0, 0.4, 0, 0, 0, 2]", "unit"),
+                        ("{}", "non-empty list"), ("- [.nan, 0, 0.4, 0, 0, 0, 1]", "entry 0")):
+        path.write_text(text)
+        with pytest.raises(InvalidRequestError, match=words):
+            load_pose_targets(str(path))
+    with pytest.raises(InvalidRequestError, match="target_kind 'pose'"):
+        IKBenchmarkConfig(targets_file=str(path)).validate()

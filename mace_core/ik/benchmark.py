@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+import yaml
 
 from ..errors import InvalidRequestError
 from ..robot.kinematics import RobotKinematics, panda_urdf_path
@@ -76,6 +77,9 @@ class IKBenchmarkConfig:
     #: configurations PyBullet calls valid with the hand in that region (a free solution exists)
     target_kind: str = "position"
     orientation_tolerance: float = 1e-3  #: rad, pose targets: a valid solution's orientation
+    #: a user's own pose targets instead of drawn ones: a YAML list of [x, y, z, qx, qy, qz, qw]
+    #: in the robot's base frame (``target_kind`` "pose"; ``num_targets`` is then its length)
+    targets_file: str = ""
     methods: tuple[str, ...] = METHODS  #: methods to run, among METHODS (TABLE1_METHODS)
     num_solutions: int = 8  #: K, valid solutions wanted per target
     time_budget_s: float = 1.0  #: s, budget of one MACE request
@@ -101,6 +105,8 @@ class IKBenchmarkConfig:
                                       f"got '{self.target_kind}'")
         if self.target_kind == "pose" and self.protocol != "requests":
             raise InvalidRequestError("pose targets run the 'requests' protocol")
+        if self.targets_file and self.target_kind != "pose":
+            raise InvalidRequestError("a targets file holds poses: use target_kind 'pose'")
         allowed = (TABLE1_METHODS if self.protocol != "requests"
                    else POSE_METHODS if self.target_kind == "pose" else METHODS)
         unknown = [m for m in self.methods if m not in allowed]
@@ -233,6 +239,36 @@ def sample_pose_targets(scene: Scene, n: int, seed: int,
     return np.concatenate([pose[:, :3, 3].numpy(), quat], 1)
 
 
+def load_pose_targets(path: str) -> np.ndarray:
+    """``(n, 7)`` pose targets read from a YAML list of [x, y, z, qx, qy, qz, qw] (base frame;
+    quaternions normalized).
+
+    Raises:
+        InvalidRequestError: an unreadable file, or an entry that is not 7 finite numbers with a
+            unit quaternion (within 1e-3).
+    """
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as exc:
+        raise InvalidRequestError(f"targets file {path}: {exc}") from exc
+    if not isinstance(data, list) or not data:
+        raise InvalidRequestError(f"targets file {path}: expected a non-empty list of "
+                                  "[x, y, z, qx, qy, qz, qw]")
+    rows = []
+    for k, entry in enumerate(data):
+        try:
+            row = np.asarray(entry, dtype=float)
+        except (TypeError, ValueError):
+            row = np.zeros(0)
+        if row.shape != (7,) or not np.isfinite(row).all():
+            raise InvalidRequestError(f"targets file {path}, entry {k}: expected 7 finite "
+                                      f"numbers x, y, z, qx, qy, qz, qw")
+        quaternion_xyzw_to_matrix(row[3:])  # raises on a quaternion that is not unit
+        rows.append(np.concatenate([row[:3], row[3:] / np.linalg.norm(row[3:])]))
+    return np.stack(rows)
+
+
 def _mace_outcome(adapter: IKAdapter, scene: Scene, target: np.ndarray, cfg: IKBenchmarkConfig,
                   overrides: dict, seed: int) -> TargetOutcome:
     target = np.asarray(target, dtype=float)
@@ -344,8 +380,12 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
     pose_targets = cfg.target_kind == "pose"
     judge = SolutionJudge(scene, cfg.position_tolerance,
                           orientation_tolerance=cfg.orientation_tolerance)
-    targets = (sample_pose_targets(scene, cfg.num_targets, cfg.seed, judge.checker)
-               if pose_targets else sample_targets(scene, cfg.num_targets, cfg.seed))
+    if cfg.targets_file:
+        targets = load_pose_targets(cfg.targets_file)
+    elif pose_targets:
+        targets = sample_pose_targets(scene, cfg.num_targets, cfg.seed, judge.checker)
+    else:
+        targets = sample_targets(scene, cfg.num_targets, cfg.seed)
     runners: dict[str, Callable[[int, np.ndarray], TargetOutcome]] = {}
     outcomes: dict[str, list[TargetOutcome]] = {method: [] for method in cfg.methods}
     try:
