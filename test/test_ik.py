@@ -317,20 +317,6 @@ def test_budget_counts_from_the_given_start(adapter, wall):
     assert result.iterations_run == 0
 
 
-def _pybullet_clearance(pb: PyBulletCollisionChecker, q: np.ndarray, reach: float) -> float:
-    """Smallest PyBullet distance (its 1 mm mesh margin included) from any link but the base
-    to any obstacle, looked for within ``reach`` m."""
-    p, best = pb._p, reach
-    for row in q:
-        pb._set(row)
-        for body in pb._bodies:
-            for link in pb._moving:
-                pts = p.getClosestPoints(pb.robot, body, reach, linkIndexA=link,
-                                         physicsClientId=pb.client)
-                best = min([best] + [pt[8] for pt in pts])
-    return best
-
-
 @pytest.mark.parametrize("backend", ["mujoco", "spheres"])
 def test_padding_keeps_every_solution_that_far_from_the_obstacles(backend):
     """``collision.padding_m``: PyBullet measures at least the padding between every returned
@@ -348,13 +334,13 @@ def test_padding_keeps_every_solution_that_far_from_the_obstacles(backend):
             assert result.num_found >= 1, result.message
             q = np.stack([s.q for s in result.solutions if s.collision_free])
             assert pb.valid(q).all()
-            assert _pybullet_clearance(pb, q, 2 * pad) >= pad - 1e-4
+            assert pb.clearance(q, 2 * pad).min() >= pad - 1e-4
             assert all(s.clearance >= pad - 1e-6 for s in result.solutions
                        if s.collision_free)
         unpadded = adapter_for_backend(backend).solve(
             request_in(window, index=0, num_solutions=6, seed=0, time_budget_s=5.0))
         q = np.stack([s.q for s in unpadded.solutions if s.collision_free])
-        assert _pybullet_clearance(pb, q, 2 * pad) < pad  # the padding is what keeps them away
+        assert pb.clearance(q, 2 * pad).min() < pad  # the padding is what keeps them away
 
 
 def adapter_for_backend(backend: str) -> IKAdapter:

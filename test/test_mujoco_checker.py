@@ -147,15 +147,7 @@ def test_clearance_is_pybullets_distance(kin, checker):
     q = kin.sample_uniform(40, SPEC.generator(4))
     ours = checker.clearance(q, reach_m=0.5)
     with PyBulletCollisionChecker(scene.obstacles) as pb:
-        p = pb._p
-        theirs = np.full(q.shape[0], 0.5)
-        for k, row in enumerate(q.double().numpy()):
-            pb._set(row)
-            for body in pb._bodies:
-                for link in pb._moving:
-                    pts = p.getClosestPoints(pb.robot, body, 0.5, linkIndexA=link,
-                                             physicsClientId=pb.client)
-                    theirs[k] = min([theirs[k]] + [pt[8] for pt in pts])
+        theirs = pb.clearance(q, reach_m=0.5)
     apart = theirs > 0
     assert apart.sum() > 10 and (~apart).sum() > 3
     assert np.abs(ours[apart] - theirs[apart]).max() < 1e-3

@@ -193,10 +193,7 @@ class _RequestPipeline:
         kin = self.adapter.kin
         poses = kin.link_poses(q)
         pos_err, rot_err = pose_errors(kin, q, self.target, poses)
-        if self.cfg.collision.exact_scores:
-            valid = self.adapter._valid(q, self.world, poses)
-        else:
-            valid = self.adapter.checker.valid(q, self.world, poses=poses)
+        valid = self.adapter.checker.valid(q, self.world, poses=poses)  # batched spheres
         w_rot = self.cfg.refinement.orientation_weight
         return torch.where(valid, torch.exp(-(pos_err + w_rot * rot_err)), 0.0)
 
@@ -470,9 +467,10 @@ class IKAdapter:
             same = False
         if not same:
             pad = self.config.collision.padding_m
-            world = CollisionWorld.from_obstacles(key, self.spec)  # validates them as given
             if pad > 0.0:
-                world = CollisionWorld.from_obstacles([padded(o, pad) for o in key], self.spec)
+                for o in key:  # as given: the grown ones are checked where they are tensorized
+                    o.validate()
+            world = CollisionWorld.from_obstacles([padded(o, pad) for o in key], self.spec)
             self._world = (key, world)
         return self._world[1]
 

@@ -41,6 +41,7 @@ from ..tensor import TensorSpec
 from .adapter import IKAdapter
 from .baselines import (TRACIK_ORIENTATIONS, AnalyticRestarts, TargetOutcome, TracIKRestarts,
                         TracIKRestartsConfig)
+from .refinement import IKTarget, pose_errors
 from .request import IKAdaptConfig, IKRequest
 
 #: Methods of the ``requests`` protocol, in table order.
@@ -179,9 +180,10 @@ class SolutionJudge:
         """``(S,)`` rad: angle between the hand orientation of ``q (S, 7)`` and ``rotation``."""
         if len(q) == 0:
             return np.zeros(0)
-        rot = self.kin.ee_pose(torch.as_tensor(q, dtype=torch.float64))[:, :3, :3].numpy()
-        cos = (np.einsum("sji,jk->sik", rot, rotation).trace(axis1=1, axis2=2) - 1.0) / 2.0
-        return np.arccos(np.clip(cos, -1.0, 1.0))
+        q = torch.as_tensor(q, dtype=torch.float64)
+        target = IKTarget(position=q.new_zeros(3),
+                          rotation=torch.as_tensor(rotation, dtype=q.dtype))
+        return pose_errors(self.kin, q, target)[1].numpy()
 
     def judge(self, q: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, ...]:
         """``(valid, collision_free, position_error)`` of ``q (S, 7)``, each ``(S,)``; a target

@@ -78,6 +78,8 @@ class PandaClosedFormIK:
         link7 = poses[self.kin64.link_names.index("panda_link7")]
         #: (4, 4) joint 7's frame (at q7 = 0) to the end-effector link, fixed
         self.t_7e = torch.linalg.solve(link7, poses[self.kin64.ee_index])
+        self._t_e7 = torch.linalg.inv(self.t_7e)  #: (4, 4) its inverse
+        self._rx = _rot_x(math.pi / 2, self._t_e7)  #: (3, 3) Rx(pi/2), of DH's alpha
         self.lower = self.kin64.lower
         self.upper = self.kin64.upper
 
@@ -133,8 +135,9 @@ class PandaClosedFormIK:
         checks: ``(N, 8, 7)`` and ``(N, 8)`` True where the branch exists."""
         dev, eps = pose.device, 1e-12
         # frame 7 (at q7) and frame 6: T06 = T0E T7E^-1 T67(q7)^-1, T67 = Tx(a7) Rx(pi/2) Rz(q7)
-        t07 = pose @ torch.linalg.inv(self.t_7e.to(dev))
-        r67 = _rot_x(math.pi / 2, pose) @ _rot_z(q7)  # (N, 3, 3)
+        t07 = pose @ self._t_e7.to(dev)
+        rx = self._rx.to(dev)
+        r67 = rx @ _rot_z(q7)  # (N, 3, 3)
         r06 = t07[:, :3, :3] @ r67.transpose(1, 2)
         o6 = t07[:, :3, 3] - r06[:, :, 0] * A7  # O7 = O6 + R06 (a7, 0, 0)
         x6, y6 = r06[:, :, 0], r06[:, :, 1]
@@ -168,7 +171,6 @@ class PandaClosedFormIK:
         z4 = torch.cross(u, v, dim=-1)  # (N, 8, 3)
         o4 = o6[:, None] - D5 * u - A4 * v
         # q5: z4 in frame 5 is (-sin q5, -cos q5, 0); R05 = R06 R65, R56 = Rx(pi/2) Rz(q6)
-        rx = _rot_x(math.pi / 2, pose)
         r05 = r06[:, None] @ (rx @ _rot_z(q6)).transpose(-1, -2)  # (N, 8, 3, 3)
         z4_5 = (r05.transpose(-1, -2) @ z4[..., None])[..., 0]
         q5 = torch.atan2(-z4_5[..., 0], -z4_5[..., 1])

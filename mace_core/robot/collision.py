@@ -46,8 +46,9 @@ class CollisionConfig:
     """Which checker judges answers, and the clearance they keep (parameters ``ik.collision.*``).
 
     The sphere model always serves where a gradient is needed (the refinement's collision
-    penalty) and where whole batches are ranked; ``backend`` is the checker that accepts and
-    describes the returned solutions.
+    penalty) and where whole batches are scored and ranked (MACE's samples scored by MuJoCo
+    measured slower in the cabinet, 0.102 against 0.085 s median, with the same valid
+    fractions); ``backend`` is the checker that accepts and describes the returned solutions.
     """
 
     #: "mujoco": exact checks on the collision meshes (none of the free answers near obstacles
@@ -56,8 +57,6 @@ class CollisionConfig:
     #: m, clearance every returned solution keeps from every obstacle (MoveIt's scene padding);
     #: the sphere model sees every obstacle grown by it
     padding_m: float = 0.0
-    #: score MACE's samples with ``backend`` too, not with the sphere model
-    exact_scores: bool = False
 
     def validate(self) -> None:
         """Raise InvalidRequestError on an unknown backend or a padding out of range."""
@@ -109,6 +108,10 @@ class ExactCollisionChecker(Protocol):
 
     def valid(self, q) -> np.ndarray:
         """``(B,)`` bool: within limits, no self-collision, no obstacle collision."""
+
+    def clearance(self, q, reach_m: float = 1.0) -> np.ndarray:
+        """``(B,)`` m: distance from the links (the base excepted) to the obstacles, as
+        PyBullet measures it (its 1 mm margin included); ``reach_m`` where none is nearer."""
 
     def close(self) -> None:
         """Release the simulator."""

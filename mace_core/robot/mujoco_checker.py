@@ -175,17 +175,11 @@ class MuJoCoCollisionChecker:
         for o in key:
             g = int(self._slots[o.kind][used[o.kind]])
             used[o.kind] += 1
-            size = np.asarray(o.size, dtype=float)
-            if o.kind == "box":
-                half = size / 2.0
-            elif o.kind == "sphere":
-                half = np.array([size[0], size[0], size[0]])
-            else:  # cylinder: (height, radius) -> MuJoCo's (radius, half height)
-                half = np.array([size[1], size[1], size[0] / 2.0])
-            model.geom_size[g] = (half if o.kind != "cylinder"
-                                  else np.array([size[1], size[0] / 2.0, 0.0]))
+            half = np.asarray(o.half_extents)
+            # MuJoCo's sizes: box half sizes, sphere (R, -, -), cylinder (R, height / 2, -)
+            model.geom_size[g] = half if o.kind != "cylinder" else (half[0], half[2], 0.0)
             model.geom_rbound[g] = (float(np.linalg.norm(half)) if o.kind != "sphere"
-                                    else float(size[0]))
+                                    else float(half[0]))
             model.geom_aabb[g] = np.concatenate([np.zeros(3), half])
             model.geom_pos[g] = np.asarray(o.position, dtype=float)
             quat = np.zeros(4)

@@ -189,6 +189,21 @@ class PyBulletCollisionChecker:
         """``(B,)`` bool: within joint limits, no self-collision, no obstacle collision."""
         return self.within_limits(q) & ~self.collisions(q).any(1)
 
+    def clearance(self, q, reach_m: float = 1.0) -> np.ndarray:
+        """``(B,)`` m: the smallest distance PyBullet reports (its 1 mm mesh margin included)
+        from a link other than the base to an obstacle, looked for within ``reach_m``
+        (``reach_m`` where nothing is nearer)."""
+        q = joint_batch(q, len(self._joints))
+        p, out = self._p, np.full(q.shape[0], float(reach_m))
+        for k in range(q.shape[0]):
+            self._set(q[k])
+            for body in self._bodies:
+                for link in self._moving:
+                    pts = p.getClosestPoints(self.robot, body, reach_m, linkIndexA=link,
+                                             physicsClientId=self.client)
+                    out[k] = min([out[k]] + [pt[8] for pt in pts])
+        return out
+
 
 def exact_self_collision_free(q, checker: PyBulletCollisionChecker | None = None) -> np.ndarray:
     """``(B,)`` bool: PyBullet calls the configurations ``(B, 7)`` free of self-collision.

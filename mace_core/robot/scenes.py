@@ -101,6 +101,17 @@ class Obstacle:
             raise InvalidRequestError(f"{label}: rotation is not orthonormal with det +1")
 
     @property
+    def half_extents(self) -> tuple[float, float, float]:
+        """m, half sizes of the box in the primitive's frame that holds it: a box's half
+        sizes, a sphere's (R, R, R), a cylinder's (R, R, height / 2)."""
+        size = [float(v) for v in self.size]
+        if self.kind == "box":
+            return (size[0] / 2, size[1] / 2, size[2] / 2)
+        if self.kind == "sphere":
+            return (size[0],) * 3
+        return (size[1], size[1], size[0] / 2)
+
+    @property
     def rotation_matrix(self) -> np.ndarray:
         """(3, 3) rotation base-from-primitive."""
         return np.asarray(self.rotation, dtype=float)

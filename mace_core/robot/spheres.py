@@ -290,15 +290,7 @@ class CollisionWorld:
         ordered = sorted(obstacles, key=lambda o: _KIND_CODES[o.kind])
         rot = np.stack([o.rotation_matrix for o in ordered]) if ordered else np.zeros((0, 3, 3))
         pos = np.asarray([o.position for o in ordered], dtype=float).reshape(-1, 3)
-        dims = []
-        for o in ordered:
-            if o.kind == "box":
-                dims.append([s / 2 for s in o.size])
-            elif o.kind == "sphere":
-                dims.append([o.size[0]] * 3)
-            else:
-                dims.append([o.size[1], o.size[1], o.size[0] / 2])
-        dims_arr = np.asarray(dims, dtype=float).reshape(-1, 3)
+        dims_arr = np.asarray([o.half_extents for o in ordered], dtype=float).reshape(-1, 3)
         codes = [_KIND_CODES[o.kind] for o in ordered]
         slices = tuple((code, codes.index(code), len(codes) - codes[::-1].index(code))
                        for code in sorted(set(codes)))
