@@ -52,7 +52,7 @@ setup(
         "pytracik>=0.0.3",
         "trimesh>=4.0",
     ],
-    extras_require={"plots": ["matplotlib>=3.6"]},
+    extras_require={"plots": ["matplotlib>=3.6"], "gpu": ["mujoco-warp>=4.0"]},
     entry_points={"console_scripts": ["mace-train=mace_core.training:main"]},
     # setuptools' scratch space inside CMake's build/ folder, not beside it
     options={"build": {"build_base": "build/setuptools"}},

@@ -82,9 +82,9 @@ def _add_ik_parser(sub) -> None:
                    help="YAML list of [x, y, z, qx, qy, qz, qw] poses (base frame) to use as "
                         "the targets (implies --target-kind pose)")
     p.add_argument("--collision-backend", default="",
-                   help="comma-separated ik.collision.backend values (spheres, mujoco): the "
-                        "first serves the MACE methods, each other one runs them again as "
-                        "<method>@<backend> in the same turns (default: the config's)")
+                   help="comma-separated ik.collision.backend values (spheres, mujoco, "
+                        "mjwarp): the first serves the MACE methods, each other one runs them "
+                        "again as <method>@<backend> in the same turns (default: the config's)")
     p.set_defaults(func=_run_ik)
 
 

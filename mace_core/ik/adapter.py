@@ -35,9 +35,10 @@ import torch
 from ..deadline import Deadline
 from ..errors import InvalidRequestError, ModelLoadError, format_numbers, quote
 from ..mace import adapt, draw
+from ..robot.backends import exact_checker
 from ..robot.closed_form_ik import PandaClosedFormIK
+from ..robot.collision import SceneCollisionChecker
 from ..robot.kinematics import RobotKinematics, damped_least_squares, panda_urdf_path
-from ..robot.mujoco_checker import MuJoCoCollisionChecker
 from ..robot.scenes import Obstacle, padded
 from ..robot.spheres import CollisionWorld, SphereCollisionChecker
 from ..tensor import TensorSpec
@@ -360,9 +361,8 @@ class IKAdapter:
         self._pristine = {k: v.detach().clone() for k, v in prior.state_dict().items()}
         self.kin, self.checker, self.config, self.spec = kin, checker, config, spec
         #: the exact checker that accepts and describes answers (None: the spheres do)
-        self.exact: MuJoCoCollisionChecker | None = None
-        if config.collision.backend == "mujoco":
-            self.exact = MuJoCoCollisionChecker()
+        self.exact: SceneCollisionChecker | None = exact_checker(config.collision.backend,
+                                                                 str(spec.device))
         self.refiners: dict[str, Refiner] = {"dls": DLSRefiner(kin, config.refinement)}
         if urdf_text is not None:
             self.refiners["tracik"] = TracIKRefiner(kin, urdf_text, config.refinement)

@@ -36,7 +36,7 @@ from .kinematics import URDFModel
 #: Collision margin (m) PyBullet adds around the convex hull of a URDF mesh.
 PYBULLET_MESH_MARGIN = 0.001
 #: Checkers that can accept and describe a service's answers.
-COLLISION_BACKENDS = ("spheres", "mujoco")
+COLLISION_BACKENDS = ("spheres", "mujoco", "mjwarp")
 #: m, the largest padding accepted (more than the arm's reach is a mistake, not a setting)
 MAX_PADDING_M = 1.0
 
@@ -52,7 +52,8 @@ class CollisionConfig:
     """
 
     #: "mujoco": exact checks on the collision meshes (none of the free answers near obstacles
-    #: is thrown away); "spheres": the conservative sphere model alone (no MuJoCo needed)
+    #: is thrown away); "mjwarp": the same checks batched in MuJoCo Warp, on CUDA
+    #: (``requirements-gpu.txt``); "spheres": the conservative sphere model alone
     backend: str = "mujoco"
     #: m, clearance every returned solution keeps from every obstacle (MoveIt's scene padding);
     #: the sphere model sees every obstacle grown by it
@@ -115,6 +116,13 @@ class ExactCollisionChecker(Protocol):
 
     def close(self) -> None:
         """Release the simulator."""
+
+
+class SceneCollisionChecker(ExactCollisionChecker, Protocol):
+    """An exact checker whose obstacles change per request (the service's: MuJoCo, MJWarp)."""
+
+    def set_obstacles(self, obstacles: Sequence) -> None:
+        """Check against ``obstacles`` (:class:`.scenes.Obstacle`) from now on."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,10 +2,11 @@
 
 For every scene and every configuration set, PyBullet (exact, on the collision meshes) is the
 ground truth; each backend (``--backends``: ``spheres``, the batched conservative sphere model;
-``mujoco``, exact checks in MuJoCo) must call no PyBullet-colliding configuration free (``false
-free`` = 0) and as few PyBullet-free ones colliding as it can (``false colliding``, as a share
-of the PyBullet-free ones). Timings: the median wall time of one ``valid`` call on a batch of
-48, 256 and 4,096 uniform configurations (``--batches``), forward kinematics included.
+``mujoco``, exact checks in MuJoCo; ``mjwarp``, the same batched in MuJoCo Warp) must call no
+PyBullet-colliding configuration free (``false free`` = 0) and as few PyBullet-free ones
+colliding as it can (``false colliding``, as a share of the PyBullet-free ones). Timings: the
+median wall time of one ``valid`` call on a batch of 48, 256 and 4,096 uniform configurations
+(``--batches``), forward kinematics included.
 
 Configuration sets (``--configs`` each):
 - ``uniform``: uniform within the joint limits;
@@ -15,7 +16,7 @@ Configuration sets (``--configs`` each):
   least-squares IK from uniform starts to uniform targets), the distribution the service sees.
 
 ``python -m mace_core.robot.collision_benchmark --backends spheres,mujoco --configs 10000
---json out.json``
+--json out.json`` (``--device cuda --backends spheres,mjwarp --batches 4096,65536`` on a GPU)
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import torch
 from ..paths import SOURCE_ROOT
 from ..tensor import TensorSpec
 from .kinematics import RobotKinematics, damped_least_squares
-from .mujoco_checker import MuJoCoCollisionChecker
+from .backends import exact_checker
+from .collision import COLLISION_BACKENDS as BACKENDS, SceneCollisionChecker
 from .pybullet_checker import PyBulletCollisionChecker
 from .scenes import Scene, load_scene
 from .spheres import CollisionWorld, RobotSpheres, SphereCollisionChecker
@@ -77,34 +79,32 @@ def _median_ms(fn, repeats: int) -> float:
     return float(np.median(times) * 1e3)
 
 
-BACKENDS = ("spheres", "mujoco")
-
-
 class _Backend:
     """One backend's verdicts in a scene: ``collisions(q) -> (B, 2)`` bool numpy (self,
     world) and ``valid(q) -> (B,)``, forward kinematics included."""
 
-    def __init__(self, name: str, kin: RobotKinematics, spheres: SphereCollisionChecker,
-                 mujoco: MuJoCoCollisionChecker | None):
-        self.name, self.kin, self.spheres, self.mujoco = name, kin, spheres, mujoco
+    def __init__(self, name: str, kin: RobotKinematics, spheres: SphereCollisionChecker):
+        self.name, self.kin, self.spheres = name, kin, spheres
+        #: the backend's exact checker (None: the spheres)
+        self.exact: SceneCollisionChecker | None = exact_checker(name, str(kin.spec.device))
         self.world: CollisionWorld | None = None
 
     def set_scene(self, scene: Scene) -> None:
-        if self.name == "spheres":
+        if self.exact is None:
             self.world = CollisionWorld.from_obstacles(scene.obstacles, self.kin.spec)
         else:
-            self.mujoco.set_obstacles(scene.obstacles)
+            self.exact.set_obstacles(scene.obstacles)
 
     def collisions(self, q: torch.Tensor) -> np.ndarray:
-        if self.name == "mujoco":
-            return self.mujoco.collisions(q)
+        if self.exact is not None:
+            return self.exact.collisions(q)
         poses = self.kin.link_poses(q)
         return np.stack([self.spheres.self_collision(q, poses).cpu().numpy(),
                          self.spheres.world_collision(q, self.world, poses).cpu().numpy()], 1)
 
     def valid(self, q: torch.Tensor) -> np.ndarray:
-        if self.name == "mujoco":
-            return self.mujoco.valid(q)
+        if self.exact is not None:
+            return self.exact.valid(q)
         return self.spheres.valid(q, self.world).cpu().numpy()
 
 
@@ -190,8 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     spec = TensorSpec.resolve(args.device)
     kin = RobotKinematics.panda(spec)
     spheres = SphereCollisionChecker(kin, RobotSpheres.load(args.spheres), spec)
-    mujoco = MuJoCoCollisionChecker() if "mujoco" in names else None
-    backends = [_Backend(n, kin, spheres, mujoco) for n in names]
+    backends = [_Backend(n, kin, spheres) for n in names]
     scenes = [load_scene(p) for p in (args.scenes or default_scene_paths())]
     results = {"device": str(spec.device), "threads": args.threads, "backends": names,
                "spheres": spheres.num_spheres, "groups": spheres.num_groups, "scenes": {}}
