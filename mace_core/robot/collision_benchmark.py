@@ -4,7 +4,10 @@ For every scene and every configuration set, PyBullet (exact, on the collision m
 ground truth; each backend (``--backends``: ``spheres``, the batched conservative sphere model;
 ``mujoco``, exact checks in MuJoCo; ``mjwarp``, the same batched in MuJoCo Warp) must call no
 PyBullet-colliding configuration free (``false free`` = 0) and as few PyBullet-free ones
-colliding as it can (``false colliding``, as a share of the PyBullet-free ones). Timings: the
+colliding as it can (``false colliding``, as a share of the PyBullet-free ones). An exact
+backend's world disputes (it calls an obstacle touched, PyBullet does not) are refereed by a
+third measure, :mod:`.hull_distance`: how many are PyBullet's own distance error, how many the
+backend's declared safety margin. Timings: the
 median wall time of one ``valid`` call on a batch of 48, 256 and 4,096 uniform configurations
 (``--batches``), forward kinematics included.
 
@@ -34,7 +37,9 @@ from ..paths import SOURCE_ROOT
 from ..tensor import TensorSpec
 from .kinematics import RobotKinematics, damped_least_squares
 from .backends import exact_checker
-from .collision import COLLISION_BACKENDS as BACKENDS, SceneCollisionChecker
+from .collision import COLLISION_BACKENDS as BACKENDS
+from .collision import PYBULLET_MESH_MARGIN, SceneCollisionChecker
+from .hull_distance import HullDistanceReference
 from .pybullet_checker import PyBulletCollisionChecker
 from .scenes import Scene, load_scene
 from .spheres import CollisionWorld, RobotSpheres, SphereCollisionChecker
@@ -122,8 +127,10 @@ def configuration_sets(kin: RobotKinematics, scene: Scene, pb: PyBulletCollision
 
 
 def evaluate_scene(scene: Scene, kin: RobotKinematics, backends: list[_Backend], configs: int,
-                   sigma: float, seed: int) -> dict:
-    """Count each backend's agreement with PyBullet on every configuration set of one scene."""
+                   sigma: float, seed: int, referee: HullDistanceReference | None = None) -> dict:
+    """Count each backend's agreement with PyBullet on every configuration set of one scene;
+    with a ``referee``, an exact backend's world disputes are refereed
+    (:func:`referee_world_disputes`)."""
     gen = kin.spec.generator(seed)
     for backend in backends:
         backend.set_scene(scene)
@@ -148,8 +155,34 @@ def evaluate_scene(scene: Scene, kin: RobotKinematics, backends: list[_Backend],
                     "false_self": int((pair[:, 0] & ~pb_pair[:, 0]).sum()),
                     "false_world": int((pair[:, 1] & ~pb_pair[:, 1]).sum()),
                 }
+                if backend.exact is not None and referee is not None:
+                    row["backends"][backend.name].update(
+                        referee_world_disputes(referee, scene, q, false_coll & ~pair[:, 0],
+                                               backend.exact.safety_margin_m))
             rows[name] = row
     return rows
+
+
+#: at most this many disputed configurations per set are refereed (tens of ms each)
+MAX_REFEREED = 100
+
+
+def referee_world_disputes(referee: HullDistanceReference, scene: Scene, q: torch.Tensor,
+                           disputed: np.ndarray, safety_margin_m: float) -> dict:
+    """Referee configurations an exact backend calls colliding with an obstacle and PyBullet
+    free (``disputed (B,)``) with the convex-optimization distance
+    (:mod:`.hull_distance`): ``pybullet_error`` where the hulls are within PyBullet's own 1 mm
+    margin (PyBullet's GJK is wrong), ``safety_margin`` where they are within the backend's
+    extra safety margin beyond it (the backend's declared caution), ``unexplained`` the rest."""
+    rows = np.flatnonzero(disputed)[:MAX_REFEREED]
+    out = {"refereed": int(rows.size), "pybullet_error": 0, "safety_margin": 0,
+           "unexplained": 0}
+    for k in rows:
+        gap = referee.world_distance(q[k], scene.obstacles, reach_m=0.01)
+        key = ("pybullet_error" if gap <= PYBULLET_MESH_MARGIN else "safety_margin"
+               if gap <= PYBULLET_MESH_MARGIN + safety_margin_m + 1e-6 else "unexplained")
+        out[key] += 1
+    return out
 
 
 def time_backends(kin: RobotKinematics, backends: list[_Backend], scene: Scene,
@@ -191,14 +224,16 @@ def main(argv: list[str] | None = None) -> dict:
     kin = RobotKinematics.panda(spec)
     spheres = SphereCollisionChecker(kin, RobotSpheres.load(args.spheres), spec)
     backends = [_Backend(n, kin, spheres) for n in names]
+    referee = HullDistanceReference(kin) if any(b.exact is not None for b in backends) else None
     scenes = [load_scene(p) for p in (args.scenes or default_scene_paths())]
     results = {"device": str(spec.device), "threads": args.threads, "backends": names,
                "spheres": spheres.num_spheres, "groups": spheres.num_groups, "scenes": {}}
     print(f"{'scene':8s} {'set':8s} {'backend':8s} {'configs':>7s} {'pb free':>7s} "
           f"{'pb coll':>7s} {'false free':>10s} {'false coll':>10s} {'rate':>7s} "
-          f"{'(self':>6s} {'world)':>6s} {'pb ms/cfg':>9s}")
+          f"{'(self':>6s} {'world)':>6s} {'pb ms/cfg':>9s}  refereed: pb error / safety / other")
     for k, scene in enumerate(scenes):
-        rows = evaluate_scene(scene, kin, backends, args.configs, args.sigma, args.seed + k)
+        rows = evaluate_scene(scene, kin, backends, args.configs, args.sigma, args.seed + k,
+                              referee)
         timing = time_backends(kin, backends, scene, batches, args.repeats, args.seed)
         results["scenes"][scene.name] = {"sets": rows, "timing_ms": timing}
         for name, r in rows.items():
@@ -207,7 +242,9 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{r['pybullet_free']:7d} {r['pybullet_colliding']:7d} "
                       f"{b['false_free']:10d} {b['false_colliding']:10d} "
                       f"{b['false_colliding_rate']:7.4f} {b['false_self']:6d} "
-                      f"{b['false_world']:6d} {r['pybullet_ms_per_config']:9.3f}", flush=True)
+                      f"{b['false_world']:6d} {r['pybullet_ms_per_config']:9.3f}"
+                      + (f"  {b['refereed']}: {b['pybullet_error']} / {b['safety_margin']} / "
+                         f"{b['unexplained']}" if "refereed" in b else ""), flush=True)
         for backend, times in timing.items():
             shown = ", ".join(f"B={b}: {ms:.2f} ms" for b, ms in times.items())
             print(f"{scene.name:8s} timing {backend:8s} valid() {shown}", flush=True)
