@@ -49,7 +49,8 @@ def _add_ik_parser(sub) -> None:
     p.add_argument("--models-dir", default="",
                    help="folder of registry.yaml, the weights and panda_spheres.yaml "
                         "(default: the source tree's models/, else the installed package's)")
-    p.add_argument("--model", default="panda_ik", help="registry name of the IK prior")
+    p.add_argument("--ik-prior", "--model", dest="model", default="panda_ik",
+                   help="registry name of the IK prior (models/registry.yaml)")
     p.add_argument("--config", default=None,
                    help="service parameters YAML (config/panda.yaml) for the IK defaults")
     p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
@@ -125,6 +126,7 @@ def _run_ik(args: argparse.Namespace) -> int:
     report = run_benchmark(adapter, scene, cfg, models_dir=models_dir,
                            log=lambda s: print(s, file=sys.stderr, flush=True), others=others)
     report["scene_file"] = os.path.abspath(args.scene)
+    report["ik_prior"] = args.model
     return _report(format_table(report), report, args.json)
 
 

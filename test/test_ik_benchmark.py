@@ -39,6 +39,7 @@ TOL = 1e-4
 SUMMARY_KEYS = {
     "success_rate", "k_success_rate", "median_time_s", "p90_time_s", "time_basis",
     "median_time_first_s", "p90_time_first_s", "mean_position_error_m",
+    "mean_orientation_error_rad", "mean_checks_per_target",
     "mean_pairwise_joint_distance_rad", "mean_pairwise_joint_distance_valid_rad",
     "mean_valid_per_target", "collision_free_fraction", "valid_fraction_prior",
     "valid_fraction_adapted", "mean_iterations", "mean_attempts", "per_target", "solutions"}
@@ -85,10 +86,12 @@ def test_requests_report_schema_and_consistency(models_dir, tmp_path, capsys):
                       "  mace: {num_samples: 64, iterations: 3, pool_size: 64}\n")
     rc = main(["ik", "--scene", SCENE, "--targets", "2", "--seed", "3", "--json", str(out),
                "--models-dir", models_dir, "--config", str(config), "--num-solutions", "2",
-               "--budget", "0.3", "--tracik-timeout", "1.0", "--no-warmup"])
+               "--budget", "0.3", "--tracik-timeout", "1.0", "--no-warmup",
+               "--ik-prior", "panda_ik"])
     assert rc == 0
     assert "tracik_restarts" in capsys.readouterr().out
     report = json.loads(out.read_text())
+    assert report["ik_prior"] == "panda_ik"
     scene = load_scene(SCENE)
     targets = np.asarray(report["targets"])
     assert targets.shape == (2, 3)
@@ -192,7 +195,8 @@ def test_pose_targets_report_exact_answers_from_every_method(models_dir):
     adapter = IKAdapter.from_models(models_dir, "panda_ik", IKAdaptConfig(), TensorSpec())
     scene = load_scene(os.path.join(ROOT, "config", "scenes", "box.yaml"))
     cfg = IKBenchmarkConfig(num_targets=3, target_kind="pose", warmup=False,
-                            methods=("mace_refine", "tracik_restarts", "analytic_restarts"))
+                            methods=("mace_refine", "tracik_restarts", "batched_restarts",
+                                     "analytic_restarts"))
     report = run_benchmark(adapter, scene, cfg)
     targets = np.asarray(report["targets"])
     assert targets.shape == (3, 7)
@@ -201,6 +205,11 @@ def test_pose_targets_report_exact_answers_from_every_method(models_dir):
         m = report["methods"][name]
         assert m["success_rate"] == 1.0, name
         assert m["mean_valid_per_target"] >= 1.0, name
+        assert 0.0 <= m["mean_orientation_error_rad"] < 1e-3, name  # judged, not claimed
+        assert all(row["checks"] is not None for row in m["per_target"]), name
+        if name.endswith("_restarts"):  # every answer kept was checked (MACE: only those the
+            # spheres refuse go to the exact check)
+            assert m["mean_checks_per_target"] >= m["mean_valid_per_target"], name
     assert "comparison_analytic" in report and "comparison" in report
     with PyBulletCollisionChecker(scene.obstacles) as pb:  # the targets: free solutions exist
         again = sample_pose_targets(scene, 3, 0, pb)

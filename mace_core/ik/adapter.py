@@ -326,7 +326,7 @@ class _RequestPipeline:
                              valid_fraction_prior=self.valid_prior,
                              valid_fraction_adapted=self.valid_adapted,
                              iterations_run=self.iterations, timings=self.timings,
-                             message=message)
+                             message=message, exact_checks=self.adapter.exact_checks)
 
 
 def farthest_point_order(q: torch.Tensor, k: int) -> torch.Tensor:
@@ -374,6 +374,7 @@ class IKAdapter:
         self._adapted = False  # whether the prior's weights differ from the pretrained ones
         self._moves = kin.ancestor_mask(list(kin.link_names))  # (J, L): joint j moves link l
         self._world: tuple[tuple[Obstacle, ...], CollisionWorld] | None = None  # the last scene
+        self.exact_checks = 0  #: configurations put to the exact checker by the current request
 
     @classmethod
     def from_models(cls, models_dir: str, model_name: str, config: IKAdaptConfig,
@@ -492,6 +493,7 @@ class IKAdapter:
         if self.exact is None:
             return self.checker.valid(q, world, poses=poses)
         self.exact.set_obstacles(world.obstacles)  # nothing to do when they are the last ones
+        self.exact_checks += q.shape[0]
         return torch.from_numpy(self.exact.valid(q)).to(q.device)
 
     def solve(self, request: IKRequest, start: float | None = None,
@@ -507,6 +509,7 @@ class IKAdapter:
             cancel: an event that, once set, ends the request within one step of its current
                 loop (the answer is then whatever was found).
         """
+        self.exact_checks = 0
         run = _RequestPipeline(self, request, start, cancel)
         run.draw_first_batch()
         run.refine_while_adding()

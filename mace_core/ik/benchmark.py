@@ -39,15 +39,16 @@ from ..robot.rotations import matrix_to_quaternion_xyzw
 from ..robot.scenes import Scene, quaternion_xyzw_to_matrix
 from ..tensor import TensorSpec
 from .adapter import IKAdapter
-from .baselines import (TRACIK_ORIENTATIONS, AnalyticRestarts, TargetOutcome, TracIKRestarts,
-                        TracIKRestartsConfig)
+from .baselines import (TRACIK_ORIENTATIONS, AnalyticRestarts, BatchedRestarts, TargetOutcome,
+                        TracIKRestarts, TracIKRestartsConfig)
 from .refinement import IKTarget, pose_errors
 from .request import IKAdaptConfig, IKRequest
 
 #: Methods of the ``requests`` protocol, in table order.
 METHODS = ("prior", "mace", "mace_refine", "is", "tracik_restarts")
 #: Methods of the ``requests`` protocol for full-pose targets (``target_kind`` "pose").
-POSE_METHODS = ("prior", "mace", "mace_refine", "tracik_restarts", "analytic_restarts")
+POSE_METHODS = ("prior", "mace", "mace_refine", "tracik_restarts", "batched_restarts",
+                "analytic_restarts")
 #: Methods served by :class:`IKAdapter`, as per-request overrides (``mace_refine``: the
 #: service's own refinement, DLS for positions, the closed form for poses on a Panda).
 MACE_METHODS = {
@@ -141,6 +142,8 @@ class MethodSummary:
     median_time_first_s: float  #: s, median time to the first valid solution (censored)
     p90_time_first_s: float  #: s
     mean_position_error_m: float  #: m, over every returned solution
+    mean_orientation_error_rad: float  #: rad, over every returned solution (0: position targets)
+    mean_checks_per_target: float  #: exact collision checks spent per target (see TargetOutcome)
     mean_pairwise_joint_distance_rad: float  #: rad, L2 between returned solutions, per target
     mean_pairwise_joint_distance_valid_rad: float  #: rad, same over valid solutions only
     mean_valid_per_target: float  #: valid solutions per target (at most K)
@@ -186,18 +189,19 @@ class SolutionJudge:
         return pose_errors(self.kin, q, target)[1].numpy()
 
     def judge(self, q: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, ...]:
-        """``(valid, collision_free, position_error)`` of ``q (S, 7)``, each ``(S,)``; a target
-        of 7 numbers (x, y, z, qx, qy, qz, qw) also asks the orientation within
-        ``orientation_tolerance``."""
+        """``(valid, collision_free, position_error, orientation_error)`` of ``q (S, 7)``, each
+        ``(S,)``; a target of 7 numbers (x, y, z, qx, qy, qz, qw) also asks the orientation
+        within ``orientation_tolerance`` (else the orientation error is 0)."""
         q = np.asarray(q, dtype=float).reshape(-1, 7)
         free = self.checker.valid(q) if len(q) else np.zeros(0, dtype=bool)
         target = np.asarray(target, dtype=float)
         err = self.position_error(q, target[:3])
         valid = free & (err <= self.position_tolerance)
+        turn = np.zeros(len(q))
         if target.shape[0] == 7:
-            rotation = np.asarray(quaternion_xyzw_to_matrix(target[3:]))
-            valid &= self.orientation_error(q, rotation) <= self.orientation_tolerance
-        return valid, free, err
+            turn = self.orientation_error(q, np.asarray(quaternion_xyzw_to_matrix(target[3:])))
+            valid &= turn <= self.orientation_tolerance
+        return valid, free, err, turn
 
     def close(self) -> None:
         self.checker.close()
@@ -291,7 +295,7 @@ def _mace_outcome(adapter: IKAdapter, scene: Scene, target: np.ndarray, cfg: IKB
                          valid_fraction_prior=result.valid_fraction_prior,
                          valid_fraction_adapted=result.valid_fraction_adapted,
                          iterations_run=result.iterations_run,
-                         stage_times=asdict(result.timings))
+                         stage_times=asdict(result.timings), checks=result.exact_checks)
 
 
 def _pairwise_mean(q: np.ndarray) -> float | None:
@@ -317,6 +321,8 @@ def summarize(outcomes: list[TargetOutcome], k: int, time_basis: str,
     times = np.array([o.time_s for o in outcomes])
     firsts = np.array([o.time_first_s if o.valid.any() else o.time_s for o in outcomes])
     all_err = np.concatenate([o.position_error for o in outcomes]) if outcomes else np.zeros(0)
+    all_turn = (np.concatenate([o.orientation_error for o in outcomes]) if outcomes
+                else np.zeros(0))
     all_free = np.concatenate([o.collision_free for o in outcomes]) if outcomes else np.zeros(0)
     mace = outcomes[0].iterations_run is not None
     per_target = []
@@ -324,7 +330,7 @@ def summarize(outcomes: list[TargetOutcome], k: int, time_basis: str,
         row = dict(time_s=o.time_s, time_first_s=o.time_first_s, returned=int(len(o.solutions)),
                    valid=int(o.valid.sum()), collision_free=int(o.collision_free.sum()),
                    mean_position_error_m=float(o.position_error.mean())
-                   if len(o.position_error) else None)
+                   if len(o.position_error) else None, checks=o.checks)
         if mace:
             row.update(valid_fraction_prior=o.valid_fraction_prior,
                        valid_fraction_adapted=o.valid_fraction_adapted,
@@ -340,6 +346,8 @@ def summarize(outcomes: list[TargetOutcome], k: int, time_basis: str,
         median_time_first_s=float(np.median(firsts)),
         p90_time_first_s=float(np.percentile(firsts, 90)),
         mean_position_error_m=float(all_err.mean()) if len(all_err) else float("nan"),
+        mean_orientation_error_rad=float(all_turn.mean()) if len(all_turn) else float("nan"),
+        mean_checks_per_target=_mean([o.checks for o in outcomes]),
         mean_pairwise_joint_distance_rad=_mean([_pairwise_mean(o.solutions) for o in outcomes]),
         mean_pairwise_joint_distance_valid_rad=_mean(
             [_pairwise_mean(o.solutions[o.valid]) for o in outcomes]),
@@ -358,6 +366,10 @@ def _time_basis(method: str, cfg: IKBenchmarkConfig) -> str:
     if method == "tracik_restarts":
         return (f"until K={cfg.num_solutions} distinct valid solutions (PyBullet checks inside "
                 f"the loop) or the {cfg.tracik_timeout_s:g} s timeout")
+    if method == "batched_restarts":
+        return (f"until K={cfg.num_solutions} distinct valid solutions (batched DLS, 15 "
+                f"steps from uniform seeds in batches of 128, PyBullet checks inside the loop) "
+                f"or the {cfg.tracik_timeout_s:g} s timeout")
     if method == "analytic_restarts":
         return (f"until K={cfg.num_solutions} distinct valid solutions (closed form from "
                 f"uniform q7 in batches of 64, PyBullet checks inside the loop) or the "
@@ -416,6 +428,14 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
                                          min_joint_distance=cfg.min_joint_distance)
                 runners[method] = lambda i, target, floor=floor: floor.solve(
                     _pose_matrix(target), np.random.default_rng([cfg.seed, i]))
+            elif method == "batched_restarts":
+                batched = BatchedRestarts(adapter.kin, judge.checker, cfg.num_solutions,
+                                          cfg.tracik_timeout_s,
+                                          min_joint_distance=cfg.min_joint_distance,
+                                          position_tolerance=cfg.position_tolerance,
+                                          orientation_tolerance=cfg.orientation_tolerance)
+                runners[method] = lambda i, target, batched=batched: batched.solve(
+                    _pose_matrix(target), adapter.spec.generator(cfg.seed * 100003 + i))
             else:
                 for label, served_by in [("", adapter)] + sorted((others or {}).items()):
                     name = f"{method}@{label}" if label else method
@@ -438,7 +458,8 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
             shift = i % len(order)
             for method, run_one in order[shift:] + order[:shift]:
                 o = run_one(i, target)
-                o.valid, o.collision_free, o.position_error = judge.judge(o.solutions, target)
+                (o.valid, o.collision_free, o.position_error,
+                 o.orientation_error) = judge.judge(o.solutions, target)
                 outcomes[method].append(o)
         log(f"[{scene.name}] {', '.join(runners)}: done")
     finally:
@@ -511,7 +532,7 @@ def run_table1(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
             objective="is" if method == "is" else "cem")
         result = adapter.solve(request)
         q = adapter.sample_adapted(cfg.table1_samples, seed=seed + 1)
-        _, free, err = judge.judge(q.detach().double().cpu().numpy(), target)
+        _, free, err, _ = judge.judge(q.detach().double().cpu().numpy(), target)
         first_batch_s = result.timings.total - result.timings.adaptation \
             - result.timings.refinement
         return dict(valid_fraction=float(free.mean()),
@@ -642,8 +663,9 @@ def format_table(report: dict) -> str:
                          f"{m['max_adaptation_time_s']:>11.3f} {m['mean_iterations']:>6.1f}")
         return "\n".join(lines)
     lines = [head, f"{'method':<20} {'succ':>5} {'succK':>5} {'med s':>7} {'p90 s':>7} "
-                   f"{'1st med':>7} {'1st p90':>7} {'valid/t':>7} {'err mm':>8} {'div rad':>7} "
-                   f"{'free':>5} {'vf pri':>6} {'vf ada':>6} {'iters':>5}"]
+                   f"{'1st med':>7} {'1st p90':>7} {'valid/t':>7} {'err mm':>8} {'rot mrad':>8} "
+                   f"{'div rad':>7} {'free':>5} {'checks':>6} {'vf pri':>6} {'vf ada':>6} "
+                   f"{'iters':>5}"]
     for name, m in methods.items():
         lines.append(
             f"{name:<20} {_fmt(m['success_rate'], digits=2):>5} "
@@ -651,8 +673,10 @@ def format_table(report: dict) -> str:
             f"{_fmt(m['p90_time_s']):>7} {_fmt(m['median_time_first_s']):>7} "
             f"{_fmt(m['p90_time_first_s']):>7} {_fmt(m['mean_valid_per_target'], digits=1):>7} "
             f"{_fmt(m['mean_position_error_m'], 1e3, 3):>8} "
+            f"{_fmt(m['mean_orientation_error_rad'], 1e3, 3):>8} "
             f"{_fmt(m['mean_pairwise_joint_distance_rad'], digits=2):>7} "
             f"{_fmt(m['collision_free_fraction'], digits=2):>5} "
+            f"{_fmt(m['mean_checks_per_target'], digits=0):>6} "
             f"{_fmt(m['valid_fraction_prior'], digits=2):>6} "
             f"{_fmt(m['valid_fraction_adapted'], digits=2):>6} "
             f"{_fmt(m['mean_iterations'], digits=1):>5}")
@@ -669,5 +693,7 @@ def format_table(report: dict) -> str:
     lines.append(f"succ: share of targets with >= 1 valid solution (PyBullet exact, within "
                  f"{report['config']['position_tolerance'] * 1e3:g} mm); succK: with K={k}; "
                  f"med/p90 s: time until K valid or give-up; 1st: time to the first valid one "
-                 f"(MACE answers all at once)")
+                 f"(MACE answers all at once); rot: mean orientation error; checks: exact "
+                 f"collision checks per target (PyBullet's for the restarts, the service's "
+                 f"backend for MACE)")
     return "\n".join(lines)

@@ -198,6 +198,8 @@ class IKAdaptResult:
     iterations_run: int  #: MACE iterations actually run
     timings: IKTimings  #: stage times
     message: str = ""  #: what happened, for humans
+    #: configurations put to the exact checker (``ik.collision.backend``) for this request
+    exact_checks: int = 0
 
     @property
     def success(self) -> bool:
