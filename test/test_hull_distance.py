@@ -8,9 +8,11 @@ import math
 import numpy as np
 import pytest
 
-from mace_core.robot.hull_distance import HullDistanceReference, hull_obstacle_distance
+from mace_core.robot.hull_distance import (HullDistanceReference, hull_hull_distance,
+                                           hull_obstacle_distance)
 from mace_core.robot.kinematics import RobotKinematics
 from mace_core.robot.mujoco_checker import MuJoCoCollisionChecker
+from mace_core.robot.pybullet_checker import PyBulletCollisionChecker
 from mace_core.robot.scenes import Obstacle, load_scene
 from mace_core.tensor import TensorSpec
 
@@ -57,3 +59,29 @@ def test_agrees_with_mujoco_near_the_obstacles():
     for k in far:
         assert referee.world_distance(q[k], scene.obstacles, reach_m=0.1) == pytest.approx(
             0.1, abs=1e-3)
+
+
+def test_hull_to_hull_by_hand():
+    # the turned cube's leading edge (x = sqrt(0.5)) against an upright cube's face at x = 1.5
+    upright = np.array([[x, y, z] for x in (1.5, 2.5) for y in (-0.5, 0.5) for z in (-0.5, 0.5)])
+    assert hull_hull_distance(CUBE, upright) == pytest.approx(1.5 - _C, abs=1e-7)
+    # edge to edge: the upright cube turned the same way and lifted clear of the first one
+    lifted = CUBE + np.array([0.0, 0.0, 1.25])
+    assert hull_hull_distance(CUBE, lifted) == pytest.approx(0.25, abs=1e-7)
+    assert hull_hull_distance(CUBE, CUBE + 0.3) == pytest.approx(0.0, abs=1e-7)  # overlap
+
+
+def test_self_distance_follows_pybullets_verdicts():
+    """Deep self-collisions PyBullet finds give 0; configurations it calls far from any
+    self-contact (its distance above 5 mm) give more than its 2 mm margins."""
+    kin = RobotKinematics.panda(SPEC)
+    referee = HullDistanceReference(kin)
+    q = kin.sample_uniform(200, SPEC.generator(6))
+    with PyBulletCollisionChecker([]) as pb:
+        touching = pb.self_collision(q)
+    hit, clear = np.flatnonzero(touching)[:3], np.flatnonzero(~touching)[:3]
+    assert hit.size == 3 and clear.size == 3
+    for k in hit:
+        assert referee.self_distance(q[k]) <= 2e-3
+    for k in clear:
+        assert referee.self_distance(q[k]) > 2e-3

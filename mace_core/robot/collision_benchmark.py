@@ -5,8 +5,8 @@ ground truth; each backend (``--backends``: ``spheres``, the batched conservativ
 ``mujoco``, exact checks in MuJoCo; ``mjwarp``, the same batched in MuJoCo Warp) must call no
 PyBullet-colliding configuration free (``false free`` = 0) and as few PyBullet-free ones
 colliding as it can (``false colliding``, as a share of the PyBullet-free ones). An exact
-backend's world disputes (it calls an obstacle touched, PyBullet does not) are refereed by a
-third measure, :mod:`.hull_distance`: how many are PyBullet's own distance error, how many the
+backend's disputes (it calls a configuration colliding, PyBullet free) are refereed by a third
+measure, :mod:`.hull_distance`: how many are PyBullet's own distance error, how many the
 backend's declared safety margin. Timings: the
 median wall time of one ``valid`` call on a batch of 48, 256 and 4,096 uniform configurations
 (``--batches``), forward kinematics included.
@@ -129,8 +129,8 @@ def configuration_sets(kin: RobotKinematics, scene: Scene, pb: PyBulletCollision
 def evaluate_scene(scene: Scene, kin: RobotKinematics, backends: list[_Backend], configs: int,
                    sigma: float, seed: int, referee: HullDistanceReference | None = None) -> dict:
     """Count each backend's agreement with PyBullet on every configuration set of one scene;
-    with a ``referee``, an exact backend's world disputes are refereed
-    (:func:`referee_world_disputes`)."""
+    with a ``referee``, an exact backend's disputes are refereed
+    (:func:`referee_disputes`)."""
     gen = kin.spec.generator(seed)
     for backend in backends:
         backend.set_scene(scene)
@@ -156,9 +156,8 @@ def evaluate_scene(scene: Scene, kin: RobotKinematics, backends: list[_Backend],
                     "false_world": int((pair[:, 1] & ~pb_pair[:, 1]).sum()),
                 }
                 if backend.exact is not None and referee is not None:
-                    row["backends"][backend.name].update(
-                        referee_world_disputes(referee, scene, q, false_coll & ~pair[:, 0],
-                                               backend.exact.safety_margin_m))
+                    row["backends"][backend.name].update(referee_disputes(
+                        referee, scene, q, pair, pb_pair, backend.exact.safety_margin_m))
             rows[name] = row
     return rows
 
@@ -167,21 +166,31 @@ def evaluate_scene(scene: Scene, kin: RobotKinematics, backends: list[_Backend],
 MAX_REFEREED = 100
 
 
-def referee_world_disputes(referee: HullDistanceReference, scene: Scene, q: torch.Tensor,
-                           disputed: np.ndarray, safety_margin_m: float) -> dict:
-    """Referee configurations an exact backend calls colliding with an obstacle and PyBullet
-    free (``disputed (B,)``) with the convex-optimization distance
-    (:mod:`.hull_distance`): ``pybullet_error`` where the hulls are within PyBullet's own 1 mm
-    margin (PyBullet's GJK is wrong), ``safety_margin`` where they are within the backend's
-    extra safety margin beyond it (the backend's declared caution), ``unexplained`` the rest."""
+def referee_disputes(referee: HullDistanceReference, scene: Scene, q: torch.Tensor,
+                     ours: np.ndarray, theirs: np.ndarray, safety_margin_m: float) -> dict:
+    """Referee the configurations an exact backend calls colliding and PyBullet free with the
+    convex-optimization distances (:mod:`.hull_distance`); ``ours``/``theirs`` ``(B, 2)``:
+    (self, world) verdicts of the backend and of PyBullet. A configuration counts as
+    ``pybullet_error`` where every part in dispute (self, world) is within PyBullet's own
+    margins (2 mm between links, 1 mm to obstacles: PyBullet's GJK is wrong), as
+    ``safety_margin`` where it is within the backend's extra safety margin beyond them (its
+    declared caution), else ``unexplained``."""
+    disputed = (ours & ~theirs).any(1) & ~theirs.any(1)
     rows = np.flatnonzero(disputed)[:MAX_REFEREED]
     out = {"refereed": int(rows.size), "pybullet_error": 0, "safety_margin": 0,
            "unexplained": 0}
     for k in rows:
-        gap = referee.world_distance(q[k], scene.obstacles, reach_m=0.01)
-        key = ("pybullet_error" if gap <= PYBULLET_MESH_MARGIN else "safety_margin"
-               if gap <= PYBULLET_MESH_MARGIN + safety_margin_m + 1e-6 else "unexplained")
-        out[key] += 1
+        verdict = "pybullet_error"
+        for part, margin in ((0, 2 * PYBULLET_MESH_MARGIN), (1, PYBULLET_MESH_MARGIN)):
+            if not ours[k, part]:
+                continue
+            gap = (referee.self_distance(q[k], reach_m=0.01) if part == 0
+                   else referee.world_distance(q[k], scene.obstacles, reach_m=0.01))
+            if gap > margin + safety_margin_m + 1e-6:
+                verdict = "unexplained"
+            elif gap > margin and verdict == "pybullet_error":
+                verdict = "safety_margin"
+        out[verdict] += 1
     return out
 
 
