@@ -59,6 +59,22 @@ def test_every_solution_reproduces_the_pose(kin, ik):
     assert (sols[ok][:, 6] == q[:, None, 6].expand(-1, 8)[ok]).all()  # q7 as asked
 
 
+def test_projection_takes_the_nearest_branch_at_the_samples_q7(kin, ik):
+    """``project``: each configuration onto one pose, the branch nearest it at its own q7;
+    rows with no branch come back unchanged."""
+    pose = kin.ee_pose(_uniform(kin, 1, 3))[0].to(torch.float64)
+    q = _uniform(kin, 500, 4).to(torch.float64)
+    projected, found = ik.project(pose, q)
+    assert found.float().mean() > 0.5
+    reached = ik.kin64.ee_pose(projected[found])
+    assert (reached[:, :3, 3] - pose[:3, 3]).norm(dim=-1).max() < 1e-9
+    assert (projected[:, 6] == q[:, 6]).all()
+    assert torch.equal(projected[~found], q[~found])
+    sols, ok = ik.solve(pose.expand(q.shape[0], 4, 4), q[:, 6])
+    nearest = _recovery_error(sols, ok, q)
+    assert torch.allclose((projected - q).abs().amax(-1)[found], nearest[found])
+
+
 def test_both_elbows_and_both_shoulders_come_out(kin, ik):
     """One reachable pose has solutions on both sides of the published elbow limit and with
     both signs of q2."""

@@ -404,3 +404,25 @@ def test_pose_requests_are_answered_exactly_by_the_closed_form(adapter):
                 for s in result.solutions}) >= 2  # more than one branch
     dls = adapter.solve(replace(req, refinement="dls"))
     assert dls.success  # the general path stays available
+
+
+def test_mace_adapts_on_projected_elites_for_pose_requests(adapter):
+    """With the closed form, what MACE adapts samples exact solutions of the pose (the
+    branch nearest each prior sample at its q7); position requests adapt the prior itself."""
+    from mace_core.ik.adapter import _ProjectedPrior, _RequestPipeline
+
+    kin64 = RobotKinematics.panda(TensorSpec(torch.device("cpu"), torch.float64))
+    q = torch.tensor([[0.1, 0.5, -0.1, -1.9, 0.1, 2.4, 0.6]], dtype=torch.float64)
+    pose = kin64.ee_pose(q)[0]
+    req = IKRequest(position=pose[:3, 3].numpy(), rotation=pose[:3, :3].numpy(),
+                    orientation_tolerance=1e-3, num_solutions=8, seed=0)
+    model = _RequestPipeline(adapter, req, None, None).adapted_model()
+    assert isinstance(model, _ProjectedPrior)
+    samples = model.sample(256, adapter.spec.generator(1)).to("cpu", torch.float64)
+    err = (kin64.ee_pose(samples)[:, :3, 3] - pose[:3, 3]).norm(dim=-1)
+    _, found = adapter.closed_form.project(pose, samples)
+    on_pose = err < 1e-5
+    assert on_pose.float().mean() > 0.2  # 29 % of this prior's q7 draws have a branch here
+    assert torch.equal(on_pose, found)  # exactly the rows with a branch at their q7
+    position_only = _RequestPipeline(adapter, replace(req, rotation=None), None, None)
+    assert not isinstance(position_only.adapted_model(), _ProjectedPrior)

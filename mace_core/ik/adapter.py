@@ -78,6 +78,26 @@ class _ConditionedPrior:
         return self.initial.log_prob(q, self.position.expand(q.shape[0], 3))
 
 
+class _ProjectedPrior(_ConditionedPrior):
+    """The prior whose samples are moved onto a full-pose target by the closed form (the
+    branch nearest each sample at its q7; samples with none stay as drawn): Algorithm 1
+    unchanged, its elites the projected configurations. The score then separates exact
+    collision-free solutions (S = 1) from the rest, and adaptation moves the prior to the
+    q7 values and branches whose solutions are free (issue: the cabinet's shelves)."""
+
+    def __init__(self, prior: ARGMMPrior, initial: ARGMMPrior, position: torch.Tensor,
+                 lower: torch.Tensor, upper: torch.Tensor, closed_form: PandaClosedFormIK,
+                 pose: torch.Tensor):
+        super().__init__(prior, initial, position, lower, upper)
+        self.closed_form, self.pose = closed_form, pose  # (4, 4) float64 target pose
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``(n, 7)`` samples, each on the target pose where a branch exists at its q7."""
+        q = super().sample(n, generator)
+        projected, _ = self.closed_form.project(self.pose, q)
+        return projected.to(q.dtype)
+
+
 class _RefinementRounds:
     """Refinement rounds of one request: seeds -> exact solver -> re-check -> accepted set."""
 
@@ -188,6 +208,22 @@ class _RequestPipeline:
 
     # -- helpers of the stages ------------------------------------------------------------------
 
+    def adapted_model(self) -> _ConditionedPrior:
+        """What MACE adapts: the prior, or, when the closed form answers this request (a full
+        pose, refinement ``analytic``), the prior with its samples projected onto the pose, so
+        that the elites are exact solutions (the refinement rounds project their seeds
+        themselves, every branch: they sample the prior as it is)."""
+        target, closed_form = self.target, self.adapter.closed_form
+        if (target.rotation is None or self.cfg.refinement_mode != "analytic"
+                or closed_form is None):
+            return self.model
+        pose = torch.eye(4, dtype=torch.float64, device=target.position.device)
+        pose[:3, :3] = target.rotation.to(torch.float64)
+        pose[:3, 3] = target.position.to(torch.float64)
+        m = self.model
+        return _ProjectedPrior(m.prior, m.initial, m.position, m.lower, m.upper, closed_form,
+                               pose)
+
     def score(self, q: torch.Tensor) -> torch.Tensor:
         """S of paper Sec. 4.2 for ``q (N, 7)``: ``(N,)``, 0 on collision or outside the joint
         limits, else exp(−(position error + w_rot · orientation error))."""
@@ -270,7 +306,7 @@ class _RequestPipeline:
             # its draw short): it is the first iteration's batch
             first = (q, s) if not self.refining or q.shape[0] == cfg.mace.num_samples else None
             self.adapter._adapted = True
-            trace = adapt(self.model, self.score, cfg.mace, self.generator,
+            trace = adapt(self.adapted_model(), self.score, cfg.mace, self.generator,
                           deadline=adapt_deadline, first_batch=first,
                           stop_when=self._stop_adapting)
             self.cand_q, self.cand_s = trace.pool_x, trace.pool_scores
@@ -366,9 +402,12 @@ class IKAdapter:
         self.refiners: dict[str, Refiner] = {"dls": DLSRefiner(kin, config.refinement)}
         if urdf_text is not None:
             self.refiners["tracik"] = TracIKRefiner(kin, urdf_text, config.refinement)
-        closed_form = PandaClosedFormIK(kin)
-        if closed_form.matches():  # the chain is the Panda's: pose requests solved exactly
-            self.refiners["analytic"] = AnalyticRefiner(kin, closed_form)
+        #: the Panda's closed form when the chain is the Panda's (pose requests solved exactly)
+        self.closed_form: PandaClosedFormIK | None = PandaClosedFormIK(kin)
+        if self.closed_form.matches():
+            self.refiners["analytic"] = AnalyticRefiner(kin, self.closed_form)
+        else:
+            self.closed_form = None
         self.refiners.update(refiners or {})
         self._last_position: torch.Tensor | None = None  # (3,) target of the last solve()
         self._adapted = False  # whether the prior's weights differ from the pretrained ones

@@ -129,6 +129,19 @@ class PandaClosedFormIK:
         ok[rows] = (pos_err < self.pose_tolerance) & (rot_err < self.pose_tolerance)
         return torch.where(ok[..., None], cand, torch.zeros_like(cand)), ok
 
+    def project(self, pose: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each configuration of ``q (N, 7)`` moved onto ``pose`` (``(4, 4)`` or ``(N, 4, 4)``):
+        the branch nearest it (max-norm) at its own q7. Returns ``(N, 7)`` float64 and ``(N,)``
+        True where a branch exists (elsewhere the row is ``q`` unchanged)."""
+        q = q.to(torch.float64)
+        pose = pose.to(torch.float64).expand(q.shape[0], 4, 4)
+        sols, ok = self.solve(pose, q[:, 6])  # (N, 8, 7), (N, 8)
+        dist = (sols - q[:, None]).abs().amax(-1).masked_fill(~ok, math.inf)
+        nearest = dist.argmin(-1)  # (N,)
+        found = ok.any(-1)
+        picked = sols[torch.arange(q.shape[0], device=q.device), nearest]
+        return torch.where(found[:, None], picked, q), found
+
     def _candidates(self, pose: torch.Tensor, q7: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The 8 branches of the construction (module docstring), before the limit and pose
