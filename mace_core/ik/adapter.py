@@ -198,6 +198,10 @@ class _RequestPipeline:
         self.model = adapter._pretrained_model(self.target.position)
         self.timings = IKTimings()
         self.refining = self.cfg.refinement_mode != "none"
+        #: a full pose answered in closed form (the Panda's)
+        self.analytic_pose = (self.target.rotation is not None
+                              and self.cfg.refinement_mode == "analytic"
+                              and adapter.closed_form is not None)
         self.rounds: _RefinementRounds | None = None  #: built once the clutter stage decided
         self.done = False  #: K solutions accepted
         # candidates to answer with when no refinement round accepted anything: ``(B, 7)`` and
@@ -214,8 +218,7 @@ class _RequestPipeline:
         that the elites are exact solutions (the refinement rounds project their seeds
         themselves, every branch: they sample the prior as it is)."""
         target, closed_form = self.target, self.adapter.closed_form
-        if (target.rotation is None or self.cfg.refinement_mode != "analytic"
-                or closed_form is None):
+        if not self.analytic_pose:
             return self.model
         pose = torch.eye(4, dtype=torch.float64, device=target.position.device)
         pose[:3, :3] = target.rotation.to(torch.float64)
@@ -255,6 +258,8 @@ class _RequestPipeline:
         targets: 12.8 ms median without the top-up, 38 ms with it, same answers found).
         """
         cfg = self.cfg
+        if self.analytic_pose:
+            cfg = self.cfg = replace(cfg, first_samples=cfg.pose_first_samples)
         q, s = self.fresh_batch(cfg.first_samples if self.refining else cfg.mace.num_samples,
                                 scored=True)
         self.valid_prior = float((s > 0).float().mean())
