@@ -256,11 +256,12 @@ class AnalyticRefiner:
     exists within the joint limits is an answer (up to 8 per seed, exact to float64 precision):
     one batched solve gives the rounds several distinct candidates per seed, and the checks
     after it pick the collision-free ones. When the seeds give fewer than ``grid_below`` times
-    the ``needed`` candidates, ``q7_grid`` values spread over joint 7's range (shifted from call
-    to call by the seeds) are solved too, all branches, after the seeds' answers: a reachable
-    pose is not missed for the prior's sake. No iteration: ``penalty`` and ``clear`` are unused.
-    (Always solving the grid measured 10-20 % slower on the benchmark's pose targets, with the
-    same answers found.)
+    the ``needed`` candidates, the answers at ``q7_grid`` values spread over joint 7's range
+    (shifted from call to call by the seeds), all branches, come after the seeds': a reachable
+    pose is not missed for the prior's sake. The grid is solved in the seeds' batch (one call:
+    0.1-0.6 ms less per pose request than a second call when needed, measured in turns on box,
+    wall and cabinet); its answers join only when needed (always joining measured 10-20 %
+    slower, with the same answers found). No iteration: ``penalty`` and ``clear`` are unused.
     """
 
     def __init__(self, kin: RobotKinematics, closed_form: PandaClosedFormIK,
@@ -269,6 +270,13 @@ class AnalyticRefiner:
         lo, hi = float(closed_form.lower[6]), float(closed_form.upper[6])
         self._grid = torch.linspace(lo, hi, q7_grid, dtype=torch.float64,
                                     device=kin.spec.device)  # (G,) q7 values to fall back on
+
+    def _grid_for(self, seeds: torch.Tensor) -> torch.Tensor:
+        """``(G,)`` q7 values spread over joint 7's range, shifted by the seeds."""
+        grid = self._grid
+        step = float(grid[1] - grid[0]) if grid.shape[0] > 1 else 0.0
+        shift = step * float(torch.frac(seeds[:, 6].sum() * 0.6180339887).abs())
+        return (grid + shift).clamp(max=float(self.closed_form.upper[6]))
 
     def refine(self, q0: torch.Tensor, target: IKTarget,
                penalty: PenaltyFn | None = None, deadline: Deadline | None = None,
@@ -286,19 +294,18 @@ class AnalyticRefiner:
             pose[:, :3, :3] = target.rotation.to(torch.float64)
         else:  # the seed's own hand orientation
             pose[:, :3, :3] = self.closed_form.kin64.ee_pose(seeds)[:, :3, :3]
-        sols, ok = self.closed_form.solve(pose, seeds[:, 6])  # (B, 8, 7), (B, 8)
+        grid = self._grid_for(seeds)  # solved with the seeds, in one batch (used when needed)
+        sols, ok = self.closed_form.solve(
+            torch.cat([pose, pose[:1].expand(grid.shape[0], -1, -1)]),
+            torch.cat([seeds[:, 6], grid]))  # (B + G, 8, 7), (B + G, 8)
+        more, more_ok = sols[b:], ok[b:]
+        sols, ok = sols[:b], ok[:b]
         dist = (sols - seeds[:, None]).abs().amax(-1).masked_fill(~ok, math.inf)
         order = dist.argsort(-1)  # each seed's branches, nearest first
         sols = sols.gather(1, order[..., None].expand(-1, -1, 7))
         ok = ok.gather(1, order)
         out = [sols[ok]]
-        enough = self.grid_below * (needed or 1)
-        if int(ok.sum()) < enough and (deadline is None or not deadline.expired()):
-            grid = self._grid
-            step = float(grid[1] - grid[0]) if grid.shape[0] > 1 else 0.0
-            shift = step * float(torch.frac(seeds[:, 6].sum() * 0.6180339887).abs())
-            q7 = (grid + shift).clamp(max=float(self.closed_form.upper[6]))
-            more, more_ok = self.closed_form.solve(pose[:1].expand(q7.shape[0], -1, -1), q7)
+        if int(ok.sum()) < self.grid_below * (needed or 1):
             out.append(more[more_ok])
         found = torch.cat(out)
         return (found if found.shape[0] else seeds).to(q0.dtype)
