@@ -37,12 +37,19 @@ def _add_ik_parser(sub) -> None:
     d = IKBenchmarkConfig()
     p = sub.add_parser("ik", help="collision-aware IK: MACE vs TRAC-IK restarts on a scene",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--scene", required=True, help="scene YAML (format of config/scenes/)")
+    p.add_argument("--scene", default="",
+                   help="scene YAML (format of config/scenes/); every protocol but "
+                        "prior-accuracy needs one")
     p.add_argument("--targets", type=int, default=d.num_targets, help="number of targets")
     p.add_argument("--seed", type=int, default=d.seed, help="seeds targets and requests")
     p.add_argument("--json", default="", help="write the report to this file")
-    p.add_argument("--protocol", choices=PROTOCOLS, default=d.protocol,
-                   help="requests: K solutions per target; table1: the paper's Table 1")
+    p.add_argument("--protocol", choices=PROTOCOLS + ("prior-accuracy",), default=d.protocol,
+                   help="requests: K solutions per target; table1: the paper's Table 1; "
+                        "prior-accuracy: raw samples of --ik-prior (comma-separated names) "
+                        "at uniform configurations' hand poses (aVIPS thesis Table 5.1)")
+    p.add_argument("--poses", type=int, default=10_240, help="prior-accuracy: target poses")
+    p.add_argument("--samples-per-pose", type=int, default=25,
+                   help="prior-accuracy: draws per pose")
     p.add_argument("--methods", default="",
                    help=f"comma-separated subset (requests: {','.join(METHODS)}; "
                         f"table1: {','.join(TABLE1_METHODS)})")
@@ -94,6 +101,10 @@ def _run_ik(args: argparse.Namespace) -> int:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.protocol == "prior-accuracy":
+        return _run_prior_accuracy(args)
+    if not args.scene:
+        raise SystemExit("mace-bench ik: --scene is required by this protocol")
     pose = args.target_kind == "pose" or bool(args.targets_file)
     protocol_methods = (TABLE1_METHODS if args.protocol != "requests"
                         else POSE_METHODS if pose else METHODS)
@@ -128,6 +139,32 @@ def _run_ik(args: argparse.Namespace) -> int:
     report["scene_file"] = os.path.abspath(args.scene)
     report["ik_prior"] = args.model
     return _report(format_table(report), report, args.json)
+
+
+def _run_prior_accuracy(args: argparse.Namespace) -> int:
+    """``--protocol prior-accuracy``: each named prior's raw samples (see
+    :mod:`mace_core.ik.prior_accuracy`)."""
+    from mace_core.ik.prior_accuracy import format_table as accuracy_table
+    from mace_core.ik.prior_accuracy import prior_accuracy, report
+    from mace_core.ik.registry import load_ik_prior, load_registry
+    from mace_core.robot.kinematics import RobotKinematics
+
+    if args.poses < 1 or args.samples_per_pose < 1:
+        raise SystemExit("mace-bench ik: --poses and --samples-per-pose must be >= 1")
+    models_dir = _models_dir(args.models_dir)
+    entries = load_registry(os.path.join(models_dir, "registry.yaml"))
+    spec = TensorSpec.resolve(args.device)
+    kin = RobotKinematics.panda(spec)
+    results = []
+    for name in [n for n in args.model.split(",") if n]:
+        entry = entries.get(name)
+        if entry is None or entry.kind != "ik_argmm":
+            raise SystemExit(f"mace-bench ik: no IK prior named '{name}' in the registry "
+                             f"(known: {sorted(entries)})")
+        prior = load_ik_prior(os.path.join(models_dir, entry.file), spec)
+        results.append(prior_accuracy(prior, kin, name, args.poses, args.samples_per_pose,
+                                      args.seed))
+    return _report(accuracy_table(results), report(results), args.json)
 
 
 def _add_shape_parser(sub) -> None:

@@ -139,3 +139,37 @@ def test_training_lowers_the_held_out_nll_and_honours_its_time_limit(time_limit_
     with torch.no_grad():
         start_nll = -untrained.log_prob(q, p).mean().item()
     assert figures["heldout_nll"] < start_nll - 1.0
+
+
+def test_a_pose_conditioned_prior_reads_the_orientation():
+    """``conditioning = "pose"``: 9 context numbers (position, two rotation columns); training
+    takes them, and at one position two orientations give other samples and likelihoods."""
+    from mace_core.ik.conditioning import context_of
+    from mace_core.ik.training import IKTrainingConfig, train_ik_prior
+    from mace_core.robot.kinematics import RobotKinematics
+
+    kin = RobotKinematics.panda(SPEC)
+    q = kin.sample_uniform(2000, SPEC.generator(1))
+    poses = kin.ee_pose(q)
+    cfg = IKTrainingConfig(samples=2000, epochs=2, batch_size=256, learning_rate=3e-3,
+                           holdout_fraction=0.1, hidden=32, layers=2, conditioning="pose")
+    c = context_of("pose", poses)
+    assert c.shape == (2000, 9) and torch.equal(c[:, :3], poses[:, :3, 3])
+    assert torch.equal(context_of("position", poses), poses[:, :3, 3])
+    prior, figures = train_ik_prior(q, c, cfg, SPEC, log=lambda _s: None)
+    assert prior.config.conditioning == "pose" and prior.config.context_dim == 9
+    assert math.isfinite(figures["heldout_nll"])
+    turned = poses.clone()
+    turned[:, :3, :3] = turned[:, :3, :3] @ torch.tensor(
+        [[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)  # Rz(90°)
+    c_turned = context_of("pose", turned)
+    with torch.no_grad():
+        a = prior.sample(c[:64], SPEC.generator(3))
+        b = prior.sample(c_turned[:64], SPEC.generator(3))
+        assert not torch.allclose(a, b)
+        assert not torch.allclose(prior.log_prob(q[:64], c[:64]),
+                                  prior.log_prob(q[:64], c_turned[:64]))
+    with pytest.raises(ModelLoadError, match="reads 9 numbers"):
+        ARGMMConfig.from_dict({"context_dim": 3, "conditioning": "pose"})
+    with pytest.raises(ModelLoadError, match="unknown IK prior conditioning"):
+        ARGMMConfig.from_dict({"conditioning": "joint"})

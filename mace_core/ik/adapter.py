@@ -439,7 +439,12 @@ class IKAdapter:
             kin, spec, os.path.join(models_dir, "panda_spheres.yaml"))
         with open(panda_urdf_path()) as f:
             urdf_text = f.read()
-        return cls(load_ik_prior(weights, spec), load_ik_prior(weights, spec), kin, checker,
+        prior = load_ik_prior(weights, spec)
+        if prior.config.conditioning != "position":
+            raise ModelLoadError(f"IK prior '{model_name}' is conditioned on the "
+                                 f"{prior.config.conditioning}; the service adapts a "
+                                 "position-conditioned one (e.g. panda_ik)")
+        return cls(prior, load_ik_prior(weights, spec), kin, checker,
                    config, spec, urdf_text=urdf_text, refiners=refiners)
 
     # -- request handling ------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""The autoregressive Gaussian-mixture IK prior p(q | p_ee) (paper Sec. 4.2 and App. B).
+"""The autoregressive Gaussian-mixture IK prior p(q | c) (paper Sec. 4.2 and App. B).
 
-p(q | p_ee) = Π_i p(q_i | q_<i, p_ee), each factor a mixture of Gaussians whose parameters come
+p(q | c) = Π_i p(q_i | q_<i, c), c the end-effector position (the paper's) or its full pose
+(:mod:`.conditioning`), each factor a mixture of Gaussians whose parameters come
 from its own MLP (5 hidden layers of 200, LeakyReLU). The seven MLPs are stored as stacked weights
 ``(7, in, out)`` so the likelihood of a batch runs all of them in one batched matmul chain, with a
 mask on the first layer that hides q_j (j >= i) from network i (teacher forcing). Sampling is
@@ -17,6 +18,7 @@ from torch import nn
 
 from ..errors import ModelLoadError
 from ..tensor import TensorSpec
+from .conditioning import context_dim
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -26,7 +28,9 @@ class ARGMMConfig:
     """Architecture of :class:`ARGMMPrior` (stored next to its weights)."""
 
     num_joints: int = 7  #: J, length of a configuration
-    context_dim: int = 3  #: size of the conditioning vector (end-effector position, m)
+    context_dim: int = 3  #: size of the conditioning vector (:mod:`.conditioning`)
+    #: what the context is: "position" (m) or "pose" (position and two rotation columns)
+    conditioning: str = "position"
     hidden: int = 200  #: width of each hidden layer
     layers: int = 5  #: number of hidden layers of each per-joint MLP
     components: int = 2  #: Gaussian components per joint
@@ -38,7 +42,16 @@ class ARGMMConfig:
         unknown = set(d) - known
         if unknown:
             raise ModelLoadError(f"unknown ARGMM config keys: {sorted(unknown)}")
-        return ARGMMConfig(**d)
+        config = ARGMMConfig(**d)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Raise ModelLoadError when the context size does not fit the conditioning."""
+        if context_dim(self.conditioning) != self.context_dim:
+            raise ModelLoadError(f"an IK prior conditioned on {self.conditioning} reads "
+                                 f"{context_dim(self.conditioning)} numbers, not "
+                                 f"{self.context_dim}")
 
 
 class ARGMMPrior(nn.Module):

@@ -21,7 +21,7 @@ from ..deadline import Deadline
 from ..errors import InvalidRequestError
 from ..robot.closed_form_ik import PandaClosedFormIK
 from ..robot.kinematics import RobotKinematics, damped_least_squares
-from ..robot.rotations import matrix_to_quaternion_xyzw
+from ..robot.rotations import geodesic_distance, matrix_to_quaternion_xyzw
 
 
 @dataclass
@@ -61,9 +61,7 @@ def pose_errors(kin: RobotKinematics, q: torch.Tensor, target: IKTarget,
     pos_err = torch.linalg.vector_norm(ee[:, :3, 3] - target.position, dim=-1)
     if target.rotation is None:
         return pos_err, torch.zeros_like(pos_err)
-    rel = target.rotation.T @ ee[:, :3, :3]
-    cos = ((rel.diagonal(dim1=-2, dim2=-1).sum(-1) - 1.0) * 0.5).clamp(-1.0, 1.0)
-    return pos_err, torch.arccos(cos)
+    return pos_err, geodesic_distance(target.rotation, ee[:, :3, :3])
 
 
 #: Collision cost of configurations ``(B, 7)`` with their link poses ``(B, L, 4, 4)``: returns the

@@ -20,6 +20,7 @@ import torch
 
 from ..robot.kinematics import RobotKinematics
 from ..tensor import TensorSpec
+from .conditioning import context_dim, context_of
 from .prior import ARGMMConfig, ARGMMPrior
 from .registry import load_ik_prior, save_ik_prior
 
@@ -40,6 +41,17 @@ class IKTrainingConfig:
     #: wall-clock cap of the training, min (0: none); the step size then decays with the larger
     #: of the step and the time progress, so a capped run still ends at the small step size
     time_limit_min: float = 0.0
+    #: what the prior is conditioned on: "position" or "pose" (:mod:`.conditioning`)
+    conditioning: str = "position"
+    hidden: int = 200  #: width of each hidden layer (a stage continuing weights keeps theirs)
+    layers: int = 5  #: hidden layers per joint network
+    components: int = 2  #: Gaussian components per joint
+
+    def architecture(self) -> ARGMMConfig:
+        """The prior's architecture these settings ask for."""
+        return ARGMMConfig(context_dim=context_dim(self.conditioning),
+                           conditioning=self.conditioning, hidden=self.hidden,
+                           layers=self.layers, components=self.components)
 
 
 _WORKER_ROBOT: tuple[int, int] | None = None
@@ -84,12 +96,16 @@ def generate_ik_dataset(n: int, seed: int, workers: int, spec: TensorSpec,
 
 
 def train_ik_prior(q: torch.Tensor, p: torch.Tensor, cfg: IKTrainingConfig, spec: TensorSpec,
-                   arch: ARGMMConfig = ARGMMConfig(), log=print,
+                   arch: ARGMMConfig | None = None, log=print,
                    init: ARGMMPrior | None = None) -> tuple[ARGMMPrior, dict]:
-    """Fit an :class:`ARGMMPrior` to ``q (n, 7)`` given ``p (n, 3)``; returns it and its figures.
+    """Fit an :class:`ARGMMPrior` to ``q (n, 7)`` given contexts ``p (n, C)`` (the
+    conditioning's: positions, or poses as :func:`.conditioning.context_of` writes them);
+    returns it and its figures.
 
-    ``init`` continues training from existing weights (same data, so the same normalization).
+    ``arch``: the architecture (default: ``init``'s, else ``cfg``'s). ``init`` continues
+    training from existing weights (same data, so the same normalization).
     """
+    arch = arch or (init.config if init is not None else cfg.architecture())
     torch.manual_seed(cfg.seed)
     kin = RobotKinematics.panda(spec)
     q, p = spec.tensor(q), spec.tensor(p)
@@ -139,18 +155,24 @@ def train_ik_prior(q: torch.Tensor, p: torch.Tensor, cfg: IKTrainingConfig, spec
     return prior, figures
 
 
-def evaluate_prior(prior: ARGMMPrior, p: torch.Tensor, spec: TensorSpec, seed: int) -> dict:
-    """Raw-sample figures at ``p (n, 3)``: EE error, joint-limit and self-collision rates."""
+def evaluate_prior(prior: ARGMMPrior, poses: torch.Tensor, spec: TensorSpec, seed: int) -> dict:
+    """Raw-sample figures at hand poses ``(n, 4, 4)`` (the prior reads their position, or the
+    whole pose): EE position error (and orientation error for a pose prior, rad), joint-limit
+    and self-collision rates."""
     from ..robot.pybullet_checker import exact_self_collision_free
+    from ..robot.rotations import geodesic_distance
 
     kin = RobotKinematics.panda(spec)
     with torch.no_grad():
-        q = prior.sample(p, spec.generator(seed))
-        err = (kin.ee_position(q) - p).norm(dim=-1)
+        q = prior.sample(context_of(prior.config.conditioning, poses), spec.generator(seed))
+        reached = kin.ee_pose(q)
+        err = (reached[:, :3, 3] - poses[:, :3, 3]).norm(dim=-1)
+        turn = geodesic_distance(reached[:, :3, :3], poses[:, :3, :3])
     inside = kin.within_limits(q)
     free = torch.from_numpy(exact_self_collision_free(q))
-    return {"samples": int(len(p)),
+    return {"samples": int(len(poses)),
             "mean_ee_error_m": float(err.mean()), "median_ee_error_m": float(err.median()),
+            "mean_orientation_error_rad": float(turn.mean()),
             "within_limits_fraction": float(inside.float().mean()),
             "self_collision_free_fraction": float(free.float().mean()),
             "valid_fraction": float((free & inside.cpu()).float().mean())}
@@ -158,9 +180,9 @@ def evaluate_prior(prior: ARGMMPrior, p: torch.Tensor, spec: TensorSpec, seed: i
 
 MODEL_CARD = """# IK prior `{name}`: autoregressive Gaussian mixture over the 7 Panda joints
 
-p(q | p_ee) = Π_i p(q_i | q_<i, p_ee), each factor a {components}-component Gaussian mixture \
+p(q | c) = Π_i p(q_i | q_<i, c), each factor a {components}-component Gaussian mixture \
 from its own MLP ({layers} hidden layers of {hidden}, LeakyReLU), as in the MACE paper (App. B).
-Conditioning: the position of `panda_grasptarget` in the `panda_link0` frame (m).
+Conditioning c: {conditioning_text}
 
 | | |
 |---|---|
@@ -175,7 +197,8 @@ pybullet_data `franka_panda/panda.urdf`, fingers open at 0.04 m |
 | held-out negative log-likelihood | {heldout_nll:.3f} nats per configuration \
 (joint angles in rad) |
 | raw samples at held-out positions ({eval_samples:,}) | mean end-effector error \
-{mean_ee_error_m:.4f} m (median {median_ee_error_m:.4f} m); within joint limits \
+{mean_ee_error_m:.4f} m (median {median_ee_error_m:.4f} m), mean orientation error \
+{mean_orientation_deg:.2f} deg; within joint limits \
 {within_limits_fraction:.3f}; free of self-collision {self_collision_free_fraction:.3f}; both \
 {valid_fraction:.3f} |
 
@@ -184,6 +207,14 @@ The paper used 10M samples and a GPU. A stage's command names the device it trai
 (same seed; each stage continues from the weights the previous one wrote, and generates its \
 own `--samples` unless `--data-cache` holds them).
 """
+
+
+#: the card's words for each conditioning
+CONDITIONING_TEXT = {
+    "position": "the position of `panda_grasptarget` in the `panda_link0` frame (m).",
+    "pose": "the pose of `panda_grasptarget` in the `panda_link0` frame: its position (m) and "
+            "the first two columns of its rotation matrix (Zhou et al., CVPR 2019).",
+}
 
 
 def main_ik(argv: list[str] | None = None) -> int:
@@ -209,6 +240,7 @@ def main_ik(argv: list[str] | None = None) -> int:
     if not args.evaluate_only:
         start = time.perf_counter()
         q, p, free_rate, data_time = _dataset(cfg, args.data_cache, spec)
+        p = _contexts(cfg.conditioning, q, spec)
         print(f"training on {len(q)} configurations ...")
         init, history = None, []
         if args.init_from:
@@ -231,11 +263,11 @@ def main_ik(argv: list[str] | None = None) -> int:
         card = json.loads(f.metadata()["training"])
     kin = RobotKinematics.panda(spec)
     gen = spec.generator(cfg.seed + 1)
-    with torch.no_grad():  # held-out positions: those of fresh uniform self-collision-free data
-        q_eval, p_eval, _ = generate_ik_dataset(args.eval_samples, cfg.seed + 1, cfg.workers,
-                                                spec)
+    with torch.no_grad():  # held-out poses: those of fresh uniform self-collision-free data
+        q_eval, _, _ = generate_ik_dataset(args.eval_samples, cfg.seed + 1, cfg.workers, spec)
+        poses = kin.ee_pose(q_eval)
     del q_eval, kin, gen
-    evaluation = evaluate_prior(prior, p_eval, spec, cfg.seed)
+    evaluation = evaluate_prior(prior, poses, spec, cfg.seed)
     print("evaluation:", json.dumps(evaluation))
     card.update({("eval_samples" if k == "samples" else k): v for k, v in evaluation.items()})
     stages = card.get("stages") or [card]
@@ -254,6 +286,8 @@ def main_ik(argv: list[str] | None = None) -> int:
         f.write(MODEL_CARD.format(
             name=args.name, file=os.path.basename(path), size_mb=os.path.getsize(path) / 2**20,
             params=sum(t.numel() for t in prior.parameters()), stages_table=" ".join(rows),
+            conditioning_text=CONDITIONING_TEXT[prior.config.conditioning],
+            mean_orientation_deg=math.degrees(card["mean_orientation_error_rad"]),
             **asdict(prior.config), **card))
     print(f"wrote the model card {args.name}.md")
     return 0
@@ -269,6 +303,14 @@ def _training_history(path: str) -> list[dict]:
         return meta["stages"]
     keys = set(asdict(IKTrainingConfig())) | {"heldout_nll", "train_time_s"}
     return [{k: v for k, v in meta.items() if k in keys}] if meta else []
+
+
+def _contexts(conditioning: str, q: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
+    """The contexts ``(n, C)`` of configurations ``q (n, 7)``: their hand poses as the
+    conditioning reads them (computed here, so one cached data set serves every kind)."""
+    kin = RobotKinematics.panda(spec)
+    with torch.no_grad():
+        return torch.cat([context_of(conditioning, kin.ee_pose(c)) for c in q.split(65536)])
 
 
 def _dataset(cfg: IKTrainingConfig, cache: str, spec: TensorSpec):

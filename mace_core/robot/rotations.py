@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 def matrix_to_quaternion_xyzw(r: np.ndarray) -> np.ndarray:
@@ -22,3 +23,10 @@ def matrix_to_quaternion_xyzw(r: np.ndarray) -> np.ndarray:
         q = [(r[0, 2] + r[2, 0]) / s, (r[1, 2] + r[2, 1]) / s, 0.25 * s, (r[1, 0] - r[0, 1]) / s]
     q = np.asarray(q)
     return q / np.linalg.norm(q)
+
+
+def geodesic_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """rad, the angle of the rotation between ``a`` and ``b`` ``(..., 3, 3)``: ``(...)``."""
+    rel = a.transpose(-1, -2) @ b
+    cos = ((rel.diagonal(dim1=-2, dim2=-1).sum(-1) - 1.0) * 0.5).clamp(-1.0, 1.0)
+    return torch.arccos(cos)
