@@ -288,7 +288,7 @@ def main_ik(argv: list[str] | None = None) -> int:
             params=sum(t.numel() for t in prior.parameters()), stages_table=" ".join(rows),
             conditioning_text=CONDITIONING_TEXT[prior.config.conditioning],
             mean_orientation_deg=math.degrees(card["mean_orientation_error_rad"]),
-            **asdict(prior.config), **card))
+            **{**card, **asdict(prior.config)}))
     print(f"wrote the model card {args.name}.md")
     return 0
 
