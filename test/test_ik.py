@@ -1,6 +1,7 @@
 """The IK engine with the shipped prior: adaptation, refinement, validation, judged by PyBullet."""
 
 import math
+import os
 import threading
 import time
 from dataclasses import replace
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mace_core.errors import InvalidRequestError
+from mace_core.errors import InvalidRequestError, ModelLoadError
 from mace_core.ik.adapter import IKAdapter
 from mace_core.ik.request import IKAdaptConfig, IKRequest
 from mace_core.robot.kinematics import RobotKinematics
@@ -426,3 +427,65 @@ def test_mace_adapts_on_projected_elites_for_pose_requests(adapter):
     assert torch.equal(on_pose, found)  # exactly the rows with a branch at their q7
     position_only = _RequestPipeline(adapter, replace(req, rotation=None), None, None)
     assert not isinstance(position_only.adapted_model(), _ProjectedPrior)
+
+
+def _models_with_pose_prior(tmp_path, conditioning="pose"):
+    """A models folder: the shipped files plus a small untrained prior named ``tiny_pose``."""
+    from mace_core.ik.conditioning import context_dim
+    from mace_core.ik.prior import ARGMMConfig, ARGMMPrior
+    from mace_core.ik.registry import save_ik_prior
+
+    for name in ("panda_ik.safetensors", "panda_spheres.yaml"):
+        (tmp_path / name).symlink_to(os.path.abspath(os.path.join(MODELS, name)))
+    (tmp_path / "registry.yaml").write_text(
+        "models:\n  panda_ik: {kind: ik_argmm, file: panda_ik.safetensors}\n"
+        "  tiny_pose: {kind: ik_argmm, file: tiny_pose.safetensors}\n")
+    spec = TensorSpec.resolve("cpu")
+    torch.manual_seed(0)
+    tiny = ARGMMPrior(ARGMMConfig(context_dim=context_dim(conditioning),
+                                  conditioning=conditioning, hidden=16, layers=1), spec)
+    kin = RobotKinematics.panda(spec)
+    tiny.set_normalization(kin.lower, kin.upper, torch.zeros(tiny.config.context_dim),
+                           torch.ones(tiny.config.context_dim))
+    save_ik_prior(tiny, str(tmp_path / "tiny_pose.safetensors"))
+    return str(tmp_path)
+
+
+def test_pose_requests_draw_from_the_pose_prior_and_it_is_restored(tmp_path):
+    """``ik.pose_prior``: a full-pose request draws from (and adapts) the pose-conditioned
+    prior at the target pose; position requests keep the position prior; the next request
+    starts from the pose prior's pretrained weights."""
+    from mace_core.ik.adapter import _RequestPipeline
+
+    models = _models_with_pose_prior(tmp_path)
+    cfg = IKAdaptConfig(pose_prior="tiny_pose")
+    adapter = IKAdapter.from_models(models, "panda_ik", cfg, TensorSpec.resolve("cpu"))
+    kin64 = RobotKinematics.panda(TensorSpec(torch.device("cpu"), torch.float64))
+    pose = kin64.ee_pose(torch.tensor([[0.1, 0.5, -0.1, -1.9, 0.1, 2.4, 0.6]],
+                                      dtype=torch.float64))[0]
+    req = IKRequest(position=pose[:3, 3].numpy(), rotation=pose[:3, :3].numpy(),
+                    orientation_tolerance=1e-3, num_solutions=8, seed=0, time_budget_s=2.0)
+    run = _RequestPipeline(adapter, req, None, None)
+    assert run.model.prior is adapter.pose_prior and run.model.context.shape == (9,)
+    assert run.adapted_model().prior is adapter.pose_prior
+    position_only = _RequestPipeline(adapter, replace(req, rotation=None), None, None)
+    assert position_only.model.prior is adapter.prior
+    before = {k: v.clone() for k, v in adapter.pose_prior.state_dict().items()}
+    # a hard request (K = 64 distinct) so that MACE adapts the pose prior
+    result = adapter.solve(replace(req, num_solutions=64, iterations=2, time_budget_s=3.0))
+    assert result.iterations_run > 0 and adapter._adapted is adapter.pose_prior
+    _RequestPipeline(adapter, req, None, None)  # the next request restores the weights
+    after = adapter.pose_prior.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ModelLoadError, match="conditioned on the pose"):
+        IKAdapter.from_models(models, "tiny_pose", IKAdaptConfig(), TensorSpec.resolve("cpu"))
+
+
+def test_a_pose_prior_must_be_registered_and_pose_conditioned(tmp_path):
+    models = _models_with_pose_prior(tmp_path, conditioning="position")
+    with pytest.raises(ModelLoadError, match="not the pose"):
+        IKAdapter.from_models(models, "panda_ik", IKAdaptConfig(pose_prior="tiny_pose"),
+                              TensorSpec.resolve("cpu"))
+    with pytest.raises(ModelLoadError, match="no IK prior named 'nope'"):
+        IKAdapter.from_models(models, "panda_ik", IKAdaptConfig(pose_prior="nope"),
+                              TensorSpec.resolve("cpu"))

@@ -42,6 +42,7 @@ from ..robot.kinematics import RobotKinematics, damped_least_squares, panda_urdf
 from ..robot.scenes import Obstacle, padded
 from ..robot.spheres import CollisionWorld, SphereCollisionChecker
 from ..tensor import TensorSpec
+from .conditioning import context_of
 from .prior import ARGMMPrior
 from .refinement import (AnalyticRefiner, DLSRefiner, IKTarget, PenaltyFn, Refiner, TracIKRefiner,
                          pose_errors)
@@ -53,11 +54,12 @@ _SHOULDER = (0.0, 0.0, 0.333)
 
 
 class _ConditionedPrior:
-    """The IK prior at one target position, as :func:`mace.adapt` sees it (all weights tuned)."""
+    """An IK prior at one target, as :func:`mace.adapt` sees it (all weights tuned): its context
+    ``(C,)`` is the target position, or the full pose for a pose-conditioned prior."""
 
-    def __init__(self, prior: ARGMMPrior, initial: ARGMMPrior, position: torch.Tensor,
+    def __init__(self, prior: ARGMMPrior, initial: ARGMMPrior, context: torch.Tensor,
                  lower: torch.Tensor, upper: torch.Tensor):
-        self.prior, self.initial, self.position = prior, initial, position
+        self.prior, self.initial, self.context = prior, initial, context
         self.lower, self.upper = lower, upper  # (7,) joint limits, rad
 
     def adapted_parameters(self) -> list[torch.nn.Parameter]:
@@ -67,15 +69,15 @@ class _ConditionedPrior:
         """``(n, 7)`` samples projected onto the joint limits: the mixtures' tails spill over
         the limits (a fifth of raw samples), and the nearest in-limit configuration is as good a
         candidate."""
-        q = self.prior.sample(self.position.expand(n, 3), generator)
+        q = self.prior.sample(self.context.expand(n, -1), generator)
         return q.clamp(self.lower, self.upper)
 
     def log_likelihood_fn(self, q: torch.Tensor):
-        p = self.position.expand(q.shape[0], 3)
-        return lambda: self.prior.log_prob(q, p)
+        c = self.context.expand(q.shape[0], -1)
+        return lambda: self.prior.log_prob(q, c)
 
     def initial_log_likelihood(self, q: torch.Tensor) -> torch.Tensor:
-        return self.initial.log_prob(q, self.position.expand(q.shape[0], 3))
+        return self.initial.log_prob(q, self.context.expand(q.shape[0], -1))
 
 
 class _ProjectedPrior(_ConditionedPrior):
@@ -85,10 +87,10 @@ class _ProjectedPrior(_ConditionedPrior):
     collision-free solutions (S = 1) from the rest, and adaptation moves the prior to the
     q7 values and branches whose solutions are free (issue: the cabinet's shelves)."""
 
-    def __init__(self, prior: ARGMMPrior, initial: ARGMMPrior, position: torch.Tensor,
+    def __init__(self, prior: ARGMMPrior, initial: ARGMMPrior, context: torch.Tensor,
                  lower: torch.Tensor, upper: torch.Tensor, closed_form: PandaClosedFormIK,
                  pose: torch.Tensor):
-        super().__init__(prior, initial, position, lower, upper)
+        super().__init__(prior, initial, context, lower, upper)
         self.closed_form, self.pose = closed_form, pose  # (4, 4) float64 target pose
 
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -195,13 +197,14 @@ class _RequestPipeline:
             rotation=None if request.rotation is None else spec.tensor(request.rotation),
             orientation_tolerance=request.orientation_tolerance)
         self.generator = spec.generator(request.seed)
-        self.model = adapter._pretrained_model(self.target.position)
-        self.timings = IKTimings()
-        self.refining = self.cfg.refinement_mode != "none"
         #: a full pose answered in closed form (the Panda's)
         self.analytic_pose = (self.target.rotation is not None
                               and self.cfg.refinement_mode == "analytic"
                               and adapter.closed_form is not None)
+        self.model = adapter._pretrained_model(
+            self.target.position, self.target_pose() if self.analytic_pose else None)
+        self.timings = IKTimings()
+        self.refining = self.cfg.refinement_mode != "none"
         self.rounds: _RefinementRounds | None = None  #: built once the clutter stage decided
         self.done = False  #: K solutions accepted
         # candidates to answer with when no refinement round accepted anything: ``(B, 7)`` and
@@ -212,19 +215,24 @@ class _RequestPipeline:
 
     # -- helpers of the stages ------------------------------------------------------------------
 
+    def target_pose(self) -> torch.Tensor:
+        """``(4, 4)`` float64: the target pose (a full-pose request)."""
+        target = self.target
+        pose = torch.eye(4, dtype=torch.float64, device=target.position.device)
+        pose[:3, :3] = target.rotation.to(torch.float64)
+        pose[:3, 3] = target.position.to(torch.float64)
+        return pose
+
     def adapted_model(self) -> _ConditionedPrior:
         """What MACE adapts: the prior, or, when the closed form answers this request (a full
         pose, refinement ``analytic``), the prior with its samples projected onto the pose, so
         that the elites are exact solutions (the refinement rounds project their seeds
         themselves, every branch: they sample the prior as it is)."""
-        target, closed_form = self.target, self.adapter.closed_form
         if not self.analytic_pose:
             return self.model
-        pose = torch.eye(4, dtype=torch.float64, device=target.position.device)
-        pose[:3, :3] = target.rotation.to(torch.float64)
-        pose[:3, 3] = target.position.to(torch.float64)
+        pose, closed_form = self.target_pose(), self.adapter.closed_form
         m = self.model
-        return _ProjectedPrior(m.prior, m.initial, m.position, m.lower, m.upper, closed_form,
+        return _ProjectedPrior(m.prior, m.initial, m.context, m.lower, m.upper, closed_form,
                                pose)
 
     def score(self, q: torch.Tensor) -> torch.Tensor:
@@ -321,7 +329,7 @@ class _RequestPipeline:
             # without refinement the first batch was drawn with N (fewer when the deadline cut
             # its draw short): it is the first iteration's batch
             first = (q, s) if not self.refining or q.shape[0] == cfg.mace.num_samples else None
-            self.adapter._adapted = True
+            self.adapter._adapted = self.model.prior
             trace = adapt(self.adapted_model(), self.score, cfg.mace, self.generator,
                           deadline=adapt_deadline, first_batch=first,
                           stop_when=self._stop_adapting)
@@ -406,11 +414,20 @@ class IKAdapter:
 
     def __init__(self, prior: ARGMMPrior, initial_prior: ARGMMPrior, kin: RobotKinematics,
                  checker: SphereCollisionChecker, config: IKAdaptConfig, spec: TensorSpec,
-                 urdf_text: str | None = None, refiners: dict[str, Refiner] | None = None):
+                 urdf_text: str | None = None, refiners: dict[str, Refiner] | None = None,
+                 pose_priors: tuple[ARGMMPrior, ARGMMPrior] | None = None):
         config.collision.validate()
         self.prior = prior.requires_grad_(True)
         self.initial_prior = initial_prior.requires_grad_(False)
-        self._pristine = {k: v.detach().clone() for k, v in prior.state_dict().items()}
+        #: the pose-conditioned prior full poses answered in closed form draw from, and its
+        #: frozen copy (``ik.pose_prior``; None: they draw from ``prior``)
+        self.pose_prior = self.pose_initial = None
+        if pose_priors is not None:
+            self.pose_prior = pose_priors[0].requires_grad_(True)
+            self.pose_initial = pose_priors[1].requires_grad_(False)
+        #: pretrained weights of each prior, restored after a request adapted them
+        self._pristine = {id(p): {k: v.detach().clone() for k, v in p.state_dict().items()}
+                          for p in (self.prior, self.pose_prior) if p is not None}
         self.kin, self.checker, self.config, self.spec = kin, checker, config, spec
         #: the exact checker that accepts and describes answers (None: the spheres do)
         self.exact: SceneCollisionChecker | None = exact_checker(config.collision.backend,
@@ -426,7 +443,7 @@ class IKAdapter:
             self.closed_form = None
         self.refiners.update(refiners or {})
         self._last_position: torch.Tensor | None = None  # (3,) target of the last solve()
-        self._adapted = False  # whether the prior's weights differ from the pretrained ones
+        self._adapted: ARGMMPrior | None = None  # the prior whose weights a request changed
         self._moves = kin.ancestor_mask(list(kin.link_names))  # (J, L): joint j moves link l
         self._world: tuple[tuple[Obstacle, ...], CollisionWorld] | None = None  # the last scene
         self.exact_checks = 0  #: configurations put to the exact checker by the current request
@@ -454,9 +471,22 @@ class IKAdapter:
         if prior.config.conditioning != "position":
             raise ModelLoadError(f"IK prior '{model_name}' is conditioned on the "
                                  f"{prior.config.conditioning}; the service adapts a "
-                                 "position-conditioned one (e.g. panda_ik)")
+                                 "position-conditioned one (e.g. panda_ik), and a pose-"
+                                 "conditioned one as ik.pose_prior")
+        pose_priors = None
+        if config.pose_prior:
+            entry = entries.get(config.pose_prior)
+            if entry is None or entry.kind != "ik_argmm":
+                raise ModelLoadError(f"ik.pose_prior: no IK prior named '{config.pose_prior}' "
+                                     f"in {models_dir}/registry.yaml (known: {sorted(entries)})")
+            pose_weights = os.path.join(models_dir, entry.file)
+            pose_priors = (load_ik_prior(pose_weights, spec), load_ik_prior(pose_weights, spec))
+            if pose_priors[0].config.conditioning != "pose":
+                raise ModelLoadError(f"ik.pose_prior '{config.pose_prior}' is conditioned on "
+                                     f"the {pose_priors[0].config.conditioning}, not the pose")
         return cls(prior, load_ik_prior(weights, spec), kin, checker,
-                   config, spec, urdf_text=urdf_text, refiners=refiners)
+                   config, spec, urdf_text=urdf_text, refiners=refiners,
+                   pose_priors=pose_priors)
 
     # -- request handling ------------------------------------------------------------------------
 
@@ -577,13 +607,19 @@ class IKAdapter:
         run.refine_adapted_batches()
         return run.answer()
 
-    def _pretrained_model(self, position: torch.Tensor) -> _ConditionedPrior:
+    def _pretrained_model(self, position: torch.Tensor,
+                          pose: torch.Tensor | None = None) -> _ConditionedPrior:
         """The prior at ``position (3,)`` with its pretrained weights (restored when the last
-        request adapted them); remembered for :meth:`sample_adapted`."""
-        if self._adapted:
-            self.prior.load_state_dict(self._pristine)
-            self._adapted = False
+        request adapted them); remembered for :meth:`sample_adapted`. With a full ``pose``
+        ``(4, 4)`` and a pose prior loaded, the pose prior at that pose."""
+        if self._adapted is not None:
+            self._adapted.load_state_dict(self._pristine[id(self._adapted)])
+            self._adapted = None
         self._last_position = position
+        if pose is not None and self.pose_prior is not None:
+            context = context_of("pose", pose[None].to(self.spec.dtype))[0]
+            return _ConditionedPrior(self.pose_prior, self.pose_initial, context,
+                                     self.kin.lower, self.kin.upper)
         return _ConditionedPrior(self.prior, self.initial_prior, position, self.kin.lower,
                                  self.kin.upper)
 

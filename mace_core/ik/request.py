@@ -59,6 +59,10 @@ class IKAdaptConfig:
     #: to 8 exact solutions, so fewer do (box / cabinet pose targets, 20 each, in turns: 16
     #: samples 7.0 / 8.4 ms median against 48's 8.4 / 9.7 ms, the same targets with K)
     pose_first_samples: int = 16
+    #: registry name of a pose-conditioned IK prior (``mace-train ik --conditioning pose``)
+    #: that full poses answered in closed form draw from; empty: they draw from the position
+    #: prior (``ik_model``). A change rebuilds the adapter.
+    pose_prior: str = ""
     refine_seeds: int = 48  #: candidates refined per round (fewer second rounds than 32)
     #: a request is in clutter when fewer than this share of the first batch is valid; its
     #: rounds then draw ``clutter_samples`` and refine ``clutter_seeds``: the nearest of a
