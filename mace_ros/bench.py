@@ -93,6 +93,11 @@ def _add_ik_parser(sub) -> None:
                    help="comma-separated ik.collision.backend values (spheres, mujoco, "
                         "mjwarp): the first serves the MACE methods, each other one runs them "
                         "again as <method>@<backend> in the same turns (default: the config's)")
+    p.add_argument("--pose-prior", default="",
+                   help="comma-separated ik.pose_prior values (registry names; 'none': the "
+                        "position prior): the first serves the MACE methods, each other one "
+                        "runs them again as <method>@<name> in the same turns (default: the "
+                        "config's)")
     p.set_defaults(func=_run_ik)
 
 
@@ -127,17 +132,25 @@ def _run_ik(args: argparse.Namespace) -> int:
     spec = TensorSpec.resolve(args.device)
     backends = [b for b in args.collision_backend.split(",") if b] or [
         service.collision.backend]
+    pose_priors = [("" if n == "none" else n) for n in args.pose_prior.split(",") if n] or [
+        service.pose_prior]
+    if len(backends) > 1 and len(pose_priors) > 1:
+        raise SystemExit("mace-bench ik: compare collision backends or pose priors, one at a "
+                         "time")
 
-    def adapter_for(backend: str) -> IKAdapter:
-        config = replace(service, collision=replace(service.collision, backend=backend))
+    def adapter_for(backend: str, pose_prior: str) -> IKAdapter:
+        config = replace(service, pose_prior=pose_prior,
+                         collision=replace(service.collision, backend=backend))
         return IKAdapter.from_models(models_dir, args.model, config, spec)
 
-    adapter = adapter_for(backends[0])
-    others = {b: adapter_for(b) for b in backends[1:]}
+    adapter = adapter_for(backends[0], pose_priors[0])
+    others = {b: adapter_for(b, pose_priors[0]) for b in backends[1:]}
+    others.update({(n or "none"): adapter_for(backends[0], n) for n in pose_priors[1:]})
     report = run_benchmark(adapter, scene, cfg, models_dir=models_dir,
                            log=lambda s: print(s, file=sys.stderr, flush=True), others=others)
     report["scene_file"] = os.path.abspath(args.scene)
     report["ik_prior"] = args.model
+    report["pose_prior"] = pose_priors[0] or "none"
     return _report(format_table(report), report, args.json)
 
 

@@ -39,8 +39,9 @@ TOL = 1e-4
 SUMMARY_KEYS = {
     "success_rate", "k_success_rate", "median_time_s", "p90_time_s", "time_basis",
     "median_time_first_s", "p90_time_first_s", "mean_position_error_m",
-    "mean_orientation_error_rad", "mean_checks_per_target",
-    "mean_pairwise_joint_distance_rad", "mean_pairwise_joint_distance_valid_rad",
+    "mean_orientation_error_rad", "mean_checks_per_target", "median_projection_distance_rad",
+    "projectable_fraction", "mean_pairwise_joint_distance_rad",
+    "mean_pairwise_joint_distance_valid_rad",
     "mean_valid_per_target", "collision_free_fraction", "valid_fraction_prior",
     "valid_fraction_adapted", "mean_iterations", "mean_attempts", "per_target", "solutions"}
 
@@ -87,11 +88,11 @@ def test_requests_report_schema_and_consistency(models_dir, tmp_path, capsys):
     rc = main(["ik", "--scene", SCENE, "--targets", "2", "--seed", "3", "--json", str(out),
                "--models-dir", models_dir, "--config", str(config), "--num-solutions", "2",
                "--budget", "0.3", "--tracik-timeout", "1.0", "--no-warmup",
-               "--ik-prior", "panda_ik"])
+               "--ik-prior", "panda_ik", "--pose-prior", "none"])
     assert rc == 0
     assert "tracik_restarts" in capsys.readouterr().out
     report = json.loads(out.read_text())
-    assert report["ik_prior"] == "panda_ik"
+    assert report["ik_prior"] == "panda_ik" and report["pose_prior"] == "none"
     scene = load_scene(SCENE)
     targets = np.asarray(report["targets"])
     assert targets.shape == (2, 3)
@@ -206,6 +207,9 @@ def test_pose_targets_report_exact_answers_from_every_method(models_dir):
         assert m["success_rate"] == 1.0, name
         assert m["mean_valid_per_target"] >= 1.0, name
         assert 0.0 <= m["mean_orientation_error_rad"] < 1e-3, name  # judged, not claimed
+        if name == "mace_refine":  # how far the prior's samples are from the pose's solutions
+            assert 0.0 < m["projectable_fraction"] <= 1.0
+            assert 0.0 <= m["median_projection_distance_rad"] < 2 * math.pi
         assert all(row["checks"] is not None for row in m["per_target"]), name
         if name.endswith("_restarts"):  # every answer kept was checked (MACE: only those the
             # spheres refuse go to the exact check)

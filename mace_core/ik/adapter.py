@@ -623,6 +623,21 @@ class IKAdapter:
         return _ConditionedPrior(self.prior, self.initial_prior, position, self.kin.lower,
                                  self.kin.upper)
 
+    def projection_distances(self, pose: torch.Tensor, n: int = 256,
+                             seed: int = 0) -> torch.Tensor:
+        """rad, max-norm joint distance from each of ``n`` samples of the pretrained prior a
+        full-pose request at ``pose (4, 4)`` draws from (the pose prior when loaded) to its
+        closed-form projection: ``(n,)``, inf where no branch exists at the sample's q7. How
+        well a prior knows the pose (a benchmark figure; needs the closed form)."""
+        if self.closed_form is None:
+            raise InvalidRequestError("projection distances need the Panda's closed form")
+        pose = torch.as_tensor(pose, dtype=torch.float64, device=self.spec.device)
+        model = self._pretrained_model(pose[:3, 3].to(self.spec.dtype), pose)
+        with torch.no_grad():
+            q = model.sample(n, self.spec.generator(seed)).to(torch.float64)
+        projected, found = self.closed_form.project(pose, q)
+        return torch.where(found, (projected - q).abs().amax(-1), torch.inf)
+
     def sample_adapted(self, n: int, seed: int | None = None) -> torch.Tensor:
         """``n`` samples ``(n, 7)`` of the model as the last :meth:`solve` left it, at its target.
 

@@ -73,6 +73,10 @@ class TargetOutcome:
     #: the service's exact checker's for MACE (None: not counted)
     checks: int | None = None
     orientation_error: np.ndarray = field(default_factory=lambda: np.zeros(0))  #: (S,) rad
+    #: MACE, full poses: median max-norm joint distance (rad) from the prior's samples to their
+    #: closed-form projections (those with one), and the share that has one
+    projection_distance: float | None = None
+    projectable_fraction: float | None = None
     valid_fraction_prior: float | None = None  #: MACE: share of prior samples valid (spheres)
     valid_fraction_adapted: float | None = None  #: MACE: share of adapted samples valid
     iterations_run: int | None = None  #: MACE iterations (None for TRAC-IK)

@@ -147,6 +147,10 @@ class MethodSummary:
     mean_position_error_m: float  #: m, over every returned solution
     mean_orientation_error_rad: float  #: rad, over every returned solution (0: position targets)
     mean_checks_per_target: float  #: exact collision checks spent per target (see TargetOutcome)
+    #: MACE, full poses: median over targets of the median distance (rad, max-norm) from the
+    #: prior's samples to their closed-form projections, and the mean share that has one
+    median_projection_distance_rad: float | None
+    projectable_fraction: float | None
     mean_pairwise_joint_distance_rad: float  #: rad, L2 between returned solutions, per target
     mean_pairwise_joint_distance_valid_rad: float  #: rad, same over valid solutions only
     mean_valid_per_target: float  #: valid solutions per target (at most K)
@@ -302,6 +306,13 @@ def _mace_outcome(adapter: IKAdapter, scene: Scene, target: np.ndarray, cfg: IKB
     t0 = time.perf_counter()
     result = adapter.solve(request)
     elapsed = time.perf_counter() - t0
+    projection = {}
+    if pose and adapter.closed_form is not None:  # untimed: how well the prior knows the pose
+        dist = adapter.projection_distances(_pose_matrix(target), seed=seed).cpu().numpy()
+        found = np.isfinite(dist)
+        projection = dict(projectable_fraction=float(found.mean()),
+                          projection_distance=float(np.median(dist[found])) if found.any()
+                          else None)
     sols = np.asarray([s.q for s in result.solutions], dtype=float).reshape(-1, 7)
     empty = np.zeros(0, dtype=bool)
     return TargetOutcome(solutions=sols, time_s=elapsed, time_first_s=elapsed, valid=empty,
@@ -309,7 +320,8 @@ def _mace_outcome(adapter: IKAdapter, scene: Scene, target: np.ndarray, cfg: IKB
                          valid_fraction_prior=result.valid_fraction_prior,
                          valid_fraction_adapted=result.valid_fraction_adapted,
                          iterations_run=result.iterations_run,
-                         stage_times=asdict(result.timings), checks=result.exact_checks)
+                         stage_times=asdict(result.timings), checks=result.exact_checks,
+                         **projection)
 
 
 def _pairwise_mean(q: np.ndarray) -> float | None:
@@ -318,6 +330,11 @@ def _pairwise_mean(q: np.ndarray) -> float | None:
     d = np.linalg.norm(q[:, None] - q[None], axis=-1)
     iu = np.triu_indices(len(q), 1)
     return float(d[iu].mean())
+
+
+def _median_or_none(values: Sequence[float | None], reduce=np.median) -> float | None:
+    vals = [v for v in values if v is not None]
+    return float(reduce(vals)) if vals else None
 
 
 def _mean(values: Sequence[float | None]) -> float:
@@ -346,6 +363,8 @@ def summarize(outcomes: list[TargetOutcome], k: int, time_basis: str,
                    mean_position_error_m=float(o.position_error.mean())
                    if len(o.position_error) else None, checks=o.checks)
         if mace:
+            row.update(projection_distance=o.projection_distance,
+                       projectable_fraction=o.projectable_fraction)
             row.update(valid_fraction_prior=o.valid_fraction_prior,
                        valid_fraction_adapted=o.valid_fraction_adapted,
                        iterations_run=o.iterations_run, stage_times=o.stage_times)
@@ -362,6 +381,10 @@ def summarize(outcomes: list[TargetOutcome], k: int, time_basis: str,
         mean_position_error_m=float(all_err.mean()) if len(all_err) else float("nan"),
         mean_orientation_error_rad=float(all_turn.mean()) if len(all_turn) else float("nan"),
         mean_checks_per_target=_mean([o.checks for o in outcomes]),
+        median_projection_distance_rad=_median_or_none(
+            [o.projection_distance for o in outcomes]),
+        projectable_fraction=_median_or_none([o.projectable_fraction for o in outcomes],
+                                             np.mean),
         mean_pairwise_joint_distance_rad=_mean([_pairwise_mean(o.solutions) for o in outcomes]),
         mean_pairwise_joint_distance_valid_rad=_mean(
             [_pairwise_mean(o.solutions[o.valid]) for o in outcomes]),
@@ -678,8 +701,8 @@ def format_table(report: dict) -> str:
         return "\n".join(lines)
     lines = [head, f"{'method':<20} {'succ':>5} {'succK':>5} {'med s':>7} {'p90 s':>7} "
                    f"{'1st med':>7} {'1st p90':>7} {'valid/t':>7} {'err mm':>8} {'rot mrad':>8} "
-                   f"{'div rad':>7} {'free':>5} {'checks':>6} {'vf pri':>6} {'vf ada':>6} "
-                   f"{'iters':>5}"]
+                   f"{'div rad':>7} {'free':>5} {'checks':>6} {'proj':>5} {'vf pri':>6} "
+                   f"{'vf ada':>6} {'iters':>5}"]
     for name, m in methods.items():
         lines.append(
             f"{name:<20} {_fmt(m['success_rate'], digits=2):>5} "
@@ -691,6 +714,7 @@ def format_table(report: dict) -> str:
             f"{_fmt(m['mean_pairwise_joint_distance_rad'], digits=2):>7} "
             f"{_fmt(m['collision_free_fraction'], digits=2):>5} "
             f"{_fmt(m['mean_checks_per_target'], digits=0):>6} "
+            f"{_fmt(m['median_projection_distance_rad'], digits=2):>5} "
             f"{_fmt(m['valid_fraction_prior'], digits=2):>6} "
             f"{_fmt(m['valid_fraction_adapted'], digits=2):>6} "
             f"{_fmt(m['mean_iterations'], digits=1):>5}")
@@ -709,5 +733,6 @@ def format_table(report: dict) -> str:
                  f"med/p90 s: time until K valid or give-up; 1st: time to the first valid one "
                  f"(MACE answers all at once); rot: mean orientation error; checks: exact "
                  f"collision checks per target (PyBullet's for the restarts, the service's "
-                 f"backend for MACE)")
+                 f"backend for MACE); proj: median distance (rad, max-norm) from the prior's "
+                 f"samples to their closed-form projections (full poses)")
     return "\n".join(lines)
