@@ -22,8 +22,9 @@ OPTIONAL = {"moveit_msgs"}
 #: import name -> rosdep key of the Python libraries a distribution packages.
 ROSDEP_KEYS = {"numpy": "python3-numpy", "scipy": "python3-scipy", "yaml": "python3-yaml",
                "matplotlib": "python3-matplotlib"}
-#: import name -> distribution name where they differ.
-DISTRIBUTIONS = {"pybullet_data": "pybullet"}
+#: import name -> distribution name where they differ (warp comes with mujoco-warp).
+DISTRIBUTIONS = {"pybullet_data": "pybullet", "mujoco_warp": "mujoco-warp",
+                 "warp": "mujoco-warp"}
 
 
 def _imports() -> set[str]:
@@ -47,9 +48,11 @@ def test_every_import_has_a_declared_source():
     root = ET.parse(os.path.join(REPO, "package.xml")).getroot()
     declared = {e.text.strip() for e in root
                 if e.tag in ("depend", "exec_depend", "build_export_depend")}
-    with open(os.path.join(REPO, "requirements-ros.txt")) as f:
-        required = {re.split(r"[<>=!~ #]", line.strip(), maxsplit=1)[0].lower()
-                    for line in f if line.strip() and not line.startswith("#")}
+    required = set()
+    for name in ("requirements-ros.txt", "requirements-gpu.txt"):  # the GPU backend: optional
+        with open(os.path.join(REPO, name)) as f:
+            required |= {re.split(r"[<>=!~ #]", line.strip(), maxsplit=1)[0].lower()
+                         for line in f if line.strip() and not line.startswith("#")}
     ros_packages = set(get_packages_with_prefixes()) | ROS_NOT_INSTALLED_HERE
     imports = _imports()
     assert {"rclpy", "rcl_interfaces", "torch", "launch_ros"} <= imports  # the scan works
