@@ -489,3 +489,27 @@ def test_a_pose_prior_must_be_registered_and_pose_conditioned(tmp_path):
     with pytest.raises(ModelLoadError, match="no IK prior named 'nope'"):
         IKAdapter.from_models(models, "panda_ik", IKAdaptConfig(pose_prior="nope"),
                               TensorSpec.resolve("cpu"))
+
+
+def test_rounds_explore_uniform_seeds_after_one_that_added_nothing(adapter):
+    """Full poses in closed form: after a round that added no solution, the next one's seeds
+    include ``pose_explore_seeds`` uniform configurations (q7 values the prior may not draw)."""
+    from mace_core.ik.adapter import _RequestPipeline
+
+    kin64 = RobotKinematics.panda(TensorSpec(torch.device("cpu"), torch.float64))
+    pose = kin64.ee_pose(torch.tensor([[0.1, 0.5, -0.1, -1.9, 0.1, 2.4, 0.6]],
+                                      dtype=torch.float64))[0]
+    req = IKRequest(position=pose[:3, 3].numpy(), rotation=pose[:3, :3].numpy(),
+                    orientation_tolerance=1e-3, num_solutions=8, seed=0)
+    run = _RequestPipeline(adapter, req, None, None)
+    run.draw_first_batch()
+    rounds, seeds = run.rounds, run.cand_q[:5]
+    assert rounds.explore == adapter.config.pose_explore_seeds > 0
+    assert rounds._with_explorers(seeds).shape[0] == 5  # no round yet
+    rounds.rounds_run, rounds.last_added = 1, 0
+    assert rounds._with_explorers(seeds).shape[0] == 5 + rounds.explore
+    rounds.last_added = 2
+    assert rounds._with_explorers(seeds).shape[0] == 5
+    position_only = _RequestPipeline(adapter, replace(req, rotation=None), None, None)
+    position_only.draw_first_batch()
+    assert position_only.rounds.explore == 0

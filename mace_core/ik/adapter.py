@@ -105,7 +105,7 @@ class _RefinementRounds:
 
     def __init__(self, adapter: "IKAdapter", cfg: "IKAdaptConfig", target: IKTarget,
                  world: CollisionWorld, deadline: Deadline, timings: "IKTimings",
-                 generator: torch.Generator, clutter: bool = False):
+                 generator: torch.Generator, clutter: bool = False, explore: int = 0):
         self.adapter, self.cfg, self.target, self.world = adapter, cfg, target, world
         self.deadline, self.timings, self.generator = deadline, timings, generator
         #: in clutter the exact checker may end the penalty's push on rows it calls clear
@@ -117,6 +117,10 @@ class _RefinementRounds:
                                     dtype=spec.dtype)  #: (A, 7) accepted solutions
         self.last_round_s = 0.0
         self.last_added = 0  #: solutions the last round added
+        self.rounds_run = 0
+        #: uniform seeds added to a round after one that added nothing (full poses in closed
+        #: form: each is every branch at a q7 the prior may never draw)
+        self.explore = explore
 
     @property
     def done(self) -> bool:
@@ -150,6 +154,14 @@ class _RefinementRounds:
         near = (base + noise - task.squeeze(-1)).clamp(kin.lower, kin.upper)
         return torch.cat([seeds[:seeds.shape[0] - n], near])
 
+    def _with_explorers(self, seeds: torch.Tensor) -> torch.Tensor:
+        """``seeds (S, 7)`` plus ``explore`` configurations uniform within the joint limits when
+        the last round added nothing (the solutions near the prior's samples are exhausted,
+        and where the free ones are rare they may lie at other q7): ``(S [+ E], 7)``."""
+        if self.explore == 0 or self.rounds_run == 0 or self.last_added > 0:
+            return seeds
+        return torch.cat([seeds, self.adapter.kin.sample_uniform(self.explore, self.generator)])
+
     def time_for_another(self) -> bool:
         """Whether a round (sampling a batch and refining it) still fits the budget."""
         return self.deadline.allows(self.last_round_s)
@@ -161,7 +173,7 @@ class _RefinementRounds:
         ad, cfg = self.adapter, self.cfg
         with torch.inference_mode():  # nothing here is differentiated: less overhead per op
             seeds = ad._select_seeds(cfg, candidates, self.target, self.world, scores)
-            seeds = self._with_neighbours(seeds)
+            seeds = self._with_explorers(self._with_neighbours(seeds))
             needed = cfg.num_solutions - self.accepted.shape[0]
             refined = ad._refine(cfg, seeds, self.target, self.world, self.deadline, needed,
                                  exact_clear=self.clutter)
@@ -169,6 +181,7 @@ class _RefinementRounds:
             before = self.accepted.shape[0]
             self.accepted = ad._merge(cfg, self.accepted, refined[ok])
         self.last_added = self.accepted.shape[0] - before
+        self.rounds_run += 1
         self.last_round_s = time.perf_counter() - t
         self.timings.refinement += self.last_round_s
         return self.done
@@ -292,7 +305,9 @@ class _RequestPipeline:
                 q, s = torch.cat([q, more_q]), torch.cat([s, more_s])
         self.cand_q, self.cand_s, self.valid_adapted = q, s, self.valid_prior
         self.rounds = _RefinementRounds(self.adapter, cfg, self.target, self.world,
-                                        self.deadline, self.timings, self.generator, clutter)
+                                        self.deadline, self.timings, self.generator, clutter,
+                                        explore=cfg.pose_explore_seeds if self.analytic_pose
+                                        else 0)
 
     def refine_while_adding(self) -> None:
         """Stage 2: a refinement round on the first batch, then rounds on fresh prior batches
