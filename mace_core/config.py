@@ -122,6 +122,10 @@ class ServiceConfig:
     shape_priors: str = "boxes,objects"  #: comma-separated registry names of shape priors to load
     max_concurrent_waiting: int = 8  #: requests queued behind a running one; more get "busy"
     publish_markers: bool = True  #: publish IK solutions as a visualization_msgs/MarkerArray
+    #: service introspection of both services: "contents" (request and response events on
+    #: ``<service>/_service_event``, what ``ros2 bag record`` captures for a replay),
+    #: "metadata" (the events without their contents) or "off"
+    service_introspection: str = "contents"
     ik: IKAdaptConfig = field(default_factory=IKAdaptConfig)  #: defaults of /mace/adapt_ik
     shape: ShapeCompletionConfig = field(default_factory=ShapeCompletionConfig)  #: shape service
 

@@ -44,6 +44,7 @@ from rclpy.executors import MultiThreadedExecutor
 from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.service_introspection import ServiceIntrospectionState
 from rclpy.signals import SignalHandlerOptions
 from std_msgs.msg import Header
 from visualization_msgs.msg import MarkerArray
@@ -64,6 +65,8 @@ from mace_ros.srv import AdaptIK, CompleteShape
 
 #: A reachable target in free space, for the warm-up request (base frame, m).
 WARMUP_TARGET = (0.4, 0.0, 0.4)
+#: values of the ``service_introspection`` parameter
+INTROSPECTION_STATES = ("off", "metadata", "contents")
 #: MoveIt planning group of the Panda arm (moveit_resources_panda).
 MOVEIT_GROUP = "panda_arm"
 #: The shape priors' registry, in the models folder.
@@ -273,6 +276,7 @@ class MaceNode(Node):
             self._complete_shape_srv = self.create_service(
                 CompleteShape, "~/complete_shape", self._on_complete_shape,
                 qos_profile=requests_qos, callback_group=self._services_group)
+        self._configure_introspection(self.config.service_introspection)
         markers_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
                                  reliability=ReliabilityPolicy.RELIABLE,
                                  durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -365,6 +369,23 @@ class MaceNode(Node):
         self._shape.warmup()
         return time.perf_counter() - t0
 
+    def _configure_introspection(self, state: str) -> None:
+        """Service introspection of both services (``service_introspection``): events on
+        ``<service>/_service_event`` that ``ros2 bag record`` captures for a replay."""
+        states = dict(zip(INTROSPECTION_STATES, (
+            ServiceIntrospectionState.OFF, ServiceIntrospectionState.METADATA,
+            ServiceIntrospectionState.CONTENTS)))
+        if state not in states:
+            raise ParameterError(f"parameter 'service_introspection': one of "
+                                 f"{INTROSPECTION_STATES}, got {state!r}")
+        # depth 100: with depth 1, events were lost (../shared/ros2-from-pypi.md)
+        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
+                         reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.VOLATILE)
+        for srv in (self._adapt_ik_srv, self._complete_shape_srv):
+            if srv is not None:
+                srv.configure_introspection(self.get_clock(), qos, states[state])
+
     # -- parameters at run time ------------------------------------------------------------------
 
     def _check_parameters(self, changed) -> SetParametersResult:
@@ -372,6 +393,10 @@ class MaceNode(Node):
         values.update({p.name: p.value for p in changed if p.name in values})
         try:
             config = params.config_from_parameters(values)
+            if config.service_introspection not in INTROSPECTION_STATES:
+                raise ParameterError(f"parameter 'service_introspection': one of "
+                                     f"{INTROSPECTION_STATES}, got "
+                                     f"{config.service_introspection!r}")
             mode = config.ik.refinement_mode
             if mode != "none" and mode not in self._ik.refiners:
                 raise ParameterError(f"parameter 'ik.refinement_mode': refinement '{mode}' is "
@@ -393,6 +418,8 @@ class MaceNode(Node):
                                     f"{exc}")
             return
         # requests in flight keep the previous adapter / completer
+        if config.service_introspection != self.config.service_introspection:
+            self._configure_introspection(config.service_introspection)
         self.config, self._ik, self._shape = config, adapter, completer
         self.get_logger().info(f"parameters changed: {names}")
 

@@ -145,6 +145,39 @@ def test_markers_follow_each_answer(ik_client, ros_node, box):
     assert all(m.header.frame_id == "panda_link0" for m in markers)
 
 
+def test_calls_are_published_as_service_events_for_bags(ik_client, ros_node, box):
+    """Service introspection (``service_introspection: contents``): a call to
+    ``/mace/adapt_ik`` appears on ``/mace/adapt_ik/_service_event`` as a request event with
+    the request and a response event with the response, what ``ros2 bag record`` captures."""
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from service_msgs.msg import ServiceEventInfo
+
+    node, executor = ros_node
+    events = []
+    qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+    node.create_subscription(AdaptIK.Event, "/mace/adapt_ik/_service_event", events.append, qos)
+    time.sleep(1.0)  # discovery of the new subscription
+    request = box_request(box, num_solutions=2, seed=7)
+    response = ik_client.call(request, timeout_s=30.0)
+
+    def kinds():
+        return {e.info.event_type for e in events if e.request and e.request[0].seed == 7
+                or e.response and len(e.response[0].solutions) == len(response.solutions)}
+
+    deadline = time.monotonic() + 10.0
+    wanted = {ServiceEventInfo.REQUEST_RECEIVED, ServiceEventInfo.RESPONSE_SENT}
+    while time.monotonic() < deadline and not wanted <= kinds():
+        executor.spin_once(timeout_sec=0.1)
+    assert wanted <= kinds(), f"events seen: {[e.info.event_type for e in events]}"
+    got = [e for e in events if e.info.event_type == ServiceEventInfo.REQUEST_RECEIVED
+           and e.request and e.request[0].seed == 7][0].request[0]
+    assert got.num_solutions == 2
+    assert got.target.pose.position.x == pytest.approx(float(request.target.pose.position.x))
+    sent = [e for e in events if e.info.event_type == ServiceEventInfo.RESPONSE_SENT
+            and e.response][-1].response[0]
+    assert sent.success == response.success
+
+
 def test_two_concurrent_clients_are_both_served(mace_node, box):
     responses = {}
 
@@ -330,6 +363,8 @@ def test_parameters_are_validated_at_run_time(mace_node, ros_node):
     assert not set_one("device", "cuda").successful  # read-only
     assert set_one("ik.mace.num_samples", 256).successful
     assert set_one("ik.mace.num_samples", 512).successful
+    loud = set_one("service_introspection", "loud")
+    assert not loud.successful and "service_introspection" in loud.reason
 
 
 # ------------------------------------------------------------------------------------------------
