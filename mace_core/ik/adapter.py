@@ -43,6 +43,7 @@ from ..robot.scenes import Obstacle, padded
 from ..robot.spheres import CollisionWorld, SphereCollisionChecker
 from ..tensor import TensorSpec
 from .conditioning import context_of
+from .conditioned import _ConditionedPrior, _ProjectedPrior
 from .prior import ARGMMPrior
 from .refinement import (AnalyticRefiner, DLSRefiner, IKTarget, PenaltyFn, Refiner, TracIKRefiner,
                          pose_errors)
@@ -51,53 +52,6 @@ from .request import IKAdaptConfig, IKAdaptResult, IKRequest, IKSolution, IKTimi
 
 #: Origin of joint 2 (the shoulder) in the base frame, m; reach is measured from there.
 _SHOULDER = (0.0, 0.0, 0.333)
-
-
-class _ConditionedPrior:
-    """An IK prior at one target, as :func:`mace.adapt` sees it (all weights tuned): its context
-    ``(C,)`` is the target position, or the full pose for a pose-conditioned prior."""
-
-    def __init__(self, prior: ARGMMPrior, initial: ARGMMPrior, context: torch.Tensor,
-                 lower: torch.Tensor, upper: torch.Tensor):
-        self.prior, self.initial, self.context = prior, initial, context
-        self.lower, self.upper = lower, upper  # (7,) joint limits, rad
-
-    def adapted_parameters(self) -> list[torch.nn.Parameter]:
-        return list(self.prior.parameters())
-
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """``(n, 7)`` samples projected onto the joint limits: the mixtures' tails spill over
-        the limits (a fifth of raw samples), and the nearest in-limit configuration is as good a
-        candidate."""
-        q = self.prior.sample(self.context.expand(n, -1), generator)
-        return q.clamp(self.lower, self.upper)
-
-    def log_likelihood_fn(self, q: torch.Tensor):
-        c = self.context.expand(q.shape[0], -1)
-        return lambda: self.prior.log_prob(q, c)
-
-    def initial_log_likelihood(self, q: torch.Tensor) -> torch.Tensor:
-        return self.initial.log_prob(q, self.context.expand(q.shape[0], -1))
-
-
-class _ProjectedPrior(_ConditionedPrior):
-    """The prior whose samples are moved onto a full-pose target by the closed form (the
-    branch nearest each sample at its q7; samples with none stay as drawn): Algorithm 1
-    unchanged, its elites the projected configurations. The score then separates exact
-    collision-free solutions (S = 1) from the rest, and adaptation moves the prior to the
-    q7 values and branches whose solutions are free (issue: the cabinet's shelves)."""
-
-    def __init__(self, prior: ARGMMPrior, initial: ARGMMPrior, context: torch.Tensor,
-                 lower: torch.Tensor, upper: torch.Tensor, closed_form: PandaClosedFormIK,
-                 pose: torch.Tensor):
-        super().__init__(prior, initial, context, lower, upper)
-        self.closed_form, self.pose = closed_form, pose  # (4, 4) float64 target pose
-
-    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """``(n, 7)`` samples, each on the target pose where a branch exists at its q7."""
-        q = super().sample(n, generator)
-        projected, _ = self.closed_form.project(self.pose, q)
-        return projected.to(q.dtype)
 
 
 class _RefinementRounds:
