@@ -6,6 +6,9 @@ runs MACE and the TRAC-IK restarts baseline on one scene (see :mod:`mace_core.ik
 ``mace-bench shape --prior boxes --cases 20 --seed 0 --json out/bench_shape_boxes.json`` runs
 shape completion (MACE-VAE against the prior) on held-out shapes (see
 :mod:`mace_core.shape.benchmark`). Both run in-process, without ROS.
+``mace-bench record --scene config/scenes/box.yaml --targets 20 --out BAG`` writes a bag of
+``/mace/adapt_ik`` request events (MCAP, as ``ros2 bag record`` captures them from the node's
+service introspection) for targets drawn like the benchmark's (see :mod:`mace_ros.bags`).
 ``mace-bench fuzz --requests 1000 --seed 0 --json out/fuzz.json`` starts the node and sends it
 extreme and malformed requests over DDS, counting hangs, crashes, internal errors and non-finite
 answers (see :mod:`mace_ros.fuzz`).
@@ -242,8 +245,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_ik_parser(sub)
     _add_shape_parser(sub)
+    _add_record_parser(sub)
     fuzz.add_parser(sub)
     return parser
+
+
+def _add_record_parser(sub) -> None:
+    p = sub.add_parser("record", help="write a bag of /mace/adapt_ik calls for a replay",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--scene", required=True, help="scene YAML (format of config/scenes/)")
+    p.add_argument("--targets", type=int, default=20, help="requests to write")
+    p.add_argument("--seed", type=int, default=0, help="seeds the targets and the requests")
+    p.add_argument("--target-kind", choices=TARGET_KINDS, default="position",
+                   help="as mace-bench ik draws them")
+    p.add_argument("--num-solutions", type=int, default=8, help="K of every request")
+    p.add_argument("--budget", type=float, default=1.0, help="s, every request's budget")
+    p.add_argument("--out", required=True, help="the bag folder to create (MCAP)")
+    p.set_defaults(func=_run_record)
+
+
+def _run_record(args: argparse.Namespace) -> int:
+    """``mace-bench record``: drawn requests as the service events a recorded bag holds."""
+    from mace_ros.bags import record_drawn_requests
+
+    requests = record_drawn_requests(args.out, load_scene(args.scene), args.targets, args.seed,
+                                     args.target_kind, args.num_solutions, args.budget)
+    print(f"wrote {len(requests)} /mace/adapt_ik requests to {args.out}")
+    return 0
 
 
 def _models_dir(arg: str) -> str:

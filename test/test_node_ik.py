@@ -145,7 +145,7 @@ def test_markers_follow_each_answer(ik_client, ros_node, box):
     assert all(m.header.frame_id == "panda_link0" for m in markers)
 
 
-def test_calls_are_published_as_service_events_for_bags(ik_client, ros_node, box):
+def test_calls_are_published_as_service_events_for_bags(ik_client, ros_node, box, tmp_path):
     """Service introspection (``service_introspection: contents``): a call to
     ``/mace/adapt_ik`` appears on ``/mace/adapt_ik/_service_event`` as a request event with
     the request and a response event with the response, what ``ros2 bag record`` captures."""
@@ -176,6 +176,13 @@ def test_calls_are_published_as_service_events_for_bags(ik_client, ros_node, box
     sent = [e for e in events if e.info.event_type == ServiceEventInfo.RESPONSE_SENT
             and e.response][-1].response[0]
     assert sent.success == response.success
+    # what a recorder writes of them reads back as received
+    from mace_ros.bags import ServiceEventBag, read_service_events
+
+    with ServiceEventBag(tmp_path / "bag") as bag:
+        for k, event in enumerate(events):
+            bag.write_event("/mace/adapt_ik", event, k + 1)
+    assert [e for _, e in read_service_events(tmp_path / "bag")] == events
 
 
 def test_two_concurrent_clients_are_both_served(mace_node, box):
