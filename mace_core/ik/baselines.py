@@ -45,6 +45,19 @@ class _Kept:
         return all(np.abs(q - other).max() >= self.min_joint_distance
                    for other in self.solutions)
 
+    def offer(self, candidates: np.ndarray, checker: PyBulletCollisionChecker) -> int:
+        """Check the distinct rows of ``candidates (n, 7)`` one at a time and keep the valid
+        ones, until enough are kept or time is up; returns the checks spent."""
+        checks = 0
+        for q in candidates:
+            if not self.going:
+                break
+            if self.distinct(q):
+                checks += 1
+                if bool(checker.valid(q[None])[0]):
+                    self.keep(q)
+        return checks
+
     def keep(self, q: np.ndarray) -> None:
         self.solutions.append(q)
         if len(self.solutions) == 1:
@@ -303,13 +316,7 @@ class AnalyticRestarts:
             q7 = torch.as_tensor(rng.uniform(lo, hi, self.batch), dtype=torch.float64)
             sols, ok = cf.solve(target.expand(self.batch, 4, 4), q7)
             attempts += self.batch
-            for q in sols[ok].numpy():
-                if not kept.going:
-                    break
-                if kept.distinct(q):
-                    checks += 1
-                    if bool(self.checker.valid(q[None])[0]):
-                        kept.keep(q)
+            checks += kept.offer(sols[ok].numpy(), self.checker)
         return kept.outcome(attempts=attempts, converged=checks, checks=checks)
 
 
@@ -363,11 +370,5 @@ class BatchedRestarts:
             attempts += self.batch
             pos_err, rot_err = pose_errors(kin, q, target)
             on = (pos_err <= self.position_tolerance) & (rot_err <= self.orientation_tolerance)
-            for row in q[on].detach().cpu().double().numpy():
-                if not kept.going:
-                    break
-                if kept.distinct(row):
-                    checks += 1
-                    if bool(self.checker.valid(row[None])[0]):
-                        kept.keep(row)
+            checks += kept.offer(q[on].detach().cpu().double().numpy(), self.checker)
         return kept.outcome(attempts=attempts, converged=checks, checks=checks)
