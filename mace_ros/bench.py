@@ -246,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ik_parser(sub)
     _add_shape_parser(sub)
     _add_record_parser(sub)
+    _add_replay_parser(sub)
     fuzz.add_parser(sub)
     return parser
 
@@ -262,6 +263,40 @@ def _add_record_parser(sub) -> None:
     p.add_argument("--budget", type=float, default=1.0, help="s, every request's budget")
     p.add_argument("--out", required=True, help="the bag folder to create (MCAP)")
     p.set_defaults(func=_run_record)
+
+
+def _add_replay_parser(sub) -> None:
+    p = sub.add_parser("replay", help="replay a bag of /mace/adapt_ik calls against mace and "
+                                      "its baselines (in process)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("bag", help="bag folder (MCAP or sqlite3) with /mace/adapt_ik/_service_event")
+    p.add_argument("--methods", default="mace_refine,tracik_restarts",
+                   help="comma-separated methods (each group runs those of its target kind)")
+    p.add_argument("--models-dir", default="", help="as for mace-bench ik")
+    p.add_argument("--ik-prior", dest="model", default="panda_ik", help="registry name")
+    p.add_argument("--config", default=None, help="service parameters YAML")
+    p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0, help="seeds the baselines' restarts")
+    p.add_argument("--json", default="", help="write the report to this file")
+    p.set_defaults(func=_run_replay)
+
+
+def _run_replay(args: argparse.Namespace) -> int:
+    """``mace-bench replay``: the bag's requests through :mod:`mace_ros.replay`."""
+    import torch
+
+    from mace_ros.replay import format_replay, replay_bag
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    service = load_service_config(args.config).ik if args.config else IKAdaptConfig()
+    adapter = IKAdapter.from_models(_models_dir(args.models_dir), args.model, service,
+                                    TensorSpec.resolve(args.device))
+    report = replay_bag(args.bag, adapter, tuple(m for m in args.methods.split(",") if m),
+                        IKBenchmarkConfig(seed=args.seed),
+                        log=lambda s: print(s, file=sys.stderr, flush=True))
+    return _report(format_replay(report), report, args.json)
 
 
 def _run_record(args: argparse.Namespace) -> int:

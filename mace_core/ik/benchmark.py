@@ -422,16 +422,20 @@ def _time_basis(method: str, cfg: IKBenchmarkConfig) -> str:
 def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
                  urdf_text: str | None = None,
                  log: Callable[[str], None] = lambda _s: None,
-                 others: dict[str, IKAdapter] | None = None) -> dict:
+                 others: dict[str, IKAdapter] | None = None,
+                 targets: np.ndarray | None = None) -> dict:
     """The ``requests`` protocol: the JSON-ready dict of :func:`run_benchmark`.
 
     ``others``: more adapters (by label, e.g. a collision backend) whose MACE methods run as
     ``<method>@<label>`` in the same turns, so their figures compare under the same load.
+    ``targets``: the targets to run instead of drawn ones (a replayed bag's).
     """
     pose_targets = cfg.target_kind == "pose"
     judge = SolutionJudge(scene, cfg.position_tolerance,
                           orientation_tolerance=cfg.orientation_tolerance)
-    if cfg.targets_file:
+    if targets is not None:  # given (a replayed bag): (n, 3) positions or (n, 7) poses
+        targets = np.asarray(targets, dtype=float)
+    elif cfg.targets_file:
         targets = load_pose_targets(cfg.targets_file)
     elif pose_targets:
         targets = sample_pose_targets(scene, cfg.num_targets, cfg.seed, judge.checker)
@@ -613,7 +617,8 @@ def table1_service_config(service: IKAdaptConfig) -> IKAdaptConfig:
 def run_benchmark(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
                   urdf_text: str | None = None, models_dir: str | None = None,
                   log: Callable[[str], None] = lambda _s: None,
-                  others: dict[str, IKAdapter] | None = None) -> dict:
+                  others: dict[str, IKAdapter] | None = None,
+                  targets: np.ndarray | None = None) -> dict:
     """Run the configured protocol on ``scene``; returns the JSON-ready report.
 
     ``others`` (``requests`` protocol): more adapters whose MACE methods run beside ``adapter``'s
@@ -631,7 +636,7 @@ def run_benchmark(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
     if cfg.protocol == "table1":
         body = run_table1(adapter, scene, cfg, log)
     else:
-        body = run_requests(adapter, scene, cfg, urdf_text, log, others)
+        body = run_requests(adapter, scene, cfg, urdf_text, log, others, targets)
     env["load_average_1m"] = environment()["load_average_1m"]
     return dict(scene=scene.name, protocol=cfg.protocol, config=asdict(cfg),
                 service=asdict(adapter.config), environment=env, **body)
