@@ -191,6 +191,10 @@ class ServiceEventBag:
         data = self.store.serialize_cdr(to_rosbags(event, typename, self.store), typename)
         self.writer.write(self._connection(service), stamp_ns, bytes(data))
 
+    def write_raw(self, service: str, data: bytes, stamp_ns: int) -> None:
+        """Write one event as received on the wire (CDR bytes of a ``raw`` subscription)."""
+        self.writer.write(self._connection(service), stamp_ns, bytes(data))
+
     def close(self) -> None:
         self.writer.close()
 
@@ -309,3 +313,48 @@ def read_ik_requests(path: str | os.PathLike) -> list:
             seen.add(key)
             out.append(event.request[0])
     return out
+
+
+def record_live(path: str | os.PathLike, duration_s: float,
+                services: Iterable[str] = tuple(SERVICES), node_name: str = "mace_recorder",
+                ready=None) -> dict[str, int]:
+    """Subscribe to the ``_service_event`` topics of a running node's ``services`` for
+    ``duration_s`` and write every event, as received, into an MCAP bag at ``path``; returns
+    the events written per service. ``ready`` (a ``threading.Event``) is set once subscribed.
+    Needs the node's ``service_introspection`` at ``contents`` for the requests themselves."""
+    import time
+
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+    from mace_ros.srv import AdaptIK, CompleteShape
+
+    event_types = {"/mace/adapt_ik": AdaptIK.Event, "/mace/complete_shape": CompleteShape.Event}
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    counts = {service: 0 for service in services}
+    try:
+        node = rclpy.create_node(node_name, context=context)
+        executor = SingleThreadedExecutor(context=context)
+        executor.add_node(node)
+        qos = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
+        with ServiceEventBag(path) as bag:
+            def writer(service):
+                def write(data: bytes) -> None:
+                    bag.write_raw(service, data, time.time_ns())
+                    counts[service] += 1
+                return write
+
+            for service in services:
+                node.create_subscription(event_types[service], f"{service}/_service_event",
+                                         writer(service), qos, raw=True)
+            if ready is not None:
+                ready.set()
+            end = time.monotonic() + duration_s
+            while time.monotonic() < end:
+                executor.spin_once(timeout_sec=min(0.1, max(0.0, end - time.monotonic())))
+        node.destroy_node()
+    finally:
+        rclpy.shutdown(context=context)
+    return counts

@@ -254,7 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_record_parser(sub) -> None:
     p = sub.add_parser("record", help="write a bag of /mace/adapt_ik calls for a replay",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--scene", required=True, help="scene YAML (format of config/scenes/)")
+    p.add_argument("--scene", default="", help="scene YAML (format of config/scenes/): "
+                   "write drawn requests without a node")
+    p.add_argument("--live", action="store_true",
+                   help="instead, record a running node's service events for --duration s")
+    p.add_argument("--duration", type=float, default=60.0, help="s of --live recording")
     p.add_argument("--targets", type=int, default=20, help="requests to write")
     p.add_argument("--seed", type=int, default=0, help="seeds the targets and the requests")
     p.add_argument("--target-kind", choices=TARGET_KINDS, default="position",
@@ -300,9 +304,16 @@ def _run_replay(args: argparse.Namespace) -> int:
 
 
 def _run_record(args: argparse.Namespace) -> int:
-    """``mace-bench record``: drawn requests as the service events a recorded bag holds."""
-    from mace_ros.bags import record_drawn_requests
+    """``mace-bench record``: drawn requests as the service events a recorded bag holds, or
+    (``--live``) a running node's events."""
+    from mace_ros.bags import record_drawn_requests, record_live
 
+    if args.live:
+        counts = record_live(args.out, args.duration)
+        print(f"recorded {counts} events in {args.duration:g} s to {args.out}")
+        return 0
+    if not args.scene:
+        raise SystemExit("mace-bench record: --scene (drawn requests) or --live")
     requests = record_drawn_requests(args.out, load_scene(args.scene), args.targets, args.seed,
                                      args.target_kind, args.num_solutions, args.budget)
     print(f"wrote {len(requests)} /mace/adapt_ik requests to {args.out}")

@@ -537,3 +537,27 @@ def test_node_refuses_to_start(failed_starts, name, expected):
     assert status is not None and status != 0, f"the node kept running:\n{log}"
     assert "cannot start" in log and expected in log, log
     assert seconds < 30.0, f"took {seconds:.1f} s to fail"
+
+
+def test_a_live_recording_holds_the_calls_made_meanwhile(ik_client, box, tmp_path):
+    """``mace-bench record --live``: a recorder subscribed to the running node writes each
+    call's request and response events, as received, into a bag that reads back."""
+    from mace_ros.bags import read_ik_requests, read_service_events, record_live
+    from service_msgs.msg import ServiceEventInfo
+
+    ready, counts = threading.Event(), {}
+    thread = threading.Thread(target=lambda: counts.update(
+        record_live(tmp_path / "live", 5.0, services=("/mace/adapt_ik",), ready=ready)))
+    thread.start()
+    assert ready.wait(10.0)
+    time.sleep(1.5)  # discovery of the recorder's subscription
+    request = box_request(box, num_solutions=2, seed=11)
+    response = ik_client.call(request, timeout_s=30.0)
+    thread.join(15.0)
+    assert counts["/mace/adapt_ik"] >= 2
+    events = [e for _, e in read_service_events(tmp_path / "live")]
+    kinds = {e.info.event_type for e in events}
+    assert {ServiceEventInfo.REQUEST_RECEIVED, ServiceEventInfo.RESPONSE_SENT} <= kinds
+    assert request in read_ik_requests(tmp_path / "live")
+    sent = [e.response[0] for e in events if e.response]
+    assert any(len(r.solutions) == len(response.solutions) for r in sent)
