@@ -282,6 +282,9 @@ def _add_replay_parser(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0, help="seeds the baselines' restarts")
+    p.add_argument("--node", action="store_true",
+                   help="also send every request to the running node (/mace/adapt_ik, method "
+                        "mace_node, end-to-end time)")
     p.add_argument("--json", default="", help="write the report to this file")
     p.set_defaults(func=_run_replay)
 
@@ -297,9 +300,22 @@ def _run_replay(args: argparse.Namespace) -> int:
     service = load_service_config(args.config).ik if args.config else IKAdaptConfig()
     adapter = IKAdapter.from_models(_models_dir(args.models_dir), args.model, service,
                                     TensorSpec.resolve(args.device))
-    report = replay_bag(args.bag, adapter, tuple(m for m in args.methods.split(",") if m),
-                        IKBenchmarkConfig(seed=args.seed),
-                        log=lambda s: print(s, file=sys.stderr, flush=True))
+    client = None
+    if args.node:
+        import rclpy
+
+        from mace_ros.client import MaceClient
+
+        rclpy.init()
+        client = MaceClient(node_name="mace_replay")
+    try:
+        report = replay_bag(args.bag, adapter, tuple(m for m in args.methods.split(",") if m),
+                            IKBenchmarkConfig(seed=args.seed),
+                            log=lambda s: print(s, file=sys.stderr, flush=True), client=client)
+    finally:
+        if client is not None:
+            client.close()
+            rclpy.shutdown()
     return _report(format_replay(report), report, args.json)
 
 

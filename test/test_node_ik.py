@@ -561,3 +561,21 @@ def test_a_live_recording_holds_the_calls_made_meanwhile(ik_client, box, tmp_pat
     assert request in read_ik_requests(tmp_path / "live")
     sent = [e.response[0] for e in events if e.response]
     assert any(len(r.solutions) == len(response.solutions) for r in sent)
+
+
+def test_a_bag_replays_against_the_running_node(ik_client, tmp_path):
+    """``mace-bench replay --node``: each recorded request also goes to the node over DDS
+    (method ``mace_node``), its answers judged like the in-process methods'."""
+    from mace_core.ik.adapter import IKAdapter
+    from mace_core.ik.request import IKAdaptConfig
+    from mace_ros.bags import record_drawn_requests
+    from mace_ros.replay import replay_bag
+
+    record_drawn_requests(tmp_path / "bag", load_scene(BOX_SCENE), 2, 3, num_solutions=2)
+    adapter = IKAdapter.from_models(MODELS_DIR, "panda_ik", IKAdaptConfig(), TensorSpec())
+    report = replay_bag(str(tmp_path / "bag"), adapter, ("mace_refine",), client=ik_client)
+    (group,) = report["groups"]
+    node = group["methods"]["mace_node"]
+    assert node["success_rate"] == 1.0 and node["k_success_rate"] == 1.0
+    assert all(0.0 < row["time_s"] < 30.0 for row in node["per_target"])
+    assert "over DDS" in node["time_basis"]

@@ -411,6 +411,9 @@ def _time_basis(method: str, cfg: IKBenchmarkConfig) -> str:
         return (f"until K={cfg.num_solutions} distinct valid solutions (closed form from "
                 f"uniform q7 in batches of 64, PyBullet checks inside the loop) or the "
                 f"{cfg.tracik_timeout_s:g} s timeout")
+    if method == "mace_node":
+        return (f"end to end over DDS, as a client sees it: the running node's answer to the "
+                f"recorded request (K={cfg.num_solutions}, {cfg.time_budget_s:g} s budget)")
     if method == "mace_refine":
         return (f"request wall time: returns at K={cfg.num_solutions} refined solutions "
                 f"(checked by ik.collision.backend, within tolerance) or the "
@@ -423,12 +426,15 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
                  urdf_text: str | None = None,
                  log: Callable[[str], None] = lambda _s: None,
                  others: dict[str, IKAdapter] | None = None,
-                 targets: np.ndarray | None = None) -> dict:
+                 targets: np.ndarray | None = None,
+                 extra: dict[str, Callable[[int, np.ndarray], TargetOutcome]] | None = None
+                 ) -> dict:
     """The ``requests`` protocol: the JSON-ready dict of :func:`run_benchmark`.
 
     ``others``: more adapters (by label, e.g. a collision backend) whose MACE methods run as
     ``<method>@<label>`` in the same turns, so their figures compare under the same load.
-    ``targets``: the targets to run instead of drawn ones (a replayed bag's).
+    ``targets``: the targets to run instead of drawn ones (a replayed bag's). ``extra``: more
+    methods by name, each answering target ``i`` (e.g. a running node over DDS).
     """
     pose_targets = cfg.target_kind == "pose"
     judge = SolutionJudge(scene, cfg.position_tolerance,
@@ -485,6 +491,8 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
                         lambda i, target, a=served_by, overrides=MACE_METHODS[method]:
                         _mace_outcome(a, scene, target, cfg, overrides,
                                       seed=cfg.seed * 100003 + i))
+        for name, runner in (extra or {}).items():
+            runners[name], outcomes[name] = runner, []
         if cfg.warmup:  # on the first target, with its own seed (index n)
             for run_one in runners.values():
                 run_one(len(targets), targets[0])
@@ -618,7 +626,9 @@ def run_benchmark(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
                   urdf_text: str | None = None, models_dir: str | None = None,
                   log: Callable[[str], None] = lambda _s: None,
                   others: dict[str, IKAdapter] | None = None,
-                  targets: np.ndarray | None = None) -> dict:
+                  targets: np.ndarray | None = None,
+                  extra: dict[str, Callable[[int, np.ndarray], TargetOutcome]] | None = None
+                  ) -> dict:
     """Run the configured protocol on ``scene``; returns the JSON-ready report.
 
     ``others`` (``requests`` protocol): more adapters whose MACE methods run beside ``adapter``'s
@@ -636,7 +646,7 @@ def run_benchmark(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
     if cfg.protocol == "table1":
         body = run_table1(adapter, scene, cfg, log)
     else:
-        body = run_requests(adapter, scene, cfg, urdf_text, log, others, targets)
+        body = run_requests(adapter, scene, cfg, urdf_text, log, others, targets, extra)
     env["load_average_1m"] = environment()["load_average_1m"]
     return dict(scene=scene.name, protocol=cfg.protocol, config=asdict(cfg),
                 service=asdict(adapter.config), environment=env, **body)
