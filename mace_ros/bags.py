@@ -320,7 +320,8 @@ def record_live(path: str | os.PathLike, duration_s: float,
                 ready=None) -> dict[str, int]:
     """Subscribe to the ``_service_event`` topics of a running node's ``services`` for
     ``duration_s`` and write every event, as received, into an MCAP bag at ``path``; returns
-    the events written per service. ``ready`` (a ``threading.Event``) is set once subscribed.
+    the events written per service. ``ready`` (a ``threading.Event``) is set once the node's
+    event publishers are discovered (or the time is up).
     Needs the node's ``service_introspection`` at ``contents`` for the requests themselves."""
     import time
 
@@ -349,9 +350,13 @@ def record_live(path: str | os.PathLike, duration_s: float,
             for service in services:
                 node.create_subscription(event_types[service], f"{service}/_service_event",
                                          writer(service), qos, raw=True)
-            if ready is not None:
-                ready.set()
             end = time.monotonic() + duration_s
+            if ready is not None:  # once the node's event publishers are discovered
+                topics = [f"{service}/_service_event" for service in services]
+                while time.monotonic() < end and not all(
+                        node.count_publishers(t) for t in topics):
+                    executor.spin_once(timeout_sec=0.05)
+                ready.set()
             while time.monotonic() < end:
                 executor.spin_once(timeout_sec=min(0.1, max(0.0, end - time.monotonic())))
         node.destroy_node()

@@ -547,18 +547,24 @@ def test_a_live_recording_holds_the_calls_made_meanwhile(ik_client, box, tmp_pat
 
     ready, counts = threading.Event(), {}
     thread = threading.Thread(target=lambda: counts.update(
-        record_live(tmp_path / "live", 5.0, services=("/mace/adapt_ik",), ready=ready)))
+        record_live(tmp_path / "live", 12.0, services=("/mace/adapt_ik",), ready=ready)))
     thread.start()
-    assert ready.wait(10.0)
-    time.sleep(1.5)  # discovery of the recorder's subscription
-    request = box_request(box, num_solutions=2, seed=11)
-    response = ik_client.call(request, timeout_s=30.0)
-    thread.join(15.0)
+    assert ready.wait(15.0)
+    time.sleep(1.0)  # the node's side of the discovery
+    calls = []  # two calls 2 s apart: one at least after the node matched the recorder
+    for seed in (11, 12):
+        request = box_request(box, num_solutions=2, seed=seed)
+        calls.append((request, ik_client.call(request, timeout_s=30.0)))
+        time.sleep(2.0)
+    thread.join(30.0)
     assert counts["/mace/adapt_ik"] >= 2
     events = [e for _, e in read_service_events(tmp_path / "live")]
     kinds = {e.info.event_type for e in events}
     assert {ServiceEventInfo.REQUEST_RECEIVED, ServiceEventInfo.RESPONSE_SENT} <= kinds
-    assert request in read_ik_requests(tmp_path / "live")
+    recorded = read_ik_requests(tmp_path / "live")
+    assert recorded and all(r in [c[0] for c in calls] for r in recorded)
+    request, response = calls[-1]
+    assert request in recorded
     sent = [e.response[0] for e in events if e.response]
     assert any(len(r.solutions) == len(response.solutions) for r in sent)
 
