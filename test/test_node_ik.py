@@ -156,7 +156,11 @@ def test_calls_are_published_as_service_events_for_bags(ik_client, ros_node, box
     events = []
     qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
     node.create_subscription(AdaptIK.Event, "/mace/adapt_ik/_service_event", events.append, qos)
-    time.sleep(1.0)  # discovery of the new subscription
+    deadline = time.monotonic() + 10.0  # discovery of the node's event publisher, both ways
+    while time.monotonic() < deadline and not node.count_publishers(
+            "/mace/adapt_ik/_service_event"):
+        executor.spin_once(timeout_sec=0.05)
+    time.sleep(1.0)
     request = box_request(box, num_solutions=2, seed=7)
     response = ik_client.call(request, timeout_s=30.0)
 
