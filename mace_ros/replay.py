@@ -82,13 +82,10 @@ def node_runner(client, messages: list, timeout_s: float
         t0 = time.perf_counter()
         response = client.call(message, timeout_s=timeout_s)
         elapsed = time.perf_counter() - t0
-        q = np.asarray([s.positions for s in response.solutions], dtype=float).reshape(-1, 7)
-        empty = np.zeros(0, dtype=bool)
-        return TargetOutcome(solutions=q, time_s=elapsed, time_first_s=elapsed, valid=empty,
-                             collision_free=empty, position_error=np.zeros(0),
-                             valid_fraction_prior=response.valid_fraction_prior,
-                             valid_fraction_adapted=response.valid_fraction_adapted,
-                             iterations_run=response.iterations_run)
+        return TargetOutcome.at_once([s.positions for s in response.solutions], elapsed,
+                                     valid_fraction_prior=response.valid_fraction_prior,
+                                     valid_fraction_adapted=response.valid_fraction_adapted,
+                                     iterations_run=response.iterations_run)
     return run
 
 

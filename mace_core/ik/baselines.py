@@ -97,6 +97,15 @@ class TargetOutcome:
     converged: int | None = None  #: TRAC-IK calls that reached the target (valid or not)
     stage_times: dict | None = None  #: MACE: s per stage (sampling, adaptation, refinement, total)
 
+    @classmethod
+    def at_once(cls, solutions: np.ndarray, elapsed_s: float, **figures) -> "TargetOutcome":
+        """A method's answer that comes all at once after ``elapsed_s`` (a MACE request):
+        ``solutions (S, 7)``, the judge's fields left empty."""
+        empty = np.zeros(0, dtype=bool)
+        return cls(solutions=np.asarray(solutions, dtype=float).reshape(-1, 7),
+                   time_s=elapsed_s, time_first_s=elapsed_s, valid=empty, collision_free=empty,
+                   position_error=np.zeros(0), **figures)
+
 
 # ----------------------------------------------------------------------------------------------
 # TRAC-IK restarts (MoveIt's protocol)

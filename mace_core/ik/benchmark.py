@@ -313,15 +313,12 @@ def _mace_outcome(adapter: IKAdapter, scene: Scene, target: np.ndarray, cfg: IKB
         projection = dict(projectable_fraction=float(found.mean()),
                           projection_distance=float(np.median(dist[found])) if found.any()
                           else None)
-    sols = np.asarray([s.q for s in result.solutions], dtype=float).reshape(-1, 7)
-    empty = np.zeros(0, dtype=bool)
-    return TargetOutcome(solutions=sols, time_s=elapsed, time_first_s=elapsed, valid=empty,
-                         collision_free=empty, position_error=np.zeros(0),
-                         valid_fraction_prior=result.valid_fraction_prior,
-                         valid_fraction_adapted=result.valid_fraction_adapted,
-                         iterations_run=result.iterations_run,
-                         stage_times=asdict(result.timings), checks=result.exact_checks,
-                         **projection)
+    return TargetOutcome.at_once([s.q for s in result.solutions], elapsed,
+                                 valid_fraction_prior=result.valid_fraction_prior,
+                                 valid_fraction_adapted=result.valid_fraction_adapted,
+                                 iterations_run=result.iterations_run,
+                                 stage_times=asdict(result.timings),
+                                 checks=result.exact_checks, **projection)
 
 
 def _pairwise_mean(q: np.ndarray) -> float | None:
