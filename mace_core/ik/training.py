@@ -196,7 +196,8 @@ pybullet_data `franka_panda/panda.urdf`, fingers open at 0.04 m |
 `--device`; `cpu`: a 2-core machine shared with other jobs) |
 | held-out negative log-likelihood | {heldout_nll:.3f} nats per configuration \
 (joint angles in rad) |
-| raw samples at held-out positions ({eval_samples:,}) | mean end-effector error \
+| raw samples at held-out hand poses ({eval_samples:,}; a position prior reads their \
+positions) | mean end-effector error \
 {mean_ee_error_m:.4f} m (median {median_ee_error_m:.4f} m), mean orientation error \
 {mean_orientation_deg:.2f} deg; within joint limits \
 {within_limits_fraction:.3f}; free of self-collision {self_collision_free_fraction:.3f}; both \
