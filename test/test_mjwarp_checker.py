@@ -1,15 +1,13 @@
 """The MJWarp checker (MuJoCo Warp, one world per configuration): MuJoCo's verdicts, batched.
 
-On CUDA (a lent GPU) these tests always run, and fail if ``requirements-gpu.txt`` is not
-installed there; without CUDA the ``cuda`` cases are skipped for that reason only. The ``cpu``
-cases run MJWarp on Warp's CPU device where the package is installed (``pip install -r
-requirements-gpu.txt``): the same kernels, a check of correctness here.
+The ``cpu`` cases run MJWarp on Warp's CPU device (the dev venv installs mujoco-warp: the same
+kernels as on CUDA), everywhere; the ``cuda`` cases run where CUDA is present (a lent GPU) and
+are skipped for that reason only.
 """
 
 from __future__ import annotations
 
 import glob
-import importlib.util
 import sys
 
 import numpy as np
@@ -27,16 +25,12 @@ from mace_core.tensor import TensorSpec
 
 SPEC = TensorSpec.resolve("cpu")
 SCENES = sorted(glob.glob("config/scenes/*.yaml"))
-HAS_MJWARP = importlib.util.find_spec("mujoco_warp") is not None
 
 
 @pytest.fixture(scope="module", params=[
     pytest.param("cuda", marks=pytest.mark.skipif(
         not torch.cuda.is_available(), reason="CUDA not present (MJWarp's GPU path)")),
-    pytest.param("cpu", marks=pytest.mark.skipif(
-        torch.cuda.is_available() or not HAS_MJWARP,
-        reason="the GPU case runs instead" if torch.cuda.is_available()
-        else "mujoco-warp not installed (requirements-gpu.txt)")),
+    "cpu",  # Warp's CPU device: the same kernels, in the dev venv (requirements.txt)
 ])
 def warp_checker(request):
     from mace_core.robot.mjwarp_checker import MJWarpCollisionChecker
