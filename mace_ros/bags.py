@@ -14,6 +14,7 @@ bag holds becomes the request a client sends.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -37,6 +38,12 @@ _EVENT_IDL = """module {pkg} {{ module srv {{ struct {name}_Event {{
   sequence<{pkg}::srv::{name}_Request, 1> request;
   sequence<{pkg}::srv::{name}_Response, 1> response;
 }}; }}; }};"""
+
+
+def event_class(service: str):
+    """rclpy's ``<Srv>.Event`` class of one of :data:`SERVICES`."""
+    module, name = SERVICES[service].replace("/srv/", ".srv/").split("/")
+    return getattr(importlib.import_module(module), name).Event
 
 
 def mace_typestore() -> tuple[Typestore, dict[str, str]]:
@@ -112,15 +119,15 @@ def to_rosbags(msg, typename: str, store: Typestore):
 def from_rosbags(obj, rclpy_cls):
     """A rosbags object as an instance of the rclpy message class ``rclpy_cls``."""
     msg = rclpy_cls()
-    types = rclpy_cls.get_fields_and_field_types()
-    for field in types:
+    for field, slot in zip(rclpy_cls.get_fields_and_field_types(), rclpy_cls.SLOT_TYPES):
         value = getattr(obj, field)
         current = getattr(msg, field)
         if hasattr(current, "get_fields_and_field_types"):  # a nested message
             setattr(msg, field, from_rosbags(value, type(current)))
         elif isinstance(value, list) and value and hasattr(value[0], "__dataclass_fields__"):
-            element = _rclpy_class(types[field])
-            setattr(msg, field, [from_rosbags(v, element) for v in value])
+            element = slot.value_type  # a sequence of messages: its element's namespaced type
+            cls = getattr(importlib.import_module(".".join(element.namespaces)), element.name)
+            setattr(msg, field, [from_rosbags(v, cls) for v in value])
         elif isinstance(value, np.ndarray):
             setattr(msg, field, value.tolist() if not isinstance(current, np.ndarray)
                     else value.astype(current.dtype))
@@ -129,26 +136,6 @@ def from_rosbags(obj, rclpy_cls):
         else:
             setattr(msg, field, value)
     return msg
-
-
-def _rclpy_class(field_type: str):
-    """rclpy's class of a field type such as ``sequence<mace_ros/CollisionObject>``."""
-    import importlib
-
-    name = re.sub(r"^sequence<([^,>]+).*>$", r"\1", field_type)
-    name = re.sub(r"\[.*\]$", "", name)
-    pkg, _, cls = name.rpartition("/")
-    for kind in ("msg", "srv"):
-        try:
-            module = importlib.import_module(f"{pkg}.{kind}")
-        except ImportError:
-            continue
-        base = cls.rsplit("_", 1)[0] if kind == "srv" else cls
-        if hasattr(module, cls):
-            return getattr(module, cls)
-        if kind == "srv" and hasattr(module, base):
-            return getattr(getattr(module, base), cls.rsplit("_", 1)[1])
-    raise ValueError(f"no rclpy class for {field_type!r}")
 
 
 def _convert(value, node, spec, store, recurse):
@@ -209,10 +196,7 @@ def read_service_events(path: str | os.PathLike, service: str = "/mace/adapt_ik"
                         ) -> Iterator[tuple[int, object]]:
     """``(stamp_ns, event)`` of each event of ``service`` in the bag, decoded with the
     definitions the bag stores, as rclpy ``<Srv>.Event`` messages."""
-    from mace_ros.srv import AdaptIK, CompleteShape
-
-    rclpy_event = {"/mace/adapt_ik": AdaptIK.Event,
-                   "/mace/complete_shape": CompleteShape.Event}[service]
+    rclpy_event = event_class(service)
     with Reader(path) as reader:
         store = get_typestore(Stores.ROS2_KILTED)  # its own types win over the bag's copies
         store.register({k: v for k, v in _stored_types(reader).items()
@@ -257,12 +241,8 @@ def _types_from_concatenated_msg(text: str, typename: str, from_msg) -> dict:
 
 def events_of(requests: Iterable, service: str = "/mace/adapt_ik"):
     """REQUEST_RECEIVED events ``<Srv>.Event`` carrying ``requests`` (numbered from 1)."""
-    from mace_ros.srv import AdaptIK, CompleteShape
-
-    event_cls = {"/mace/adapt_ik": AdaptIK.Event,
-                 "/mace/complete_shape": CompleteShape.Event}[service]
     for k, request in enumerate(requests, 1):
-        event = event_cls()
+        event = event_class(service)()
         event.info.event_type = REQUEST_RECEIVED
         event.info.sequence_number = k
         event.request = [request]
@@ -329,9 +309,6 @@ def record_live(path: str | os.PathLike, duration_s: float,
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import QoSProfile, ReliabilityPolicy
 
-    from mace_ros.srv import AdaptIK, CompleteShape
-
-    event_types = {"/mace/adapt_ik": AdaptIK.Event, "/mace/complete_shape": CompleteShape.Event}
     context = rclpy.Context()
     rclpy.init(context=context)
     counts = {service: 0 for service in services}
@@ -348,7 +325,7 @@ def record_live(path: str | os.PathLike, duration_s: float,
                 return write
 
             for service in services:
-                node.create_subscription(event_types[service], f"{service}/_service_event",
+                node.create_subscription(event_class(service), f"{service}/_service_event",
                                          writer(service), qos, raw=True)
             end = time.monotonic() + duration_s
             if ready is not None:  # once the node's event publishers are discovered

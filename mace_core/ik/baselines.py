@@ -15,11 +15,14 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from ..errors import InvalidRequestError
+from ..robot.closed_form_ik import PandaClosedFormIK
 from ..robot.kinematics import RobotKinematics
 from ..robot.pybullet_checker import PyBulletCollisionChecker
 from ..robot.rotations import matrix_to_quaternion_xyzw
+from .refinement import DLSRefiner, IKTarget, RefinementConfig, pose_errors
 
 #: How :class:`TracIKRestarts` picks the orientation it asks TRAC-IK for.
 TRACIK_ORIENTATIONS = ("free", "seed", "jacobian")
@@ -305,8 +308,6 @@ class AnalyticRestarts:
     def __init__(self, kin: RobotKinematics, checker: PyBulletCollisionChecker,
                  num_solutions: int = 8, timeout_s: float = 1.0, batch: int = 64,
                  min_joint_distance: float = 0.1):
-        from ..robot.closed_form_ik import PandaClosedFormIK
-
         self.closed_form = PandaClosedFormIK(kin)
         self.checker = checker
         self.num_solutions, self.timeout_s, self.batch = num_solutions, timeout_s, batch
@@ -314,8 +315,6 @@ class AnalyticRestarts:
 
     def solve(self, pose: np.ndarray, rng: np.random.Generator) -> TargetOutcome:
         """Run the protocol for one target ``pose (4, 4)`` (end-effector link, base frame)."""
-        import torch
-
         cf = self.closed_form
         lo, hi = float(cf.lower[6]), float(cf.upper[6])
         target = torch.as_tensor(pose, dtype=torch.float64)
@@ -354,8 +353,6 @@ class BatchedRestarts:
                  num_solutions: int = 8, timeout_s: float = 1.0, batch: int = 128,
                  iterations: int = 15, min_joint_distance: float = 0.1,
                  position_tolerance: float = 1e-4, orientation_tolerance: float = 1e-3):
-        from .refinement import DLSRefiner, RefinementConfig
-
         self.kin, self.checker = kin, checker
         self.refiner = DLSRefiner(kin, RefinementConfig(max_iterations=iterations))
         self.num_solutions, self.timeout_s, self.batch = num_solutions, timeout_s, batch
@@ -366,8 +363,6 @@ class BatchedRestarts:
     def solve(self, pose: np.ndarray, generator) -> TargetOutcome:
         """Run the protocol for one target ``pose (4, 4)`` (end-effector link, base frame);
         ``generator``: a torch generator (the seeds are drawn on the kinematics' device)."""
-        from .refinement import IKTarget, pose_errors
-
         kin = self.kin
         target = IKTarget(position=kin.spec.tensor(pose[:3, 3]),
                           rotation=kin.spec.tensor(pose[:3, :3]),

@@ -77,6 +77,7 @@ class MJWarpCollisionChecker(MuJoCoCollisionChecker):
         self.contacts_per_world = int(contacts_per_world)
         self._warp_model = None
         self._worlds: dict[int, object] = {}  # world count -> MJWarp data of that many worlds
+        self._host_qpos: dict[int, np.ndarray] = {}  # world count -> (worlds, nq) float32
         self._placed: dict[int, tuple] = {}  # world count -> the obstacles its slots hold
         super().__init__(obstacles, urdf_path, safety_margin_m, slots_per_kind)
         self._run(np.zeros((1, len(self._qpos))))  # compile (or load) the kernels now
@@ -93,7 +94,7 @@ class MJWarpCollisionChecker(MuJoCoCollisionChecker):
         model.geom_contype[slots], model.geom_conaffinity[slots] = self._slot_contype
         with self._wp.ScopedDevice(self.device):
             self._warp_model = self._mjw.put_model(model)
-        self._worlds, self._placed = {}, {}
+        self._worlds, self._placed, self._host_qpos = {}, {}, {}
         self._slot_ids = slots
 
     def set_obstacles(self, obstacles: Sequence[Obstacle]) -> None:
@@ -121,6 +122,7 @@ class MJWarpCollisionChecker(MuJoCoCollisionChecker):
             qpos = np.tile(np.asarray(self.data.qpos, dtype=np.float32), (worlds, 1))
             data.qpos.assign(qpos)  # the fingers' joints keep their values from here on
             self._worlds[worlds] = data
+            self._host_qpos[worlds] = qpos  # each batch rewrites the arm's columns
         if self._placed.get(worlds) != self._obstacles:
             # the CPU model's slot poses (parked ones included), in every world
             mj, m, d = self._mj, self.model, self.data
@@ -155,7 +157,7 @@ class MJWarpCollisionChecker(MuJoCoCollisionChecker):
         worlds = 1 << max(0, b - 1).bit_length()
         while True:
             data = self._data(worlds)
-            qpos = data.qpos.numpy()
+            qpos = self._host_qpos[worlds]
             qpos[:b, self._arm_qpos] = q
             qpos[b:, self._arm_qpos] = q[0]
             with wp.ScopedDevice(self.device):
@@ -170,7 +172,7 @@ class MJWarpCollisionChecker(MuJoCoCollisionChecker):
                 raise RuntimeError(f"MJWarp: {n} contacts in {worlds} worlds, more than "
                                    f"{_MAX_CONTACTS_PER_WORLD} a world")
             self.contacts_per_world *= 2
-            self._worlds, self._placed = {}, {}
+            self._worlds, self._placed, self._host_qpos = {}, {}, {}
         dist = data.contact.dist.numpy()[:n]
         geom = data.contact.geom.numpy()[:n]
         world = data.contact.worldid.numpy()[:n]
