@@ -41,6 +41,22 @@ def test_distances_by_hand(obstacle, expected):
     assert hull_obstacle_distance(CUBE, obstacle) == pytest.approx(expected, abs=1e-7)
 
 
+@pytest.mark.parametrize("corner", [(1, 1, 1), (1, 1, 0)])
+def test_edges_are_rounded_as_pybullets(corner):
+    """PyBullet rounds box edges and corners by 1 mm: a point 5 mm off a corner along its
+    diagonal reads (sqrt(3) - 1) mm farther, off an edge (sqrt(2) - 1) mm; ``rounded=False``
+    gives the sharp box."""
+    box = Obstacle("b", "box", (0.2, 0.4, 0.6), (0.0, 0.0, 0.0))
+    direction = np.array(corner, dtype=float) / np.linalg.norm(corner)
+    tip = np.array([0.1, 0.2, 0.3]) * np.array(corner) + 0.005 * direction
+    # a 1 mm cube reaching the tip, outwards along the corner's axes, centred on the others
+    steps = [(0.0, 1e-3) if c else (-5e-4, 5e-4) for c in corner]
+    small = tip + np.array([[x, y, z] for x in steps[0] for y in steps[1] for z in steps[2]])
+    extra = (math.sqrt(sum(corner)) - 1.0) * 1e-3
+    assert hull_obstacle_distance(small, box, rounded=False) == pytest.approx(0.005, abs=1e-7)
+    assert hull_obstacle_distance(small, box) == pytest.approx(0.005 + extra, abs=1e-7)
+
+
 def test_agrees_with_mujoco_near_the_obstacles():
     """MuJoCo's distances (its 1 mm PyBullet margin removed) match to 1 µm where a link is
     within 10 cm of an obstacle; farther ones give the reach."""

@@ -49,7 +49,7 @@ def test_never_free_where_pybullet_collides(kin, checker, path):
             assert not (ours & ~truth).any(), f"{name}: free where PyBullet collides"
             assert not (~ours_pair[:, 0] & truth_pair[:, 0]).any(), f"{name}: self"
             assert not (~ours_pair[:, 1] & truth_pair[:, 1]).any(), f"{name}: world"
-            # stricter than PyBullet only within its distance error near box edges
+            # stricter than PyBullet only within the 0.1 mm safety margin
             false_colliding = int((~ours & truth).sum())
             assert false_colliding <= max(2, 0.03 * truth.sum()), (name, false_colliding)
 
@@ -140,8 +140,8 @@ def test_rejects_bad_batches_and_obstacles(checker):
 
 
 def test_clearance_is_pybullets_distance(kin, checker):
-    """The distance from the links to the obstacles matches PyBullet's (its 1 mm margin
-    included) within its distance error near box edges."""
+    """The distance from the links to the obstacles matches PyBullet's (its 1 mm margin and its
+    rounded box edges included) to 0.1 mm (0.02 mm seen)."""
     scene = load_scene("config/scenes/window.yaml")
     checker.set_obstacles(scene.obstacles)
     q = kin.sample_uniform(40, SPEC.generator(4))
@@ -150,5 +150,5 @@ def test_clearance_is_pybullets_distance(kin, checker):
         theirs = pb.clearance(q, reach_m=0.5)
     apart = theirs > 0
     assert apart.sum() > 10 and (~apart).sum() > 3
-    assert np.abs(ours[apart] - theirs[apart]).max() < 1e-3
+    assert np.abs(ours[apart] - theirs[apart]).max() < 1e-4
     assert (ours[~apart] <= 1e-4).all()  # overlapping: negative, or within the tolerance

@@ -35,6 +35,22 @@ from .kinematics import URDFModel
 
 #: Collision margin (m) PyBullet adds around the convex hull of a URDF mesh.
 PYBULLET_MESH_MARGIN = 0.001
+#: m, radius with which PyBullet rounds the edges and corners of box and cylinder obstacles:
+#: Bullet keeps their collision margin inside the shape (a core shrunk by it, grown back by a
+#: ball), so faces are exact and an edge reads (sqrt(2) - 1) mm, a corner (sqrt(3) - 1) mm
+#: farther than it is (measured with ``getClosestPoints`` for boxes of 0.5 mm to 0.5 m).
+PYBULLET_PRIMITIVE_ROUNDING = 0.001
+
+
+def edge_rounding(kind: str, half_extents) -> float:
+    """m, the radius of an obstacle's rounded edges as PyBullet collides with it: 0 for a
+    sphere, else :data:`PYBULLET_PRIMITIVE_ROUNDING`, or the smallest half extent where that is
+    less (a smaller radius covers more, so verdicts stay on the safe side)."""
+    if kind == "sphere":
+        return 0.0
+    return float(min(PYBULLET_PRIMITIVE_ROUNDING, min(half_extents)))
+
+
 #: Checkers that can accept and describe a service's answers.
 COLLISION_BACKENDS = ("spheres", "mujoco", "mjwarp")
 #: m, the largest padding accepted (more than the arm's reach is a mistake, not a setting)

@@ -8,7 +8,8 @@ the project's float64 kinematics, and a distance is a small convex program solve
 
 - hull to obstacle: ``min_x |e(R^T (x - p))|^2`` s.t. ``N x <= d`` (3 unknowns), ``e`` the part
   of a point outside the primitive (box: ``max(|x| - h, 0)``; sphere: radial; cylinder: radial
-  and axial);
+  and axial); by default the primitive is the one PyBullet collides with, its edges rounded
+  (:func:`.collision.edge_rounding`: the core shrunk by the radius, the distance less it);
 - hull to hull: ``min_{x, y} |x - y|^2`` s.t. ``N_a x <= d_a``, ``N_b y <= d_b`` (6 unknowns).
 
 Overlapping shapes give 0 (no penetration depth: only distances near a margin are refereed).
@@ -24,7 +25,7 @@ import torch
 import trimesh
 from scipy.optimize import minimize
 
-from .collision import self_collision_link_pairs
+from .collision import edge_rounding, self_collision_link_pairs
 from .kinematics import RobotKinematics
 from .scenes import Obstacle
 from .sphere_fitting import link_hull
@@ -65,10 +66,10 @@ class Hull:
                 "jac": jac}
 
 
-def _outside(x: np.ndarray, obstacle: Obstacle) -> tuple[float, np.ndarray]:
-    """Squared distance of a point ``x (3,)`` (obstacle frame) to ``obstacle``, and its
-    gradient ``(3,)``."""
-    h = np.asarray(obstacle.half_extents, dtype=float)
+def _outside(x: np.ndarray, obstacle: Obstacle, shrink: float = 0.0) -> tuple[float, np.ndarray]:
+    """Squared distance of a point ``x (3,)`` (obstacle frame) to ``obstacle`` (its half extents
+    less ``shrink``), and its gradient ``(3,)``."""
+    h = np.asarray(obstacle.half_extents, dtype=float) - shrink
     if obstacle.kind == "box":
         e = np.sign(x) * np.maximum(np.abs(x) - h, 0.0)
         return float(e @ e), 2.0 * e
@@ -90,23 +91,26 @@ def _feasible(hull: Hull, x: np.ndarray) -> bool:
     return bool((hull.normals @ x - hull.offsets).max() <= 1e-9)
 
 
-def hull_obstacle_distance(hull: Hull | np.ndarray, obstacle: Obstacle) -> float:
+def hull_obstacle_distance(hull: Hull | np.ndarray, obstacle: Obstacle,
+                           rounded: bool = True) -> float:
     """m, distance from ``hull`` (or the hull of points ``(V, 3)``), base frame, to
-    ``obstacle``; 0 where they overlap."""
+    ``obstacle`` (with ``rounded``, its edges rounded as PyBullet's are); 0 where they
+    overlap."""
     hull = hull if isinstance(hull, Hull) else Hull.of_points(hull)
+    rounding = edge_rounding(obstacle.kind, obstacle.half_extents) if rounded else 0.0
     rot = obstacle.rotation_matrix
     position = np.asarray(obstacle.position, dtype=float)
     local = (hull.vertices - position) @ rot
-    upper = min(_outside(v, obstacle)[0] for v in local)  # the nearest vertex
+    upper = min(_outside(v, obstacle, rounding)[0] for v in local)  # the nearest vertex
 
     def fun(x):
-        value, grad = _outside((x - position) @ rot, obstacle)
+        value, grad = _outside((x - position) @ rot, obstacle, rounding)
         return value, rot @ grad
 
     result = minimize(fun, hull.vertices.mean(0), jac=True, method="SLSQP",
                       constraints=[hull.constraint(slice(0, 3))], options=_OPTIONS)
     best = float(result.fun) if _feasible(hull, result.x) else upper
-    return float(np.sqrt(max(min(best, upper), 0.0)))
+    return max(float(np.sqrt(max(min(best, upper), 0.0))) - rounding, 0.0)
 
 
 def hull_hull_distance(a: Hull | np.ndarray, b: Hull | np.ndarray) -> float:
@@ -171,9 +175,11 @@ class HullDistanceReference:
                     return 0.0
         return best
 
-    def world_distance(self, q, obstacles: Sequence[Obstacle], reach_m: float = 0.01) -> float:
-        """m, the smallest distance from a link hull to an obstacle at ``q (7,)``; ``reach_m``
-        where none is nearer (pairs whose bounding balls are farther are skipped)."""
+    def world_distance(self, q, obstacles: Sequence[Obstacle], reach_m: float = 0.01,
+                       rounded: bool = True) -> float:
+        """m, the smallest distance from a link hull to an obstacle at ``q (7,)`` (``rounded``:
+        edges as PyBullet's, :func:`hull_obstacle_distance`); ``reach_m`` where none is nearer
+        (pairs whose bounding balls are farther are skipped)."""
         hulls = self._world_hulls(q)
         best = reach_m
         for name, hull in hulls.items():
@@ -183,7 +189,7 @@ class HullDistanceReference:
             for obstacle in obstacles:
                 local = (centre - np.asarray(obstacle.position)) @ obstacle.rotation_matrix
                 if np.sqrt(_outside(local, obstacle)[0]) - radius < best:  # a lower bound
-                    best = min(best, hull_obstacle_distance(hull, obstacle))
+                    best = min(best, hull_obstacle_distance(hull, obstacle, rounded))
                     if best <= 0.0:
                         return 0.0
         return best

@@ -6,7 +6,10 @@ conventions PyBullet's checker follows (:mod:`.collision`), so the two give the 
 - The model is the URDF the kinematics read, loaded by MuJoCo's own URDF parser; MuJoCo
   collides with each mesh's convex hull, as PyBullet does. PyBullet grows every hull by its
   1 mm collision margin (``PYBULLET_MESH_MARGIN``) and primitives not at all, so a link touches
-  an obstacle when the hulls are within 1 mm, and two links when they are within 2 mm. The
+  an obstacle when the hulls are within 1 mm, and two links when they are within 2 mm. Boxes
+  and cylinders are the shapes PyBullet collides with: their edges and corners rounded by 1 mm
+  (:func:`.collision.edge_rounding`), written as the primitive shrunk by the radius with the
+  radius added to its contact threshold, so a hull near a corner keeps at least 0.27 mm. The
   checker counts a contact ``safety_margin_m`` (0.1 mm) earlier still, for the tolerance of
   MuJoCo's and PyBullet's distance computations: it never calls free what PyBullet calls
   colliding (0 on the benchmark's configuration sets), at the price of a few configurations
@@ -30,7 +33,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import InvalidRequestError, ModelLoadError
-from .collision import PYBULLET_MESH_MARGIN, joint_batch, self_collision_link_pairs
+from .collision import PYBULLET_MESH_MARGIN, edge_rounding, joint_batch, self_collision_link_pairs
 from .kinematics import PANDA_FINGERS, PANDA_JOINTS, URDFModel, panda_urdf_path
 from .scenes import Obstacle
 
@@ -147,6 +150,8 @@ class MuJoCoCollisionChecker:
         self._threshold = np.where(obstacle[:, None] | obstacle[None, :],
                                    PYBULLET_MESH_MARGIN + margin,
                                    2 * PYBULLET_MESH_MARGIN + margin)
+        #: m, (ngeom,) each slot's edge rounding (its geom is that much smaller)
+        self._rounding = np.zeros(model.ngeom)
         self._obstacles = None
 
     def set_obstacles(self, obstacles: Sequence[Obstacle]) -> None:
@@ -176,8 +181,13 @@ class MuJoCoCollisionChecker:
             g = int(self._slots[o.kind][used[o.kind]])
             used[o.kind] += 1
             half = np.asarray(o.half_extents)
+            rounding = edge_rounding(o.kind, half)
+            self._rounding[g] = rounding
+            self._threshold[g, :] = self._threshold[:, g] = (
+                PYBULLET_MESH_MARGIN + self.safety_margin_m + rounding)
+            core = half - rounding
             # MuJoCo's sizes: box half sizes, sphere (R, -, -), cylinder (R, height / 2, -)
-            model.geom_size[g] = half if o.kind != "cylinder" else (half[0], half[2], 0.0)
+            model.geom_size[g] = core if o.kind != "cylinder" else (core[0], core[2], 0.0)
             model.geom_rbound[g] = (float(np.linalg.norm(half)) if o.kind != "sphere"
                                     else float(half[0]))
             model.geom_aabb[g] = np.concatenate([np.zeros(3), half])
@@ -250,6 +260,7 @@ class MuJoCoCollisionChecker:
         moving = self._moving_geoms
         rbound = model.geom_rbound[moving][:, None]  # (G, 1) each link hull's bounding sphere
         half = model.geom_aabb[slots, 3:]  # (S, 3) each obstacle's box in its own frame
+        rounded = self._rounding[slots]
         for k in range(q.shape[0]):
             data.qpos[self._arm_qpos] = q[k]
             mj.mj_kinematics(model, data)
@@ -266,8 +277,9 @@ class MuJoCoCollisionChecker:
                 i, j = divmod(int(flat), slots.size)
                 if gap[i, j] >= best:
                     break
+                rounding = rounded[j]  # the geom is the shape shrunk by this
                 best = min(best, mj.mj_geomDistance(model, data, int(moving[i]), int(slots[j]),
-                                                    best, fromto))
+                                                    best + rounding, fromto) - rounding)
             out[k] = min(reach_m, best - PYBULLET_MESH_MARGIN)
         return out
 
