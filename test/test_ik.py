@@ -156,7 +156,7 @@ def test_adaptation_raises_the_valid_fraction(adapter, wall):
                          [(1.0, "clutter_seeds"), (0.0, "refine_seeds")])
 def test_cluttered_requests_refine_more_seeds(clutter_valid_fraction, seeds):
     """Where few prior samples are valid, rounds draw ``clutter_samples`` and refine
-    ``clutter_seeds`` (the default share, 0.04, puts the cabinet there); otherwise the small fast
+    ``clutter_seeds`` (the default share, 0.05, puts the cabinet there); otherwise the small fast
     path. Either way the answer is K valid solutions for PyBullet."""
     from dataclasses import replace
 

@@ -34,12 +34,14 @@ SPEC = TensorSpec(torch.device("cpu"), torch.float64)
 #: ``weak_rounds``: an adapter whose rounds rarely reach the target (3 DLS iterations, 8 seeds,
 #: no neighbour seeds): its first rounds add nothing, so its requests adapt, with a round after
 #: each iteration.
+#: The clutter settings are those of the recording too (the defaults changed later).
 SPHERES = CollisionConfig(backend="spheres")
+CLUTTER = dict(clutter_valid_fraction=0.04, clutter_samples=512)
 CONFIGS = {"default": IKAdaptConfig(collision=SPHERES,
-                                    pose_refinement_mode="dls"),
+                                    pose_refinement_mode="dls", **CLUTTER),
            "weak_rounds": IKAdaptConfig(refinement=replace(RefinementConfig(), max_iterations=3),
                                         first_samples=8, refine_seeds=8, neighbour_share=0.0,
-                                        collision=SPHERES)}
+                                        collision=SPHERES, **CLUTTER)}
 
 #: name -> (scene, target index, request fields[, adapter config name])
 CASES = {

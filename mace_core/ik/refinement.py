@@ -147,6 +147,7 @@ class DLSRefiner:
         cfg, kin = self.config, self.kin
         q = q0.clone().clamp(kin.lower, kin.upper)
         prev = torch.full(q.shape[:1], math.inf, dtype=q.dtype, device=q.device)
+        cleared = torch.zeros(q.shape[:1], dtype=torch.bool, device=q.device)  # by ``clear``
         with torch.no_grad():
             if penalty is not None:  # seeds centimetres off: the first collision test is
                 # worth more once they are near the target
@@ -158,11 +159,13 @@ class DLSRefiner:
                 grad = None
                 if penalty is not None:
                     cost, grad = penalty(q, poses)
-                    blocked = done & (cost > 0) & (cost < cfg.exact_check_cost_m)
-                    done = done & (cost <= 0)
+                    blocked = done & (cost > 0) & (cost < cfg.exact_check_cost_m) & ~cleared
+                    done = done & ((cost <= 0) | cleared)
                     if clear is not None and bool(blocked.any()):
                         rows = blocked.nonzero().squeeze(1)
-                        done[rows] = clear(q[rows])
+                        verdict = clear(q[rows])
+                        done[rows] = verdict
+                        cleared[rows] = verdict  # frozen from now on: never asked again
                 # A row that stopped improving (stuck at a limit or a singularity) is given up.
                 stalled = (norm > 0.9 * prev) if it >= 8 else torch.zeros_like(done)
                 if bool((done | stalled).all()) or (
