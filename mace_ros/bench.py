@@ -285,7 +285,12 @@ def _add_replay_parser(sub) -> None:
     p.add_argument("--node", action="store_true",
                    help="also send every request to the running node (/mace/adapt_ik, method "
                         "mace_node, end-to-end time)")
-    p.add_argument("--json", default="", help="write the report to this file")
+    p.add_argument("--json", default="", help="write the report to this file (every request's "
+                                               "record and solutions)")
+    p.add_argument("--markdown", default="", help="write a Markdown table per group here")
+    p.add_argument("--plots", default="", help="write PNG plots per group into this folder "
+                                               "(success against time budget, time to the "
+                                               "first valid solution)")
     p.set_defaults(func=_run_replay)
 
 
@@ -293,7 +298,7 @@ def _run_replay(args: argparse.Namespace) -> int:
     """``mace-bench replay``: the bag's requests through :mod:`mace_ros.replay`."""
     import torch
 
-    from mace_ros.replay import format_replay, replay_bag
+    from mace_ros.replay import format_replay, replay_bag, write_outputs
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -316,6 +321,8 @@ def _run_replay(args: argparse.Namespace) -> int:
         if client is not None:
             client.close()
             rclpy.shutdown()
+    for path in write_outputs(report, args.markdown, args.plots):
+        print(f"written: {path}")
     return _report(format_replay(report), report, args.json)
 
 

@@ -1,9 +1,10 @@
-"""3D pictures of IK solutions in a scene and of shape completions, drawn with matplotlib.
+"""3D pictures of IK solutions in a scene and of shape completions, and a replay's curves of
+success against time budget, drawn with matplotlib.
 
 Only this module (and :mod:`mace_core.shape.plotting`) imports matplotlib. It draws arrays and
 obstacles; it knows no ROS message and no kinematics (:func:`mace_ros.conversions.arm_points`
 turns joint values into arm polylines). IK figures use no pyplot and no global backend change:
-they are rendered straight to a PNG file. Shape figures are the core's Fig. 16-style panels
+they are rendered straight to a PNG file, as are the replay's. Shape figures are the core's Fig. 16-style panels
 (:func:`mace_core.shape.plotting.plot_completions`, pyplot on Agg), titled and saved here.
 """
 
@@ -210,4 +211,79 @@ def plot_shape_completions(path: str, completions: np.ndarray, scores: Sequence[
         fig.savefig(path, dpi=dpi)
     finally:
         plt.close(fig)
+    return path
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_success_against_budget(path: str, first_s: dict[str, np.ndarray],
+                                all_k_s: dict[str, np.ndarray], budget_s: float, k: int,
+                                title: str = "") -> str:
+    """Share of requests answered within a time budget, per method: with K valid solutions
+    (solid) and with a first valid one (dashed); write a PNG.
+
+    Args:
+        first_s, all_k_s: method -> ``(R,)`` s, when each request had its first valid solution
+            / K valid ones (inf: never).
+        budget_s: the requests' budget, the right end of the axis (and a vertical line).
+    """
+    fig = _figure(7.0, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    finite = np.concatenate([t[np.isfinite(t)] for t in list(first_s.values())
+                             + list(all_k_s.values())] + [np.array([budget_s])])
+    grid = np.geomspace(max(float(finite.min()) * 0.8, 1e-4), max(budget_s, finite.max()) * 1.1,
+                        200)
+    for i, method in enumerate(first_s):
+        color = _PALETTE[i % len(_PALETTE)]
+        ax.plot(grid, [(all_k_s[method] <= t).mean() for t in grid], color=color,
+                label=f"{method}: {k} valid")
+        ax.plot(grid, [(first_s[method] <= t).mean() for t in grid], color=color,
+                linestyle="--", label=f"{method}: first valid")
+    ax.axvline(budget_s, color="0.5", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("time budget (s)")
+    ax.set_ylabel("share of requests answered")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def plot_first_valid_times(path: str, first_s: dict[str, np.ndarray], title: str = "") -> str:
+    """Distribution of the time to the first valid solution, per method (log-spaced bins;
+    requests that got none are counted in the legend); write a PNG.
+
+    Args:
+        first_s: method -> ``(R,)`` s (inf: no valid solution).
+    """
+    fig = _figure(7.0, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    finite = [t[np.isfinite(t)] for t in first_s.values()]
+    every = np.concatenate(finite) if finite else np.zeros(0)
+    if every.size:
+        bins = np.geomspace(max(float(every.min()) * 0.9, 1e-4), float(every.max()) * 1.1, 30)
+        for i, (method, times) in enumerate(zip(first_s, finite)):
+            missing = int(len(first_s[method]) - len(times))
+            ax.hist(times, bins=bins, histtype="step", linewidth=1.6,
+                    color=_PALETTE[i % len(_PALETTE)],
+                    label=method + (f" ({missing} without one)" if missing else ""))
+        ax.set_xscale("log")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("time to the first valid solution (s)")
+    ax.set_ylabel("requests")
+    ax.grid(True, which="both", alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
     return path

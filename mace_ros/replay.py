@@ -7,14 +7,20 @@ targets the recorded ones, every method in turns on each target and every answer
 PyBullet and float64 forward kinematics (:func:`mace_core.ik.benchmark.run_benchmark`).
 
 With ``--node`` the recorded requests also go to a running node over DDS (method ``mace_node``,
-timed end to end as a client sees it). ``mace-bench replay BAG [--node] --json OUT``.
+timed end to end as a client sees it). ``mace-bench replay BAG [--node] --json OUT
+[--markdown FILE] [--plots DIR]``: the JSON holds every request's record and every solution;
+the Markdown tables (:func:`markdown_report`) and the plots
+(:mod:`mace_ros.plotting`) are computed from those records.
 """
 
 from __future__ import annotations
 
+import glob
+import math
+import os
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -24,7 +30,7 @@ from mace_core.ik.benchmark import (METHODS, POSE_METHODS, IKBenchmarkConfig, fo
                                     run_benchmark)
 from mace_core.ik.request import IKRequest
 from mace_core.robot.rotations import matrix_to_quaternion_xyzw
-from mace_core.robot.scenes import Scene, TargetRegion
+from mace_core.robot.scenes import Scene, TargetRegion, load_scene
 from mace_ros.bags import read_ik_requests
 from mace_ros.conversions import ik_request_from_msg
 
@@ -42,10 +48,34 @@ class RequestGroup:
     messages: list = field(default_factory=list)  #: the recorded AdaptIK requests, as sent
 
 
+def _same_obstacles(a: Sequence, b: Sequence) -> bool:
+    """Whether two obstacle lists are the same shapes at the same poses (names aside)."""
+    return len(a) == len(b) and all(
+        x.kind == y.kind and np.allclose(x.size, y.size) and np.allclose(x.position, y.position)
+        and np.allclose(x.rotation_matrix, y.rotation_matrix) for x, y in zip(a, b))
+
+
+def known_scene_name(obstacles: Sequence, scene_files: Sequence[str]) -> str | None:
+    """The name of the scene file whose obstacles ``obstacles`` are, if any."""
+    for path in scene_files:
+        scene = load_scene(path)
+        if _same_obstacles(scene.obstacles, obstacles):
+            return scene.name
+    return None
+
+
+def _shipped_scenes() -> list[str]:
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
+    return sorted(glob.glob(os.path.join(root, "scenes", "*.yaml")))
+
+
 def group_requests(requests: list[IKRequest], defaults: IKBenchmarkConfig,
-                   messages: list | None = None) -> list[RequestGroup]:
+                   messages: list | None = None,
+                   scene_files: Sequence[str] | None = None) -> list[RequestGroup]:
     """Group ``requests`` (core requests, in the bag's order; ``messages``: the same as
-    recorded); unset K and budget take the benchmark's defaults."""
+    recorded); unset K and budget take the benchmark's defaults. A group whose obstacles are
+    those of one of ``scene_files`` (default: the shipped scenes) is named ``bag-N-<scene>``."""
+    scene_files = _shipped_scenes() if scene_files is None else scene_files
     groups: dict[tuple, RequestGroup] = {}
     for index, request in enumerate(requests):
         pose = request.rotation is not None
@@ -54,7 +84,9 @@ def group_requests(requests: list[IKRequest], defaults: IKBenchmarkConfig,
         tolerance = request.orientation_tolerance if pose else defaults.orientation_tolerance
         key = (tuple(request.obstacles), pose, k, budget, tolerance)
         if key not in groups:
-            scene = Scene(name=f"bag-{len(groups) + 1}", ee_link="panda_grasptarget",
+            known = known_scene_name(request.obstacles, scene_files)
+            name = f"bag-{len(groups) + 1}" + (f"-{known}" if known else "")
+            scene = Scene(name=name, ee_link="panda_grasptarget",
                           obstacles=tuple(request.obstacles),
                           targets=TargetRegion(min=(0.0, 0.0, 0.0), max=(0.0, 0.0, 0.0)))
             groups[key] = RequestGroup(scene, "pose" if pose else "position", k, budget,
@@ -119,3 +151,123 @@ def replay_bag(path: str, adapter: IKAdapter, methods: tuple[str, ...] = (),
 def format_replay(report: dict) -> str:
     """One table per group."""
     return "\n\n".join(format_table(r) for r in report["groups"])
+
+
+@dataclass
+class MethodRow:
+    """One method over one group's requests, from its per-request records."""
+
+    method: str
+    requests: int
+    success: float  #: share of requests with >= 1 valid solution
+    k_success: float  #: share with K valid
+    first_median_s: float  #: s, time to the first valid solution (inf: none within the budget)
+    first_p90_s: float
+    k_median_s: float  #: s, time to K valid solutions (inf: not reached within the budget)
+    k_p90_s: float
+    position_error_m: float  #: m, mean over every returned solution
+    orientation_error_rad: float  #: rad, mean over every returned solution
+    pairwise_rad: float  #: rad, mean over requests of the mean pairwise joint distance (L2)
+
+
+def time_to_first(row: dict) -> float:
+    """s, when request ``row`` (a per-request record) had its first valid solution; inf when
+    it had none."""
+    return row["time_first_s"] if row["valid"] >= 1 else math.inf
+
+
+def time_to_k(row: dict, k: int) -> float:
+    """s, when request ``row`` had K valid solutions; inf when it never had them."""
+    return row["time_s"] if row["valid"] >= k else math.inf
+
+
+def _weighted_mean(rows: list[dict], key: str) -> float:
+    """Mean over every returned solution of a per-request mean ``key``."""
+    pairs = [(r[key], r["returned"]) for r in rows if r.get(key) is not None and r["returned"]]
+    total = sum(n for _, n in pairs)
+    return sum(v * n for v, n in pairs) / total if total else math.nan
+
+
+def method_rows(group: dict) -> list[MethodRow]:
+    """The table rows of one group's report (:func:`run_benchmark`'s), from the per-request
+    records alone."""
+    k = group["config"]["num_solutions"]
+    out = []
+    for name, m in group["methods"].items():
+        rows = m["per_target"]
+        first = np.array([time_to_first(r) for r in rows])
+        full = np.array([time_to_k(r, k) for r in rows])
+        pairwise = [r["pairwise_joint_distance_rad"] for r in rows
+                    if r.get("pairwise_joint_distance_rad") is not None]
+        out.append(MethodRow(
+            method=name, requests=len(rows), success=float(np.mean(np.isfinite(first))),
+            k_success=float(np.mean(np.isfinite(full))),
+            first_median_s=float(np.median(first)), first_p90_s=float(np.percentile(first, 90)),
+            k_median_s=float(np.median(full)), k_p90_s=float(np.percentile(full, 90)),
+            position_error_m=_weighted_mean(rows, "mean_position_error_m"),
+            orientation_error_rad=_weighted_mean(rows, "mean_orientation_error_rad"),
+            pairwise_rad=float(np.mean(pairwise)) if pairwise else math.nan))
+    return out
+
+
+def _ms(seconds: float) -> str:
+    return "-" if not math.isfinite(seconds) else f"{seconds * 1e3:,.1f}"
+
+
+def _num(value: float, scale: float = 1.0, digits: int = 3) -> str:
+    return "-" if not math.isfinite(value) else f"{value * scale:.{digits}f}"
+
+
+def markdown_report(report: dict) -> str:
+    """A Markdown table per group (scene and target kind) and method: success, time to the first
+    valid answer and to K valid (median / p90, ms; "-": not within the budget for that share),
+    mean position and orientation error, mean pairwise joint distance."""
+    parts = [f"# Replay of {report['bag']} ({report['requests']} requests)"]
+    for group in report["groups"]:
+        cfg = group["config"]
+        k = cfg["num_solutions"]
+        parts.append(
+            f"## {group['scene']}: {len(group['targets'])} {cfg['target_kind']} requests, "
+            f"K = {k}, budget {cfg['time_budget_s']:g} s\n\n"
+            f"| method | requests | success | all {k} | first valid, median / p90 (ms) | "
+            f"{k} valid, median / p90 (ms) | position error (mm) | orientation error (mrad) | "
+            f"pairwise joint distance (rad) |\n"
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in method_rows(group):
+            parts[-1] += (
+                f"\n| {r.method} | {r.requests} | {r.success:.2f} | {r.k_success:.2f} | "
+                f"{_ms(r.first_median_s)} / {_ms(r.first_p90_s)} | "
+                f"{_ms(r.k_median_s)} / {_ms(r.k_p90_s)} | {_num(r.position_error_m, 1e3)} | "
+                f"{_num(r.orientation_error_rad, 1e3)} | {_num(r.pairwise_rad, digits=2)} |")
+    parts.append("Valid: collision-free for PyBullet and within "
+                 f"{report['groups'][0]['config']['position_tolerance'] * 1e3:g} mm (and the "
+                 "orientation tolerance for poses), whatever the method says. Times are wall "
+                 "clock per request; `mace_node` end to end over DDS."
+                 if report["groups"] else "No `/mace/adapt_ik` request in the bag.")
+    return "\n\n".join(parts) + "\n"
+
+
+def write_outputs(report: dict, markdown_path: str = "", plots_dir: str = "") -> list[str]:
+    """Write the Markdown tables and the plots of every group; returns the files written."""
+    written = []
+    if markdown_path:
+        os.makedirs(os.path.dirname(os.path.abspath(markdown_path)), exist_ok=True)
+        with open(markdown_path, "w") as f:
+            f.write(markdown_report(report))
+        written.append(markdown_path)
+    if plots_dir:
+        from mace_ros.plotting import plot_first_valid_times, plot_success_against_budget
+
+        for group in report["groups"]:
+            cfg, k = group["config"], group["config"]["num_solutions"]
+            first = {m: np.array([time_to_first(r) for r in v["per_target"]])
+                     for m, v in group["methods"].items()}
+            full = {m: np.array([time_to_k(r, k) for r in v["per_target"]])
+                    for m, v in group["methods"].items()}
+            title = (f"{group['scene']}: {len(group['targets'])} {cfg['target_kind']} "
+                     f"requests, K = {k}")
+            stem = os.path.join(plots_dir, group["scene"] + f"_{cfg['target_kind']}")
+            written.append(plot_success_against_budget(f"{stem}_success.png", first, full,
+                                                       cfg["time_budget_s"], k, title))
+            written.append(plot_first_valid_times(f"{stem}_first_valid.png", first, title))
+    return written

@@ -98,3 +98,33 @@ def test_a_bag_replays_against_mace_and_the_baselines(tmp_path):
         assert group["config"]["num_solutions"] == 2
         for name, m in group["methods"].items():
             assert m["success_rate"] == 1.0, name
+    # the Markdown tables and the plots come from the per-request records
+    from mace_ros.replay import markdown_report, time_to_first, time_to_k, write_outputs
+
+    written = write_outputs(report, str(tmp_path / "out" / "replay.md"),
+                            str(tmp_path / "out" / "plots"))
+    assert len(written) == 1 + 2 * len(report["groups"])
+    assert all(os.path.getsize(p) > 1000 for p in written if p.endswith(".png"))
+    text = (tmp_path / "out" / "replay.md").read_text()
+    assert text == markdown_report(report)
+    assert "## bag-1-box: 2 position requests" in text and "## bag-2-wall: 2 pose" in text
+    for group in report["groups"]:
+        k = group["config"]["num_solutions"]
+        section = text.split(f"## {group['scene']}:")[1].split("\n## ")[0]
+        for name, m in group["methods"].items():
+            (line,) = [row for row in section.splitlines() if row.startswith(f"| {name} |")]
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows = m["per_target"]
+            first = np.array([r["time_first_s"] if r["valid"] else np.inf for r in rows])
+            full = np.array([r["time_s"] if r["valid"] >= k else np.inf for r in rows])
+            assert [time_to_first(r) for r in rows] == first.tolist()
+            assert [time_to_k(r, k) for r in rows] == full.tolist()
+            assert cells[1] == str(len(rows))
+            assert float(cells[2]) == m["success_rate"] and float(cells[3]) == m["k_success_rate"]
+            assert cells[4] == (f"{np.median(first) * 1e3:,.1f} / "
+                                f"{np.percentile(first, 90) * 1e3:,.1f}")
+            assert cells[5] == (f"{np.median(full) * 1e3:,.1f} / "
+                                f"{np.percentile(full, 90) * 1e3:,.1f}")
+            assert float(cells[6]) == round(m["mean_position_error_m"] * 1e3, 3)
+            assert float(cells[7]) == round(m["mean_orientation_error_rad"] * 1e3, 3)
+            assert float(cells[8]) == round(m["mean_pairwise_joint_distance_rad"], 2)

@@ -358,7 +358,10 @@ def summarize(outcomes: list[TargetOutcome], k: int, time_basis: str,
         row = dict(time_s=o.time_s, time_first_s=o.time_first_s, returned=int(len(o.solutions)),
                    valid=int(o.valid.sum()), collision_free=int(o.collision_free.sum()),
                    mean_position_error_m=float(o.position_error.mean())
-                   if len(o.position_error) else None, checks=o.checks)
+                   if len(o.position_error) else None,
+                   mean_orientation_error_rad=float(o.orientation_error.mean())
+                   if len(o.orientation_error) else None,
+                   pairwise_joint_distance_rad=_pairwise_mean(o.solutions), checks=o.checks)
         if mace:
             row.update(projection_distance=o.projection_distance,
                        projectable_fraction=o.projectable_fraction)
