@@ -285,12 +285,12 @@ def _add_replay_parser(sub) -> None:
     p.add_argument("--node", action="store_true",
                    help="also send every request to the running node (/mace/adapt_ik, method "
                         "mace_node, end-to-end time)")
-    p.add_argument("--json", default="", help="write the report to this file (every request's "
-                                               "record and solutions)")
+    p.add_argument("--json", default="",
+                   help="write the report to this file (every request's record and solutions)")
     p.add_argument("--markdown", default="", help="write a Markdown table per group here")
-    p.add_argument("--plots", default="", help="write PNG plots per group into this folder "
-                                               "(success against time budget, time to the "
-                                               "first valid solution)")
+    p.add_argument("--plots", default="",
+                   help="write PNG plots per group into this folder (success against time "
+                        "budget, time to the first valid solution)")
     p.set_defaults(func=_run_replay)
 
 

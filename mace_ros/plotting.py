@@ -4,8 +4,9 @@ success against time budget, drawn with matplotlib.
 Only this module (and :mod:`mace_core.shape.plotting`) imports matplotlib. It draws arrays and
 obstacles; it knows no ROS message and no kinematics (:func:`mace_ros.conversions.arm_points`
 turns joint values into arm polylines). IK figures use no pyplot and no global backend change:
-they are rendered straight to a PNG file, as are the replay's. Shape figures are the core's Fig. 16-style panels
-(:func:`mace_core.shape.plotting.plot_completions`, pyplot on Agg), titled and saved here.
+they are rendered straight to a PNG file, as are the replay's. Shape figures are the core's
+Fig. 16-style panels (:func:`mace_core.shape.plotting.plot_completions`, pyplot on Agg),
+titled and saved here.
 """
 
 from __future__ import annotations
