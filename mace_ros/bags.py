@@ -80,9 +80,11 @@ def _idl_text(typename: str) -> tuple[str, str]:
     return f"{pkg}/{kind}/{name}", path.read_text()
 
 
-def idl_definition(typename: str, store: Typestore) -> str:
+def idl_definition(typename: str, store: Typestore, texts=None) -> str:
     """The bag's definition of ``typename`` in ROS 2's ``ros2idl`` form: one block per
-    interface file it depends on (``====`` line, ``IDL: pkg/kind/Name``, the file)."""
+    interface file it depends on (``====`` line, ``IDL: pkg/kind/Name``, the file);
+    ``texts(name) -> (block, IDL text)`` finds the files (default: the installed ones)."""
+    texts = texts or _idl_text
     order, seen = [], set()
 
     def visit(name: str) -> None:
@@ -99,7 +101,7 @@ def idl_definition(typename: str, store: Typestore) -> str:
     visit(typename)
     blocks, files = [], set()
     for name in reversed(order):  # the type itself first, as ROS 2 writes it
-        block, text = _idl_text(name)
+        block, text = texts(name)
         if block not in files:
             files.add(block)
             blocks.append("=" * 80 + f"\nIDL: {block}\n{text}")
@@ -202,6 +204,8 @@ def read_service_events(path: str | os.PathLike, service: str = "/mace/adapt_ik"
         store.register({k: v for k, v in _stored_types(reader).items()
                         if k not in store.fielddefs})
         wanted = [c for c in reader.connections if c.topic == f"{service}/_service_event"]
+        if not wanted:  # (no connections would read every message)
+            return
         for connection, stamp, raw in reader.messages(connections=wanted):
             obj = store.deserialize_cdr(raw, connection.msgtype)
             yield stamp, from_rosbags(obj, rclpy_event)
@@ -249,19 +253,15 @@ def events_of(requests: Iterable, service: str = "/mace/adapt_ik"):
         yield event
 
 
-def record_drawn_requests(path: str | os.PathLike, scene, num_targets: int, seed: int,
-                          target_kind: str = "position", num_solutions: int = 8,
-                          time_budget_s: float = 1.0, orientation_tolerance: float = 1e-3
-                          ) -> list:
-    """Write a bag of ``/mace/adapt_ik`` request events for targets drawn as
-    ``mace-bench ik`` draws them (uniform in the scene's region, or hand poses of valid
-    configurations there), without a node: what a pipeline's recorded bag holds. Returns the
-    rclpy requests written."""
+def draw_requests(scene, num_targets: int, seed: int, target_kind: str = "position",
+                  num_solutions: int = 8, time_budget_s: float = 1.0,
+                  orientation_tolerance: float = 1e-3) -> list:
+    """Core requests for targets drawn as ``mace-bench ik`` draws them (uniform in the scene's
+    region, or hand poses of valid configurations there)."""
     from mace_core.ik.benchmark import sample_pose_targets, sample_targets
     from mace_core.ik.request import IKRequest
     from mace_core.robot.pybullet_checker import PyBulletCollisionChecker
     from mace_core.robot.scenes import quaternion_xyzw_to_matrix
-    from mace_ros.conversions import ik_request_to_msg
 
     if target_kind == "pose":
         with PyBulletCollisionChecker(scene.obstacles) as checker:
@@ -274,9 +274,24 @@ def record_drawn_requests(path: str | os.PathLike, scene, num_targets: int, seed
         if target.shape[0] == 7:
             pose = dict(rotation=np.asarray(quaternion_xyzw_to_matrix(target[3:])),
                         orientation_tolerance=orientation_tolerance)
-        requests.append(ik_request_to_msg(IKRequest(
+        requests.append(IKRequest(
             position=target[:3], obstacles=list(scene.obstacles), num_solutions=num_solutions,
-            time_budget_s=time_budget_s, seed=seed * 100003 + k, **pose)))
+            time_budget_s=time_budget_s, seed=seed * 100003 + k, **pose))
+    return requests
+
+
+def record_drawn_requests(path: str | os.PathLike, scene, num_targets: int, seed: int,
+                          target_kind: str = "position", num_solutions: int = 8,
+                          time_budget_s: float = 1.0, orientation_tolerance: float = 1e-3
+                          ) -> list:
+    """Write a bag of ``/mace/adapt_ik`` request events for targets drawn as
+    ``mace-bench ik`` draws them (:func:`draw_requests`), without a node: what a pipeline's
+    recorded bag holds. Returns the rclpy requests written."""
+    from mace_ros.conversions import ik_request_to_msg
+
+    requests = [ik_request_to_msg(r) for r in draw_requests(
+        scene, num_targets, seed, target_kind, num_solutions, time_budget_s,
+        orientation_tolerance)]
     with ServiceEventBag(path) as bag:
         for k, event in enumerate(events_of(requests)):
             bag.write_event("/mace/adapt_ik", event, stamp_ns=(k + 1) * 1_000_000_000)

@@ -265,6 +265,9 @@ def _add_record_parser(sub) -> None:
                    help="as mace-bench ik draws them")
     p.add_argument("--num-solutions", type=int, default=8, help="K of every request")
     p.add_argument("--budget", type=float, default=1.0, help="s, every request's budget")
+    p.add_argument("--as-moveit", action="store_true",
+                   help="write the drawn pose targets as a MoveIt pipeline's recording: "
+                        "/compute_ik calls for panda_link8 and /monitored_planning_scene")
     p.add_argument("--out", required=True, help="the bag folder to create (MCAP)")
     p.set_defaults(func=_run_record)
 
@@ -337,6 +340,18 @@ def _run_record(args: argparse.Namespace) -> int:
         return 0
     if not args.scene:
         raise SystemExit("mace-bench record: --scene (drawn requests) or --live")
+    if args.as_moveit:
+        from mace_core.robot.kinematics import RobotKinematics
+        from mace_ros.bags import draw_requests
+        from mace_ros.moveit_bags import write_moveit_style_bag
+
+        if args.target_kind != "pose":
+            raise SystemExit("mace-bench record --as-moveit: MoveIt asks for full poses "
+                             "(--target-kind pose)")
+        drawn = draw_requests(load_scene(args.scene), args.targets, args.seed, "pose")
+        write_moveit_style_bag(args.out, drawn, RobotKinematics.panda(TensorSpec.resolve("cpu")))
+        print(f"wrote {len(drawn)} /compute_ik requests (MoveIt's types) to {args.out}")
+        return 0
     requests = record_drawn_requests(args.out, load_scene(args.scene), args.targets, args.seed,
                                      args.target_kind, args.num_solutions, args.budget)
     print(f"wrote {len(requests)} /mace/adapt_ik requests to {args.out}")

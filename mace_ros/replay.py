@@ -32,7 +32,7 @@ from mace_core.ik.request import IKRequest
 from mace_core.robot.rotations import matrix_to_quaternion_xyzw
 from mace_core.robot.scenes import Scene, TargetRegion, load_scene
 from mace_ros.bags import read_ik_requests
-from mace_ros.conversions import ik_request_from_msg
+from mace_ros.conversions import ik_request_from_msg, ik_request_to_msg
 
 
 @dataclass
@@ -46,6 +46,8 @@ class RequestGroup:
     orientation_tolerance: float  #: rad (pose targets)
     targets: list[np.ndarray]  #: (3,) positions or (7,) poses (x, y, z, qx, qy, qz, qw)
     messages: list = field(default_factory=list)  #: the recorded AdaptIK requests, as sent
+    #: MoveIt's recorded calls (:class:`mace_ros.moveit_bags.MoveItIKCall`), for its groups
+    recorded: list = field(default_factory=list)
 
 
 def _same_obstacles(a: Sequence, b: Sequence) -> bool:
@@ -71,10 +73,12 @@ def _shipped_scenes() -> list[str]:
 
 def group_requests(requests: list[IKRequest], defaults: IKBenchmarkConfig,
                    messages: list | None = None,
-                   scene_files: Sequence[str] | None = None) -> list[RequestGroup]:
+                   scene_files: Sequence[str] | None = None, prefix: str = "bag",
+                   recorded: list | None = None) -> list[RequestGroup]:
     """Group ``requests`` (core requests, in the bag's order; ``messages``: the same as
-    recorded); unset K and budget take the benchmark's defaults. A group whose obstacles are
-    those of one of ``scene_files`` (default: the shipped scenes) is named ``bag-N-<scene>``."""
+    recorded, ``recorded``: MoveIt's calls they come from); unset K and budget take the
+    benchmark's defaults. A group whose obstacles are those of one of ``scene_files`` (default:
+    the shipped scenes) is named ``<prefix>-N-<scene>``."""
     scene_files = _shipped_scenes() if scene_files is None else scene_files
     groups: dict[tuple, RequestGroup] = {}
     for index, request in enumerate(requests):
@@ -85,7 +89,7 @@ def group_requests(requests: list[IKRequest], defaults: IKBenchmarkConfig,
         key = (tuple(request.obstacles), pose, k, budget, tolerance)
         if key not in groups:
             known = known_scene_name(request.obstacles, scene_files)
-            name = f"bag-{len(groups) + 1}" + (f"-{known}" if known else "")
+            name = f"{prefix}-{len(groups) + 1}" + (f"-{known}" if known else "")
             scene = Scene(name=name, ee_link="panda_grasptarget",
                           obstacles=tuple(request.obstacles),
                           targets=TargetRegion(min=(0.0, 0.0, 0.0), max=(0.0, 0.0, 0.0)))
@@ -98,6 +102,8 @@ def group_requests(requests: list[IKRequest], defaults: IKBenchmarkConfig,
         groups[key].targets.append(target)
         if messages is not None:
             groups[key].messages.append(messages[index])
+        if recorded is not None:
+            groups[key].recorded.append(recorded[index])
     for group in groups.values():
         xyz = np.stack([t[:3] for t in group.targets])
         group.scene = replace(group.scene, targets=TargetRegion(
@@ -121,19 +127,44 @@ def node_runner(client, messages: list, timeout_s: float
     return run
 
 
+def recorded_runner(calls: list) -> Callable[[int, np.ndarray], TargetOutcome]:
+    """A method that answers request ``i`` with MoveIt's recorded answer (one solution, or none
+    on a failure) after its recorded latency."""
+    def run(i: int, target: np.ndarray) -> TargetOutcome:
+        call = calls[min(i, len(calls) - 1)]  # past the end: the warm-up
+        solutions = [] if call.solution is None else [call.solution]
+        return TargetOutcome.at_once(solutions, float(call.latency_s))
+    return run
+
+
 def replay_bag(path: str, adapter: IKAdapter, methods: tuple[str, ...] = (),
                defaults: IKBenchmarkConfig = IKBenchmarkConfig(),
                log: Callable[[str], None] = lambda _s: None, client=None,
                node_timeout_s: float = 30.0) -> dict:
-    """Replay every ``/mace/adapt_ik`` request of the bag at ``path``: the JSON-ready report
-    (``groups``: one benchmark report per group, ``requests``: how many were read).
+    """Replay every ``/mace/adapt_ik`` request of the bag at ``path``, and every MoveIt
+    ``/compute_ik`` call (:mod:`mace_ros.moveit_bags`): the JSON-ready report (``groups``: one
+    benchmark report per group, ``requests``: how many were read, ``moveit``: MoveIt's calls,
+    how many were replayed and what was left out).
     ``methods``: those of a group's target kind run (none given or none of its kind: all).
     ``client`` (a :class:`~mace_ros.client.MaceClient`): the recorded requests also go to a
-    running node, method ``mace_node``, timed end to end."""
+    running node, method ``mace_node``, timed end to end. MoveIt's calls are asked for K =
+    ``defaults.num_solutions`` within ``defaults.time_budget_s`` (its own timeout bounds a
+    solver's attempt, not the pipeline's wait), and MoveIt's recorded answers run as method
+    ``moveit_recorded`` where every call's response and latency were recorded."""
+    from mace_ros.moveit_bags import read_moveit_ik_calls, unsupported_summary
+
     messages = read_ik_requests(path)
     requests = [ik_request_from_msg(r, adapter.kin.base_link) for r in messages]
+    calls = read_moveit_ik_calls(path, adapter.kin, defaults.orientation_tolerance)
+    replayable = [c for c in calls if c.request is not None]
+    moveit_requests = [replace(c.request, num_solutions=defaults.num_solutions,
+                               time_budget_s=defaults.time_budget_s) for c in replayable]
+    groups = group_requests(requests, defaults, messages) + group_requests(
+        moveit_requests, defaults, [ik_request_to_msg(r, adapter.kin.base_link)
+                                    for r in moveit_requests],
+        prefix="moveit", recorded=replayable)
     reports = []
-    for group in group_requests(requests, defaults, messages):
+    for group in groups:
         allowed = POSE_METHODS if group.target_kind == "pose" else METHODS
         cfg = replace(defaults, num_targets=len(group.targets), target_kind=group.target_kind,
                       num_solutions=group.num_solutions, time_budget_s=group.time_budget_s,
@@ -141,16 +172,33 @@ def replay_bag(path: str, adapter: IKAdapter, methods: tuple[str, ...] = (),
                       methods=tuple(m for m in methods if m in allowed) or allowed)
         log(f"[{group.scene.name}] {len(group.targets)} {group.target_kind} requests, "
             f"K = {group.num_solutions}, {group.time_budget_s:g} s")
-        extra = ({"mace_node": node_runner(client, group.messages, node_timeout_s)}
-                 if client is not None else None)
+        extra = {}
+        if group.recorded and all(c.latency_s is not None and c.error_code is not None
+                                  for c in group.recorded):
+            extra["moveit_recorded"] = recorded_runner(group.recorded)
+        if client is not None:
+            extra["mace_node"] = node_runner(client, group.messages, node_timeout_s)
         reports.append(run_benchmark(adapter, group.scene, cfg, log=log,
-                                     targets=np.stack(group.targets), extra=extra))
-    return {"bag": str(path), "requests": len(requests), "groups": reports}
+                                     targets=np.stack(group.targets), extra=extra or None))
+    return {"bag": str(path), "requests": len(requests) + len(calls), "groups": reports,
+            "moveit": {"calls": len(calls), "replayed": len(replayable),
+                       "unsupported": unsupported_summary(calls)}}
+
+
+def _moveit_note(report: dict) -> str:
+    moveit = report.get("moveit") or {}
+    if not moveit.get("calls"):
+        return ""
+    note = (f"MoveIt /compute_ik calls: {moveit['calls']}, replayed {moveit['replayed']}")
+    if moveit["unsupported"]:
+        note += "; left out: " + "; ".join(moveit["unsupported"])
+    return note
 
 
 def format_replay(report: dict) -> str:
-    """One table per group."""
-    return "\n\n".join(format_table(r) for r in report["groups"])
+    """One table per group (and what was left out of MoveIt's calls)."""
+    return "\n\n".join([format_table(r) for r in report["groups"]]
+                       + ([_moveit_note(report)] if _moveit_note(report) else []))
 
 
 @dataclass
@@ -199,11 +247,13 @@ def method_rows(group: dict) -> list[MethodRow]:
         full = np.array([time_to_k(r, k) for r in rows])
         pairwise = [r["pairwise_joint_distance_rad"] for r in rows
                     if r.get("pairwise_joint_distance_rad") is not None]
+        with np.errstate(invalid="ignore"):  # inf, inf: nan, shown as "-"
+            quantiles = [float(np.percentile(t, q)) for t in (first, full) for q in (50, 90)]
         out.append(MethodRow(
             method=name, requests=len(rows), success=float(np.mean(np.isfinite(first))),
             k_success=float(np.mean(np.isfinite(full))),
-            first_median_s=float(np.median(first)), first_p90_s=float(np.percentile(first, 90)),
-            k_median_s=float(np.median(full)), k_p90_s=float(np.percentile(full, 90)),
+            first_median_s=quantiles[0], first_p90_s=quantiles[1],
+            k_median_s=quantiles[2], k_p90_s=quantiles[3],
             position_error_m=_weighted_mean(rows, "mean_position_error_m"),
             orientation_error_rad=_weighted_mean(rows, "mean_orientation_error_rad"),
             pairwise_rad=float(np.mean(pairwise)) if pairwise else math.nan))
@@ -239,6 +289,9 @@ def markdown_report(report: dict) -> str:
                 f"{_ms(r.first_median_s)} / {_ms(r.first_p90_s)} | "
                 f"{_ms(r.k_median_s)} / {_ms(r.k_p90_s)} | {_num(r.position_error_m, 1e3)} | "
                 f"{_num(r.orientation_error_rad, 1e3)} | {_num(r.pairwise_rad, digits=2)} |")
+    if _moveit_note(report):
+        parts.append(_moveit_note(report) + ". `moveit_recorded`: MoveIt's recorded answer "
+                     "(one solution) after its recorded latency.")
     parts.append("Valid: collision-free for PyBullet and within "
                  f"{report['groups'][0]['config']['position_tolerance'] * 1e3:g} mm (and the "
                  "orientation tolerance for poses), whatever the method says. Times are wall "

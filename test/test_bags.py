@@ -7,6 +7,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 from rosbags.rosbag2 import Reader
 
 from mace_core.ik.benchmark import sample_pose_targets, sample_targets
@@ -128,3 +129,89 @@ def test_a_bag_replays_against_mace_and_the_baselines(tmp_path):
             assert float(cells[6]) == round(m["mean_position_error_m"] * 1e3, 3)
             assert float(cells[7]) == round(m["mean_orientation_error_rad"] * 1e3, 3)
             assert float(cells[8]) == round(m["mean_pairwise_joint_distance_rad"], 2)
+
+
+def test_a_moveit_bag_replays_with_its_scene_and_answers(tmp_path):
+    """A bag as a MoveIt pipeline records it (``/compute_ik`` events under moveit_msgs' type
+    names, ``/monitored_planning_scene`` beside them) decodes from its own definitions and
+    replays: the pose asked for panda_link8 becomes the end effector's, the scene is the
+    one recorded, and MoveIt's recorded answers are judged like every method's."""
+    from mace_core.ik.adapter import IKAdapter
+    from mace_core.ik.request import IKAdaptConfig, IKRequest
+    from mace_core.robot.scenes import quaternion_xyzw_to_matrix
+    from mace_core.tensor import TensorSpec
+    from mace_ros.moveit_bags import read_moveit_ik_calls, write_moveit_style_bag
+    from mace_ros.replay import markdown_report, replay_bag
+
+    box = load_scene("config/scenes/box.yaml")
+    with PyBulletCollisionChecker(box.obstacles) as checker:
+        targets = sample_pose_targets(box, 2, 5, checker)
+    requests = [IKRequest(position=t[:3], rotation=np.asarray(quaternion_xyzw_to_matrix(t[3:])),
+                          obstacles=list(box.obstacles), orientation_tolerance=1e-3)
+                for t in targets]
+    adapter = IKAdapter.from_models("models", "panda_ik", IKAdaptConfig(), TensorSpec())
+    solved = adapter.solve(IKRequest(**{**requests[0].__dict__, "num_solutions": 1,
+                                        "time_budget_s": 5.0, "seed": 0}))
+    answers = [(solved.solutions[0].q, 0.004), (None, 0.05)]  # one success, one failure
+    write_moveit_style_bag(tmp_path / "moveit", requests, adapter.kin, answers=answers)
+    with Reader(tmp_path / "moveit") as reader:
+        types = {c.topic: c.msgtype for c in reader.connections}
+        assert types == {"/compute_ik/_service_event": "moveit_msgs/srv/GetPositionIK_Event",
+                         "/monitored_planning_scene": "moveit_msgs/msg/PlanningScene"}
+    calls = read_moveit_ik_calls(tmp_path / "moveit", adapter.kin)
+    assert [c.error_code for c in calls] == [1, -31]
+    assert [c.latency_s for c in calls] == pytest.approx([0.004, 0.05])
+    np.testing.assert_allclose(calls[0].solution, solved.solutions[0].q)
+    for call, request in zip(calls, requests):
+        assert call.ik_link_name == "panda_link8" and call.unsupported == []
+        np.testing.assert_allclose(call.request.position, request.position, atol=1e-7)
+        np.testing.assert_allclose(call.request.rotation, request.rotation, atol=1e-6)
+        assert [o.kind for o in call.request.obstacles] == [o.kind for o in box.obstacles]
+    report = replay_bag(str(tmp_path / "moveit"), adapter, ("mace_refine",))
+    (group,) = report["groups"]
+    assert group["scene"] == "moveit-1-box" and group["config"]["target_kind"] == "pose"
+    assert report["moveit"] == {"calls": 2, "replayed": 2, "unsupported": []}
+    recorded = group["methods"]["moveit_recorded"]
+    assert recorded["success_rate"] == 0.5  # its failure counts, its success is judged valid
+    assert [r["time_s"] for r in recorded["per_target"]] == pytest.approx([0.004, 0.05])
+    assert group["methods"]["mace_refine"]["k_success_rate"] == 1.0
+    assert "| moveit_recorded | 2 | 0.50 | 0.00 | - / - |" in markdown_report(report)
+
+
+def test_the_planning_scene_follows_moveits_diffs():
+    """Full scenes replace the world; diffs add, move, append and remove objects; meshes and
+    foreign frames are reported, not dropped silently. Fields are read by name."""
+    from types import SimpleNamespace as NS
+
+    from mace_ros.moveit_bags import PlanningSceneState
+
+    def pose(x=0.0, y=0.0, z=0.0):
+        return NS(position=NS(x=x, y=y, z=z), orientation=NS(x=0.0, y=0.0, z=0.0, w=1.0))
+
+    def obj(oid, op, frame="panda_link0", prims=(), meshes=0, at=pose()):
+        return NS(id=oid, operation=op, header=NS(frame_id=frame), pose=at,
+                  primitives=[NS(type=t, dimensions=d) for t, d, _ in prims],
+                  primitive_poses=[p for _, _, p in prims], meshes=[None] * meshes, planes=[])
+
+    def scene(objects, diff):
+        return NS(is_diff=diff, world=NS(collision_objects=objects))
+
+    state = PlanningSceneState("panda_link0")
+    state.apply(scene([obj("table", 0, prims=[(1, [1.0, 1.0, 0.1], pose(z=-0.05))]),
+                       obj("ball", 0, prims=[(2, [0.1], pose())], at=pose(x=0.5))], False))
+    obstacles, missing = state.obstacles()
+    assert [(o.name, o.kind) for o in obstacles] == [("table", "box"), ("ball", "sphere")]
+    assert obstacles[1].position == (0.5, 0.0, 0.0) and missing == []
+    state.apply(scene([obj("ball", 3, at=pose(y=0.2)),  # MOVE
+                       obj("ball", 2, prims=[(3, [0.2, 0.05], pose(z=0.3))]),  # APPEND
+                       obj("part", 0, meshes=1),  # a mesh
+                       obj("far", 0, frame="camera", prims=[(2, [0.1], pose())])], True))
+    obstacles, missing = state.obstacles()
+    assert [(o.name, o.kind) for o in obstacles] == [
+        ("table", "box"), ("ball/0", "sphere"), ("ball/1", "cylinder")]
+    assert obstacles[2].position == (0.0, 0.2, 0.3)
+    assert missing == ["part: 1 mesh(es)", "far: frame 'camera' is not the robot's base"]
+    state.apply(scene([obj("ball", 1)], True))  # REMOVE
+    assert [o.name for o in state.obstacles()[0]] == ["table"]
+    state.apply(scene([], False))  # a full, empty scene
+    assert state.obstacles() == ([], [])

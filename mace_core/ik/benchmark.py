@@ -411,6 +411,9 @@ def _time_basis(method: str, cfg: IKBenchmarkConfig) -> str:
         return (f"until K={cfg.num_solutions} distinct valid solutions (closed form from "
                 f"uniform q7 in batches of 64, PyBullet checks inside the loop) or the "
                 f"{cfg.tracik_timeout_s:g} s timeout")
+    if method == "moveit_recorded":
+        return ("MoveIt's recorded /compute_ik answer (one solution, or none on a failure) and "
+                "its recorded latency")
     if method == "mace_node":
         return (f"end to end over DDS, as a client sees it: the running node's answer to the "
                 f"recorded request (K={cfg.num_solutions}, {cfg.time_budget_s:g} s budget)")
