@@ -24,3 +24,12 @@ def default_models_dir() -> str:
     if os.path.isdir(source):
         return source
     return os.path.join(sys.prefix, INSTALLED_MODELS)
+
+
+def default_scenes_dir() -> str:
+    """The shipped scenes: the source tree's ``config/scenes/``, else the copy ``pip install .``
+    puts in ``<prefix>/share/mace/scenes``."""
+    source = os.path.join(SOURCE_ROOT, "config", "scenes")
+    if os.path.isdir(source):
+        return source
+    return os.path.join(sys.prefix, "share", "mace", "scenes")

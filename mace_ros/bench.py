@@ -9,6 +9,9 @@ shape completion (MACE-VAE against the prior) on held-out shapes (see
 ``mace-bench record --scene config/scenes/box.yaml --targets 20 --out BAG`` writes a bag of
 ``/mace/adapt_ik`` request events (MCAP, as ``ros2 bag record`` captures them from the node's
 service introspection) for targets drawn like the benchmark's (see :mod:`mace_ros.bags`).
+``mace-bench paper --table 2`` runs the paper's Table 2 (IK against MoveIt in the box scene) and
+prints it beside the paper's figures (see :mod:`mace_core.ik.paper_tables`); ``--table 1`` the
+same for Table 1.
 ``mace-bench fuzz --requests 1000 --seed 0 --json out/fuzz.json`` starts the node and sends it
 extreme and malformed requests over DDS, counting hangs, crashes, internal errors and non-finite
 answers (see :mod:`mace_ros.fuzz`).
@@ -247,8 +250,66 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shape_parser(sub)
     _add_record_parser(sub)
     _add_replay_parser(sub)
+    _add_paper_parser(sub)
     fuzz.add_parser(sub)
     return parser
+
+
+def _add_paper_parser(sub) -> None:
+    from mace_core.ik.paper_tables import Table2Config
+
+    d = Table2Config()
+    p = sub.add_parser("paper", help="the paper's IK tables, run here and printed beside its "
+                                     "figures",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--table", type=int, choices=(1, 2), required=True,
+                   help="2: IK against MoveIt in the box scene; 1: MACE, IS and the prior in "
+                        "the wall scene")
+    p.add_argument("--scene", default="", help="scene YAML (default: config/scenes/box.yaml "
+                                               "for 2, wall.yaml for 1)")
+    p.add_argument("--targets", type=int, default=0, help="targets (default: 20 for 2, the "
+                                                          "paper's 10 for 1)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--batches", type=int, default=d.batches, help="table 2: prior batches")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="table 2: per batch")
+    p.add_argument("--seeds", type=int, default=d.seeds,
+                   help="table 2: best prior samples seeding TRAC-IK (MACE + MoveIt)")
+    p.add_argument("--timeout", type=float, default=d.timeout_s,
+                   help="table 2: s, TRAC-IK's restarts give up after this")
+    p.add_argument("--models-dir", default="", help="as for mace-bench ik")
+    p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--json", default="", help="write the report to this file")
+    p.set_defaults(func=_run_paper)
+
+
+def _run_paper(args: argparse.Namespace) -> int:
+    """``mace-bench paper --table N``: :mod:`mace_core.ik.paper_tables`."""
+    import torch
+
+    from mace_core.ik.benchmark import run_table1
+    from mace_core.ik.paper_tables import (Table2Config, format_table1_beside_paper,
+                                           format_table2, run_table2)
+    from mace_core.paths import default_scenes_dir
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    default_scene = "box.yaml" if args.table == 2 else "wall.yaml"
+    scene = load_scene(args.scene or os.path.join(default_scenes_dir(), default_scene))
+    service = IKAdaptConfig() if args.table == 2 else table1_service_config(IKAdaptConfig())
+    adapter = IKAdapter.from_models(_models_dir(args.models_dir), "panda_ik", service,
+                                    TensorSpec.resolve(args.device))
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    if args.table == 2:
+        cfg = Table2Config(num_targets=args.targets or 20, seed=args.seed,
+                           batches=args.batches, batch_size=args.batch_size, seeds=args.seeds,
+                           timeout_s=args.timeout)
+        report = run_table2(adapter, scene, cfg, log)
+        return _report(format_table2(report), report, args.json)
+    cfg = IKBenchmarkConfig(num_targets=args.targets or 10, seed=args.seed, protocol="table1",
+                            methods=TABLE1_METHODS)
+    report = dict(scene=scene.name, protocol="table1", **run_table1(adapter, scene, cfg, log))
+    return _report(format_table1_beside_paper(report), report, args.json)
 
 
 def _add_record_parser(sub) -> None:

@@ -29,6 +29,7 @@ from mace_core.ik.baselines import TargetOutcome
 from mace_core.ik.benchmark import (METHODS, POSE_METHODS, IKBenchmarkConfig, format_table,
                                     run_benchmark)
 from mace_core.ik.request import IKRequest
+from mace_core.paths import default_scenes_dir
 from mace_core.robot.rotations import matrix_to_quaternion_xyzw
 from mace_core.robot.scenes import Scene, TargetRegion, load_scene
 from mace_ros.bags import read_ik_requests
@@ -67,8 +68,7 @@ def known_scene_name(obstacles: Sequence, scene_files: Sequence[str]) -> str | N
 
 
 def _shipped_scenes() -> list[str]:
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
-    return sorted(glob.glob(os.path.join(root, "scenes", "*.yaml")))
+    return sorted(glob.glob(os.path.join(default_scenes_dir(), "*.yaml")))
 
 
 def group_requests(requests: list[IKRequest], defaults: IKBenchmarkConfig,

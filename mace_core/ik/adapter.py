@@ -592,6 +592,11 @@ class IKAdapter:
         return _ConditionedPrior(self.prior, self.initial_prior, position, self.kin.lower,
                                  self.kin.upper)
 
+    def prior_at(self, position: torch.Tensor) -> _ConditionedPrior:
+        """The pretrained prior p(q | position) at ``position (3,)``: what a request samples
+        first (paper Table 2's "prior only" draws from it)."""
+        return self._pretrained_model(position)
+
     def projection_distances(self, pose: torch.Tensor, n: int = 256,
                              seed: int = 0) -> torch.Tensor:
         """rad, max-norm joint distance from each of ``n`` samples of the pretrained prior a

@@ -270,16 +270,20 @@ class TracIKRestarts:
         return seed, matrix_to_quaternion_xyzw(rot)
 
     def solve(self, position: np.ndarray, rng: np.random.Generator,
-              quat: np.ndarray | None = None) -> TargetOutcome:
+              quat: np.ndarray | None = None,
+              seeds: np.ndarray | None = None) -> TargetOutcome:
         """Run the protocol for one target ``(3,)``, or with ``quat`` (x, y, z, w) for that
         full pose (build it with ``orientation="seed"``: the 7-joint chain, seeded at q0);
+        ``seeds (S, 7)``: the first attempts' q0, in order, before the random ones;
         ``valid`` etc. are left for the judge."""
         cfg, chain, ik = self.config, self.chain, self._tracik.ik
         position = np.asarray(position, dtype=float)
         kept = _Kept(cfg.num_solutions, cfg.timeout_s, cfg.min_joint_distance)
         attempts = converged = 0
         while kept.going:
-            q0 = rng.uniform(chain.lower, chain.upper)
+            q0 = (np.asarray(seeds[attempts], dtype=float)
+                  if seeds is not None and attempts < len(seeds)
+                  else rng.uniform(chain.lower, chain.upper))
             seed, asked = (q0, quat) if quat is not None else self._pose_attempt(q0, position)
             out = ik(self.solver, seed, *position, *asked)
             attempts += 1
