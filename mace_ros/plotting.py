@@ -133,12 +133,7 @@ def plot_ik_solutions(path: str, arms: np.ndarray, collision_free: Sequence[bool
     ax.set_zlabel("z (m)")
     ax.view_init(elev=elev, azim=azim)
     ax.legend(handles=handles, loc="upper left", fontsize=9, framealpha=0.9)
-    if title:
-        ax.set_title(title, fontsize=11)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    return path
+    return _titled_png(fig, ax, path, title, 11)
 
 
 def plot_shape_completions(path: str, completions: np.ndarray, scores: Sequence[float],
@@ -215,6 +210,16 @@ def plot_shape_completions(path: str, completions: np.ndarray, scores: Sequence[
     return path
 
 
+def _titled_png(fig: Figure, ax, path: str, title: str, size: int) -> str:
+    """Title ``ax`` (when ``title``), lay ``fig`` out and write it to the PNG ``path``."""
+    if title:
+        ax.set_title(title, fontsize=size)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
 def _figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
@@ -251,12 +256,7 @@ def plot_success_against_budget(path: str, first_s: dict[str, np.ndarray],
     ax.set_ylabel("share of requests answered")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    return path
+    return _titled_png(fig, ax, path, title, 10)
 
 
 def plot_first_valid_times(path: str, first_s: dict[str, np.ndarray], title: str = "") -> str:
@@ -282,9 +282,4 @@ def plot_first_valid_times(path: str, first_s: dict[str, np.ndarray], title: str
     ax.set_xlabel("time to the first valid solution (s)")
     ax.set_ylabel("requests")
     ax.grid(True, which="both", alpha=0.3)
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path)
-    return path
+    return _titled_png(fig, ax, path, title, 10)
