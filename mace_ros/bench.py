@@ -33,10 +33,10 @@ from mace_core.ik.benchmark import (METHODS, POSE_METHODS, PROTOCOLS, TABLE1_MET
                                     TARGET_KINDS, IKBenchmarkConfig, format_table, run_benchmark,
                                     table1_service_config)
 from mace_core.ik.request import IKAdaptConfig
-from mace_core.paths import default_models_dir
 from mace_core.robot.scenes import load_scene
 from mace_core.tensor import TensorSpec
 from mace_ros import fuzz
+from mace_ros import shipped
 
 
 def _add_ik_parser(sub) -> None:
@@ -134,7 +134,7 @@ def _run_ik(args: argparse.Namespace) -> int:
     if cfg.protocol == "table1":
         service = table1_service_config(service)
     scene = load_scene(args.scene)
-    models_dir = _models_dir(args.models_dir)
+    models_dir = shipped.models_dir(args.models_dir)
     spec = TensorSpec.resolve(args.device)
     backends = [b for b in args.collision_backend.split(",") if b] or [
         service.collision.backend]
@@ -170,7 +170,7 @@ def _run_prior_accuracy(args: argparse.Namespace) -> int:
 
     if args.poses < 1 or args.samples_per_pose < 1:
         raise SystemExit("mace-bench ik: --poses and --samples-per-pose must be >= 1")
-    models_dir = _models_dir(args.models_dir)
+    models_dir = shipped.models_dir(args.models_dir)
     entries = load_registry(os.path.join(models_dir, "registry.yaml"))
     spec = TensorSpec.resolve(args.device)
     kin = RobotKinematics.panda(spec)
@@ -235,7 +235,7 @@ def _run_shape(args: argparse.Namespace) -> int:
     completion = load_service_config(args.config).shape if args.config else \
         ShapeCompletionConfig()
     spec = TensorSpec.resolve(args.device)
-    registry = os.path.join(_models_dir(args.models_dir), "shape_registry.yaml")
+    registry = os.path.join(shipped.models_dir(args.models_dir), "shape_registry.yaml")
     priors = load_shape_priors(registry, spec, [args.prior])
     report = run_shape_benchmark(priors, completion, cfg, spec,
                                  log=lambda s: print(s, file=sys.stderr, flush=True))
@@ -290,14 +290,13 @@ def _run_paper(args: argparse.Namespace) -> int:
     from mace_core.ik.benchmark import run_table1
     from mace_core.ik.paper_tables import (Table2Config, format_table1_beside_paper,
                                            format_table2, run_table2)
-    from mace_core.paths import default_scenes_dir
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     default_scene = "box.yaml" if args.table == 2 else "wall.yaml"
-    scene = load_scene(args.scene or os.path.join(default_scenes_dir(), default_scene))
+    scene = load_scene(args.scene or os.path.join(shipped.scenes_dir(), default_scene))
     service = IKAdaptConfig() if args.table == 2 else table1_service_config(IKAdaptConfig())
-    adapter = IKAdapter.from_models(_models_dir(args.models_dir), "panda_ik", service,
+    adapter = IKAdapter.from_models(shipped.models_dir(args.models_dir), "panda_ik", service,
                                     TensorSpec.resolve(args.device))
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     if args.table == 2:
@@ -367,7 +366,7 @@ def _run_replay(args: argparse.Namespace) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     service = load_service_config(args.config).ik if args.config else IKAdaptConfig()
-    adapter = IKAdapter.from_models(_models_dir(args.models_dir), args.model, service,
+    adapter = IKAdapter.from_models(shipped.models_dir(args.models_dir), args.model, service,
                                     TensorSpec.resolve(args.device))
     client = None
     if args.node:
@@ -417,17 +416,6 @@ def _run_record(args: argparse.Namespace) -> int:
                                      args.target_kind, args.num_solutions, args.budget)
     print(f"wrote {len(requests)} /mace/adapt_ik requests to {args.out}")
     return 0
-
-
-def _models_dir(arg: str) -> str:
-    """``--models-dir``, else the source tree's ``models/``, else the installed package's."""
-    if arg:
-        return arg
-    if os.path.isdir(default_models_dir()):
-        return default_models_dir()
-    from ament_index_python.packages import get_package_share_directory
-
-    return os.path.join(get_package_share_directory("mace_ros"), "models")
 
 
 def _report(table: str, report: dict, path: str) -> int:

@@ -15,7 +15,6 @@ the Markdown tables (:func:`markdown_report`) and the plots
 
 from __future__ import annotations
 
-import glob
 import math
 import os
 import time
@@ -29,11 +28,11 @@ from mace_core.ik.baselines import TargetOutcome
 from mace_core.ik.benchmark import (METHODS, POSE_METHODS, IKBenchmarkConfig, format_table,
                                     run_benchmark)
 from mace_core.ik.request import IKRequest
-from mace_core.paths import default_scenes_dir
 from mace_core.robot.rotations import matrix_to_quaternion_xyzw
 from mace_core.robot.scenes import Scene, TargetRegion, load_scene
 from mace_ros.bags import read_ik_requests
 from mace_ros.conversions import ik_request_from_msg, ik_request_to_msg
+from mace_ros import shipped
 
 
 @dataclass
@@ -67,10 +66,6 @@ def known_scene_name(obstacles: Sequence, scene_files: Sequence[str]) -> str | N
     return None
 
 
-def _shipped_scenes() -> list[str]:
-    return sorted(glob.glob(os.path.join(default_scenes_dir(), "*.yaml")))
-
-
 def group_requests(requests: list[IKRequest], defaults: IKBenchmarkConfig,
                    messages: list | None = None,
                    scene_files: Sequence[str] | None = None, prefix: str = "bag",
@@ -79,7 +74,7 @@ def group_requests(requests: list[IKRequest], defaults: IKBenchmarkConfig,
     recorded, ``recorded``: MoveIt's calls they come from); unset K and budget take the
     benchmark's defaults. A group whose obstacles are those of one of ``scene_files`` (default:
     the shipped scenes) is named ``<prefix>-N-<scene>``."""
-    scene_files = _shipped_scenes() if scene_files is None else scene_files
+    scene_files = shipped.scene_files() if scene_files is None else scene_files
     groups: dict[tuple, RequestGroup] = {}
     for index, request in enumerate(requests):
         pose = request.rotation is not None
