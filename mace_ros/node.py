@@ -390,7 +390,8 @@ class MaceNode(Node):
 
     def _check_parameters(self, changed) -> SetParametersResult:
         values = params.current_values(self)
-        values.update({p.name: p.value for p in changed if p.name in values})
+        values.update({p.name: params.as_declared(p.name, p.value) for p in changed
+                       if p.name in values})
         try:
             config = params.config_from_parameters(values)
             if config.service_introspection not in INTROSPECTION_STATES:

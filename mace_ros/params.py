@@ -36,6 +36,19 @@ def parameter_defaults() -> dict[str, Any]:
     return to_flat(ServiceConfig())
 
 
+#: string parameters whose words YAML reads as booleans (``off``, ``on``): declared with dynamic
+#: typing so that ``-p service_introspection:=off`` works, the boolean read back as the word
+BOOLEAN_WORDS = {"service_introspection": {False: "off", True: "on"}}
+
+
+def as_declared(name: str, value: Any) -> Any:
+    """``value`` of parameter ``name`` as its dataclass field expects it (see
+    :data:`BOOLEAN_WORDS`)."""
+    if name in BOOLEAN_WORDS and isinstance(value, bool):
+        return BOOLEAN_WORDS[name][value]
+    return value
+
+
 def declare_parameters(node: Node) -> ServiceConfig:
     """Declare every parameter on ``node`` (overrides from --params-file / -p apply).
 
@@ -47,7 +60,7 @@ def declare_parameters(node: Node) -> ServiceConfig:
         read_only = name in READ_ONLY
         descriptor = ParameterDescriptor(
             name=name, description=docs.get(name, "") + (" (read-only)" if read_only else ""),
-            read_only=read_only)
+            read_only=read_only, dynamic_typing=name in BOOLEAN_WORDS)
         try:
             node.declare_parameter(name, default, descriptor)
         except InvalidParameterTypeException as exc:
@@ -62,7 +75,8 @@ def declare_parameters(node: Node) -> ServiceConfig:
 
 def current_values(node: Node) -> dict[str, Any]:
     """Values of every declared mace parameter on ``node``."""
-    return {name: node.get_parameter(name).value for name in parameter_defaults()}
+    return {name: as_declared(name, node.get_parameter(name).value)
+            for name in parameter_defaults()}
 
 
 def unknown_overrides(names: list[str]) -> list[str]:

@@ -410,6 +410,27 @@ def test_invalid_parameter_is_named(name, value, expected):
     assert expected in str(err.value)
 
 
+def test_off_read_by_yaml_as_a_boolean_still_means_off():
+    """``-p service_introspection:=off`` (and ``off`` in a params file) reaches the node as the
+    boolean false: it means the word, not a type error at start."""
+    import rclpy
+    from rclpy.parameter import Parameter
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    try:
+        node = rclpy.create_node("mace_params_probe", context=context, parameter_overrides=[
+            Parameter("service_introspection", value=False)])
+        try:
+            assert params.declare_parameters(node).service_introspection == "off"
+        finally:
+            node.destroy_node()
+    finally:
+        rclpy.shutdown(context=context)
+    assert params.as_declared("service_introspection", True) == "on"  # then refused by name
+    assert params.as_declared("ik.early_stop", False) is False
+
+
 def test_unknown_overrides_are_reported():
     assert params.unknown_overrides(["ik.mace.num_sample", "device", "use_sim_time"]) == [
         "ik.mace.num_sample"]
