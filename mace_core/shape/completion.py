@@ -6,9 +6,15 @@ the latent prior p(z; θ) = N(μ_z, diag σ_z²) of a frozen point-cloud VAE wit
 stored with the VAE: a Gaussian fitted to the training shapes' aggregate posterior
 (:func:`~mace_core.shape.vae.fit_latent_prior`), where the paper starts from N(0, I).
 
-The observation must be in the prior's frame and units (see ``frame`` in
-``models/shape_registry.yaml``): metres, box standing on the xy plane centred on the z axis for
-``boxes``; diameter-1 object centred on the origin for ``objects``.
+A request's observation is in one of two frames (``ShapeCompletionRequest.frame``):
+
+- ``canonical``: the prior's frame and units (see ``frame`` in ``models/shape_registry.yaml``):
+  metres, box standing on the xy plane centred on the z axis for ``boxes``; diameter-1 object
+  centred on the origin for ``objects``;
+- ``support``: the frame of the surface the object stands on (z up, the surface at z = 0),
+  metres: where the object stands, and the size of an ``objects`` shape, are inferred with its
+  shape (:mod:`mace_core.shape.placement`), and the completions come back placed there, each
+  with its placement (x, y, scale). Partial clouds only, for now.
 
 Shapes: ``(N, 2048, 3)`` candidate clouds, ``(P, 3)`` observed points, ``(k, 3)`` contacts and
 finger directions, ``(K, 2048, 3)`` completions.
@@ -32,6 +38,7 @@ from ..mace import MACEConfig, adapt
 from ..tensor import TensorSpec
 from .observations import (contact_scores, farthest_point_indices, partial_cloud_scores,
                            visible_mask)
+from .placement import PlacedShapeModel, initial_placement, split
 from .vae import PointCloudVAE, ShapePrior, gaussian_kl
 
 
@@ -100,6 +107,8 @@ class ShapeCompletionConfig:
     #: within each finger's radius more than the shape: a larger elite set averages that out)
     gradient_steps: int = 16  #: M, Adam steps on θ per iteration
     iterations: int = 12  #: T when the request does not set it
+    #: T of a request in the support frame (placement inferred too) that does not set it
+    placement_iterations: int = 40
     learning_rate: float = 5e-2  #: Adam step size on (μ_z, log σ_z)
     objective: str = "cem"  #: "cem" (Eq. 3) or "is" (Eq. 2 baseline)
     pool_size: int = 64  #: best candidates kept across iterations (raised to K if smaller)
@@ -136,7 +145,8 @@ class ShapeCompletionConfig:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise InvalidRequestError(f"{name} must be > 0, got {value!r}")
-        for name in ("iterations", "visibility_depth_tolerance", "deadline_margin"):
+        for name in ("iterations", "placement_iterations", "visibility_depth_tolerance",
+                     "deadline_margin"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise InvalidRequestError(f"{name} must be >= 0, got {value!r}")
@@ -160,7 +170,7 @@ class ShapeCompletionRequest:
     """One completion query.
 
     Give exactly one observation: ``points``, or ``contacts`` with ``directions``. Coordinates
-    are in the prior's frame and units.
+    are in ``frame`` (see the module docstring).
     """
 
     prior: str  #: registry name of the prior, e.g. "boxes"
@@ -175,6 +185,13 @@ class ShapeCompletionRequest:
     time_budget_s: float = 5.0  #: wall-clock budget, s (> 0)
     iterations: int | None = None  #: T; None takes the config's, 0 returns prior samples
     seed: int | None = None  #: random seed; None draws a fresh one
+    #: "canonical" (the prior's frame and units) or "support" (the surface's frame, metres:
+    #: the placement is inferred)
+    frame: str = "canonical"
+
+
+#: Frames a request's observation may be in.
+FRAMES = ("canonical", "support")
 
 
 @dataclass
@@ -190,6 +207,9 @@ class ShapeCompletionResult:
     stopped_by_deadline: bool  #: True when the time budget cut the iterations short
     mean_scores: list[float] = field(default_factory=list)  #: mean S of each iteration
     notes: list[str] = field(default_factory=list)  #: what was changed in the request
+    #: (K, 3) each completion's placement in the support frame: x, y (m) and scale (the
+    #: canonical shape's factor: 1 for a metric prior); None in the canonical frame
+    placements: torch.Tensor | None = None
 
 
 @dataclass
@@ -240,7 +260,8 @@ class ShapeCompleter:
                 far = centre + 3.0 * prior.vae.config.length_scale
                 directions = torch.eye(3, device=self.spec.device, dtype=self.spec.dtype)
                 for extra in (dict(points=half), dict(points=half, viewpoint=far),
-                              dict(contacts=cloud[:3], directions=directions)):
+                              dict(contacts=cloud[:3], directions=directions),
+                              dict(points=half, frame="support")):
                     self.complete(ShapeCompletionRequest(
                         prior=name, num_completions=1, iterations=2, seed=0,
                         time_budget_s=self.config.max_time_budget_s, **extra))
@@ -316,8 +337,13 @@ class ShapeCompleter:
         if req.iterations is not None and not 0 <= req.iterations <= c.max_iterations:
             raise InvalidRequestError(f"iterations must be in [0, shape.max_iterations = "
                                       f"{c.max_iterations}] (or None), got {req.iterations}")
+        if req.frame not in FRAMES:
+            raise InvalidRequestError(f"frame must be one of {FRAMES}, got {quote(req.frame)}")
         has_points = req.points is not None
         has_contacts = req.contacts is not None or req.directions is not None
+        if req.frame == "support" and has_contacts:
+            raise InvalidRequestError("contacts in the support frame are not supported yet: "
+                                      "send them in the prior's frame (frame 'canonical')")
         if has_points == has_contacts:
             raise InvalidRequestError("give exactly one observation: a partial cloud (points) or"
                                       " fingertip contacts with directions, not "
@@ -369,11 +395,13 @@ class ShapeCompleter:
 
     # -- scoring ------------------------------------------------------------------------------
 
-    def _score_fn(self, prior: str, obs: _Observation) -> Callable[[torch.Tensor], torch.Tensor]:
-        """S(o_i, o) of App. C / Sec. 4.1 for candidates ``(N, num_points, 3)`` -> ``(N,)``."""
+    def _score_fn(self, prior: str, obs: _Observation, scale: float | None = None
+                  ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """S(o_i, o) of App. C / Sec. 4.1 for candidates ``(N, num_points, 3)`` -> ``(N,)``;
+        lengths in units of ``scale`` (default: the prior's ``length_scale``)."""
         c = self.config
         vae = self.priors[prior].vae
-        scale = vae.config.length_scale
+        scale = vae.config.length_scale if scale is None else scale
         if obs.kind == "contacts":
             # every point: a finger touches the few that lie within its radius of its line
             return lambda x: contact_scores(x - obs.grasp_center, obs.contacts,
@@ -411,23 +439,32 @@ class ShapeCompleter:
         obs = self._validate(request, gen)
         prior = self.priors[request.prior]
         model = MACEVAEModel(prior.vae)
+        placed = request.frame == "support"
+        scale = None
+        if placed:  # shape and placement together; scored in the request's metres
+            length = prior.vae.config.length_scale
+            mean, std = initial_placement(obs.points, prior.entry.metric, length)
+            model = PlacedShapeModel(model, mean, std, prior.entry.standing)
+            scale = length * math.exp(float(mean[2]))
         timed = {"score_s": 0.0}
-        raw_score = self._score_fn(request.prior, obs)
+        raw_score = self._score_fn(request.prior, obs, scale)
 
         def score(x: torch.Tensor) -> torch.Tensor:
             ts = time.perf_counter()
-            s = raw_score(x)
+            s = raw_score(split(x)[0] if placed else x)
             timed["score_s"] += time.perf_counter() - ts
             return s
 
-        iterations = c.iterations if request.iterations is None else int(request.iterations)
+        default_t = c.placement_iterations if placed else c.iterations
+        iterations = default_t if request.iterations is None else int(request.iterations)
         n, q = ((c.contact_num_samples, c.contact_quantile) if obs.kind == "contacts"
                 else (c.num_samples, c.quantile))
         mace_cfg = MACEConfig(num_samples=n, quantile=q,
                               gradient_steps=c.gradient_steps, iterations=iterations,
                               learning_rate=c.learning_rate, objective=c.objective,
                               pool_size=max(c.pool_size, request.num_completions))
-        kind = (request.prior, obs.kind + ("+view" if obs.viewpoint is not None else ""))
+        kind = (request.prior, obs.kind + ("+view" if obs.viewpoint is not None else "")
+                + ("+placed" if placed else ""))
         margin = c.deadline_margin * self._iteration_s.get(kind, 0.5)
         deadline = Deadline.after(request.time_budget_s - margin, start, cancel)
         t_adapt = time.perf_counter()
@@ -446,8 +483,12 @@ class ShapeCompleter:
                          "iterations; best completions so far returned")
         k = request.num_completions
         sampling = model.sampling_time_s + timed["score_s"]
+        completions, placements = trace.pool_x[:k], None
+        if placed:
+            completions, p, _ = split(completions)
+            placements = torch.stack([p[:, 0], p[:, 1], p[:, 2].exp()], dim=-1)
         return ShapeCompletionResult(
-            completions=trace.pool_x[:k], scores=trace.pool_scores[:k],
+            completions=completions, scores=trace.pool_scores[:k], placements=placements,
             iterations_run=trace.iterations_run, sampling_time_s=sampling,
             adaptation_time_s=max(loop_s - sampling, 0.0),
             total_time_s=time.perf_counter() - t0, stopped_by_deadline=trace.stopped_by_deadline,

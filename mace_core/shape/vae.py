@@ -167,6 +167,9 @@ class ShapePriorEntry:
     weights: str  #: safetensors file, relative to the registry's folder
     architecture: PointCloudVAEConfig  #: hyper-parameters the weights were trained with
     frame: str = ""  #: what frame and units the prior's clouds are in (documentation)
+    metric: bool = True  #: the clouds are in metres (False: normalised, the size is unknown)
+    #: the shapes stand on the xy plane (False: centred on the origin)
+    standing: bool = True
     description: str = ""  #: free text (data, model card)
     card: str = ""  #: model card markdown, relative to the registry's folder
 
@@ -204,10 +207,15 @@ def parse_shape_registry(data: object) -> dict[str, ShapePriorEntry]:
             config = PointCloudVAEConfig(**arch)
         except (TypeError, ValueError) as exc:
             raise ModelLoadError(f"shape registry entry '{name}': {exc}") from exc
+        for key in ("metric", "standing"):
+            if not isinstance(raw.get(key, True), bool):
+                raise ModelLoadError(f"shape registry entry '{name}': {key} must be true or "
+                                     f"false, got {raw[key]!r}")
         entries[str(name)] = ShapePriorEntry(
             name=str(name), weights=str(raw["weights"]), architecture=config,
             frame=str(raw.get("frame", "")), description=str(raw.get("description", "")),
-            card=str(raw.get("card", "")))
+            card=str(raw.get("card", "")), metric=raw.get("metric", True),
+            standing=raw.get("standing", True))
     return entries
 
 
