@@ -213,6 +213,10 @@ def _add_shape_parser(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: default)")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up")
+    p.add_argument("--placement", choices=("canonical", "random"), default="canonical",
+                   help="random: each shape placed at random on a table and observed there, "
+                        "sent in the support frame (methods prior, align_then_complete, mace; "
+                        "cloud modes only)")
     p.set_defaults(func=_run_shape)
 
 
@@ -237,8 +241,13 @@ def _run_shape(args: argparse.Namespace) -> int:
     spec = TensorSpec.resolve(args.device)
     registry = os.path.join(shipped.models_dir(args.models_dir), "shape_registry.yaml")
     priors = load_shape_priors(registry, spec, [args.prior])
-    report = run_shape_benchmark(priors, completion, cfg, spec,
-                                 log=lambda s: print(s, file=sys.stderr, flush=True))
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    if args.placement == "random":
+        from mace_core.shape.placed_benchmark import format_placed_table, run_placed_benchmark
+
+        report = run_placed_benchmark(priors, completion, cfg, spec, log=log)
+        return _report(format_placed_table(report), report, args.json)
+    report = run_shape_benchmark(priors, completion, cfg, spec, log=log)
     return _report(format_shape_table(report), report, args.json)
 
 

@@ -11,7 +11,8 @@ decoder frozen) plus log N(p; μ_p, σ_p²) for the placement.
 
 The rotation about z needs no parameter: both priors were trained on shapes at every rotation
 about z, so the latent carries it. The placement starts from what the observation says
-(:func:`initial_placement`): the centroid of its points, and their extent for the scale (which
+(:func:`initial_placement`): the centre of its points' bounding box, and their extent for
+the scale (which
 stays there: :data:`LOG_SCALE_STD`).
 
 A sample is the placed cloud with its placement appended, ``(n, P + 2, 3)``: row P holds
@@ -28,6 +29,8 @@ from torch import nn
 
 #: m, smallest standard deviation of the initial (x, y)
 MIN_XY_STD_M = 0.01
+#: the initial (x, y) std as a share of the observed points' extent across
+XY_STD_SHARE = 0.1
 #: std of the log-scale: 0, the scale stays the observation's estimate. A partial cloud's
 #: one-sided score does not pin the size (a larger shape still passes through the seen points):
 #: adapted from a std of 0.1 or 0.3 it grew, and completions of 4 held-out objects placed at 0.05
@@ -64,13 +67,14 @@ def split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def initial_placement(points: torch.Tensor, metric: bool, length_scale: float
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """θ_p's start from an observed cloud ``(P, 3)`` in the support frame: mean and std
-    ``(3,)`` of (x, y, log s). x, y: the points' centroid (a partial view pulls it towards the
-    seen side: the std is a quarter of their extent across). log s: 0 for a metric prior, else
+    ``(3,)`` of (x, y, log s). x, y: the centre of the points' bounding box (a partial view
+    pulls it towards the seen side, less than it pulls their centroid: the std is a quarter of
+    their extent across). log s: 0 for a metric prior, else
     the log of the distance between the two farthest points over :data:`SEEN_SHARE` (a centred
     prior's shapes fit in a ball of diameter ``length_scale``)."""
     lo, hi = points.amin(dim=0), points.amax(dim=0)
-    xy_std = max(0.25 * float((hi[:2] - lo[:2]).norm()), MIN_XY_STD_M)
-    centre = points.mean(dim=0)
+    xy_std = max(XY_STD_SHARE * float((hi[:2] - lo[:2]).norm()), MIN_XY_STD_M)
+    centre = 0.5 * (lo + hi)
     if metric:
         log_scale, scale_std = 0.0, 0.0
     else:  # the widest pair of observed points spans at most the canonical ball's diameter

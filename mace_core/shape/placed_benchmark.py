@@ -1,0 +1,198 @@
+"""The shape benchmark with the object placed on a table: ``mace-bench shape --placement random``.
+
+Each held-out shape of :mod:`.benchmark` (the same cases) is put at a random x, y within
+±``xy_range_m`` of the support frame's origin, turned by a random angle about z, and, for
+``objects``, given a random size between ``size_range_m`` across (the canonical diameter-1 ball
+scaled to it), set down on the surface (z = 0). It is observed there (the canonical
+observation moved with it: plane cuts, camera views with their viewpoint) and the observation is
+sent in the support frame. Completions are scored against the placed truth; Chamfer distances
+are reported in the prior's canonical units (divided by the scale squared), so that they compare
+with ``--placement canonical`` on the same cases.
+
+Methods:
+
+- ``prior``: K draws of the prior placed at the observed points' centroid (and, for
+  ``objects``, scaled by the observation's estimate, :func:`.placement.initial_placement`);
+- ``align_then_complete``: the observation centred (and scaled) by its own bounding box into
+  the prior's canonical frame, completed there as today, and moved back: the baseline a user
+  would write;
+- ``mace``: the completer in the support frame (shape and placement together).
+
+Fingertip contacts are not sent in the support frame yet: the grasp modes are left out.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Callable
+
+import torch
+
+from ..errors import InvalidRequestError
+from ..tensor import TensorSpec
+from .benchmark import (METHODS, MODES, ShapeBenchmarkConfig, _completers, _units, box_cases,
+                        chamfer_to, environment, mean_pairwise_chamfer, object_cases, observe)
+from .completion import ShapeCompletionConfig, ShapeCompletionRequest
+from .data import rotate_z
+from .placement import initial_placement, place
+from .vae import ShapePrior
+
+#: Methods of the placed benchmark, in table order.
+PLACED_METHODS = ("prior", "align_then_complete", "mace")
+#: Observation modes that are clouds (the ones sent in the support frame).
+CLOUD_MODES = ("random_cut", "top_cut", "view")
+
+
+@dataclass
+class Placement:
+    """Where one case stands: canonical -> support frame."""
+
+    x: float
+    y: float
+    yaw: float  #: rad, about z
+    scale: float  #: the canonical shape's factor (1 for a metric prior)
+    lift: float  #: m, the z shift that sets it on the surface
+
+    def apply(self, points: torch.Tensor) -> torch.Tensor:
+        """``(P, 3)`` canonical points in the support frame."""
+        turned = rotate_z(points[None] * self.scale,
+                          torch.tensor([self.yaw], dtype=points.dtype, device=points.device))[0]
+        return turned + torch.tensor([self.x, self.y, self.lift], dtype=points.dtype,
+                                     device=points.device)
+
+
+def draw_placement(dense: torch.Tensor, metric: bool, standing: bool, xy_range_m: float,
+                   size_range_m: tuple[float, float], generator: torch.Generator) -> Placement:
+    """A random placement of a case whose dense canonical cloud is ``dense (S, 3)``."""
+    u = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
+    scale = 1.0 if metric else size_range_m[0] + u[3] * (size_range_m[1] - size_range_m[0])
+    lift = 0.0 if standing else -float(dense[:, 2].min()) * scale
+    return Placement(x=(2 * u[0] - 1) * xy_range_m, y=(2 * u[1] - 1) * xy_range_m,
+                     yaw=(2 * u[2] - 1) * math.pi, scale=scale, lift=lift)
+
+
+def _aligned(points: torch.Tensor, metric: bool, standing: bool, length_scale: float
+             ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The observation centred (and scaled) by its own bounding box into the canonical frame:
+    (points ``(P, 3)``, the shift ``(3,)`` and factor that map canonical back to support)."""
+    lo, hi = points.amin(dim=0), points.amax(dim=0)
+    centre = 0.5 * (lo + hi)
+    if standing:
+        centre[2] = 0.0  # a standing prior's shapes stand on z = 0 already
+    moved = points - centre
+    factor = 1.0 if metric else 2.0 * float(moved.norm(dim=1).max()) / length_scale
+    return moved / factor, centre, factor
+
+
+def run_placed_benchmark(priors: dict[str, ShapePrior], config: ShapeCompletionConfig,
+                         cfg: ShapeBenchmarkConfig, spec: TensorSpec,
+                         log: Callable[[str], None] = lambda s: None,
+                         data_path: str | None = None, xy_range_m: float = 0.2,
+                         size_range_m: tuple[float, float] = (0.05, 0.3)) -> dict:
+    """Run every (case, cloud mode, method) with the object placed (module docstring)."""
+    modes = tuple(m for m in (tuple(cfg.modes) or MODES[cfg.prior]) if m in CLOUD_MODES)
+    unknown = sorted(set(cfg.methods) - set(PLACED_METHODS) - set(METHODS))
+    if unknown:
+        raise InvalidRequestError(f"methods {unknown} unknown (placed: {list(PLACED_METHODS)})")
+    methods = tuple(m for m in cfg.methods if m in PLACED_METHODS)
+    methods = PLACED_METHODS if cfg.methods == METHODS or not methods else methods
+    replace(cfg, methods=("mace",)).validate(modes)
+    if cfg.prior not in priors:
+        raise InvalidRequestError(f"prior '{cfg.prior}' is not loaded (loaded: {sorted(priors)})")
+    prior = priors[cfg.prior]
+    metric, standing = prior.entry.metric, prior.entry.standing
+    scale, num_points = prior.vae.config.length_scale, prior.vae.config.num_points
+    completers = _completers({cfg.prior: prior}, config, cfg.num_completions, spec)
+    main, plain = completers["mace"][0], completers["prior"][0]
+    if cfg.warmup:
+        main.warmup()
+        plain.warmup()
+    cases = (box_cases(cfg.num_cases, cfg.seed, num_points, cfg.sensor_points, spec)
+             if cfg.prior == "boxes" else
+             object_cases(cfg.num_cases, cfg.seed, num_points, cfg.object_points, spec,
+                          data_path))
+    rows = []
+    for c, case in enumerate(cases):
+        where = draw_placement(case.dense, metric, standing, xy_range_m, size_range_m,
+                               spec.generator(cfg.seed * 7919 + 101 * c + 97))
+        truth = where.apply(case.truth)
+        for mode in modes:
+            m = MODES[cfg.prior].index(mode)
+            seed = cfg.seed * 7919 + 101 * c + m
+            obs = observe(case, mode, spec.generator(seed), scale, cfg, 0.0)
+            placed = {"points": where.apply(obs["points"])}
+            if "viewpoint" in obs:
+                placed["viewpoint"] = where.apply(obs["viewpoint"][None])[0]
+            row = dict(case=c, shape=case.name, mode=mode, placement=asdict(where), methods={})
+            for method in methods:
+                t0 = time.perf_counter()
+                completions = _answer(method, main, plain, cfg, placed, seed, metric, standing,
+                                      scale)
+                wall = time.perf_counter() - t0
+                cd = chamfer_to(completions, truth) / where.scale ** 2
+                row["methods"][method] = dict(
+                    chamfer_to_truth=float(cd.mean()), best_chamfer_to_truth=float(cd[0]),
+                    pairwise_chamfer=mean_pairwise_chamfer(completions) / where.scale ** 2,
+                    time_s=wall)
+            rows.append(row)
+            log(f"[placed {cfg.prior}] case {c} {mode}: " + ", ".join(
+                f"{k} {v['chamfer_to_truth']:.2e}" for k, v in row["methods"].items()))
+    summary = {mode: {meth: _mean_rows([r["methods"][meth] for r in rows if r["mode"] == mode])
+                      for meth in methods} for mode in modes}
+    return dict(prior=cfg.prior, placement="random", units=_units(cfg.prior),
+                config=asdict(cfg), xy_range_m=xy_range_m, size_range_m=list(size_range_m),
+                completion_config=asdict(config), environment=environment(), modes=summary,
+                cases=rows)
+
+
+def _answer(method: str, main, plain, cfg: ShapeBenchmarkConfig, obs: dict, seed: int,
+            metric: bool, standing: bool, length_scale: float) -> torch.Tensor:
+    """One method's K completions ``(K, P, 3)`` in the support frame."""
+    k = cfg.num_completions
+    common = dict(prior=cfg.prior, num_completions=k, time_budget_s=cfg.time_budget_s,
+                  seed=seed, iterations=None if cfg.iterations < 0 else cfg.iterations)
+    if method == "mace":
+        return main.complete(ShapeCompletionRequest(frame="support", **common, **obs)
+                             ).completions
+    if method == "prior":
+        drawn = plain.complete(ShapeCompletionRequest(points=obs["points"],
+                                                      **dict(common, iterations=0))).completions
+        mean, _ = initial_placement(obs["points"], metric, length_scale)
+        mean[:2] = obs["points"][:, :2].mean(dim=0)  # at the observed points' centroid
+        return place(drawn, mean[None].expand(k, 3), standing)[0]
+    points, shift, factor = _aligned(obs["points"], metric, standing, length_scale)
+    request = dict(points=points)
+    if "viewpoint" in obs:
+        request["viewpoint"] = (obs["viewpoint"] - shift) / factor
+    done = main.complete(ShapeCompletionRequest(**common, **request)).completions
+    return done * factor + shift
+
+
+def _mean_rows(rows: list[dict]) -> dict:
+    def mean(key):
+        return statistics.fmean(r[key] for r in rows) if rows else math.nan
+    return dict(mean_chamfer_to_truth=mean("chamfer_to_truth"),
+                mean_best_chamfer_to_truth=mean("best_chamfer_to_truth"),
+                mean_pairwise_chamfer=mean("pairwise_chamfer"),
+                median_time_s=statistics.median(r["time_s"] for r in rows) if rows else math.nan,
+                max_time_s=max((r["time_s"] for r in rows), default=math.nan),
+                requests=len(rows))
+
+
+def format_placed_table(report: dict) -> str:
+    """Mean Chamfer distance to the placed truth per mode and method (canonical units)."""
+    methods = list(next(iter(report["modes"].values()))) if report["modes"] else []
+    lines = [f"shape completion, {report['prior']}, placed at random (x, y within "
+             f"±{report['xy_range_m']:g} m, any turn about z"
+             + (f", {report['size_range_m'][0]:g}-{report['size_range_m'][1]:g} m across"
+                if report["prior"] == "objects" else "") + f"), {report['config']['num_cases']} "
+             f"cases; Chamfer in {report['units']}",
+             f"{'mode':<12}" + "".join(f" {m:>20}" for m in methods) + f" {'mace s (median)':>16}"]
+    for mode, row in report["modes"].items():
+        lines.append(f"{mode:<12}" + "".join(f" {row[m]['mean_chamfer_to_truth']:>20.3e}"
+                                             for m in methods)
+                     + f" {row.get('mace', {}).get('median_time_s', math.nan):>16.2f}")
+    return "\n".join(lines)
