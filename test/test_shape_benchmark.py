@@ -165,3 +165,39 @@ def test_held_out_object_and_its_camera_view():
     assert 0.15 * len(case.dense) < len(seen) < 0.75 * len(case.dense)
     # the camera sees the side facing it
     assert float((seen.mean(0) - case.dense.mean(0)) @ view.to(seen)) > 0.0
+
+
+def test_bench_shape_placed_at_random(tmp_path, capsys):
+    """``--placement random``: the truth and its observation moved together onto the table,
+    the three methods answered in the support frame, Chamfer in canonical units."""
+    from mace_core.shape.placed_benchmark import PLACED_METHODS
+
+    path = tmp_path / "placed.json"
+    assert bench.main(["shape", "--prior", "objects", "--cases", "2", "-k", "2", "--budget",
+                       "2.0", "--iterations", "2", "--modes", "random_cut,grasp",
+                       "--placement", "random", "--no-warmup", "--json", str(path)]) == 0
+    assert "placed at random" in capsys.readouterr().out
+    report = json.loads(path.read_text())
+    assert list(report["modes"]) == ["random_cut"]  # contacts are not sent placed yet
+    assert set(report["modes"]["random_cut"]) == set(PLACED_METHODS)
+    for row in report["cases"]:
+        where = row["placement"]
+        assert abs(where["x"]) <= 0.2 and abs(where["y"]) <= 0.2
+        assert 0.05 <= where["scale"] <= 0.3
+        for m in row["methods"].values():
+            assert m["chamfer_to_truth"] > 0.0 and m["time_s"] > 0.0
+        # knowing where it stands beats drawing the prior at the observed centroid
+        assert (row["methods"]["align_then_complete"]["chamfer_to_truth"]
+                < row["methods"]["prior"]["chamfer_to_truth"])
+
+
+def test_a_placement_moves_turns_sizes_and_sets_down():
+    from mace_core.shape.placed_benchmark import Placement, _aligned
+
+    canonical = torch.tensor([[0.5, 0.0, -0.5], [0.0, 0.0, 0.5]])
+    where = Placement(x=0.1, y=-0.2, yaw=math.pi / 2, scale=0.2, lift=0.1)
+    placed = where.apply(canonical)
+    assert torch.allclose(placed, torch.tensor([[0.1, -0.1, 0.0], [0.1, -0.2, 0.2]]), atol=1e-6)
+    aligned, shift, factor = _aligned(placed, metric=False, standing=False, length_scale=1.0)
+    assert torch.allclose(aligned * factor + shift, placed, atol=1e-6)
+    assert float(aligned.norm(dim=1).max()) == pytest.approx(0.5)  # into the diameter-1 ball
