@@ -65,7 +65,7 @@ def test_a_box_seen_from_one_side_is_found_where_it_stands(box_completer):
     seen = truth[(truth[:, 0] - where[0]) + (truth[:, 1] - where[1]) < 0]
     mean, _ = initial_placement(seen, metric=True, length_scale=0.5)
     # the seen side pulls the first guess off the centre
-    assert (mean[:2] - where[:2]).norm() > 0.04, mean
+    assert (mean[:2] - where[:2]).norm() > 0.02, mean
     result = box_completer.complete(ShapeCompletionRequest(
         prior="boxes", points=seen, frame="support", num_completions=4, seed=0,
         time_budget_s=30.0))
@@ -76,7 +76,7 @@ def test_a_box_seen_from_one_side_is_found_where_it_stands(box_completer):
     assert torch.allclose(best.amin(dim=0), truth.amin(dim=0), atol=0.012), best.amin(dim=0)
     assert (result.placements[0, :2] - where[:2]).norm() < (mean[:2] - where[:2]).norm()
     extent = best.amax(dim=0) - best.amin(dim=0)
-    assert bool((extent > edges[0] - 0.02).all()), extent  # it covers what was seen
+    assert bool((extent > edges[0] - 0.03).all()), extent  # it covers what was seen
 
 
 def test_the_canonical_frame_has_no_placement_and_bad_frames_are_refused(box_completer):
