@@ -420,8 +420,10 @@ def shape_request_from_msg(req: CompleteShape.Request) -> ShapeCompletionRequest
 
     Coordinates pass through unchanged: the cloud (in ``cloud.header.frame_id``) or the contacts
     (in ``contacts_frame``) must already be in the prior's frame and units (the core checks the
-    rest: prior name, K, budget, finite and non-zero vectors). -1 for iterations and seed, and 0
-    for finger_radius, take the node's default.
+    rest: prior name, K, budget, finite and non-zero vectors); with ``infer_placement`` the
+    cloud (and viewpoint) are moved into the frame of ``support_pose`` and the core infers where
+    the object stands there (frame "support"). -1 for iterations and seed, and 0 for
+    finger_radius, take the node's default.
 
     Raises:
         InvalidRequestError: both or neither observation, an empty or malformed cloud, a point
@@ -460,7 +462,16 @@ def shape_request_from_msg(req: CompleteShape.Request) -> ShapeCompletionRequest
         viewpoint = None
         if req.has_viewpoint:
             viewpoint = _vector(_point(req.viewpoint), "viewpoint")
+        support = support_transform(req)
+        if support is not None:  # into the support frame, where the core infers the placement
+            points = _transformed(points, np.linalg.inv(support))
+            if viewpoint is not None:
+                viewpoint = _transformed(np.asarray(viewpoint)[None], np.linalg.inv(support))[0]
+            common["frame"] = "support"
         return ShapeCompletionRequest(points=points, viewpoint=viewpoint, **common)
+    if req.infer_placement:
+        raise InvalidRequestError("infer_placement needs a cloud: contacts are completed in the "
+                                  "prior's frame only, for now")
     if req.has_viewpoint:
         raise InvalidRequestError("has_viewpoint is set but the observation is contacts: the "
                                   "viewpoint belongs to a cloud")
@@ -474,6 +485,31 @@ def shape_request_from_msg(req: CompleteShape.Request) -> ShapeCompletionRequest
     return ShapeCompletionRequest(contacts=contacts, directions=directions,
                                   grasp_center=_vector(_point(req.grasp_center), "grasp_center"),
                                   finger_radius=None if radius == 0.0 else radius, **common)
+
+
+def support_transform(req: CompleteShape.Request) -> np.ndarray | None:
+    """``(4, 4)`` pose of the support surface in the cloud's frame with ``infer_placement``
+    (identity for an all-zero pose), else None.
+
+    Raises:
+        InvalidRequestError: a NaN, inf or non-unit (or zero with a position) quaternion.
+    """
+    if not req.infer_placement:
+        return None
+    pose = req.support_pose
+    position = _vector(_point(pose.position), "support_pose position")
+    q = _quaternion(pose.orientation)
+    out = np.eye(4)
+    if np.all(np.asarray(q) == 0.0) and np.all(np.asarray(position) == 0.0):
+        return out  # left unset: the cloud's frame is the support frame
+    out[:3, :3] = _rotation_from_quaternion(pose.orientation, "support_pose orientation")
+    out[:3, 3] = position
+    return out
+
+
+def _transformed(points: np.ndarray, pose: np.ndarray) -> np.ndarray:
+    """``(P, 3)`` points moved by the ``(4, 4)`` pose."""
+    return np.asarray(points, dtype=float) @ pose[:3, :3].T + pose[:3, 3]
 
 
 def shape_request_header(req: CompleteShape.Request) -> Header:
@@ -512,6 +548,7 @@ def shape_request_to_msg(request: ShapeCompletionRequest,
     msg.time_budget = float(request.time_budget_s)
     msg.iterations = -1 if request.iterations is None else int(request.iterations)
     msg.seed = -1 if request.seed is None else int(request.seed)
+    msg.infer_placement = request.frame == "support"  # the cloud's frame is the support frame
     return msg
 
 
@@ -534,10 +571,21 @@ def shape_result_message(result: ShapeCompletionResult) -> str:
 
 
 def shape_result_to_msg(result: ShapeCompletionResult, header: Header,
-                        response: CompleteShape.Response) -> CompleteShape.Response:
+                        response: CompleteShape.Response,
+                        support: np.ndarray | None = None) -> CompleteShape.Response:
     """Fill ``response`` from a core result (best first), each completion a cloud in ``header``'s
-    frame, and return it."""
+    frame, and return it; with ``support`` (the ``(4, 4)`` support pose of the request,
+    :func:`support_transform`) the completions and their placements are moved from the support
+    frame into the cloud's."""
     clouds = _as_numpy(result.completions)
+    if support is not None and clouds.size:
+        clouds = clouds @ support[:3, :3].T + support[:3, 3]
+    if support is not None and result.placements is not None:
+        placed = _as_numpy(result.placements).reshape(-1, 3)
+        spots = np.concatenate([placed[:, :2], np.zeros((len(placed), 1))], axis=1)
+        response.placements = [_pose_msg(p, support[:3, :3])
+                               for p in _transformed(spots, support)]
+        response.scales = [float(v) for v in placed[:, 2]]
     response.success = clouds.shape[0] > 0
     response.message = shape_result_message(result)
     response.completions = [cloud_from_points(c, header) for c in clouds]
@@ -556,8 +604,13 @@ def shape_result_from_msg(response: CompleteShape.Response) -> ShapeCompletionRe
     clouds = [points_from_cloud(c) for c in response.completions]
     completions = (torch.as_tensor(np.stack(clouds)) if clouds
                    else torch.zeros(0, 0, 3, dtype=torch.float64))
+    placements = None
+    if len(response.placements):
+        placements = torch.as_tensor([[p.position.x, p.position.y, s] for p, s in
+                                      zip(response.placements, response.scales)],
+                                     dtype=torch.float64)
     return ShapeCompletionResult(
-        completions=completions,
+        completions=completions, placements=placements,
         scores=torch.as_tensor(list(response.scores), dtype=torch.float64),
         iterations_run=response.iterations_run, sampling_time_s=response.sampling_time,
         adaptation_time_s=response.adaptation_time, total_time_s=response.total_time,
@@ -570,5 +623,5 @@ __all__ = [
     "joints_from_compute_ik", "markers_from_ik_result", "obstacles_from_msgs",
     "obstacles_to_msgs", "points_from_cloud", "rank_color", "shape_request_from_msg",
     "shape_request_header", "shape_request_to_msg", "shape_result_from_msg",
-    "shape_result_message", "shape_result_to_msg",
+    "shape_result_message", "shape_result_to_msg", "support_transform",
 ]

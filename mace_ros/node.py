@@ -457,6 +457,7 @@ class MaceNode(Node):
         completer = self._shape  # parameter changes swap in a new one; this request keeps its own
         shape_request = conversions.shape_request_from_msg(request)
         header = conversions.shape_request_header(request)
+        support = conversions.support_transform(request)
         if shape_request.points is None:  # contacts carry no stamp: answer with the time now
             header.stamp = self.get_clock().now().to_msg()
         with self._gate.turn():
@@ -464,7 +465,7 @@ class MaceNode(Node):
             result = completer.complete(shape_request, start=arrival, cancel=self._cancel)
             if self._cancel.is_set():
                 raise ShuttingDownError()
-        conversions.shape_result_to_msg(result, header, response)
+        conversions.shape_result_to_msg(result, header, response, support)
         if shape_request.points is not None:
             n, limit = len(shape_request.points), completer.config.max_input_points
             what = f"{n}-point cloud in {quote(header.frame_id)}"

@@ -632,3 +632,73 @@ def test_shape_parameters_map_one_to_one():
     config = params.config_from_parameters(values)
     assert (config.shape.iterations, config.shape.objective) == (3, "is")
     assert isinstance(load_service_config("config/panda.yaml").shape, ShapeCompletionConfig)
+
+
+# ------------------------------------------------------------------------------------------------
+# CompleteShape in the support frame (infer_placement)
+# ------------------------------------------------------------------------------------------------
+
+_YAW = math.radians(90.0)
+#: the table's pose in the camera's frame: at (1, 2, 0.5), turned by 90 degrees about z
+_SUPPORT = dict(position=(1.0, 2.0, 0.5), orientation=(0.0, 0.0, math.sin(_YAW / 2),
+                                                       math.cos(_YAW / 2)))
+
+
+def _placed_request(support=_SUPPORT) -> CompleteShape.Request:
+    # support-frame points (0.1, 0, 0.2) and (0, 0.1, 0) as the camera sees them
+    cloud = np.array([[1.0, 2.1, 0.7], [0.9, 2.0, 0.5]])
+    msg = conv.shape_request_to_msg(ShapeCompletionRequest(prior="boxes", points=cloud),
+                                    "camera")
+    msg.infer_placement = True
+    pose = msg.support_pose
+    pose.position.x, pose.position.y, pose.position.z = support["position"]
+    (pose.orientation.x, pose.orientation.y, pose.orientation.z,
+     pose.orientation.w) = support["orientation"]
+    return msg
+
+
+def test_a_placed_cloud_is_moved_into_the_support_frame():
+    request = conv.shape_request_from_msg(_placed_request())
+    assert request.frame == "support"
+    np.testing.assert_allclose(np.asarray(request.points), [[0.1, 0.0, 0.2], [0.0, 0.1, 0.0]],
+                               atol=1e-6)  # the cloud carries float32
+    unset = _placed_request(dict(position=(0.0, 0.0, 0.0), orientation=(0.0, 0.0, 0.0, 0.0)))
+    np.testing.assert_allclose(np.asarray(conv.shape_request_from_msg(unset).points),
+                               [[1.0, 2.1, 0.7], [0.9, 2.0, 0.5]], atol=1e-6)  # its own frame
+
+
+@pytest.mark.parametrize("support, expected", [
+    (dict(position=(math.nan, 0.0, 0.0), orientation=(0.0, 0.0, 0.0, 1.0)), "support_pose"),
+    (dict(position=(0.0, 0.0, 0.0), orientation=(0.0, 0.0, 0.0, 2.0)), "support_pose"),
+    (dict(position=(0.1, 0.0, 0.0), orientation=(0.0, 0.0, 0.0, 0.0)), "support_pose"),
+    (dict(position=(0.0, 0.0, 0.0), orientation=(math.inf, 0.0, 0.0, 1.0)), "support_pose"),
+])
+def test_bad_support_poses_are_refused(support, expected):
+    with pytest.raises(InvalidRequestError, match=expected):
+        conv.shape_request_from_msg(_placed_request(support))
+
+
+def test_placed_completions_come_back_in_the_clouds_frame():
+    result = _shape_result(2)
+    support_points = result.completions.clone()
+    result.placements = torch.tensor([[0.1, 0.0, 1.0], [0.0, -0.2, 1.0]])
+    support = conv.support_transform(_placed_request())
+    response = conv.shape_result_to_msg(result, Header(frame_id="camera"),
+                                        CompleteShape.Response(), support)
+    back = conv.shape_result_from_msg(response)
+    expected = support_points.numpy() @ support[:3, :3].T + support[:3, 3]
+    np.testing.assert_allclose(back.completions.numpy(), expected, atol=1e-6)
+    first = response.placements[0]
+    assert (first.position.x, first.position.y, first.position.z) == pytest.approx(
+        (1.0, 2.1, 0.5))  # (0.1, 0) on the table, turned with it
+    assert first.orientation.z == pytest.approx(math.sin(_YAW / 2))
+    assert list(response.scales) == [1.0, 1.0]
+
+
+def test_contacts_cannot_infer_their_placement_yet():
+    msg = CompleteShape.Request(prior="boxes", num_completions=2, time_budget=1.0,
+                                infer_placement=True)
+    msg.contact_points = [conv.Point(x=0.1, y=0.0, z=0.1)]
+    msg.contact_directions = [conv.Vector3(x=-1.0, y=0.0, z=0.0)]
+    with pytest.raises(InvalidRequestError, match="infer_placement needs a cloud"):
+        conv.shape_request_from_msg(msg)

@@ -107,6 +107,32 @@ def test_partial_cloud_is_completed_in_its_frame(shape_client, box):
     assert abs(best[:, 2].min()) < 0.05 and np.abs(best[:, :2].mean(axis=0)).max() < 0.05
 
 
+def test_a_cloud_on_a_table_is_completed_where_the_box_stands(shape_client, box):
+    """infer_placement: the cut box moved to (0.15, -0.1) on a table whose pose in the camera's
+    frame is turned by 30 degrees and raised; the answer, in the camera's frame, covers the
+    observation and says where on the table each completion stands."""
+    yaw, table = math.radians(30.0), np.array([0.3, -0.2, 0.4])
+    turn = np.array([[math.cos(yaw), -math.sin(yaw), 0.0], [math.sin(yaw), math.cos(yaw), 0.0],
+                     [0.0, 0.0, 1.0]])
+    where = np.array([0.15, -0.1, 0.0])
+    seen = (box[1] + where) @ turn.T + table  # the camera's view of the placed box
+    request = cloud_request((box[0], seen), frame="camera", num_completions=3)
+    request.infer_placement = True
+    pose = request.support_pose
+    pose.position.x, pose.position.y, pose.position.z = table.tolist()
+    pose.orientation.z, pose.orientation.w = math.sin(yaw / 2), math.cos(yaw / 2)
+    response = shape_client.call(request, timeout_s=30.0)
+    assert_completions(response, 3, "camera")
+    assert len(response.placements) == 3 and list(response.scales) == [1.0, 1.0, 1.0]
+    best = conv.points_from_cloud(response.completions[0])
+    assert np.median(nearest_distances(seen[::8], best)) < 0.03
+    spot = response.placements[0].position
+    truth = where @ turn.T + table
+    assert np.linalg.norm(np.array([spot.x, spot.y, spot.z]) - truth) < 0.08
+    assert abs(spot.z - table[2]) < 1e-6  # on the table
+    assert response.placements[0].orientation.z == pytest.approx(math.sin(yaw / 2))
+
+
 def test_partial_cloud_with_a_viewpoint(shape_client, box):
     request = cloud_request(box, num_completions=2, iterations=2)
     request.has_viewpoint = True
