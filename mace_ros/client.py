@@ -27,7 +27,7 @@ from mace_core.shape.benchmark import (BOX_CUTS, GRASP_CENTERS, GRASP_DIRECTIONS
                                        partial_box)
 from mace_core.shape.completion import ShapeCompletionRequest
 from mace_core.tensor import TensorSpec
-from mace_ros.conversions import (BASE_FRAME, ik_request_to_msg, points_from_cloud,
+from mace_ros.conversions import (BASE_FRAME, ik_request_to_msg, points_from_cloud, pose_msg,
                                   shape_request_to_msg)
 from mace_ros.srv import AdaptIK, CompleteShape
 
@@ -112,6 +112,7 @@ class MaceClient:
     def complete_shape(self, points=None, viewpoint=None, contacts=None, directions=None,
                        prior: str = "boxes", num_completions: int = 8,
                        time_budget_s: float = 5.0, frame_id: str = OBJECT_FRAME,
+                       support_pose: np.ndarray | None = None,
                        **overrides) -> CompleteShape.Response:
         """Ask for ``num_completions`` full shapes that explain one observation.
 
@@ -129,6 +130,9 @@ class MaceClient:
             num_completions: K.
             time_budget_s: wall-clock budget of the request, s.
             frame_id: frame of the observation (echoed on the completions).
+            support_pose: (4, 4) pose of the table the object stands on, in ``frame_id``: the
+                cloud may then be in any frame, and where the object stands is inferred
+                (``infer_placement``; the response's ``placements`` and ``scales``).
             **overrides: other :class:`~mace_core.shape.completion.ShapeCompletionRequest`
                 fields (grasp_center, finger_radius, iterations, seed).
         """
@@ -136,8 +140,10 @@ class MaceClient:
                                          contacts=contacts, directions=directions,
                                          num_completions=num_completions,
                                          time_budget_s=time_budget_s, **overrides)
-        return self.call(shape_request_to_msg(request, frame_id),
-                         timeout_s=time_budget_s + CALL_MARGIN_S)
+        msg = shape_request_to_msg(request, frame_id)
+        if support_pose is not None:
+            msg.infer_placement, msg.support_pose = True, pose_msg(support_pose)
+        return self.call(msg, timeout_s=time_budget_s + CALL_MARGIN_S)
 
     def close(self) -> None:
         """Destroy the client's node."""

@@ -507,6 +507,12 @@ def support_transform(req: CompleteShape.Request) -> np.ndarray | None:
     return out
 
 
+def pose_msg(pose: np.ndarray) -> Pose:
+    """A ``geometry_msgs/Pose`` of a ``(4, 4)`` homogeneous pose."""
+    pose = np.asarray(pose, dtype=float)
+    return _pose_msg(pose[:3, 3], pose[:3, :3])
+
+
 def _transformed(points: np.ndarray, pose: np.ndarray) -> np.ndarray:
     """``(P, 3)`` points moved by the ``(4, 4)`` pose."""
     return np.asarray(points, dtype=float) @ pose[:3, :3].T + pose[:3, 3]
@@ -621,7 +627,7 @@ __all__ = [
     "BASE_FRAME", "arm_points", "cloud_from_points", "fill_compute_ik_request",
     "ik_request_from_msg", "ik_request_to_msg", "ik_result_from_msg", "ik_result_to_msg",
     "joints_from_compute_ik", "markers_from_ik_result", "obstacles_from_msgs",
-    "obstacles_to_msgs", "points_from_cloud", "rank_color", "shape_request_from_msg",
+    "obstacles_to_msgs", "points_from_cloud", "pose_msg", "rank_color", "shape_request_from_msg",
     "shape_request_header", "shape_request_to_msg", "shape_result_from_msg",
     "shape_result_message", "shape_result_to_msg", "support_transform",
 ]
