@@ -421,8 +421,9 @@ def shape_request_from_msg(req: CompleteShape.Request) -> ShapeCompletionRequest
     Coordinates pass through unchanged: the cloud (in ``cloud.header.frame_id``) or the contacts
     (in ``contacts_frame``) must already be in the prior's frame and units (the core checks the
     rest: prior name, K, budget, finite and non-zero vectors); with ``infer_placement`` the
-    cloud (and viewpoint) are moved into the frame of ``support_pose`` and the core infers where
-    the object stands there (frame "support"). -1 for iterations and seed, and 0 for
+    cloud (and viewpoint), or the contacts, their directions and the grasp centre, are moved
+    into the frame of ``support_pose`` and the core infers where the object stands there
+    (frame "support"). -1 for iterations and seed, and 0 for
     finger_radius, take the node's default.
 
     Raises:
@@ -469,9 +470,6 @@ def shape_request_from_msg(req: CompleteShape.Request) -> ShapeCompletionRequest
                 viewpoint = _transformed(np.asarray(viewpoint)[None], np.linalg.inv(support))[0]
             common["frame"] = "support"
         return ShapeCompletionRequest(points=points, viewpoint=viewpoint, **common)
-    if req.infer_placement:
-        raise InvalidRequestError("infer_placement needs a cloud: contacts are completed in the "
-                                  "prior's frame only, for now")
     if req.has_viewpoint:
         raise InvalidRequestError("has_viewpoint is set but the observation is contacts: the "
                                   "viewpoint belongs to a cloud")
@@ -479,11 +477,18 @@ def shape_request_from_msg(req: CompleteShape.Request) -> ShapeCompletionRequest
         raise InvalidRequestError(
             f"{len(req.contact_points)} contact_points but {len(req.contact_directions)} "
             f"contact_directions: give one direction per contact")
-    contacts = _vector([_point(p) for p in req.contact_points], "contact_points")
-    directions = _vector([_point(d) for d in req.contact_directions], "contact_directions")
+    contacts = np.asarray(_vector([_point(p) for p in req.contact_points], "contact_points"))
+    directions = np.asarray(_vector([_point(d) for d in req.contact_directions],
+                                    "contact_directions"))
+    center = np.asarray(_vector(_point(req.grasp_center), "grasp_center"))
+    support = support_transform(req)
+    if support is not None:  # into the support frame (directions turn, points move too)
+        inverse = np.linalg.inv(support)
+        contacts, center = _transformed(contacts, inverse), _transformed(center[None], inverse)[0]
+        directions = directions.reshape(-1, 3) @ inverse[:3, :3].T
+        common["frame"] = "support"
     radius = float(req.finger_radius)
-    return ShapeCompletionRequest(contacts=contacts, directions=directions,
-                                  grasp_center=_vector(_point(req.grasp_center), "grasp_center"),
+    return ShapeCompletionRequest(contacts=contacts, directions=directions, grasp_center=center,
                                   finger_radius=None if radius == 0.0 else radius, **common)
 
 

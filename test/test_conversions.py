@@ -695,10 +695,16 @@ def test_placed_completions_come_back_in_the_clouds_frame():
     assert list(response.scales) == [1.0, 1.0]
 
 
-def test_contacts_cannot_infer_their_placement_yet():
+def test_placed_contacts_are_moved_into_the_support_frame():
     msg = CompleteShape.Request(prior="boxes", num_completions=2, time_budget=1.0,
-                                infer_placement=True)
-    msg.contact_points = [conv.Point(x=0.1, y=0.0, z=0.1)]
-    msg.contact_directions = [conv.Vector3(x=-1.0, y=0.0, z=0.0)]
-    with pytest.raises(InvalidRequestError, match="infer_placement needs a cloud"):
-        conv.shape_request_from_msg(msg)
+                                infer_placement=True, contacts_frame="camera")
+    msg.contact_points = [conv.Point(x=1.0, y=2.1, z=0.7)]  # (0.1, 0, 0.2) on the table
+    msg.contact_directions = [conv.Vector3(x=0.0, y=-1.0, z=0.0)]  # -x on the table
+    msg.grasp_center = conv.Point(x=1.0, y=2.0, z=0.6)  # (0, 0, 0.1) on the table
+    pose = _placed_request().support_pose
+    msg.support_pose = pose
+    request = conv.shape_request_from_msg(msg)
+    assert request.frame == "support"
+    np.testing.assert_allclose(request.contacts, [[0.1, 0.0, 0.2]], atol=1e-9)
+    np.testing.assert_allclose(request.directions, [[-1.0, 0.0, 0.0]], atol=1e-9)
+    np.testing.assert_allclose(request.grasp_center, [0.0, 0.0, 0.1], atol=1e-9)

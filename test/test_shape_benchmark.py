@@ -178,8 +178,8 @@ def test_bench_shape_placed_at_random(tmp_path, capsys):
                        "--placement", "random", "--no-warmup", "--json", str(path)]) == 0
     assert "placed at random" in capsys.readouterr().out
     report = json.loads(path.read_text())
-    assert list(report["modes"]) == ["random_cut"]  # contacts are not sent placed yet
-    assert set(report["modes"]["random_cut"]) == set(PLACED_METHODS)
+    assert list(report["modes"]) == ["random_cut", "grasp"]
+    assert all(set(m) == set(PLACED_METHODS) for m in report["modes"].values())
     for row in report["cases"]:
         where = row["placement"]
         assert abs(where["x"]) <= 0.2 and abs(where["y"]) <= 0.2

@@ -87,6 +87,22 @@ def test_the_canonical_frame_has_no_placement_and_bad_frames_are_refused(box_com
     with pytest.raises(InvalidRequestError, match="frame must be one of"):
         box_completer.complete(ShapeCompletionRequest(prior="boxes", points=points,
                                                       frame="camera"))
-    with pytest.raises(InvalidRequestError, match="contacts in the support frame"):
-        box_completer.complete(ShapeCompletionRequest(
-            prior="boxes", contacts=points, directions=-points, frame="support"))
+
+
+def test_fingertip_contacts_find_where_the_box_stands(box_completer):
+    """Five fingers closing on a box moved to (-0.12, 0.08) on the table (paper Sec. 4.1's
+    pattern around a point inside it): the completions stand where the box does."""
+    from mace_core.shape.benchmark import GRASP_DIRECTIONS, grasp_contacts
+
+    edges = torch.tensor([[0.25, 0.2, 0.3]])
+    full = sample_box_clouds(edges, 3000, SPEC.generator(4), angle=torch.zeros(1))[0]
+    where = torch.tensor([-0.12, 0.08, 0.0])
+    centre = where + torch.tensor([0.01, -0.02, 0.05])  # where the fingers close, inside it
+    directions = torch.tensor(GRASP_DIRECTIONS, dtype=full.dtype)
+    contacts = grasp_contacts(full + where, directions, 0.02, centre)
+    result = box_completer.complete(ShapeCompletionRequest(
+        prior="boxes", contacts=contacts, directions=directions, grasp_center=centre,
+        finger_radius=0.02, frame="support", num_completions=2, seed=0, time_budget_s=30.0))
+    assert result.placements.shape == (2, 3)
+    assert (result.placements[0, :2] - where[:2]).norm() < 0.03, result.placements[0]
+    assert abs(float(result.completions[0][:, 2].amin())) < 0.01  # on the table

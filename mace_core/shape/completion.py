@@ -14,7 +14,7 @@ A request's observation is in one of two frames (``ShapeCompletionRequest.frame`
 - ``support``: the frame of the surface the object stands on (z up, the surface at z = 0),
   metres: where the object stands, and the size of an ``objects`` shape, are inferred with its
   shape (:mod:`mace_core.shape.placement`), and the completions come back placed there, each
-  with its placement (x, y, scale). Partial clouds only, for now.
+  with its placement (x, y, scale).
 
 Shapes: ``(N, 2048, 3)`` candidate clouds, ``(P, 3)`` observed points, ``(k, 3)`` contacts and
 finger directions, ``(K, 2048, 3)`` completions.
@@ -341,9 +341,6 @@ class ShapeCompleter:
             raise InvalidRequestError(f"frame must be one of {FRAMES}, got {quote(req.frame)}")
         has_points = req.points is not None
         has_contacts = req.contacts is not None or req.directions is not None
-        if req.frame == "support" and has_contacts:
-            raise InvalidRequestError("contacts in the support frame are not supported yet: "
-                                      "send them in the prior's frame (frame 'canonical')")
         if has_points == has_contacts:
             raise InvalidRequestError("give exactly one observation: a partial cloud (points) or"
                                       " fingertip contacts with directions, not "
@@ -443,7 +440,8 @@ class ShapeCompleter:
         scale = None
         if placed:  # shape and placement together; scored in the request's metres
             length = prior.vae.config.length_scale
-            mean, std = initial_placement(obs.points, prior.entry.metric, length)
+            seen = obs.points if obs.kind == "points" else obs.contacts + obs.grasp_center
+            mean, std = initial_placement(seen, prior.entry.metric, length)
             model = PlacedShapeModel(model, mean, std, prior.entry.standing)
             scale = length * math.exp(float(mean[2]))
         timed = {"score_s": 0.0}

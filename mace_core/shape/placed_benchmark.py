@@ -4,21 +4,20 @@ Each held-out shape of :mod:`.benchmark` (the same cases) is put at a random x, 
 ±``xy_range_m`` of the support frame's origin, turned by a random angle about z, and, for
 ``objects``, given a random size between ``size_range_m`` across (the canonical diameter-1 ball
 scaled to it), set down on the surface (z = 0). It is observed there (the canonical
-observation moved with it: plane cuts, camera views with their viewpoint) and the observation is
-sent in the support frame. Completions are scored against the placed truth; Chamfer distances
-are reported in the prior's canonical units (divided by the scale squared), so that they compare
-with ``--placement canonical`` on the same cases.
+observation moved with it: plane cuts, camera views with their viewpoint, the fingers' contacts
+with their directions and grasp centre) and the observation is sent in the support frame.
+Completions are scored against the placed truth; Chamfer distances are reported in the prior's
+canonical units (divided by the scale squared), so that they compare with ``--placement
+canonical`` on the same cases.
 
 Methods:
 
-- ``prior``: K draws of the prior placed at the observed points' centroid (and, for
-  ``objects``, scaled by the observation's estimate, :func:`.placement.initial_placement`);
+- ``prior``: K draws of the prior placed at the observed points' (or contacts') centroid (and,
+  for ``objects``, scaled by the observation's estimate, :func:`.placement.initial_placement`);
 - ``align_then_complete``: the observation centred (and scaled) by its own bounding box into
   the prior's canonical frame, completed there as today, and moved back: the baseline a user
   would write;
 - ``mace``: the completer in the support frame (shape and placement together).
-
-Fingertip contacts are not sent in the support frame yet: the grasp modes are left out.
 """
 
 from __future__ import annotations
@@ -42,8 +41,6 @@ from .vae import ShapePrior
 
 #: Methods of the placed benchmark, in table order.
 PLACED_METHODS = ("prior", "align_then_complete", "mace")
-#: Observation modes that are clouds (the ones sent in the support frame).
-CLOUD_MODES = ("random_cut", "top_cut", "view")
 
 
 @dataclass
@@ -56,12 +53,26 @@ class Placement:
     scale: float  #: the canonical shape's factor (1 for a metric prior)
     lift: float  #: m, the z shift that sets it on the surface
 
+    def turn(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``(P, 3)`` canonical directions in the support frame (turned only)."""
+        return rotate_z(vectors[None], torch.tensor([self.yaw], dtype=vectors.dtype,
+                                                    device=vectors.device))[0]
+
     def apply(self, points: torch.Tensor) -> torch.Tensor:
         """``(P, 3)`` canonical points in the support frame."""
-        turned = rotate_z(points[None] * self.scale,
-                          torch.tensor([self.yaw], dtype=points.dtype, device=points.device))[0]
-        return turned + torch.tensor([self.x, self.y, self.lift], dtype=points.dtype,
-                                     device=points.device)
+        return self.turn(points * self.scale) + torch.tensor(
+            [self.x, self.y, self.lift], dtype=points.dtype, device=points.device)
+
+    def observation(self, obs: dict, radius: float) -> dict:
+        """A canonical observation's request fields in the support frame."""
+        if "points" in obs:
+            out = {"points": self.apply(obs["points"])}
+            if "viewpoint" in obs:
+                out["viewpoint"] = self.apply(obs["viewpoint"][None])[0]
+            return out
+        return dict(contacts=self.apply(obs["contacts"]), directions=self.turn(obs["directions"]),
+                    grasp_center=self.apply(obs["grasp_center"][None])[0],
+                    finger_radius=radius * self.scale)
 
 
 def draw_placement(dense: torch.Tensor, metric: bool, standing: bool, xy_range_m: float,
@@ -93,7 +104,7 @@ def run_placed_benchmark(priors: dict[str, ShapePrior], config: ShapeCompletionC
                          data_path: str | None = None, xy_range_m: float = 0.2,
                          size_range_m: tuple[float, float] = (0.05, 0.3)) -> dict:
     """Run every (case, cloud mode, method) with the object placed (module docstring)."""
-    modes = tuple(m for m in (tuple(cfg.modes) or MODES[cfg.prior]) if m in CLOUD_MODES)
+    modes = tuple(cfg.modes) or MODES[cfg.prior]
     unknown = sorted(set(cfg.methods) - set(PLACED_METHODS) - set(METHODS))
     if unknown:
         raise InvalidRequestError(f"methods {unknown} unknown (placed: {list(PLACED_METHODS)})")
@@ -114,6 +125,7 @@ def run_placed_benchmark(priors: dict[str, ShapePrior], config: ShapeCompletionC
              if cfg.prior == "boxes" else
              object_cases(cfg.num_cases, cfg.seed, num_points, cfg.object_points, spec,
                           data_path))
+    radius = cfg.finger_radius or config.finger_radius * scale
     rows = []
     for c, case in enumerate(cases):
         where = draw_placement(case.dense, metric, standing, xy_range_m, size_range_m,
@@ -122,10 +134,8 @@ def run_placed_benchmark(priors: dict[str, ShapePrior], config: ShapeCompletionC
         for mode in modes:
             m = MODES[cfg.prior].index(mode)
             seed = cfg.seed * 7919 + 101 * c + m
-            obs = observe(case, mode, spec.generator(seed), scale, cfg, 0.0)
-            placed = {"points": where.apply(obs["points"])}
-            if "viewpoint" in obs:
-                placed["viewpoint"] = where.apply(obs["viewpoint"][None])[0]
+            obs = observe(case, mode, spec.generator(seed), scale, cfg, radius)
+            placed = where.observation(obs, radius)
             row = dict(case=c, shape=case.name, mode=mode, placement=asdict(where), methods={})
             for method in methods:
                 t0 = time.perf_counter()
@@ -154,19 +164,26 @@ def _answer(method: str, main, plain, cfg: ShapeBenchmarkConfig, obs: dict, seed
     k = cfg.num_completions
     common = dict(prior=cfg.prior, num_completions=k, time_budget_s=cfg.time_budget_s,
                   seed=seed, iterations=None if cfg.iterations < 0 else cfg.iterations)
+    seen = obs["points"] if "points" in obs else obs["contacts"]
     if method == "mace":
         return main.complete(ShapeCompletionRequest(frame="support", **common, **obs)
                              ).completions
     if method == "prior":
-        drawn = plain.complete(ShapeCompletionRequest(points=obs["points"],
-                                                      **dict(common, iterations=0))).completions
-        mean, _ = initial_placement(obs["points"], metric, length_scale)
-        mean[:2] = obs["points"][:, :2].mean(dim=0)  # at the observed points' centroid
+        drawn = plain.complete(ShapeCompletionRequest(**dict(common, iterations=0), **obs)
+                               ).completions
+        mean, _ = initial_placement(seen, metric, length_scale)
+        mean[:2] = seen[:, :2].mean(dim=0)  # at the observed points' (contacts') centroid
         return place(drawn, mean[None].expand(k, 3), standing)[0]
-    points, shift, factor = _aligned(obs["points"], metric, standing, length_scale)
-    request = dict(points=points)
-    if "viewpoint" in obs:
-        request["viewpoint"] = (obs["viewpoint"] - shift) / factor
+    _, shift, factor = _aligned(seen, metric, standing, length_scale)
+    if "points" in obs:
+        request = dict(points=(obs["points"] - shift) / factor)
+        if "viewpoint" in obs:
+            request["viewpoint"] = (obs["viewpoint"] - shift) / factor
+    else:
+        request = dict(contacts=(obs["contacts"] - shift) / factor,
+                       directions=obs["directions"],
+                       grasp_center=(obs["grasp_center"] - shift) / factor,
+                       finger_radius=obs["finger_radius"] / factor)
     done = main.complete(ShapeCompletionRequest(**common, **request)).completions
     return done * factor + shift
 
