@@ -1,0 +1,91 @@
+"""aVIPS' conditional Gaussian mixture (mace_core/ik/avips.py): its densities by hand, the split
+KL its trust regions bound, removal, and plain amortized VI finding every mode of a toy."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.distributions import (Categorical, MixtureSameFamily, MultivariateNormal,
+                                 kl_divergence)
+
+from mace_core.ik.avips import ConditionalGMM, elbo, elbo_step, gaussian_kl_parts
+
+#: a 4-mode toy density over x in 2-D whose modes move with the context z (B, 1)
+MODES = torch.tensor([[0.5, 0.5], [-0.5, 0.5], [0.5, -0.5], [-0.5, -0.5]])
+
+
+def toy_log_density(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    centres = MODES[None] + torch.cat([0.3 * z, torch.zeros_like(z)], -1)[:, None]
+    d = ((x[:, :, None] - centres[:, None]) ** 2).sum(-1)
+    return torch.logsumexp(-d / (2 * 0.1 ** 2), -1)
+
+
+def test_the_mixture_density_is_torchs():
+    torch.manual_seed(0)
+    model = ConditionalGMM(3, 4, components=5, hidden=16)
+    with torch.no_grad():
+        for net in model.nets:  # off-diagonal Cholesky terms and context dependence
+            net[-1].weight.normal_(0.0, 0.3)
+    z = torch.randn(2, 3)
+    x = torch.randn(2, 7, 4)
+    mean, chol = model.components_at(z)
+    theirs = MixtureSameFamily(Categorical(logits=model.log_weights(z)),
+                               MultivariateNormal(mean, scale_tril=chol))
+    expected = torch.stack([theirs.log_prob(x[:, k]) for k in range(7)], dim=1)
+    assert torch.allclose(model.log_prob(x, z), expected, atol=1e-4)
+    assert torch.allclose(model.log_weights(z).exp().sum(-1), torch.ones(2))
+    draws = model.sample(z, 20000, torch.Generator().manual_seed(1))
+    expected_mean = (model.log_weights(z).exp()[..., None] * mean).sum(1)
+    assert torch.allclose(draws.mean(1), expected_mean.detach(), atol=0.05)
+
+
+def test_the_split_kl_adds_up_to_the_gaussian_kl():
+    gen = torch.Generator().manual_seed(2)
+    mean, old_mean = torch.randn(3, 2, 4, generator=gen), torch.randn(3, 2, 4, generator=gen)
+    a, b = torch.randn(3, 2, 4, 4, generator=gen), torch.randn(3, 2, 4, 4, generator=gen)
+    chol = torch.tril(a, -1) + torch.diag_embed(torch.rand(3, 2, 4, generator=gen) + 0.5)
+    old_chol = torch.tril(b, -1) + torch.diag_embed(torch.rand(3, 2, 4, generator=gen) + 0.5)
+    kl_mu, kl_sigma = gaussian_kl_parts(mean, chol, old_mean, old_chol)
+    expected = kl_divergence(MultivariateNormal(mean, scale_tril=chol),
+                             MultivariateNormal(old_mean, scale_tril=old_chol))
+    assert torch.allclose(kl_mu + kl_sigma, expected, atol=1e-4)
+    same_cov, _ = gaussian_kl_parts(mean, old_chol, old_mean, old_chol)
+    assert torch.allclose(gaussian_kl_parts(mean, old_chol, old_mean, old_chol)[1],
+                          torch.zeros(3, 2), atol=1e-5) and bool((same_cov > 0).all())
+
+
+def test_light_components_are_removed_and_never_drawn():
+    model = ConditionalGMM(1, 2, components=4, hidden=8)
+    with torch.no_grad():
+        model.gate[-1].bias[2] = math.pi / 2 - 1e-4  # cos² ~ 1e-8: a weight of ~0
+    z = torch.rand(16, 1)
+    assert model.remove_light_components(z, 5e-4) == 3
+    assert bool(torch.isinf(model.log_weights(z)[:, 2]).all())
+    assert bool((model.log_weights(z).exp()[:, 2] == 0.0).all())  # never drawn
+    assert model.sample(z, 50).shape == (16, 50, 2)
+
+
+def test_plain_amortized_vi_finds_every_mode_of_the_toy():
+    """The thesis' baseline: gradient steps on the whole ELBO; the 4 modes, at a context it was
+    never asked at exactly, each take a share of the samples, and the ELBO rises."""
+    torch.manual_seed(0)
+    model = ConditionalGMM(1, 2, components=8, hidden=32, gate_hidden=32, init_std=0.3)
+    gen = torch.Generator().manual_seed(1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    before = float(elbo(model, toy_log_density, torch.rand(64, 1, generator=gen) * 2 - 1, 32,
+                        gen).mean().detach())
+    for _ in range(300):
+        elbo_step(model, optimizer, toy_log_density,
+                  torch.rand(16, 1, generator=gen) * 2 - 1, 8, gen)
+    after = float(elbo(model, toy_log_density, torch.rand(64, 1, generator=gen) * 2 - 1, 32,
+                       gen).mean().detach())
+    assert after > before + 1.0, (before, after)
+    x = model.sample(torch.full((1, 1), 0.3), 4000, torch.Generator().manual_seed(2))[0]
+    centres = MODES + torch.tensor([0.09, 0.0])
+    d = ((x[:, None] - centres[None]) ** 2).sum(-1).sqrt()
+    shares = [float(((d.argmin(1) == k) & (d.min(1).values < 0.25)).float().mean())
+              for k in range(4)]
+    assert min(shares) > 0.1, shares
+    assert pytest.approx(sum(shares), abs=0.15) == 1.0
