@@ -89,3 +89,27 @@ def test_plain_amortized_vi_finds_every_mode_of_the_toy():
               for k in range(4)]
     assert min(shares) > 0.1, shares
     assert pytest.approx(sum(shares), abs=0.15) == 1.0
+
+
+def test_avips_finds_every_mode_within_its_trust_regions():
+    """The VIPS trainer on the same toy: its last M-step kept the mean and covariance parts of
+    every component's KL near their bounds, no component was removed, and every mode takes a
+    share of the samples."""
+    from mace_core.ik.avips import AVIPSConfig, AVIPSTrainer
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    model = ConditionalGMM(1, 2, components=8, hidden=32, gate_hidden=32, init_std=0.3)
+    config = AVIPSConfig()
+    trainer = AVIPSTrainer(model, toy_log_density, config)
+    for _ in range(30):
+        left = trainer.iteration(lambda: torch.rand(16, 1, generator=gen) * 2 - 1, gen)
+    assert left["alive"] == 8
+    assert float(trainer.last_kl["mu"].max()) < 1.5 * config.epsilon_mu
+    assert float(trainer.last_kl["sigma"].max()) < 1.5 * config.epsilon_sigma
+    x = model.sample(torch.full((1, 1), 0.3), 4000, torch.Generator().manual_seed(2))[0]
+    centres = MODES + torch.tensor([0.09, 0.0])
+    d = ((x[:, None] - centres[None]) ** 2).sum(-1).sqrt()
+    shares = [float(((d.argmin(1) == k) & (d.min(1).values < 0.25)).float().mean())
+              for k in range(4)]
+    assert min(shares) > 0.1, shares

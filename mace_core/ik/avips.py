@@ -1,7 +1,6 @@
-"""aVIPS' model: a conditional Gaussian mixture trained by amortized variational inference
-against an unnormalised density (Musekamp, master thesis, TU Darmstadt 2023, Sec. 3;
-``../shared/papers/avips-musekamp-2023.md``). This module holds the model and the thesis'
-baseline trainer; the VIPS trainer is to come.
+"""aVIPS: a conditional Gaussian mixture trained by amortized variational inference against an
+unnormalised density, with VIPS' per-component trust regions (Musekamp, master thesis, TU
+Darmstadt 2023, Sec. 3; ``../shared/papers/avips-musekamp-2023.md``).
 
 q(x | z) = Σ_o q(o | z) N(x; μ_o(z), L_o(z) L_o(z)ᵀ): one network per component predicts its
 mean and log-Cholesky factor, a gate network the weights through a squared cosine
@@ -10,17 +9,25 @@ set, only log p̃(x | z) and a way to draw contexts z:
 
 - :func:`elbo_step`: plain amortized VI, a gradient step on the whole ELBO
   E_q[log p̃(x|z) − log q(x|z)] (reparameterized), the thesis' baseline;
-- to come: the VIPS bound (Eq. 3.3) with per-component trust regions (Eq. 3.4, 3.5), context
-  resampling, adaptive learning rates, the IK target density, ``mace-train avips``.
-  :func:`gaussian_kl_parts` is the split KL its trust regions bound. (A first M-step with raw
-  targets in the weight objective collapsed onto one mode of a 4-mode toy, then diverged.)
+- :class:`AVIPSTrainer`: the VIPS bound (Eq. 3.3): per-component objectives under trust
+  regions on the mean and covariance parts of the component KL (Eq. 3.4, :func:`
+  gaussian_kl_parts`, Lagrange multipliers by dual gradient steps), the weights under their own
+  (Eq. 3.5), targets normalised per component, Adam's moments reset per E-step, light
+  components removed. (Without the weights' entropy H(q(o|z)) in their objective, a first
+  version collapsed onto one mode of a 4-mode toy, then diverged.)
+
+Not yet here: context resampling (Sec. 3.3), adaptive learning rates (Sec. 3.2.2), the
+bound-based covariance regularization (Sec. 3.5), adding components, the IK target density and
+``mace-train avips``.
 
 Shapes: contexts ``(B, C)``, samples ``(B, N, D)``, per component ``(B, O, ...)``.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -168,4 +175,102 @@ def elbo_step(model: ConditionalGMM, optimizer: torch.optim.Optimizer,
     optimizer.zero_grad()
     (-value).backward()
     optimizer.step()
-    return float(value)
+    return float(value.detach())
+
+
+def _entropy(chol: torch.Tensor) -> torch.Tensor:
+    """Entropy of each Gaussian ``(B, O)``."""
+    d = chol.shape[-1]
+    return torch.diagonal(chol, dim1=-2, dim2=-1).log().sum(-1) + 0.5 * d * (
+        1.0 + math.log(2 * math.pi))
+
+
+@dataclass
+class AVIPSConfig:
+    """Settings of :class:`AVIPSTrainer` (the thesis' names)."""
+
+    samples: int = 8  #: x drawn per component and context
+    m_steps: int = 10  #: gradient steps per M-step
+    learning_rate: float = 3e-3  #: Adam, component and gate networks (moments reset per E-step)
+    epsilon_mu: float = 0.05  #: bound on the mean part of the component KL (Eq. 3.4)
+    epsilon_sigma: float = 0.01  #: bound on its covariance part
+    epsilon_weights: float = 0.01  #: bound on KL(q(o|z) ‖ q̃(o|z)) (Eq. 3.5)
+    dual_learning_rate: float = 10.0  #: step of the Lagrange multipliers
+    removal_threshold: float = 5e-4  #: components with a smaller mean weight are removed
+
+
+class AVIPSTrainer:
+    """Amortized VIPS: an E-step copies the model as q̃; the M-step ascends, per component,
+    E_z q̃(o|z) R(o, z) (targets divided by their std in the M-step's first batch) under trust
+    regions on the mean and covariance parts of KL(q(x|o,z) ‖ q̃(x|o,z)) (Eq. 3.4), and the
+    weights' part of the bound, E_z [Σ_o q(o|z) R(o, z) + H(q(o|z))] (Eq. 3.3), under a trust
+    region on KL(q(o|z) ‖ q̃(o|z)) (Eq. 3.5); the multipliers take dual gradient steps; light
+    components are removed after each M-step."""
+
+    def __init__(self, model: ConditionalGMM, log_density: LogDensity, config: AVIPSConfig):
+        self.model, self.log_density, self.config = model, log_density, config
+        o = model.components
+        self.alpha_mu, self.alpha_sigma = torch.ones(o), torch.ones(o)
+        self.alpha_w = torch.tensor(1.0)
+        self.last_kl: dict[str, torch.Tensor] = {}
+
+    def _rewards(self, frozen: ConditionalGMM, z: torch.Tensor, generator):
+        """R(o, z) ``(B, O)`` (gradients into the components), and the components' parameters
+        now and in q̃, and log q̃(o|z)."""
+        model, n = self.model, self.config.samples
+        x, mean, chol = model.component_samples(z, n, generator)  # (B, O, n, D)
+        b, o = x.shape[:2]
+        flat = x.reshape(b, o * n, -1)
+        with torch.no_grad():
+            old_mean, old_chol = frozen.components_at(z)
+            old_logw = frozen.log_weights(z)
+        joint = old_logw[:, None] + frozen.gaussian_log_prob(flat, old_mean, old_chol)
+        resp = joint - torch.logsumexp(joint, dim=-1, keepdim=True)  # log q̃(o' | x, z)
+        own = resp[:, torch.arange(o * n), torch.arange(o).repeat_interleave(n)]
+        reward = (self.log_density(flat, z) + own).reshape(b, o, n).mean(-1) + _entropy(chol)
+        reward = torch.where(model.alive, reward, torch.zeros_like(reward))
+        return reward, mean, chol, old_mean, old_chol, old_logw
+
+    def iteration(self, contexts: Callable[[], torch.Tensor], generator=None) -> dict:
+        """One E-step and M-step on fresh context batches; returns the components left."""
+        model, cfg = self.model, self.config
+        frozen = copy.deepcopy(model).requires_grad_(False)  # E-step: q̃ = q
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+        scale = None
+        for _ in range(cfg.m_steps):
+            z = contexts()
+            reward, mean, chol, old_mean, old_chol, old_logw = self._rewards(frozen, z,
+                                                                             generator)
+            if scale is None:
+                scale = reward.detach().std(dim=0).clamp_min(1e-6)
+            kl_mu, kl_sigma = gaussian_kl_parts(mean, chol, old_mean, old_chol)
+            w_old = old_logw.exp()
+            mass = w_old.sum(0).clamp_min(1e-12)
+            avg_mu, avg_sigma = (w_old * kl_mu).sum(0) / mass, (w_old * kl_sigma).sum(0) / mass
+            component = ((w_old * reward / scale).sum(0) / mass
+                         - self.alpha_mu * avg_mu - self.alpha_sigma * avg_sigma)
+            logw = model.log_weights(z)
+            w = logw.exp()
+            safe = torch.where(model.alive, logw, torch.zeros_like(logw))
+            bound = (w * reward.detach()).sum(-1) - (w * safe).sum(-1)  # + H(q(o|z))
+            kl_w = (w * (safe - torch.where(model.alive, old_logw, torch.zeros_like(old_logw)))
+                    ).sum(-1).mean()
+            objective = (component[model.alive].sum() + bound.mean() - self.alpha_w * kl_w)
+            optimizer.zero_grad()
+            (-objective).backward()
+            optimizer.step()
+            with torch.no_grad():  # dual steps: a multiplier grows while its bound is broken
+                lr = cfg.dual_learning_rate
+                self.alpha_mu = (self.alpha_mu + lr * (avg_mu - cfg.epsilon_mu)).clamp_min(0.0)
+                self.alpha_sigma = (self.alpha_sigma + lr * (avg_sigma - cfg.epsilon_sigma)
+                                    ).clamp_min(0.0)
+                self.alpha_w = (self.alpha_w + lr * (kl_w - cfg.epsilon_weights)).clamp_min(0.0)
+        with torch.no_grad():
+            z = contexts()
+            kl_mu, kl_sigma = gaussian_kl_parts(*model.components_at(z),
+                                                *frozen.components_at(z))
+            w_old = frozen.log_weights(z).exp()
+            mass = w_old.sum(0).clamp_min(1e-12)
+            self.last_kl = dict(mu=(w_old * kl_mu).sum(0) / mass,
+                                sigma=(w_old * kl_sigma).sum(0) / mass)
+        return dict(alive=model.remove_light_components(z, cfg.removal_threshold))
