@@ -113,3 +113,27 @@ def test_avips_finds_every_mode_within_its_trust_regions():
     shares = [float(((d.argmin(1) == k) & (d.min(1).values < 0.25)).float().mean())
               for k in range(4)]
     assert min(shares) > 0.1, shares
+
+
+def test_the_ik_target_peaks_where_the_hand_is_on_the_pose():
+    from mace_core.ik.avips import IKTargetDensity, pose_contexts
+    from mace_core.ik.conditioning import context_of
+    from mace_core.robot.kinematics import RobotKinematics
+    from mace_core.tensor import TensorSpec
+
+    kin = RobotKinematics.panda(TensorSpec.resolve("cpu"))
+    target = IKTargetDensity(kin)
+    gen = torch.Generator().manual_seed(3)
+    x = 0.8 * (2.0 * torch.rand(4, 7, generator=gen) - 1.0)  # away from the limits
+    q = target.joints(x)
+    z = context_of("pose", kin.ee_pose(q))
+    assert torch.allclose(target.joints(x), q, atol=1e-5)
+    on = target(x[:, None], z)[:, 0]
+    assert bool((on > -1e-3).all()), on  # on the pose and inside the limits: log p̃ ~ 0
+    off = target((x + 0.05 * torch.randn(4, 7, generator=gen))[:, None], z)[:, 0]
+    assert bool((off < on - 1.0).all())
+    edge = x.clone()
+    edge[:, 0] = 1.0  # at a joint's limit, half of the expert's Gaussian is outside
+    at_limit = target(edge[:, None], context_of("pose", kin.ee_pose(target.joints(edge))))
+    assert torch.allclose(at_limit[:, 0], torch.full((4,), math.log(0.5)), atol=1e-3)
+    assert pose_contexts(kin, 5, gen).shape == (5, 9)

@@ -16,9 +16,12 @@ set, only log p̃(x | z) and a way to draw contexts z:
   components removed. (Without the weights' entropy H(q(o|z)) in their objective, a first
   version collapsed onto one mode of a 4-mode toy, then diverged.)
 
-Not yet here: context resampling (Sec. 3.3), adaptive learning rates (Sec. 3.2.2), the
-bound-based covariance regularization (Sec. 3.5), adding components, the IK target density and
-``mace-train avips``.
+:class:`IKTargetDensity` is the Panda's IK target (Sec. 4.1) over pose contexts drawn on the fly
+(:func:`pose_contexts`). A first 4-minute CPU run on it (10 components, 3 x 128) left plain VI
+on one component (118.6 mm, 44 deg) and the VIPS trainer with NaN parameters: its steps need the
+pieces not yet here: context resampling (Sec. 3.3), adaptive learning rates (Sec. 3.2.2), the
+bound-based covariance regularization (Sec. 3.5); adding components and ``mace-train avips``
+are to come too.
 
 Shapes: contexts ``(B, C)``, samples ``(B, N, D)``, per component ``(B, O, ...)``.
 """
@@ -274,3 +277,56 @@ class AVIPSTrainer:
             self.last_kl = dict(mu=(w_old * kl_mu).sum(0) / mass,
                                 sigma=(w_old * kl_sigma).sum(0) / mass)
         return dict(alive=model.remove_light_components(z, cfg.removal_threshold))
+
+
+class IKTargetDensity:
+    """The IK target log p̃(x | z) (thesis Sec. 4.1, after Pignat et al.): a product of experts
+    over joint angles scaled to [-1, 1] (x = -1 at a joint's lower limit, 1 at its upper) given a
+    hand pose context z ``(B, 9)`` (:func:`~.conditioning.context_of`, "pose"):
+
+    - a Gaussian on the hand's position error (std ``position_std_m``);
+    - a Gaussian on its orientation error, measured as 3 − tr(R_zᵀ R(x)) = 2 (1 − cos θ), which is
+      θ² near the target and smooth everywhere (std ``orientation_std_rad``);
+    - the joint-limit expert: the probability that a Gaussian at x (std ``limit_std``, scaled
+      units) stays inside [-1, 1], per joint.
+    """
+
+    def __init__(self, kin, position_std_m: float = 0.01, orientation_std_rad: float = 0.05,
+                 limit_std: float = 0.05):
+        self.kin = kin
+        self.position_std_m, self.orientation_std_rad = position_std_m, orientation_std_rad
+        self.limit_std = limit_std
+
+    def joints(self, x: torch.Tensor) -> torch.Tensor:
+        """Joint angles (rad) of scaled ``x`` ``(..., 7)``."""
+        lower, upper = self.kin.lower.to(x), self.kin.upper.to(x)
+        return lower + 0.5 * (x + 1.0) * (upper - lower)
+
+    def scaled(self, q: torch.Tensor) -> torch.Tensor:
+        """Scaled coordinates of joint angles ``q (..., 7)``."""
+        lower, upper = self.kin.lower.to(q), self.kin.upper.to(q)
+        return 2.0 * (q - lower) / (upper - lower) - 1.0
+
+    def __call__(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        pose = self.kin.ee_pose(self.joints(x).reshape(b * n, d).clamp(
+            self.kin.lower.to(x), self.kin.upper.to(x))).reshape(b, n, 4, 4)
+        position_err = ((pose[..., :3, 3] - z[:, None, :3]) ** 2).sum(-1)
+        target_x, target_y = z[:, None, 3:6], z[:, None, 6:9]
+        target_z = torch.cross(target_x, target_y, dim=-1)
+        trace = ((pose[..., :3, 0] * target_x).sum(-1) + (pose[..., :3, 1] * target_y).sum(-1)
+                 + (pose[..., :3, 2] * target_z).sum(-1))
+        normal = torch.distributions.Normal(0.0, 1.0)
+        inside = (normal.cdf((1.0 - x) / self.limit_std) - normal.cdf((-1.0 - x) / self.limit_std))
+        return (-position_err / (2 * self.position_std_m ** 2)
+                - (3.0 - trace) / (2 * self.orientation_std_rad ** 2)
+                + inside.clamp_min(1e-12).log().sum(-1))
+
+
+def pose_contexts(kin, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` contexts ``(n, 9)``: hand poses of configurations uniform in the joint limits (the
+    thesis draws them on the fly instead of keeping a data set)."""
+    from .conditioning import context_of
+
+    with torch.no_grad():
+        return context_of("pose", kin.ee_pose(kin.sample_uniform(n, generator)))
