@@ -18,10 +18,11 @@ set, only log p̃(x | z) and a way to draw contexts z:
 
 :class:`IKTargetDensity` is the Panda's IK target (Sec. 4.1) over pose contexts drawn on the fly
 (:func:`pose_contexts`). A first 4-minute CPU run on it (10 components, 3 x 128) left plain VI
-on one component (118.6 mm, 44 deg) and the VIPS trainer with NaN parameters: its steps need the
-pieces not yet here: context resampling (Sec. 3.3), adaptive learning rates (Sec. 3.2.2), the
-bound-based covariance regularization (Sec. 3.5); adding components and ``mace-train avips``
-are to come too.
+on one component (118.6 mm, 44 deg) and the VIPS trainer with NaN parameters (its mean KL
+reached 0.4 against a bound of 0.05 within an M-step: the fixed step outruns the multipliers):
+it needs the pieces not yet here: context resampling (Sec. 3.3), adaptive learning rates
+(Sec. 3.2.2), the bound-based covariance regularization (Sec. 3.5); adding components and
+``mace-train avips`` are to come too.
 
 Shapes: contexts ``(B, C)``, samples ``(B, N, D)``, per component ``(B, O, ...)``.
 """
@@ -100,7 +101,8 @@ class ConditionalGMM(nn.Module):
         raw = torch.stack([net(z) for net in self.nets], dim=1)  # (B, O, out)
         d = self.dim
         mean = raw[..., :d]
-        chol = torch.diag_embed(raw[..., d:2 * d].exp())
+        # log-diagonal kept within [log 1e-4, log 10]: an ill-conditioned factor inverts badly
+        chol = torch.diag_embed(raw[..., d:2 * d].clamp(-9.2, 2.3).exp())
         chol[..., self._tril[0], self._tril[1]] = raw[..., 2 * d:]
         return mean, chol
 
