@@ -17,12 +17,14 @@ set, only log p̃(x | z) and a way to draw contexts z:
   version collapsed onto one mode of a 4-mode toy, then diverged.)
 
 :class:`IKTargetDensity` is the Panda's IK target (Sec. 4.1) over pose contexts drawn on the fly
-(:func:`pose_contexts`). A first 4-minute CPU run on it (10 components, 3 x 128) left plain VI
-on one component (118.6 mm, 44 deg) and the VIPS trainer with NaN parameters (its mean KL
-reached 0.4 against a bound of 0.05 within an M-step: the fixed step outruns the multipliers):
-it needs the pieces not yet here: context resampling (Sec. 3.3), adaptive learning rates
-(Sec. 3.2.2), the bound-based covariance regularization (Sec. 3.5); adding components and
-``mace-train avips`` are to come too.
+(:func:`pose_contexts`). The learning rates adapt per component and for the gate (Sec. 3.2.2):
+halfway towards rate · desired / actual KL change per step. On the 4-mode toy (8 components,
+300 gradient steps each) aVIPS ended at ELBO -1.397 and weight entropy 1.707 against plain VI's
+-1.433 and 1.605, the thesis' Table 5.2 finding. On the Panda, 3-4 minutes of CPU (10
+components, 3 x 128; raw samples at 512 poses x 25) are far from the thesis: aVIPS 197 mm /
+100 deg with 4 components left (weight entropy 0.40), plain VI 119 mm / 44 deg on one component
+(0.00). Not yet here: context resampling (Sec. 3.3), the bound-based covariance regularization
+(Sec. 3.5), adding components, ``mace-train avips``, the prior in MACE.
 
 Shapes: contexts ``(B, C)``, samples ``(B, N, D)``, per component ``(B, O, ...)``.
 """
@@ -87,7 +89,10 @@ class ConditionalGMM(nn.Module):
         """log q(o | z): ``(B, O)`` (squared-cosine activation; removed components: -inf)."""
         w = torch.cos(self.gate(z)) ** 2 + 1e-12
         w = torch.where(self.alive, w, torch.zeros_like(w))
-        return torch.log(w / w.sum(dim=-1, keepdim=True))
+        # the log of a removed component's 0 is taken of a tiny number and then replaced, so
+        # that no -inf enters the graph (its gradient would be NaN)
+        logw = torch.log(w.clamp_min(1e-30) / w.sum(dim=-1, keepdim=True))
+        return torch.where(self.alive, logw, torch.full_like(logw, -math.inf))
 
     def remove_light_components(self, z: torch.Tensor, threshold: float) -> int:
         """Remove the components whose mean weight over contexts ``z`` is below ``threshold``
@@ -202,6 +207,11 @@ class AVIPSConfig:
     epsilon_weights: float = 0.01  #: bound on KL(q(o|z) ‖ q̃(o|z)) (Eq. 3.5)
     dual_learning_rate: float = 10.0  #: step of the Lagrange multipliers
     removal_threshold: float = 5e-4  #: components with a smaller mean weight are removed
+    #: adaptive learning rates (Sec. 3.2.2): each component's (and the gate's) step is scaled
+    #: towards this share of its bound in KL change per gradient step (0: fixed rates; 0.1
+    #: reaches the bound in the M-step's 10 steps)
+    kl_change_share: float = 0.1
+    max_learning_rate: float = 3e-3  #: the adapted rates stay below this
 
 
 class AVIPSTrainer:
@@ -218,6 +228,9 @@ class AVIPSTrainer:
         self.alpha_mu, self.alpha_sigma = torch.ones(o), torch.ones(o)
         self.alpha_w = torch.tensor(1.0)
         self.last_kl: dict[str, torch.Tensor] = {}
+        #: learning rates per component and of the gate (adapted after each M-step)
+        self.rates = torch.full((o,), config.learning_rate)
+        self.gate_rate = config.learning_rate
 
     def _rewards(self, frozen: ConditionalGMM, z: torch.Tensor, generator):
         """R(o, z) ``(B, O)`` (gradients into the components), and the components' parameters
@@ -231,7 +244,12 @@ class AVIPSTrainer:
             old_logw = frozen.log_weights(z)
         joint = old_logw[:, None] + frozen.gaussian_log_prob(flat, old_mean, old_chol)
         resp = joint - torch.logsumexp(joint, dim=-1, keepdim=True)  # log q̃(o' | x, z)
-        own = resp[:, torch.arange(o * n), torch.arange(o).repeat_interleave(n)]
+        index = torch.arange(o).repeat_interleave(n)
+        own = resp[:, torch.arange(o * n), index]
+        # a removed component's samples have log q̃(o|x) = -inf: masked before any arithmetic
+        # (a -inf in the unselected branch of torch.where still makes NaN gradients)
+        live = model.alive[index]
+        own = torch.where(live, own, torch.zeros_like(own))
         reward = (self.log_density(flat, z) + own).reshape(b, o, n).mean(-1) + _entropy(chol)
         reward = torch.where(model.alive, reward, torch.zeros_like(reward))
         return reward, mean, chol, old_mean, old_chol, old_logw
@@ -240,8 +258,12 @@ class AVIPSTrainer:
         """One E-step and M-step on fresh context batches; returns the components left."""
         model, cfg = self.model, self.config
         frozen = copy.deepcopy(model).requires_grad_(False)  # E-step: q̃ = q
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+        groups = [{"params": net.parameters(), "lr": float(rate)}
+                  for net, rate in zip(model.nets, self.rates)]
+        optimizer = torch.optim.Adam(groups + [{"params": model.gate.parameters(),
+                                                "lr": self.gate_rate}])
         scale = None
+        changes = []  # per step: the components' KL (O,) and the weights' KL
         for _ in range(cfg.m_steps):
             z = contexts()
             reward, mean, chol, old_mean, old_chol, old_logw = self._rewards(frozen, z,
@@ -264,6 +286,7 @@ class AVIPSTrainer:
             optimizer.zero_grad()
             (-objective).backward()
             optimizer.step()
+            changes.append(((avg_mu + avg_sigma).detach(), float(kl_w.detach())))
             with torch.no_grad():  # dual steps: a multiplier grows while its bound is broken
                 lr = cfg.dual_learning_rate
                 self.alpha_mu = (self.alpha_mu + lr * (avg_mu - cfg.epsilon_mu)).clamp_min(0.0)
@@ -278,7 +301,26 @@ class AVIPSTrainer:
             mass = w_old.sum(0).clamp_min(1e-12)
             self.last_kl = dict(mu=(w_old * kl_mu).sum(0) / mass,
                                 sigma=(w_old * kl_sigma).sum(0) / mass)
+        self._adapt_rates(changes)
         return dict(alive=model.remove_light_components(z, cfg.removal_threshold))
+
+    def _adapt_rates(self, changes: list) -> None:
+        """Sec. 3.2.2: the change in KL per step, the larger of the M-step's first and last,
+        against the desired one; each rate moves halfway to rate · desired / actual."""
+        cfg = self.config
+        if cfg.kl_change_share <= 0 or len(changes) < 2:
+            return
+        first = changes[1][0] - changes[0][0]
+        last = changes[-1][0] - changes[-2][0]
+        actual = torch.maximum(first.abs(), last.abs()).clamp_min(1e-8)
+        desired = cfg.kl_change_share * (cfg.epsilon_mu + cfg.epsilon_sigma)
+        self.rates = (0.5 * self.rates * (1.0 + desired / actual)).clamp(
+            1e-6, cfg.max_learning_rate)
+        w_actual = max(abs(changes[1][1] - changes[0][1]), abs(changes[-1][1] - changes[-2][1]),
+                       1e-8)
+        self.gate_rate = float(min(max(0.5 * self.gate_rate * (
+            1.0 + cfg.kl_change_share * cfg.epsilon_weights / w_actual), 1e-6),
+            cfg.max_learning_rate))
 
 
 class IKTargetDensity:
