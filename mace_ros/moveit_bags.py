@@ -168,9 +168,11 @@ class PlanningSceneState:
         self.base_frame = base_frame
         #: object id -> (object pose (4, 4), frame, [(primitive, pose (4, 4))], unsupported)
         self.objects: dict[str, tuple[np.ndarray, str, list, list[str]]] = {}
+        self._obstacles: tuple[list[Obstacle], list[str]] | None = None  # until the next scene
 
     def apply(self, scene) -> None:
         """Apply one ``moveit_msgs/msg/PlanningScene`` (full or diff)."""
+        self._obstacles = None
         if not scene.is_diff:
             self.objects = {}
         for obj in scene.world.collision_objects:
@@ -201,7 +203,14 @@ class PlanningSceneState:
             self.objects[obj.id] = (pose, obj.header.frame_id, prims, unsupported)
 
     def obstacles(self) -> tuple[list[Obstacle], list[str]]:
-        """The world's primitives as obstacles in the base frame, and what was left out."""
+        """The world's primitives as obstacles in the base frame, and what was left out (built
+        once per scene message, however many requests are asked in it)."""
+        if self._obstacles is None:
+            self._obstacles = self._build_obstacles()
+        out, unsupported = self._obstacles
+        return list(out), list(unsupported)
+
+    def _build_obstacles(self) -> tuple[list[Obstacle], list[str]]:
         out, unsupported = [], []
         for oid, (pose, frame, prims, missing) in self.objects.items():
             unsupported += missing

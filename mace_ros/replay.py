@@ -57,10 +57,9 @@ def _same_obstacles(a: Sequence, b: Sequence) -> bool:
         and np.allclose(x.rotation_matrix, y.rotation_matrix) for x, y in zip(a, b))
 
 
-def known_scene_name(obstacles: Sequence, scene_files: Sequence[str]) -> str | None:
-    """The name of the scene file whose obstacles ``obstacles`` are, if any."""
-    for path in scene_files:
-        scene = load_scene(path)
+def known_scene_name(obstacles: Sequence, scenes: Sequence[Scene]) -> str | None:
+    """The name of the scene among ``scenes`` whose obstacles ``obstacles`` are, if any."""
+    for scene in scenes:
         if _same_obstacles(scene.obstacles, obstacles):
             return scene.name
     return None
@@ -75,6 +74,7 @@ def group_requests(requests: list[IKRequest], defaults: IKBenchmarkConfig,
     benchmark's defaults. A group whose obstacles are those of one of ``scene_files`` (default:
     the shipped scenes) is named ``<prefix>-N-<scene>``."""
     scene_files = shipped.scene_files() if scene_files is None else scene_files
+    known_scenes = [load_scene(path) for path in scene_files] if requests else []
     groups: dict[tuple, RequestGroup] = {}
     for index, request in enumerate(requests):
         pose = request.rotation is not None
@@ -83,7 +83,7 @@ def group_requests(requests: list[IKRequest], defaults: IKBenchmarkConfig,
         tolerance = request.orientation_tolerance if pose else defaults.orientation_tolerance
         key = (tuple(request.obstacles), pose, k, budget, tolerance)
         if key not in groups:
-            known = known_scene_name(request.obstacles, scene_files)
+            known = known_scene_name(request.obstacles, known_scenes)
             name = f"{prefix}-{len(groups) + 1}" + (f"-{known}" if known else "")
             scene = Scene(name=name, ee_link="panda_grasptarget",
                           obstacles=tuple(request.obstacles),
@@ -192,8 +192,8 @@ def _moveit_note(report: dict) -> str:
 
 def format_replay(report: dict) -> str:
     """One table per group (and what was left out of MoveIt's calls)."""
-    return "\n\n".join([format_table(r) for r in report["groups"]]
-                       + ([_moveit_note(report)] if _moveit_note(report) else []))
+    note = _moveit_note(report)
+    return "\n\n".join([format_table(r) for r in report["groups"]] + ([note] if note else []))
 
 
 @dataclass
@@ -224,6 +224,15 @@ def time_to_k(row: dict, k: int) -> float:
     return row["time_s"] if row["valid"] >= k else math.inf
 
 
+def group_times(group: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per method of one group's report: the times ``(R,)`` s to the first valid solution and
+    to K valid ones of each request (inf: never)."""
+    k = group["config"]["num_solutions"]
+    return {name: (np.array([time_to_first(r) for r in m["per_target"]]),
+                   np.array([time_to_k(r, k) for r in m["per_target"]]))
+            for name, m in group["methods"].items()}
+
+
 def _weighted_mean(rows: list[dict], key: str) -> float:
     """Mean over every returned solution of a per-request mean ``key``."""
     pairs = [(r[key], r["returned"]) for r in rows if r.get(key) is not None and r["returned"]]
@@ -234,12 +243,11 @@ def _weighted_mean(rows: list[dict], key: str) -> float:
 def method_rows(group: dict) -> list[MethodRow]:
     """The table rows of one group's report (:func:`run_benchmark`'s), from the per-request
     records alone."""
-    k = group["config"]["num_solutions"]
     out = []
+    times = group_times(group)
     for name, m in group["methods"].items():
         rows = m["per_target"]
-        first = np.array([time_to_first(r) for r in rows])
-        full = np.array([time_to_k(r, k) for r in rows])
+        first, full = times[name]
         pairwise = [r["pairwise_joint_distance_rad"] for r in rows
                     if r.get("pairwise_joint_distance_rad") is not None]
         with np.errstate(invalid="ignore"):  # inf, inf: nan, shown as "-"
@@ -284,8 +292,9 @@ def markdown_report(report: dict) -> str:
                 f"{_ms(r.first_median_s)} / {_ms(r.first_p90_s)} | "
                 f"{_ms(r.k_median_s)} / {_ms(r.k_p90_s)} | {_num(r.position_error_m, 1e3)} | "
                 f"{_num(r.orientation_error_rad, 1e3)} | {_num(r.pairwise_rad, digits=2)} |")
-    if _moveit_note(report):
-        parts.append(_moveit_note(report) + ". `moveit_recorded`: MoveIt's recorded answer "
+    note = _moveit_note(report)
+    if note:
+        parts.append(note + ". `moveit_recorded`: MoveIt's recorded answer "
                      "(one solution) after its recorded latency.")
     parts.append("Valid: collision-free for PyBullet and within "
                  f"{report['groups'][0]['config']['position_tolerance'] * 1e3:g} mm (and the "
@@ -308,10 +317,9 @@ def write_outputs(report: dict, markdown_path: str = "", plots_dir: str = "") ->
 
         for group in report["groups"]:
             cfg, k = group["config"], group["config"]["num_solutions"]
-            first = {m: np.array([time_to_first(r) for r in v["per_target"]])
-                     for m, v in group["methods"].items()}
-            full = {m: np.array([time_to_k(r, k) for r in v["per_target"]])
-                    for m, v in group["methods"].items()}
+            times = group_times(group)
+            first = {m: t[0] for m, t in times.items()}
+            full = {m: t[1] for m, t in times.items()}
             title = (f"{group['scene']}: {len(group['targets'])} {cfg['target_kind']} "
                      f"requests, K = {k}")
             stem = os.path.join(plots_dir, group["scene"] + f"_{cfg['target_kind']}")

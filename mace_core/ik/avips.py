@@ -310,17 +310,16 @@ class AVIPSTrainer:
         cfg = self.config
         if cfg.kl_change_share <= 0 or len(changes) < 2:
             return
-        first = changes[1][0] - changes[0][0]
-        last = changes[-1][0] - changes[-2][0]
-        actual = torch.maximum(first.abs(), last.abs()).clamp_min(1e-8)
-        desired = cfg.kl_change_share * (cfg.epsilon_mu + cfg.epsilon_sigma)
-        self.rates = (0.5 * self.rates * (1.0 + desired / actual)).clamp(
-            1e-6, cfg.max_learning_rate)
-        w_actual = max(abs(changes[1][1] - changes[0][1]), abs(changes[-1][1] - changes[-2][1]),
-                       1e-8)
-        self.gate_rate = float(min(max(0.5 * self.gate_rate * (
-            1.0 + cfg.kl_change_share * cfg.epsilon_weights / w_actual), 1e-6),
-            cfg.max_learning_rate))
+
+        def adapted(rate, index: int, bound: float):
+            first = torch.as_tensor(changes[1][index] - changes[0][index])
+            last = torch.as_tensor(changes[-1][index] - changes[-2][index])
+            actual = torch.maximum(first.abs(), last.abs()).clamp_min(1e-8)
+            return (0.5 * rate * (1.0 + cfg.kl_change_share * bound / actual)).clamp(
+                1e-6, cfg.max_learning_rate)
+
+        self.rates = adapted(self.rates, 0, cfg.epsilon_mu + cfg.epsilon_sigma)
+        self.gate_rate = float(adapted(torch.tensor(self.gate_rate), 1, cfg.epsilon_weights))
 
 
 class IKTargetDensity:

@@ -166,9 +166,10 @@ class HullDistanceReference:
         """m, the smallest distance between the hulls of a checked link pair at ``q (7,)``;
         ``reach_m`` where none is nearer (pairs whose bounding balls are farther are skipped)."""
         hulls = self._world_hulls(q)
+        balls = {name: self._ball(hull) for name, hull in hulls.items()}
         best = reach_m
         for a, b in self.pairs:
-            (ca, ra), (cb, rb) = self._ball(hulls[a]), self._ball(hulls[b])
+            (ca, ra), (cb, rb) = balls[a], balls[b]
             if np.linalg.norm(ca - cb) - ra - rb < best:
                 best = min(best, hull_hull_distance(hulls[a], hulls[b]))
                 if best <= 0.0:
