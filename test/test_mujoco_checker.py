@@ -49,7 +49,7 @@ def test_never_free_where_pybullet_collides(kin, checker, path):
             assert not (ours & ~truth).any(), f"{name}: free where PyBullet collides"
             assert not (~ours_pair[:, 0] & truth_pair[:, 0]).any(), f"{name}: self"
             assert not (~ours_pair[:, 1] & truth_pair[:, 1]).any(), f"{name}: world"
-            # stricter than PyBullet only within the 0.1 mm safety margin
+            # stricter than PyBullet only within the safety margin (or by its own error)
             false_colliding = int((~ours & truth).sum())
             assert false_colliding <= max(2, 0.03 * truth.sum()), (name, false_colliding)
 
@@ -152,3 +152,34 @@ def test_clearance_is_pybullets_distance(kin, checker):
     assert apart.sum() > 10 and (~apart).sum() > 3
     assert np.abs(ours[apart] - theirs[apart]).max() < 1e-4
     assert (ours[~apart] <= 1e-4).all()  # overlapping: negative, or within the tolerance
+
+
+# Configurations where mj_collision's mesh contacts overstated the distance past the threshold
+# (found by bisecting to the checker's boundary): links 5 and 7 1.98 mm apart, reported at
+# 2.18 mm; the hand 1.80 mm from the cabinet's top, reported at 2.11 mm. PyBullet and the
+# convex-program referee both call them colliding.
+_OVERSTATED = [
+    ("box", 0, [-0.277302, 1.380575, -0.412081, -1.035114, 1.408263, 0.116365, -2.238033]),
+    ("cabinet", 1, [1.220607, -1.560114, -1.112224, -2.170694, -1.687224, 2.673501, -0.43133]),
+]
+
+
+@pytest.mark.parametrize("scene_name, part, q", _OVERSTATED, ids=["self", "world"])
+def test_overstated_contacts_are_measured_again(checker, scene_name, part, q):
+    scene = load_scene(f"config/scenes/{scene_name}.yaml")
+    checker.set_obstacles(scene.obstacles)
+    q = np.array([q])
+    with PyBulletCollisionChecker(scene.obstacles) as pb:
+        assert pb.collisions(q)[0, part]
+    assert checker.collisions(q)[0, part]
+    # MuJoCo's contacts alone say free: the verdict is the re-measured distance's
+    import mujoco
+    model, data = checker.model, checker.data
+    data.qpos[checker._arm_qpos] = q[0]
+    mujoco.mj_kinematics(model, data)
+    mujoco.mj_collision(model, data)
+    geom = data.contact.geom[:data.ncon]
+    world = checker._obstacle_geom[geom[:, 0]] | checker._obstacle_geom[geom[:, 1]]
+    rows = world if part else ~world
+    limit = checker._threshold[geom[rows, 0], geom[rows, 1]]
+    assert rows.any() and (data.contact.dist[:data.ncon][rows] > limit).all()

@@ -36,7 +36,6 @@ from ..robot.collision import PYBULLET_MESH_MARGIN
 from ..robot.collision_benchmark import ik_configurations
 from ..robot.hull_distance import HullDistanceReference
 from ..robot.kinematics import RobotKinematics, panda_urdf_path
-from ..robot.mujoco_checker import SAFETY_MARGIN_M
 from ..robot.pybullet_checker import PyBulletCollisionChecker
 from ..robot.rotations import matrix_to_quaternion_xyzw
 from ..robot.scenes import Scene, quaternion_xyzw_to_matrix
@@ -224,6 +223,11 @@ def sample_targets(scene: Scene, n: int, seed: int) -> np.ndarray:
     return scene.sample_targets(n, spec.generator(seed), spec).numpy()
 
 
+#: m, how far beyond PyBullet's margins a drawn pose target's configuration keeps (the exact
+#: checkers' margin when the targets were first drawn: kept, so the targets stay the same)
+TARGET_CLEARANCE_M = 1e-4
+
+
 def sample_pose_targets(scene: Scene, n: int, seed: int,
                         checker: PyBulletCollisionChecker) -> np.ndarray:
     """``(n, 7)``: hand poses (x, y, z, qx, qy, qz, qw) of configurations that ``checker``
@@ -232,7 +236,7 @@ def sample_pose_targets(scene: Scene, n: int, seed: int,
 
     PyBullet's distances err by up to tenths of a millimetre near its margins (see
     :mod:`~mace_core.robot.hull_distance`): a configuration it calls free while the hulls are
-    in fact within its margins (plus the exact checkers' 0.1 mm safety margin) is skipped, so
+    in fact within its margins (plus ``TARGET_CLEARANCE_M``) is skipped, so
     that a target's solution is free by the exact geometry too (three of the cabinet's first
     20 targets were such poses, with the hand 0.86-1.01 mm from a shelf).
 
@@ -241,14 +245,15 @@ def sample_pose_targets(scene: Scene, n: int, seed: int,
     """
     kin = RobotKinematics.panda(TensorSpec(torch.device("cpu"), torch.float64))
     referee = HullDistanceReference(kin)
-    world_gap = PYBULLET_MESH_MARGIN + SAFETY_MARGIN_M
+    world_gap = PYBULLET_MESH_MARGIN + TARGET_CLEARANCE_M
     gen = kin.spec.generator(seed)
     found: list[torch.Tensor] = []
     for _ in range(50):
         q = ik_configurations(kin, scene, 8 * n, gen)
         for row in q[torch.from_numpy(checker.valid(q))]:
             if (referee.world_distance(row, scene.obstacles) > world_gap
-                    and referee.self_distance(row) > 2 * PYBULLET_MESH_MARGIN + SAFETY_MARGIN_M):
+                    and referee.self_distance(row)
+                    > 2 * PYBULLET_MESH_MARGIN + TARGET_CLEARANCE_M):
                 found.append(row)
             if len(found) == n:
                 break

@@ -176,9 +176,19 @@ class MJWarpCollisionChecker(MuJoCoCollisionChecker):
         dist = data.contact.dist.numpy()[:n]
         geom = data.contact.geom.numpy()[:n]
         world = data.contact.worldid.numpy()[:n]
-        hit = (dist <= self._threshold[geom[:, 0], geom[:, 1]]) & (world < b)
+        limit = self._threshold[geom[:, 0], geom[:, 1]]
+        hit = (dist <= limit) & (world < b)
         obstacle = self._obstacle_geom[geom[:, 0]] | self._obstacle_geom[geom[:, 1]]
         out = np.zeros((b, 2), dtype=bool)
         out[world[hit & ~obstacle], 0] = True
         out[world[hit & obstacle], 1] = True
+        # contacts beyond their limit may overstate the distance (see _remeasured_hit): where
+        # a part has no hit, its pairs are measured again on the CPU model (a few configurations)
+        beyond = ~hit & (world < b)
+        part = obstacle.astype(np.int64)
+        for w, p in sorted(set(zip(world[beyond].tolist(), part[beyond].tolist()))):
+            if not out[w, p]:
+                rows = beyond & (world == w) & (part == p)
+                self._place(q[w])
+                out[w, p] = self._remeasured_hit(geom[rows], limit[rows])
         return out
