@@ -407,6 +407,34 @@ def test_pose_requests_are_answered_exactly_by_the_closed_form(adapter):
     assert dls.success  # the general path stays available
 
 
+def test_pose_candidates_go_to_the_exact_checker_in_chunks():
+    """A pose answered in closed form: its candidates skip the spheres and are checked exactly,
+    2 x K at a time (spread out first), so in the cabinet the answers include ones the spheres
+    refuse, and in the open a single chunk gives all K."""
+    from mace_core.ik.benchmark import sample_pose_targets
+    from mace_core.robot.scenes import quaternion_xyzw_to_matrix
+
+    exact = adapter_for_backend("mujoco")
+    for name, most_checks in (("box", 16), ("cabinet", None)):
+        scene = load_scene(f"config/scenes/{name}.yaml")
+        world = exact._world_of(list(scene.obstacles))
+        with PyBulletCollisionChecker(scene.obstacles) as pb:
+            target = sample_pose_targets(scene, 1, 0, pb)[0]
+            result = exact.solve(IKRequest(
+                position=target[:3], rotation=np.asarray(quaternion_xyzw_to_matrix(target[3:])),
+                orientation_tolerance=1e-3, obstacles=list(scene.obstacles), num_solutions=8,
+                time_budget_s=5.0, seed=0))
+            assert result.num_found == 8, result.message
+            q = np.stack([s.q for s in result.solutions])
+            assert pb.valid(q).all()
+        assert 0.0 < result.valid_fraction_prior <= 1.0  # the checked candidates' valid share
+        if most_checks is not None:  # every answer checked exactly, none by the spheres alone
+            assert 8 <= result.exact_checks <= most_checks
+        else:
+            refused = ~exact.checker.valid(exact.spec.tensor(q), world)
+            assert refused.any()  # free, though the spheres call it colliding
+
+
 def test_mace_adapts_on_projected_elites_for_pose_requests(adapter):
     """With the closed form, what MACE adapts samples exact solutions of the pose (the
     branch nearest each prior sample at its q7); position requests adapt the prior itself."""

@@ -283,7 +283,8 @@ class AnalyticRefiner:
                penalty: PenaltyFn | None = None, deadline: Deadline | None = None,
                needed: int | None = None, clear: ClearFn | None = None) -> torch.Tensor:
         """Every branch of the target pose at each seed's q7: ``(B', 7)`` in ``q0``'s dtype,
-        nearest the seed first within each seed's rows; ``q0`` itself when none exists."""
+        by rank (each seed's nearest branch, then each seed's second nearest, ...; the grid's
+        after them when needed); ``q0`` itself when none exists."""
         b = q0.shape[0]
         if b == 0 or (deadline is not None and deadline.expired()):
             return q0
@@ -305,7 +306,9 @@ class AnalyticRefiner:
         order = dist.argsort(-1)  # each seed's branches, nearest first
         sols = sols.gather(1, order[..., None].expand(-1, -1, 7))
         ok = ok.gather(1, order)
-        out = [sols[ok]]
+        # every seed's nearest branch first, then every seed's second nearest...: checks taken
+        # in this order meet the prior's branches at many q7 before the far ones
+        out = [sols.transpose(0, 1)[ok.T]]
         if int(ok.sum()) < self.grid_below * (needed or 1):
             out.append(more[more_ok])
         found = torch.cat(out)

@@ -210,7 +210,8 @@ class IKAdaptResult:
     #: solutions that are collision-free and, when refined, reach the target within tolerance
     num_found: int
     #: share of the first prior batch that is valid (``first_samples`` of them when refining,
-    #: else N)
+    #: else N; a full pose answered in closed form: of the first round's candidates, the
+    #: prior's samples projected onto the pose, that the exact checker was asked about)
     valid_fraction_prior: float
     valid_fraction_adapted: float  #: share of samples of the adapted model that are valid
     iterations_run: int  #: MACE iterations actually run
