@@ -292,27 +292,32 @@ class MuJoCoCollisionChecker:
         out = np.full(q.shape[0], reach_m)
         if slots.size == 0:
             return out
-        fromto = np.zeros(6)
         moving = self._moving_geoms
-        rbound = model.geom_rbound[moving][:, None]  # (G, 1) each link hull's bounding sphere
+        rbound = model.geom_rbound[moving][None, :, None]  # (1, G, 1) link hulls' bounding balls
         half = model.geom_aabb[slots, 3:]  # (S, 3) each obstacle's box in its own frame
         rounded = self._rounding[slots]
+        centres = np.empty((q.shape[0], moving.size, 3))  # (B, G, 3) link hulls' centres
         for k in range(q.shape[0]):
-            data.qpos[self._arm_qpos] = q[k]
-            mj.mj_kinematics(model, data)
-            # pairs in order of a lower bound of their distance: from the link's bounding
-            # sphere to the obstacle's box (a floor's bounding sphere would be useless); once
-            # it passes the nearest distance found, no later pair can be nearer
-            rot = data.geom_xmat[slots].reshape(-1, 3, 3)  # (S, 3, 3) world-from-obstacle
-            offset = data.geom_xpos[moving][:, None] - data.geom_xpos[slots][None]  # (G, S, 3)
-            local = np.einsum("skj,gsk->gsj", rot, offset)
-            outside = np.maximum(np.abs(local) - half[None], 0.0)
-            gap = np.linalg.norm(outside, axis=-1) - rbound
+            self._place(q[k])
+            centres[k] = data.geom_xpos[moving]
+        # pairs in order of a lower bound of their distance: from the link's bounding sphere to
+        # the obstacle's box (a floor's bounding sphere would be useless); once it passes the
+        # nearest distance found, no later pair can be nearer. Obstacles sit on the world body:
+        # their poses are the same in every configuration.
+        rot = data.geom_xmat[slots].reshape(-1, 3, 3)  # (S, 3, 3) world-from-obstacle
+        offset = centres[:, :, None] - data.geom_xpos[slots][None, None]  # (B, G, S, 3)
+        local = np.einsum("skj,bgsk->bgsj", rot, offset)
+        gaps = np.linalg.norm(np.maximum(np.abs(local) - half, 0.0), axis=-1) - rbound
+        order = np.argsort(gaps.reshape(q.shape[0], -1), axis=1)  # (B, G * S)
+        fromto = self._fromto
+        for k in range(q.shape[0]):
+            self._place(q[k])
+            gap = gaps[k].reshape(-1)
             best = reach_m + PYBULLET_MESH_MARGIN
-            for flat in np.argsort(gap, axis=None):
-                i, j = divmod(int(flat), slots.size)
-                if gap[i, j] >= best:
+            for flat in order[k].tolist():
+                if gap[flat] >= best:
                     break
+                i, j = divmod(flat, slots.size)
                 rounding = rounded[j]  # the geom is the shape shrunk by this
                 best = min(best, mj.mj_geomDistance(model, data, int(moving[i]), int(slots[j]),
                                                     best + rounding, fromto) - rounding)
