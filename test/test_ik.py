@@ -521,7 +521,9 @@ def test_a_pose_prior_must_be_registered_and_pose_conditioned(tmp_path):
 
 def test_rounds_explore_uniform_seeds_after_one_that_added_nothing(adapter):
     """Full poses in closed form: after a round that added no solution, the next one's seeds
-    include ``pose_explore_seeds`` uniform configurations (q7 values the prior may not draw)."""
+    include ``pose_explore_seeds`` uniform configurations (q7 values the prior may not draw),
+    and such a round runs before MACE adapts (wall and cabinet targets whose prior q7 values ran
+    dry: about 120 ms with a MACE iteration, 10-30 ms with it)."""
     from mace_core.ik.adapter import _RequestPipeline
 
     kin64 = RobotKinematics.panda(TensorSpec(torch.device("cpu"), torch.float64))
@@ -538,6 +540,14 @@ def test_rounds_explore_uniform_seeds_after_one_that_added_nothing(adapter):
     assert rounds._with_explorers(seeds).shape[0] == 5 + rounds.explore
     rounds.last_added = 2
     assert rounds._with_explorers(seeds).shape[0] == 5
+    # a dry round without explorers is followed by one with them before MACE adapts
+    rounds.last_added = 0
+    rounds.explored = False
+    assert rounds.worth_another
+    rounds._with_explorers(seeds)
+    assert rounds.explored and not rounds.worth_another
     position_only = _RequestPipeline(adapter, replace(req, rotation=None), None, None)
     position_only.draw_first_batch()
     assert position_only.rounds.explore == 0
+    position_only.rounds.last_added = 0
+    assert not position_only.rounds.worth_another  # positions adapt after a dry round

@@ -82,6 +82,7 @@ class _RefinementRounds:
         #: the exact checker in chunks, with no sphere check first (IKAdapter._accept_exact)
         self.exact_first = exact_first
         self.checked = self.checked_valid = 0  #: rows put to the exact check, and found valid
+        self.explored = False  #: the last round had uniform seeds
 
     @property
     def done(self) -> bool:
@@ -119,9 +120,17 @@ class _RefinementRounds:
         """``seeds (S, 7)`` plus ``explore`` configurations uniform within the joint limits when
         the last round added nothing (the solutions near the prior's samples are exhausted,
         and where the free ones are rare they may lie at other q7): ``(S [+ E], 7)``."""
-        if self.explore == 0 or self.rounds_run == 0 or self.last_added > 0:
+        self.explored = not (self.explore == 0 or self.rounds_run == 0 or self.last_added > 0)
+        if not self.explored:
             return seeds
         return torch.cat([seeds, self.adapter.kin.sample_uniform(self.explore, self.generator)])
+
+    @property
+    def worth_another(self) -> bool:
+        """Whether a round on a fresh batch may add solutions: the last one did, or it added
+        none without uniform seeds and the next one would have them (cheaper than adapting:
+        where the prior's q7 values run dry, others often hold the rest)."""
+        return self.last_added > 0 or (self.explore > 0 and not self.explored)
 
     def time_for_another(self) -> bool:
         """Whether a round (sampling a batch and refining it) still fits the budget."""
@@ -289,7 +298,7 @@ class _RequestPipeline:
         self.done = rounds.run(self.cand_q, self.cand_s)
         if self.exact_first:  # the prior's samples, projected: the share the exact check passed
             self.valid_prior = self.valid_adapted = rounds.checked_valid / max(rounds.checked, 1)
-        while not self.done and rounds.last_added > 0 and rounds.time_for_another():
+        while not self.done and rounds.worth_another and rounds.time_for_another():
             self.cand_q, self.cand_s = self.fresh_batch(self.cfg.first_samples,
                                                         scored=not self.exact_first)
             self.done = rounds.run(self.cand_q, self.cand_s)
