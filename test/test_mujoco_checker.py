@@ -183,3 +183,14 @@ def test_overstated_contacts_are_measured_again(checker, scene_name, part, q):
     rows = world if part else ~world
     limit = checker._threshold[geom[rows, 0], geom[rows, 1]]
     assert rows.any() and (data.contact.dist[:data.ncon][rows] > limit).all()
+
+
+def test_an_arena_too_small_for_the_contacts_grows(kin, checker):
+    """Contacts and MuJoCo's stack share the arena: when a configuration's do not fit, the
+    checker doubles it and checks again (dropped contacts would call collisions free)."""
+    scene = load_scene("config/scenes/cabinet.yaml")
+    checker.set_obstacles(scene.obstacles)
+    q = kin.sample_uniform(300, SPEC.generator(8))
+    small = MuJoCoCollisionChecker(scene.obstacles, memory_bytes=36_000)
+    assert np.array_equal(small.collisions(q), checker.collisions(q))
+    assert small.model.narena > 36_000

@@ -49,6 +49,8 @@ SAFETY_MARGIN_M = 3e-5
 #: by more than its contacts overstate distances there (0.3 mm seen); 2.5 and 4 mm timed alike
 _DETECTION_MARGIN_M = 4e-3
 _KINDS = ("box", "sphere", "cylinder")
+#: bytes, the most arena a checker grows to when a configuration's contacts do not fit
+_MAX_ARENA_BYTES = 1 << 30
 #: where unused slots wait (far from everything, and colliding with nothing anyway)
 _PARKED = (1e3, 1e3, -1e3)
 
@@ -71,8 +73,11 @@ class MuJoCoCollisionChecker:
     """
 
     def __init__(self, obstacles: Sequence[Obstacle] = (), urdf_path: str | None = None,
-                 safety_margin_m: float = SAFETY_MARGIN_M, slots_per_kind: int = 16):
+                 safety_margin_m: float = SAFETY_MARGIN_M, slots_per_kind: int = 16,
+                 memory_bytes: int = -1):
         self._mj = _mujoco()
+        #: bytes of MuJoCo's arena (contacts live there; -1: MuJoCo's default, about 14 MB)
+        self._memory_bytes = int(memory_bytes)
         if not (0.0 <= safety_margin_m < 1e-3):
             raise InvalidRequestError(f"safety_margin_m must be in [0, 1 mm), got "
                                       f"{safety_margin_m!r}")
@@ -129,6 +134,8 @@ class MuJoCoCollisionChecker:
                 # nothing; set_obstacles switches the unused ones off)
                 world.add_geom(name=f"slot_{kind}_{k}", type=types[kind], size=[0.1, 0.1, 0.1],
                                pos=list(_PARKED), quat=[0.0, 1.0, 0.0, 0.0], margin=0.0)
+        if self._memory_bytes > 0:
+            spec.memory = self._memory_bytes
         try:
             model = spec.compile()
         except Exception as exc:  # noqa: BLE001
@@ -137,6 +144,7 @@ class MuJoCoCollisionChecker:
                                    | int(mj.mjtDisableBit.mjDSBL_MIDPHASE))
         self.model, self.data = model, mj.MjData(model)
         self._fromto = np.zeros(6)  # mj_geomDistance's output of the nearest points (unused)
+        self._contacts_full = int(mj.mjtWarning.mjWARN_CONTACTFULL)
         self.slots_per_kind = slots_per_kind
         self._slots = {kind: np.array([model.geom(f"slot_{kind}_{k}").id
                                        for k in range(slots_per_kind)]) for kind in _KINDS}
@@ -215,10 +223,17 @@ class MuJoCoCollisionChecker:
         threshold, obstacle = self._threshold, self._obstacle_geom
         qpos, kinematics, collision = data.qpos, mj.mj_kinematics, mj.mj_collision
         arm = self._arm_qpos
+        full = data.warning[self._contacts_full]
+        dropped = int(full.number)
         for k in range(q.shape[0]):
             qpos[arm] = q[k]
             kinematics(model, data)
-            collision(model, data)
+            try:
+                collision(model, data)
+            except mj.FatalError:  # its stack, which shares the arena, ran out
+                return self._with_larger_arena(q)
+            if full.number != dropped:  # contacts were dropped: no verdict of it is safe
+                return self._with_larger_arena(q)
             n = data.ncon
             if n == 0:
                 continue
@@ -234,6 +249,18 @@ class MuJoCoCollisionChecker:
                 elif rows.any():
                     out[k, part] = self._remeasured_hit(geom[rows], limit[rows])
         return out
+
+    def _with_larger_arena(self, q: np.ndarray) -> np.ndarray:
+        """Rebuild with twice the arena (contacts and MuJoCo's stack live there) and check
+        ``q`` again: :meth:`_run`'s answer when a configuration's contacts did not fit."""
+        if self.model.narena >= _MAX_ARENA_BYTES:
+            raise RuntimeError(f"MuJoCo: the contacts of a configuration need more than "
+                               f"{_MAX_ARENA_BYTES >> 20} MB")
+        obstacles = self._obstacles or ()
+        self._memory_bytes = 2 * int(self.model.narena)
+        self._build(self.slots_per_kind)
+        self.set_obstacles(obstacles)
+        return self._run(q)
 
     def _place(self, q: np.ndarray) -> None:
         """Pose the CPU model's links at one configuration ``q (7,)``."""
