@@ -62,7 +62,7 @@ def test_neighbour_seeds_follow_the_self_motion(adapter, wall, pose_target):
     from dataclasses import replace
 
     from mace_core.robot.spheres import CollisionWorld
-    from mace_core.ik.adapter import _RefinementRounds
+    from mace_core.ik.refinement_rounds import RefinementRounds
     from mace_core.ik.request import IKTimings
     from mace_core.ik.refinement import IKTarget
 
@@ -75,9 +75,9 @@ def test_neighbour_seeds_follow_the_self_motion(adapter, wall, pose_target):
     pose = kin.ee_pose(base[:1])[0]
     target = IKTarget(position=pose[:3, 3], rotation=pose[:3, :3] if pose_target else None,
                       orientation_tolerance=0.01)
-    rounds = _RefinementRounds(adapter, cfg, target, CollisionWorld.from_obstacles([], spec),
-                               deadline=math.inf, timings=IKTimings(),
-                               generator=spec.generator(0))
+    rounds = RefinementRounds(adapter, cfg, target, CollisionWorld.from_obstacles([], spec),
+                              deadline=math.inf, timings=IKTimings(),
+                              generator=spec.generator(0))
     rounds.accepted = base
     seeds = rounds._with_neighbours(base.repeat(16, 1))  # (64, 7): all replaced
     assert seeds.shape == (64, 7)

@@ -1,0 +1,148 @@
+"""Refinement rounds of one IK request: seeds -> exact solver -> exact check -> accepted set.
+
+A round (:meth:`RefinementRounds.run`) picks diverse seeds among candidates (the prior's samples,
+the adapted model's, MACE's pooled elites), adds seeds around the solutions found so far and,
+for full poses in closed form, uniform ones when the last round added nothing; the request's
+refiner moves them onto the target, and the rows the checker accepts join the answer
+(:class:`~mace_core.ik.adapter.IKAdapter` holds the refiners and checkers).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ..deadline import Deadline
+from ..robot.kinematics import damped_least_squares
+from ..robot.spheres import CollisionWorld
+from .refinement import IKTarget
+from .request import IKAdaptConfig, IKTimings
+
+if TYPE_CHECKING:
+    from .adapter import IKAdapter
+
+
+class RefinementRounds:
+    """Refinement rounds of one request: seeds -> exact solver -> re-check -> accepted set."""
+
+    def __init__(self, adapter: IKAdapter, cfg: IKAdaptConfig, target: IKTarget,
+                 world: CollisionWorld, deadline: Deadline, timings: IKTimings,
+                 generator: torch.Generator, clutter: bool = False, explore: int = 0,
+                 exact_first: bool = False):
+        self.adapter, self.cfg, self.target, self.world = adapter, cfg, target, world
+        self.deadline, self.timings, self.generator = deadline, timings, generator
+        #: in clutter the exact checker may end the penalty's push on rows it calls clear
+        #: (most rows there never satisfy the spheres); in the open that costs more than it
+        #: saves (box, window, wall: 5 % slower with it)
+        self.clutter = clutter
+        spec = adapter.spec
+        self.accepted = torch.empty(0, adapter.kin.num_joints, device=spec.device,
+                                    dtype=spec.dtype)  #: (A, 7) accepted solutions
+        self.last_round_s = 0.0
+        self.last_added = 0  #: solutions the last round added
+        self.rounds_run = 0
+        #: uniform seeds added to a round after one that added nothing (full poses in closed
+        #: form: each is every branch at a q7 the prior may never draw)
+        self.explore = explore
+        #: the refiner's rows are on the target by construction (the closed form): they go to
+        #: the exact checker in chunks, with no sphere check first (IKAdapter._accept_exact)
+        self.exact_first = exact_first
+        self.checked = self.checked_valid = 0  #: rows put to the exact check, and found valid
+        self.explored = False  #: the last round had uniform seeds
+
+    @property
+    def done(self) -> bool:
+        return self.accepted.shape[0] >= self.cfg.num_solutions
+
+    def _with_neighbours(self, seeds: torch.Tensor) -> torch.Tensor:
+        """Replace the last ``round(neighbour_share * S)`` of ``seeds (S, 7)`` by accepted
+        solutions moved along their self-motion (none while nothing is accepted): ``(S, 7)``.
+
+        The move is Gaussian joint noise projected onto the null space of the task Jacobian
+        (position, plus the weighted orientation rows for a pose target), (I − J⁺J) ξ: to first
+        order it leaves the hand on the target. At the default size (2 rad) the posture changes
+        widely and the hand drifts off, and the refiner brings it back.
+        """
+        count = self.accepted.shape[0]
+        n = int(round(self.cfg.neighbour_share * seeds.shape[0]))
+        if count == 0 or n == 0:
+            return seeds
+        spec, kin = self.adapter.spec, self.adapter.kin
+        pick = torch.randint(count, (n,), generator=self.generator, device=spec.device)
+        base = self.accepted[pick]
+        noise = self.cfg.neighbour_std_rad * torch.randn(
+            n, seeds.shape[1], generator=self.generator, device=spec.device, dtype=spec.dtype)
+        jac = kin.jacobian(base)  # (n, 6, 7)
+        if self.target.rotation is None:
+            jac = jac[:, :3]
+        else:
+            jac = torch.cat([jac[:, :3], self.cfg.refinement.orientation_weight * jac[:, 3:]], 1)
+        # damped: a solution may be singular
+        task = damped_least_squares(jac, jac @ noise.unsqueeze(-1), self.cfg.refinement.damping)
+        near = (base + noise - task.squeeze(-1)).clamp(kin.lower, kin.upper)
+        return torch.cat([seeds[:seeds.shape[0] - n], near])
+
+    def _with_explorers(self, seeds: torch.Tensor) -> torch.Tensor:
+        """``seeds (S, 7)`` plus ``explore`` configurations uniform within the joint limits when
+        the last round added nothing (the solutions near the prior's samples are exhausted,
+        and where the free ones are rare they may lie at other q7): ``(S [+ E], 7)``."""
+        self.explored = not (self.explore == 0 or self.rounds_run == 0 or self.last_added > 0)
+        if not self.explored:
+            return seeds
+        return torch.cat([seeds, self.adapter.kin.sample_uniform(self.explore, self.generator)])
+
+    @property
+    def worth_another(self) -> bool:
+        """Whether a round on a fresh batch may add solutions: the last one did, or it added
+        none without uniform seeds and the next one would have them (cheaper than adapting:
+        where the prior's q7 values run dry, others often hold the rest)."""
+        return self.last_added > 0 or (self.explore > 0 and not self.explored)
+
+    def time_for_another(self) -> bool:
+        """Whether a round (sampling a batch and refining it) still fits the budget."""
+        return self.deadline.allows(self.last_round_s)
+
+    def run(self, candidates: torch.Tensor, scores: torch.Tensor | None = None) -> bool:
+        """Refine seeds chosen among ``candidates (B, 7)`` (with their scores ``(B,)`` when known:
+        0 marks a colliding one); True once K solutions are accepted."""
+        t = time.perf_counter()
+        ad, cfg = self.adapter, self.cfg
+        with torch.inference_mode():  # nothing here is differentiated: less overhead per op
+            seeds = ad._select_seeds(cfg, candidates, self.target, self.world, scores)
+            seeds = self._with_explorers(self._with_neighbours(seeds))
+            needed = cfg.num_solutions - self.accepted.shape[0]
+            refined = ad._refine(cfg, seeds, self.target, self.world, self.deadline, needed,
+                                 exact_clear=self.clutter)
+            before = self.accepted.shape[0]
+            if self.exact_first:
+                self.accepted, checked, valid = ad._accept_exact(
+                    cfg, self.accepted, refined, self.world, needed, self.deadline)
+                self.checked += checked
+                self.checked_valid += valid
+            else:
+                ok = ad._acceptable(cfg, refined, self.target, self.world, needed)
+                self.accepted = ad._merge(cfg, self.accepted, refined[ok])
+        self.last_added = self.accepted.shape[0] - before
+        self.rounds_run += 1
+        self.last_round_s = time.perf_counter() - t
+        self.timings.refinement += self.last_round_s
+        return self.done
+
+
+def farthest_point_order(q: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy max-min selection of ``k`` rows of ``q (B, 7)`` from row 0: indices ``(k,)``.
+
+    Distances are Euclidean in joint space, the measure of the benchmark's diversity. The loop
+    is sequential and B small (hundreds at most), so it runs in NumPy: a third of the time of
+    the same loop in torch."""
+    k = min(k, q.shape[0])
+    x = q.detach().cpu().numpy()
+    chosen = np.zeros(k, dtype=np.int64)
+    dist = ((x - x[0]) ** 2).sum(-1)
+    for i in range(1, k):
+        chosen[i] = int(dist.argmax())
+        np.minimum(dist, ((x - x[chosen[i]]) ** 2).sum(-1), out=dist)
+    return torch.as_tensor(chosen, device=q.device)
