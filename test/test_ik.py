@@ -551,3 +551,21 @@ def test_rounds_explore_uniform_seeds_after_one_that_added_nothing(adapter):
     assert position_only.rounds.explore == 0
     position_only.rounds.last_added = 0
     assert not position_only.rounds.worth_another  # positions adapt after a dry round
+
+
+def test_pose_requests_adapt_with_their_own_gradient_steps(adapter):
+    """A full pose in closed form runs MACE with ``pose_gradient_steps`` (cheap iterations
+    between cheap explore rounds) unless the request sets M; positions keep ``mace``'s."""
+    rot = np.eye(3)[[0, 2, 1]] * np.array([1.0, 1.0, -1.0])[:, None]  # a proper rotation
+    assert np.isclose(np.linalg.det(rot), 1.0)
+    pose = IKRequest(position=np.array([0.5, 0.0, 0.4]), rotation=rot, num_solutions=8)
+    cfg = adapter.config
+    assert adapter.effective_config(pose).mace.gradient_steps == cfg.pose_gradient_steps
+    assert cfg.pose_gradient_steps != cfg.mace.gradient_steps
+    assert adapter.effective_config(replace(pose, gradient_steps=7)).mace.gradient_steps == 7
+    position = replace(pose, rotation=None)
+    assert adapter.effective_config(position).mace.gradient_steps == cfg.mace.gradient_steps
+    dls = replace(pose, refinement="dls")
+    assert adapter.effective_config(dls).mace.gradient_steps == cfg.mace.gradient_steps
+    with pytest.raises(InvalidRequestError, match="pose_gradient_steps"):
+        replace(cfg, pose_gradient_steps=0).validate()

@@ -381,6 +381,9 @@ class IKAdapter:
         cfg = replace(cfg, mace=mace, **{k: v for k, v in (
             ("num_solutions", request.num_solutions), ("time_budget_s", request.time_budget_s),
             ("refinement_mode", refinement)) if v is not None})
+        if (request.rotation is not None and cfg.refinement_mode == "analytic"
+                and request.gradient_steps is None):  # a full pose in closed form
+            cfg = replace(cfg, mace=replace(cfg.mace, gradient_steps=cfg.pose_gradient_steps))
         self._validate(cfg, request)
         return cfg
 

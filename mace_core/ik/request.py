@@ -65,9 +65,16 @@ class IKAdaptConfig:
     pose_prior: str = ""
     #: configurations uniform in the joint limits added to the seeds of a round of a full pose
     #: answered in closed form when the round before added nothing: every branch at q7 values
-    #: the prior does not draw (window pose targets, 20, in turns: all 8 on 18 against 16,
-    #: p90 0.58 against 1.00 s, median unchanged; 256 no better)
-    pose_explore_seeds: int = 64
+    #: the prior does not draw (window pose targets, 20, in turns: 64 gave all 8 on 18 against
+    #: 16 without, p90 0.58 against 1.00 s; 192 with ``pose_gradient_steps`` 4: see there)
+    pose_explore_seeds: int = 192
+    #: M of the MACE iterations of a full pose answered in closed form (a request's own
+    #: ``gradient_steps`` wins): an iteration costs the gradient steps on the 7 networks most
+    #: (about 5 ms each here), while explore rounds (a closed form and exact checks) are cheap.
+    #: The window's two hardest pose targets, 8 seeds each, in turns: median 59 ms against
+    #: 520 ms with M = 16 and 64 explore seeds, all 8 on 16 of 16 against 15 (the floor,
+    #: closed-form restarts: 72 and 277 ms); the cabinet's two: 25 against 24 ms
+    pose_gradient_steps: int = 4
     refine_seeds: int = 48  #: candidates refined per round (fewer second rounds than 32)
     #: a request is in clutter when fewer than this share of the first batch is valid; its
     #: rounds then draw ``clutter_samples`` and refine ``clutter_seeds``: the nearest of a
@@ -117,6 +124,9 @@ class IKAdaptConfig:
               f"one of {REFINEMENTS}", self.pose_refinement_mode)
         check(self.refine_seeds >= 1, "refine_seeds", ">= 1", self.refine_seeds)
         check(self.clutter_seeds >= 1, "clutter_seeds", ">= 1", self.clutter_seeds)
+        check(1 <= self.pose_gradient_steps <= lim.max_gradient_steps, "pose_gradient_steps",
+              f"in [1, limits.max_gradient_steps = {lim.max_gradient_steps}]",
+              self.pose_gradient_steps)
         check(0 <= self.pose_explore_seeds <= lim.max_samples, "pose_explore_seeds",
               f"in [0, limits.max_samples = {lim.max_samples}]", self.pose_explore_seeds)
         for name in ("first_samples", "pose_first_samples", "clutter_samples"):
