@@ -301,8 +301,19 @@ def record_drawn_requests(path: str | os.PathLike, scene, num_targets: int, seed
 def read_ik_requests(path: str | os.PathLike) -> list:
     """The ``/mace/adapt_ik`` requests a bag holds (one per call: its request event), in
     order, as rclpy ``AdaptIK.Request`` messages."""
+    return read_requests(path, "/mace/adapt_ik")
+
+
+def read_shape_requests(path: str | os.PathLike) -> list:
+    """The ``/mace/complete_shape`` requests a bag holds, in order (``CompleteShape.Request``)."""
+    return read_requests(path, "/mace/complete_shape")
+
+
+def read_requests(path: str | os.PathLike, service: str) -> list:
+    """The requests of ``service`` (one of :data:`SERVICES`) a bag holds, one per call (the
+    first event that carries it), in order."""
     seen, out = set(), []
-    for _, event in read_service_events(path, "/mace/adapt_ik"):
+    for _, event in read_service_events(path, service):
         key = (bytes(event.info.client_gid), event.info.sequence_number)
         if event.request and key not in seen:
             seen.add(key)

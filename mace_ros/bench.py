@@ -343,7 +343,8 @@ def _add_record_parser(sub) -> None:
 
 def _add_replay_parser(sub) -> None:
     p = sub.add_parser("replay", help="replay a bag of /mace/adapt_ik calls against mace and "
-                                      "its baselines (in process)",
+                                      "its baselines (in process), and its /mace/complete_shape "
+                                      "calls (in process and, with --node, to the node)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("bag", help="bag folder (MCAP or sqlite3) with /mace/adapt_ik/_service_event")
     p.add_argument("--methods", default="mace_refine,tracik_restarts",
@@ -355,8 +356,8 @@ def _add_replay_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0, help="seeds the baselines' restarts")
     p.add_argument("--node", action="store_true",
-                   help="also send every request to the running node (/mace/adapt_ik, method "
-                        "mace_node, end-to-end time)")
+                   help="also send every request to the running node (/mace/adapt_ik and "
+                        "/mace/complete_shape, method mace_node, end-to-end time)")
     p.add_argument("--json", default="",
                    help="write the report to this file (every request's record and solutions)")
     p.add_argument("--markdown", default="", help="write a Markdown table per group here")
@@ -364,6 +365,27 @@ def _add_replay_parser(sub) -> None:
                    help="write PNG plots per group into this folder (success against time "
                         "budget, time to the first valid solution)")
     p.set_defaults(func=_run_replay)
+
+
+def _replay_shape_calls(args: argparse.Namespace, client, log) -> dict | None:
+    """The bag's ``/mace/complete_shape`` calls through :mod:`mace_ros.shape_replay` (None when
+    it has none): in process with the priors they name, and to the node with ``--node``."""
+    from mace_core.shape.completion import ShapeCompleter, ShapeCompletionConfig
+    from mace_core.shape.vae import load_shape_priors, load_shape_registry
+    from mace_ros.bags import read_shape_requests
+    from mace_ros.shape_replay import replay_shape_calls
+
+    messages = read_shape_requests(args.bag)
+    if not messages:
+        return None
+    config = load_service_config(args.config).shape if args.config else ShapeCompletionConfig()
+    registry = os.path.join(shipped.models_dir(args.models_dir), "shape_registry.yaml")
+    known = load_shape_registry(registry)
+    names = sorted({m.prior for m in messages} & set(known)) or sorted(known)[:1]
+    completer = ShapeCompleter(load_shape_priors(registry, TensorSpec.resolve(args.device),
+                                                 names), config, TensorSpec.resolve(args.device))
+    completer.warmup()
+    return replay_shape_calls(messages, completer, client, log)
 
 
 def _run_replay(args: argparse.Namespace) -> int:
@@ -385,10 +407,11 @@ def _run_replay(args: argparse.Namespace) -> int:
 
         rclpy.init()
         client = MaceClient(node_name="mace_replay")
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     try:
         report = replay_bag(args.bag, adapter, tuple(m for m in args.methods.split(",") if m),
-                            IKBenchmarkConfig(seed=args.seed),
-                            log=lambda s: print(s, file=sys.stderr, flush=True), client=client)
+                            IKBenchmarkConfig(seed=args.seed), log=log, client=client)
+        report["shape"] = _replay_shape_calls(args, client, log)
     finally:
         if client is not None:
             client.close()

@@ -191,9 +191,14 @@ def _moveit_note(report: dict) -> str:
 
 
 def format_replay(report: dict) -> str:
-    """One table per group (and what was left out of MoveIt's calls)."""
+    """One table per group (and what was left out of MoveIt's calls), then the shape calls'
+    (:mod:`mace_ros.shape_replay`) when the bag had some."""
+    from mace_ros.shape_replay import format_shape_replay
+
     note = _moveit_note(report)
-    return "\n\n".join([format_table(r) for r in report["groups"]] + ([note] if note else []))
+    shape = [format_shape_replay(report["shape"])] if report.get("shape") else []
+    return "\n\n".join([format_table(r) for r in report["groups"]] + ([note] if note else [])
+                       + shape)
 
 
 @dataclass
@@ -301,6 +306,10 @@ def markdown_report(report: dict) -> str:
                  "orientation tolerance for poses), whatever the method says. Times are wall "
                  "clock per request; `mace_node` end to end over DDS."
                  if report["groups"] else "No `/mace/adapt_ik` request in the bag.")
+    if report.get("shape"):
+        from mace_ros.shape_replay import shape_markdown
+
+        parts.append(shape_markdown(report["shape"]))
     return "\n\n".join(parts) + "\n"
 
 

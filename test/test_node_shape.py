@@ -449,3 +449,45 @@ def test_shape_parameters_are_validated_at_run_time(mace_node, rclpy_context):
     finally:
         executor.shutdown()
         node.destroy_node()
+
+
+def test_a_bag_of_shape_calls_replays_in_process_and_against_the_node(
+        shape_client, box, tmp_path):
+    """``mace-bench replay --node`` on a bag with ``/mace/complete_shape`` calls: each
+    recorded request runs in process and goes to the node, in turns; the summary and the
+    Markdown section come from the per-request records."""
+    from mace_core.shape.completion import ShapeCompleter
+    from mace_core.shape.vae import load_shape_priors
+    from mace_ros.bags import ServiceEventBag, events_of, read_shape_requests
+    from mace_ros.replay import markdown_report
+    from mace_ros.shape_replay import replay_shape_calls
+
+    sent = [cloud_request(box, seed=1), cloud_request(box, seed=2, prior="nope")]
+    with ServiceEventBag(tmp_path / "bag") as bag:
+        for k, event in enumerate(events_of(sent, "/mace/complete_shape")):
+            bag.write_event("/mace/complete_shape", event, k + 1)
+    messages = read_shape_requests(tmp_path / "bag")
+    assert [m.prior for m in messages] == ["boxes", "nope"]
+    spec = TensorSpec()
+    registry = os.path.join(MODELS_DIR, "shape_registry.yaml")
+    completer = ShapeCompleter(load_shape_priors(registry, spec, ["boxes"]),
+                               ShapeCompletionConfig(), spec)
+    section = replay_shape_calls(messages, completer, shape_client)
+    records = section["records"]
+    assert [(r["index"], r["method"]) for r in records] == [
+        (0, "mace"), (0, "mace_node"), (1, "mace_node"), (1, "mace")]  # in turns
+    for r in records:
+        assert r["success"] == (r["index"] == 0), r  # an unknown prior: success = false
+        if r["success"]:
+            assert 0.0 < r["best_score"] <= 1.0 and r["completions"] == 4
+            assert 0.0 < r["time_s"] < BUDGET_S + 5.0
+    for method in ("mace", "mace_node"):
+        m = section["methods"][method]
+        assert m["requests"] == 2 and m["success"] == 0.5
+        ok = [r for r in records if r["method"] == method and r["success"]]
+        assert m["median_time_s"] == ok[0]["time_s"]
+        assert m["mean_best_score"] == ok[0]["best_score"]
+    text = markdown_report({"bag": "bag", "requests": 2, "groups": [], "shape": section})
+    assert "## /mace/complete_shape: 2 requests" in text
+    node_ms = section["methods"]["mace_node"]["median_time_s"] * 1e3
+    assert f"| mace_node | 2 | 0.50 | {node_ms:.0f} / " in text
