@@ -589,3 +589,30 @@ def test_a_bag_replays_against_the_running_node(ik_client, tmp_path):
     assert node["success_rate"] == 1.0 and node["k_success_rate"] == 1.0
     assert all(0.0 < row["time_s"] < 30.0 for row in node["per_target"])
     assert "over DDS" in node["time_basis"]
+
+
+def test_markers_wait_for_an_idle_node_and_only_the_newest_is_drawn():
+    """Markers are published off the answers' path: not while a request is in flight, and of
+    a burst of answers only the newest (the topic keeps one array)."""
+    from mace_ros.node import LatestMarkers
+
+    published, busy = [], [True]
+
+    class Publisher:
+        def publish(self, msg):
+            published.append(msg)
+
+    markers = LatestMarkers(Publisher(), idle=lambda: not busy[0], delay_s=0.002)
+    try:
+        for k in range(5):
+            markers.offer(lambda k=k: f"answer {k}")
+            time.sleep(0.005)
+        assert published == []  # a request is still in flight
+        busy[0] = False
+        deadline = time.monotonic() + 2.0
+        while not published and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.02)
+        assert published == ["answer 4"]
+    finally:
+        markers.close()
