@@ -381,9 +381,10 @@ def _replay_shape_calls(args: argparse.Namespace, client, log) -> dict | None:
     config = load_service_config(args.config).shape if args.config else ShapeCompletionConfig()
     registry = os.path.join(shipped.models_dir(args.models_dir), "shape_registry.yaml")
     known = load_shape_registry(registry)
+    # the priors the calls name (one at least: a call naming an unknown one is refused in turn)
     names = sorted({m.prior for m in messages} & set(known)) or sorted(known)[:1]
-    completer = ShapeCompleter(load_shape_priors(registry, TensorSpec.resolve(args.device),
-                                                 names), config, TensorSpec.resolve(args.device))
+    spec = TensorSpec.resolve(args.device)
+    completer = ShapeCompleter(load_shape_priors(registry, spec, names), config, spec)
     completer.warmup()
     return replay_shape_calls(messages, completer, client, log)
 

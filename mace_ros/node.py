@@ -171,10 +171,11 @@ class LatestMarkers:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._pending is not None or self._closed)
-                # idle for delay_s: the answer is out and no request is being computed
-                while not self._closed and not (
-                        not self._cond.wait(self._delay_s) and self._idle()):
-                    pass
+                # idle for delay_s with no newer offer: the answer is out and no request is
+                # being computed
+                while not self._closed:
+                    if not self._cond.wait(self._delay_s) and self._idle():
+                        break
                 if self._closed:
                     return
                 build, self._pending = self._pending, None

@@ -183,7 +183,8 @@ class MJWarpCollisionChecker(MuJoCoCollisionChecker):
         out[world[hit & ~obstacle], 0] = True
         out[world[hit & obstacle], 1] = True
         # contacts beyond their limit may overstate the distance (see _remeasured_hit): where
-        # a part has no hit, its pairs are measured again on the CPU model (a few configurations)
+        # a part has no hit, its pairs are measured again on the CPU model (per world: MJWarp
+        # has no batched distance query)
         beyond = ~hit & (world < b)
         part = obstacle.astype(np.int64)
         for w, p in sorted(set(zip(world[beyond].tolist(), part[beyond].tolist()))):

@@ -269,7 +269,7 @@ class MuJoCoCollisionChecker:
 
     def _remeasured_hit(self, geom: np.ndarray, limit: np.ndarray) -> bool:
         """Whether a pair of ``geom (C, 2)`` is within its ``limit (C,)`` by
-        ``mj_geomDistance`` (GJK to ``ccd_tolerance``, 1e-6 mm here against the convex program of
+        ``mj_geomDistance`` (GJK to ``ccd_tolerance``: within 1e-4 mm of the convex program of
         :mod:`.hull_distance`), at the configuration the CPU model was last posed in.
 
         A contact's ``dist`` is that of two points on the shapes, so never below their
