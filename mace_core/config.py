@@ -122,6 +122,10 @@ class ServiceConfig:
     shape_priors: str = "boxes,objects"  #: comma-separated registry names of shape priors to load
     max_concurrent_waiting: int = 8  #: requests queued behind a running one; more get "busy"
     publish_markers: bool = True  #: publish IK solutions as a visualization_msgs/MarkerArray
+    #: level of the one-line summary of each answered request, "debug" or "info" (refusals and
+    #: errors are warnings whatever it says); "info" measured 0.4 ms more per box pose request
+    #: end to end over DDS, in turns with "debug" (the line goes to the console and /rosout)
+    request_log_level: str = "debug"
     #: service introspection of both services: "contents" (request and response events on
     #: ``<service>/_service_event``, what ``ros2 bag record`` captures for a replay),
     #: "metadata" (the events without their contents) or "off"

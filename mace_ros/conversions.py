@@ -57,6 +57,13 @@ def _vector(values: Sequence[float], what: str) -> np.ndarray:
     return arr
 
 
+def _check_finite(values: list[float], what: str) -> list[float]:
+    """``values`` (plain floats) when all are finite."""
+    if not all(math.isfinite(v) for v in values):
+        raise InvalidRequestError(f"{what} must be finite, got {format_numbers(values)}")
+    return values
+
+
 def _point(p) -> list[float]:
     return [p.x, p.y, p.z]
 
@@ -65,14 +72,18 @@ def _quaternion(q) -> list[float]:
     return [q.x, q.y, q.z, q.w]
 
 
-def _rotation_from_quaternion(q: Quaternion, what: str) -> np.ndarray:
-    """(3, 3) rotation of a ROS quaternion (x, y, z, w); zero, non-unit or NaN ones are errors."""
-    xyzw = _vector(_quaternion(q), f"{what} quaternion (x, y, z, w)")
-    if float(np.linalg.norm(xyzw)) < 1e-9:
+def _rotation_from_quaternion(q: Quaternion, what: str) -> tuple[tuple[float, ...], ...]:
+    """(3, 3) rotation (row-major tuples) of a ROS quaternion (x, y, z, w); zero, non-unit or
+    NaN ones are errors. Plain floats: every obstacle of a request comes with one."""
+    xyzw = _quaternion(q)
+    if not all(math.isfinite(v) for v in xyzw):
+        raise InvalidRequestError(f"{what} quaternion (x, y, z, w) must be finite, got "
+                                  f"{format_numbers(xyzw)}")
+    if sum(v * v for v in xyzw) < 1e-18:
         raise InvalidRequestError(f"{what} quaternion (x, y, z, w) is zero: give a unit "
                                   f"quaternion")
     try:
-        return np.asarray(quaternion_xyzw_to_matrix(xyzw), dtype=float)
+        return quaternion_xyzw_to_matrix(xyzw)
     except InvalidRequestError as exc:
         raise InvalidRequestError(f"{what}: {exc}") from exc
 
@@ -111,20 +122,19 @@ def obstacles_from_msgs(objects: Sequence[CollisionObject],
                 raise InvalidRequestError(f"{where}: primitive type {prim.type} not supported "
                                           f"(box, sphere, cylinder)")
             kind, dims = _PRIMITIVES[prim.type]
-            size = np.asarray(prim.dimensions, dtype=float)
-            if size.shape != (dims,):
+            size = [float(v) for v in prim.dimensions]
+            if len(size) != dims:
                 raise InvalidRequestError(
                     f"{where}: a {kind} needs {dims} dimensions, got {len(size)}")
-            size = _vector(size, f"{where}: {kind} dimensions")
-            if np.any(size <= 0.0):
+            _check_finite(size, f"{where}: {kind} dimensions")
+            if not all(v > 0.0 for v in size):
                 raise InvalidRequestError(
                     f"{where}: {kind} dimensions must be > 0, got {format_numbers(size)}")
-            position = _vector(_point(pose.position), f"{where}: position")
+            position = _check_finite(_point(pose.position), f"{where}: position")
             rotation = _rotation_from_quaternion(pose.orientation, f"{where}: orientation")
             # every field is checked above: Obstacle.validate() would only repeat it
-            out.append(Obstacle(name=name, kind=kind, size=tuple(size.tolist()),
-                                position=tuple(position.tolist()),
-                                rotation=tuple(tuple(row) for row in rotation.tolist())))
+            out.append(Obstacle(name=name, kind=kind, size=tuple(size),
+                                position=tuple(position), rotation=rotation))
     return out
 
 
@@ -157,7 +167,8 @@ def ik_request_from_msg(req: AdaptIK.Request, base_frame: str = BASE_FRAME) -> I
                                   f"{format_numbers(position)}")
     rotation = None
     if req.use_orientation:
-        rotation = _rotation_from_quaternion(req.target.pose.orientation, "target orientation")
+        rotation = np.asarray(_rotation_from_quaternion(req.target.pose.orientation,
+                                                        "target orientation"))
     if req.iterations < -1:
         raise InvalidRequestError(f"iterations must be -1 (the node's default) or >= 0, got "
                                   f"{req.iterations}")

@@ -545,7 +545,11 @@ class MaceNode(Node):
         with self._in_flight_lock:
             self._in_flight += 1
         try:
-            log.info(f"{name}: {handler(request, response, arrival)}")
+            summary = handler(request, response, arrival)
+            if self.config.request_log_level == "info":
+                log.info(f"{name}: {summary}")
+            else:
+                log.debug(f"{name}: {summary}")
             return response
         except (BusyError, ShuttingDownError, BudgetSpentError) as exc:
             message = str(exc)

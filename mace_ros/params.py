@@ -27,6 +27,10 @@ READ_ONLY = frozenset({"device", "torch_threads", "models_dir", "ik_model", "sha
                        "max_concurrent_waiting"})
 
 
+#: values of ``request_log_level``
+REQUEST_LOG_LEVELS = ("debug", "info")
+
+
 class ParameterError(MaceError, ValueError):
     """A parameter value the node cannot run with."""
 
@@ -120,6 +124,8 @@ def validate(config: ServiceConfig) -> None:
     _check(bool(config.ik_model), "ik_model", "a registry name", config.ik_model)
     _check(config.max_concurrent_waiting >= 0, "max_concurrent_waiting", ">= 0",
            config.max_concurrent_waiting)
+    _check(config.request_log_level in REQUEST_LOG_LEVELS, "request_log_level",
+           f"one of {REQUEST_LOG_LEVELS}", config.request_log_level)
     try:
         config.ik.validate()
     except InvalidRequestError as exc:

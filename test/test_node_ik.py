@@ -356,7 +356,8 @@ def test_node_still_serves_after_bad_requests(ik_client, box):
 # Parameters at run time
 # ------------------------------------------------------------------------------------------------
 
-def test_parameters_are_validated_at_run_time(mace_node, ros_node):
+def parameter_setter(ros_node):
+    """``set_one(name, value)``: sets one parameter of /mace, returns its SetParametersResult."""
     from rclpy.parameter import Parameter
     from rclpy.parameter_client import AsyncParameterClient
 
@@ -368,7 +369,11 @@ def test_parameters_are_validated_at_run_time(mace_node, ros_node):
         future = params.set_parameters([Parameter(name, value=value)])
         executor.spin_until_future_complete(future, timeout_sec=10.0)
         return future.result().results[0]
+    return set_one
 
+
+def test_parameters_are_validated_at_run_time(mace_node, ros_node):
+    set_one = parameter_setter(ros_node)
     bad = set_one("ik.num_solutions", 0)
     assert not bad.successful and "ik.num_solutions" in bad.reason
     assert not set_one("device", "cuda").successful  # read-only
@@ -376,6 +381,26 @@ def test_parameters_are_validated_at_run_time(mace_node, ros_node):
     assert set_one("ik.mace.num_samples", 512).successful
     loud = set_one("service_introspection", "loud")
     assert not loud.successful and "service_introspection" in loud.reason
+
+
+def test_request_summaries_are_logged_at_the_level_asked_for(mace_node, ros_node, ik_client,
+                                                             box):
+    """An answered request's one-line summary goes to the debug level by default (none in the
+    node's output), to the info level with ``request_log_level: info``; other levels are
+    refused. A refusal is a warning whatever the level."""
+    set_one = parameter_setter(ros_node)
+    summary = "adapt_ik: target"
+    assert ik_client.call(box_request(box), timeout_s=30.0).success
+    assert ik_client.call(box_request(box, num_solutions=0), timeout_s=30.0).success is False
+    assert summary not in mace_node.log() and "adapt_ik: rejected" in mace_node.log()
+    loud = set_one("request_log_level", "loud")
+    assert not loud.successful and "request_log_level" in loud.reason
+    assert set_one("request_log_level", "info").successful
+    try:
+        assert ik_client.call(box_request(box), timeout_s=30.0).success
+        assert mace_node.wait_for_log(summary, 5.0), mace_node.log()
+    finally:
+        assert set_one("request_log_level", "debug").successful
 
 
 # ------------------------------------------------------------------------------------------------

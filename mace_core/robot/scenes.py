@@ -8,6 +8,7 @@ The YAML format is the one of ``config/scenes/*.yaml`` (described in ``scenes/RE
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -32,24 +33,27 @@ def quaternion_xyzw_to_matrix(quat: Sequence[float]) -> tuple[tuple[float, ...],
     """Rotation matrix (3x3, row-major nested tuples) of a quaternion given as (x, y, z, w).
 
     The quaternion is normalized; one whose norm is off 1 by more than QUATERNION_TOLERANCE
-    (a zero quaternion included) is rejected.
+    (a zero quaternion included) is rejected. Plain floats, no NumPy: every obstacle of a
+    request comes with one (4-7 against 22-25 us with NumPy).
 
     Raises:
         InvalidRequestError: not 4 finite values, or not a unit quaternion.
     """
-    q = np.asarray(quat, dtype=float)
-    if q.shape != (4,) or not np.all(np.isfinite(q)):
+    try:
+        q = [float(v) for v in quat]
+    except (TypeError, ValueError):
+        q = []
+    if len(q) != 4 or not all(math.isfinite(v) for v in q):
         raise InvalidRequestError(f"quaternion must be 4 finite values (x, y, z, w), got "
                                   f"{format_numbers(quat)}")
-    norm = float(np.linalg.norm(q))
+    norm = math.sqrt(sum(v * v for v in q))
     if abs(norm - 1.0) > QUATERNION_TOLERANCE:
         raise InvalidRequestError(f"quaternion (x, y, z, w) {format_numbers(q)} is not unit "
                                   f"(norm {norm:.6g})")
-    x, y, z, w = q / norm
-    m = ((1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)),
-         (2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)),
-         (2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)))
-    return tuple(tuple(float(v) for v in row) for row in m)
+    x, y, z, w = (v / norm for v in q)
+    return ((1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)),
+            (2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)),
+            (2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)))
 
 
 def _finite_vector(values, length: int, what: str) -> tuple[float, ...]:
