@@ -19,9 +19,9 @@ construction for the chain of ``franka_panda/panda.urdf`` (modified DH, lengths 
 
 So a pose and a q7 give up to 8 configurations, ``(N, 8, 7)`` here, with a mask of those that
 exist (the triangle closes, no singularity), lie within the URDF's limits and reproduce the pose
-(forward kinematics, ``pose_tolerance``): near singularities a candidate can come out millimetres
-off, so the check is part of the answer. Every computation is batched torch in the pose's dtype
-(float64 recommended); NaN never leaves this module.
+(forward kinematics, every entry of the pose within ``pose_tolerance``): near singularities a
+candidate can come out millimetres off, so the check is part of the answer. Every computation
+is batched torch in the pose's dtype (float64 recommended); NaN never leaves this module.
 """
 
 from __future__ import annotations
@@ -39,23 +39,6 @@ L24 = math.hypot(D3, A4)  #: shoulder (O2) to elbow (O4)
 L46 = math.hypot(D5, A4)  #: elbow (O4) to wrist (O6)
 #: branch order along the second axis of the answer: (elbow, q6, shoulder) sign bits
 BRANCHES = tuple((e, w, s) for e in (1, -1) for w in (0, 1) for s in (1, -1))
-
-
-def _rot_x(angle: float, like: torch.Tensor) -> torch.Tensor:
-    c, s = math.cos(angle), math.sin(angle)
-    return like.new_tensor([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
-
-
-def _rot_z(angle: torch.Tensor) -> torch.Tensor:
-    """``(...,)`` -> ``(..., 3, 3)`` rotations about z."""
-    c, s = torch.cos(angle), torch.sin(angle)
-    zero, one = torch.zeros_like(c), torch.ones_like(c)
-    return torch.stack([torch.stack([c, -s, zero], -1), torch.stack([s, c, zero], -1),
-                        torch.stack([zero, zero, one], -1)], -2)
-
-
-def _wrap(angle: torch.Tensor) -> torch.Tensor:
-    return torch.atan2(torch.sin(angle), torch.cos(angle))
 
 
 class PandaClosedFormIK:
@@ -79,7 +62,14 @@ class PandaClosedFormIK:
         #: (4, 4) joint 7's frame (at q7 = 0) to the end-effector link, fixed
         self.t_7e = torch.linalg.solve(link7, poses[self.kin64.ee_index])
         self._t_e7 = torch.linalg.inv(self.t_7e)  #: (4, 4) its inverse
-        self._rx = _rot_x(math.pi / 2, self._t_e7)  #: (3, 3) Rx(pi/2), of DH's alpha
+        like = self._t_e7
+        self._o2 = like.new_tensor([0.0, 0.0, D1])  #: (3,) the shoulder O2
+        signs = like.new_tensor(BRANCHES)  # (8, 3): elbow, wrist (0/1), shoulder
+        self._elbow, self._shoulder = signs[:, 0], signs[:, 2]  #: (8,) each
+        self._wrist = signs[:, 1] != 0  #: (8,) the second q6 of the pair
+        self._phi4 = math.atan2(-A4, -D5)  #: direction of O6->O4 in the (u, v) plane
+        self._q4_offset = math.atan2(-D3, -A4) - math.atan2(D5, -A4)
+        self._pi, self._one = like.new_tensor(math.pi), like.new_tensor(1.0)
         self.lower = self.kin64.lower
         self.upper = self.kin64.upper
 
@@ -113,21 +103,19 @@ class PandaClosedFormIK:
         q7 = q7.to(torch.float64).reshape(-1)
         cand, exists = self._candidates(pose, q7)  # (N, 8, 7), (N, 8)
         # angles come out in (-pi, pi]; joint 6 reaches 3.82 rad: take the turn within limits
-        turn = torch.full_like(cand, 2.0 * math.pi)  # (a bool times a float would be float32)
-        cand = torch.where(cand < self.lower, cand + turn,
-                           torch.where(cand > self.upper, cand - turn, cand))
+        cand = torch.where(cand < self.lower, cand + 2.0 * math.pi,
+                           torch.where(cand > self.upper, cand - 2.0 * math.pi, cand))
         within = ((cand >= self.lower) & (cand <= self.upper)).all(-1)
         ok = exists & within
-        # the pose check, for the candidates that may be answers only (FK is the costly part)
+        # the pose check, for the candidates that may be answers only (FK is the costly part):
+        # every entry of the (3, 4) pose within pose_tolerance (rotation and position, m)
         rows = ok.nonzero(as_tuple=True)
         if rows[0].numel() == 0:  # nothing to check (forward kinematics wants a batch)
             return torch.zeros_like(cand), ok
         reached = self._fk(cand[rows])
-        target = pose[rows[0]]
-        pos_err = (reached[:, :3, 3] - target[:, :3, 3]).norm(dim=-1)
-        rot_err = (reached[:, :3, :3] - target[:, :3, :3]).abs().amax((-1, -2))
-        ok[rows] = (pos_err < self.pose_tolerance) & (rot_err < self.pose_tolerance)
-        return torch.where(ok[..., None], cand, torch.zeros_like(cand)), ok
+        error = (reached[:, :3] - pose[rows[0], :3]).abs().amax((-1, -2))
+        ok[rows] = error < self.pose_tolerance
+        return cand.masked_fill(~ok[..., None], 0.0), ok
 
     def project(self, pose: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each configuration of ``q (N, 7)`` moved onto ``pose`` (``(4, 4)`` or ``(N, 4, 4)``):
@@ -145,63 +133,70 @@ class PandaClosedFormIK:
     def _candidates(self, pose: torch.Tensor, q7: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The 8 branches of the construction (module docstring), before the limit and pose
-        checks: ``(N, 8, 7)`` and ``(N, 8)`` True where the branch exists."""
-        dev, eps = pose.device, 1e-12
-        # frame 7 (at q7) and frame 6: T06 = T0E T7E^-1 T67(q7)^-1, T67 = Tx(a7) Rx(pi/2) Rz(q7)
-        t07 = pose @ self._t_e7.to(dev)
-        rx = self._rx.to(dev)
-        r67 = rx @ _rot_z(q7)  # (N, 3, 3)
-        r06 = t07[:, :3, :3] @ r67.transpose(1, 2)
-        o6 = t07[:, :3, 3] - r06[:, :, 0] * A7  # O7 = O6 + R06 (a7, 0, 0)
-        x6, y6 = r06[:, :, 0], r06[:, :, 1]
-        o2 = pose.new_tensor([0.0, 0.0, D1])
-        to2 = o2 - o6  # (N, 3)
+        checks: ``(N, 8, 7)`` and ``(N, 8)`` True where the branch exists.
+
+        The frame rotations are products of Rx(pi/2) Rz(q) = [[c, -s, 0], [0, 0, -1], [s, c, 0]]
+        (DH's alpha, then the joint), written out column by column: only the columns the
+        construction reads are formed (a third of the tensor operations of the matrix products;
+        the operations, not the arithmetic, are what a batch of a few dozen poses costs)."""
+        eps = 1e-12
+        # frame 7 (at q7) and frame 6: R06 = R07 R67^T, columns x6 = c7 x7 - s7 y7, y6 = -z7,
+        # z6 = s7 x7 + c7 y7 (R07 = R0E R7E^-1 at q7 = 0)
+        t07 = pose @ self._t_e7
+        c7, s7 = torch.cos(q7)[:, None], torch.sin(q7)[:, None]
+        x7, y7 = t07[:, :3, 0], t07[:, :3, 1]
+        x6, y6, z6 = c7 * x7 - s7 * y7, -t07[:, :3, 2], s7 * x7 + c7 * y7
+        o6 = t07[:, :3, 3] - A7 * x6  # O7 = O6 + R06 (a7, 0, 0)
+        to2 = self._o2 - o6  # (N, 3)
         dist = to2.norm(dim=-1).clamp_min(eps)
         w = to2 / dist[:, None]
         # the triangle: angle at O6 between O6->O4 and O6->O2
-        cos_g = (L46 ** 2 + dist ** 2 - L24 ** 2) / (2 * L46 * dist)
+        cos_g = (L46 ** 2 - L24 ** 2 + dist * dist) / (2 * L46 * dist)
         closes = cos_g.abs() <= 1.0
         gamma = torch.arccos(cos_g.clamp(-1.0, 1.0))
         # in-plane frame (u = z5, v = z4 x z5): O4 - O6 = -d5 u - a4 v, at angle phi4
-        phi4 = math.atan2(-A4, -D5)
-        a, b = (to2 * x6).sum(-1) / dist, (to2 * y6).sum(-1) / dist
-        r = torch.sqrt(a * a + b * b).clamp_min(eps)
+        a, b = (w * x6).sum(-1), (w * y6).sum(-1)
+        r = torch.hypot(a, b).clamp_min(eps)
         psi = torch.atan2(b, a)
         # the 8 branches side by side: (N, 8) from here on, signs from BRANCHES
-        signs = pose.new_tensor(BRANCHES)  # (8, 3): elbow, wrist (0/1), shoulder
-        elbow, wrist, shoulder = signs[:, 0], signs[:, 1], signs[:, 2]
-        phi2 = phi4 + elbow * gamma[:, None]  # direction of O6->O2 in (u, v)
+        phi2 = self._phi4 + self._elbow * gamma[:, None]  # direction of O6->O2 in (u, v)
+        cos_phi2, sin_phi2 = torch.cos(phi2), torch.sin(phi2)
         # u . w = cos(phi2) with u = sin(q6) x6 + cos(q6) y6: a sin q6 + b cos q6 = cos phi2
-        sin_arg = torch.cos(phi2) / r[:, None]
+        sin_arg = cos_phi2 / r[:, None]
         base = torch.arcsin(sin_arg.clamp(-1.0, 1.0))
-        q6 = _wrap(torch.where(wrist == 0, base, math.pi - base) - psi[:, None])
-        u = torch.sin(q6)[..., None] * x6[:, None] + torch.cos(q6)[..., None] * y6[:, None]
-        sin_phi2 = torch.sin(phi2)
-        feasible = closes[:, None] & (sin_arg.abs() <= 1.0) & (sin_phi2.abs() > 1e-9)
-        v = (w[:, None] - torch.cos(phi2)[..., None] * u) / torch.where(
-            sin_phi2.abs() > 1e-9, sin_phi2, torch.ones_like(sin_phi2))[..., None]
+        angle6 = torch.where(self._wrist, self._pi - base, base) - psi[:, None]
+        c6, s6 = torch.cos(angle6), torch.sin(angle6)
+        q6 = torch.atan2(s6, c6)
+        u = s6[..., None] * x6[:, None] + c6[..., None] * y6[:, None]  # (N, 8, 3)
+        turned = sin_phi2.abs() > 1e-9
+        feasible = closes[:, None] & (sin_arg.abs() <= 1.0) & turned
+        v = (w[:, None] - cos_phi2[..., None] * u) / torch.where(
+            turned, sin_phi2, self._one)[..., None]
         v = v / v.norm(dim=-1, keepdim=True).clamp_min(eps)
-        z4 = torch.cross(u, v, dim=-1)  # (N, 8, 3)
-        o4 = o6[:, None] - D5 * u - A4 * v
-        # q5: z4 in frame 5 is (-sin q5, -cos q5, 0); R05 = R06 R65, R56 = Rx(pi/2) Rz(q6)
-        r05 = r06[:, None] @ (rx @ _rot_z(q6)).transpose(-1, -2)  # (N, 8, 3, 3)
-        z4_5 = (r05.transpose(-1, -2) @ z4[..., None])[..., 0]
-        q5 = torch.atan2(-z4_5[..., 0], -z4_5[..., 1])
+        z4 = torch.cross(u, v, dim=-1)
+        # q5: z4 in frame 5, R56 R06^T z4 with R56 = Rx(pi/2) Rz(q6), is (-sin q5, -cos q5, 0)
+        w0, w1, w2 = ((z4 * axis[:, None]).sum(-1) for axis in (x6, y6, z6))
+        q5 = torch.atan2(s6 * w1 - c6 * w0, w2)
         # q4: the signed angle about z4 from O4->O6 to O4->O2 is theta_b0 - q4 - theta_a
-        to6, to2_4 = o6[:, None] - o4, o2 - o4
+        to6 = D5 * u + A4 * v  # O6 - O4
+        to2_4 = to2[:, None] + to6  # O2 - O4
         alpha = torch.atan2((torch.cross(to6, to2_4, dim=-1) * z4).sum(-1),
                             (to6 * to2_4).sum(-1))
-        q4 = _wrap(math.atan2(-D3, -A4) - alpha - math.atan2(D5, -A4))
-        # R03 = R04 R34^T, R34 = Rx(pi/2) Rz(q4); R04's columns are x4 = -v, y4 = u, z4
-        r04 = torch.stack([-v, u, z4], -1)
-        r03 = r04 @ (rx @ _rot_z(q4)).transpose(-1, -2)
+        angle4 = self._q4_offset - alpha
+        c4, s4 = torch.cos(angle4), torch.sin(angle4)
+        q4 = torch.atan2(s4, c4)
+        # R03 = R04 R34^T, R04's columns x4 = -v, y4 = u, z4: column 2 is c4 u - s4 v, and
+        # R03[2, :2] = (-c4 v_z - s4 u_z, -z4_z)
+        col2 = c4[..., None] * u - s4[..., None] * v
+        r20 = -(c4 * v[..., 2] + s4 * u[..., 2])
+        r21 = -z4[..., 2]
         # R03 = Rz(q1) Ry(q2) Rz(q3): ZYZ Euler angles, shoulder branch = sign of sin(q2)
-        s2 = shoulder * torch.sqrt((r03[..., 0, 2] ** 2 + r03[..., 1, 2] ** 2).clamp_min(0.0))
-        q2 = torch.atan2(s2, r03[..., 2, 2])
+        s2 = self._shoulder * torch.hypot(col2[..., 0], col2[..., 1])
+        q2 = torch.atan2(s2, col2[..., 2])
         regular = s2.abs() > 1e-9
-        safe = torch.where(regular, s2, torch.ones_like(s2))
-        q1 = torch.atan2(r03[..., 1, 2] / safe, r03[..., 0, 2] / safe)
-        q3 = torch.atan2(r03[..., 2, 1] / safe, -r03[..., 2, 0] / safe)
+        safe = torch.where(regular, s2, self._one)
+        q1 = torch.atan2(col2[..., 1] / safe, col2[..., 0] / safe)
+        q3 = torch.atan2(r21 / safe, -r20 / safe)
         cand = torch.stack([q1, q2, q3, q4, q5, q6, q7[:, None].expand_as(q6)], -1)
         ok = feasible & regular & torch.isfinite(cand).all(-1)
         return torch.nan_to_num(cand), ok
