@@ -2,6 +2,7 @@
 
     mace-train ik [--samples N --epochs E ...]        the Panda IK prior (models/panda_ik.*)
     mace-train shape --prior boxes|objects [...]      a point-cloud VAE prior
+    mace-train avips [--method avips|vi|gaussian ...] the aVIPS IK mixture and its baselines
 """
 
 from __future__ import annotations
@@ -12,13 +13,17 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     """Dispatch to the training command of one prior family."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("ik", "shape"):
+    if not argv or argv[0] not in ("ik", "shape", "avips"):
         print(__doc__.strip())
         return 2
     if argv[0] == "ik":
         from .ik.training import main_ik
 
         return main_ik(argv[1:])
+    if argv[0] == "avips":
+        from .ik.avips_training import main_avips
+
+        return main_avips(argv[1:])
     from .shape.training import main_shape
 
     return main_shape(argv[1:])

@@ -138,3 +138,53 @@ def test_the_ik_target_peaks_where_the_hand_is_on_the_pose():
     at_limit = target(edge[:, None], context_of("pose", kin.ee_pose(target.joints(edge))))
     assert torch.allclose(at_limit[:, 0], torch.full((4,), math.log(0.5)), atol=1e-3)
     assert pose_contexts(kin, 5, gen).shape == (5, 9)
+
+
+# ------------------------------------------------------------------------------------------------
+# mace-train avips: the Panda's mixture, its baselines at one budget, weights and figures
+# ------------------------------------------------------------------------------------------------
+
+TINY = dict(steps=20, m_steps=5, batch=8, samples=2, components=4, hidden=16, layers=1,
+            gate_hidden=16, eval_poses=32, eval_samples=2, eval_contexts=16)
+
+
+@pytest.mark.parametrize("method", ["avips", "vi", "gaussian"])
+def test_each_method_trains_writes_and_reloads_the_same_mixture(method, tmp_path):
+    from mace_core.ik.avips_training import (AVIPSTrainingConfig, evaluate, load_mixture,
+                                             save_mixture, train)
+    from mace_core.robot.kinematics import RobotKinematics
+    from mace_core.tensor import TensorSpec
+
+    kin = RobotKinematics.panda(TensorSpec())
+    cfg = AVIPSTrainingConfig(method=method, **TINY)
+    model, figures = train(cfg, kin)
+    assert figures["steps"] == 20
+    figures_out = evaluate(model, kin, cfg, method)
+    assert figures_out["components_left"] == (1 if method == "gaussian" else
+                                              int(model.alive.sum()))
+    for key in ("elbo", "model_entropy", "weight_entropy"):
+        assert math.isfinite(figures_out[key]), key
+    accuracy = figures_out["accuracy"]
+    assert accuracy["poses"] == 32 and accuracy["samples_per_pose"] == 2
+    assert accuracy["mean_position_error_mm"] > 0.0
+    path = str(tmp_path / f"{method}.safetensors")
+    save_mixture(model, path, dict(config=vars(cfg), training=figures))
+    loaded, meta = load_mixture(path)
+    assert meta["training"]["steps"] == 20 and meta["config"]["method"] == method
+    z = torch.randn(3, 9)
+    x = torch.rand(3, 5, 7) * 2 - 1
+    assert torch.allclose(loaded.log_prob(x, z), model.log_prob(x, z))
+
+
+def test_a_file_that_is_not_a_mixture_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from mace_core.errors import ModelLoadError
+    from mace_core.ik.avips_training import load_mixture
+
+    path = str(tmp_path / "other.safetensors")
+    save_file({"w": torch.zeros(2)}, path, metadata={"kind": "ik_argmm"})
+    with pytest.raises(ModelLoadError, match="not an aVIPS mixture"):
+        load_mixture(path)
+    with pytest.raises(ModelLoadError, match="cannot read"):
+        load_mixture(str(tmp_path / "missing.safetensors"))

@@ -24,7 +24,8 @@ halfway towards rate · desired / actual KL change per step. On the 4-mode toy (
 components, 3 x 128; raw samples at 512 poses x 25) are far from the thesis: aVIPS 197 mm /
 100 deg with 4 components left (weight entropy 0.40), plain VI 119 mm / 44 deg on one component
 (0.00). Not yet here: context resampling (Sec. 3.3), the bound-based covariance regularization
-(Sec. 3.5), adding components, ``mace-train avips``, the prior in MACE.
+(Sec. 3.5), adding components, the prior in MACE. Training and measuring on the Panda:
+:mod:`.avips_training` (``mace-train avips``).
 
 Shapes: contexts ``(B, C)``, samples ``(B, N, D)``, per component ``(B, O, ...)``.
 """
@@ -68,6 +69,10 @@ class ConditionalGMM(nn.Module):
                  layers: int = 2, gate_hidden: int = 64, init_std: float = 0.5):
         super().__init__()
         self.dim, self.components = dim, components
+        #: the constructor's arguments (stored beside the weights)
+        self.architecture = dict(context_dim=context_dim, dim=dim, components=components,
+                                 hidden=hidden, layers=layers, gate_hidden=gate_hidden,
+                                 init_std=init_std)
         self._tril = torch.tril_indices(dim, dim, offset=-1)
         out = dim + dim + self._tril.shape[1]  # mean, log-diagonal, strictly lower part
         self.nets = nn.ModuleList(_mlp(context_dim, hidden, layers, out)

@@ -1,0 +1,235 @@
+"""``mace-train avips``: the Panda's IK mixture trained against its target density, and measured.
+
+Three methods at one budget (gradient steps, contexts per step, draws per component, the same
+network per component), as the aVIPS thesis compares them (Musekamp 2023, Tables 5.1 and 5.2):
+
+- ``avips``: :class:`~.avips.AVIPSTrainer` (per-component trust regions, E-step every
+  ``m_steps`` gradient steps, light components removed);
+- ``vi``: the same mixture by plain amortized VI, a gradient step on the whole ELBO
+  (:func:`~.avips.elbo_step`);
+- ``gaussian``: one component, plain amortized VI.
+
+Contexts are hand poses of configurations uniform in the joint limits, drawn afresh for every
+step (:func:`~.avips.pose_contexts`). The figures (:func:`evaluate`): the raw samples' position
+and orientation errors under the literature's protocol (:mod:`.prior_accuracy`, the thesis'
+Table 5.1), and at held-out contexts the ELBO, the model's entropy E_z[−E_q log q(x|z)] and the
+weights' entropy E_z[H(q(o|z))] (its Table 5.2). Weights are written as safetensors with the
+architecture and the figures in the metadata, every ``checkpoint_min`` minutes and at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from ..errors import ModelLoadError
+from ..robot.kinematics import RobotKinematics
+from ..tensor import TensorSpec
+from .avips import (AVIPSConfig, AVIPSTrainer, ConditionalGMM, IKTargetDensity, elbo,
+                    elbo_step, pose_contexts)
+from .prior_accuracy import PriorAccuracy, prior_accuracy
+
+#: what ``--method`` takes
+METHODS = ("avips", "vi", "gaussian")
+
+
+@dataclass
+class AVIPSTrainingConfig:
+    """What ``mace-train avips`` takes (the thesis' Panda run: 70 components, 4 x 450 per
+    component, gate 800, 512 contexts per step, 800 epochs of 1,000 steps, on a GPU)."""
+
+    method: str = "avips"  #: "avips", "vi" (plain amortized VI) or "gaussian" (one component)
+    components: int = 10  #: at the start ("gaussian": 1)
+    hidden: int = 128  #: width of each component network's hidden layers
+    layers: int = 3  #: hidden layers of each component network and of the gate
+    gate_hidden: int = 128  #: width of the gate network's hidden layers
+    batch: int = 64  #: contexts per gradient step
+    samples: int = 8  #: draws per component and context
+    steps: int = 3000  #: gradient steps (aVIPS: ``m_steps`` per E-step)
+    m_steps: int = 10  #: aVIPS: gradient steps per M-step
+    learning_rate: float = 3e-3  #: Adam (aVIPS: the adapted rates stay below it)
+    time_limit_min: float = 0.0  #: wall-clock cap of the training, min (0: none)
+    checkpoint_min: float = 5.0  #: minutes between checkpoints
+    seed: int = 0
+    threads: int = 1  #: torch threads
+    eval_poses: int = 10_240  #: poses of the accuracy protocol
+    eval_samples: int = 25  #: draws per pose
+    eval_contexts: int = 1024  #: held-out contexts of the ELBO and the entropies
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        for name in ("components", "hidden", "layers", "gate_hidden", "batch", "samples",
+                     "m_steps", "eval_poses", "eval_samples", "eval_contexts", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps < 0 or not self.learning_rate > 0:
+            raise ValueError("steps must be >= 0 and learning_rate > 0")
+
+
+def build_model(cfg: AVIPSTrainingConfig) -> ConditionalGMM:
+    """The untrained mixture over the 7 scaled joints, given a pose context (9)."""
+    components = 1 if cfg.method == "gaussian" else cfg.components
+    torch.manual_seed(cfg.seed)  # the networks' initial weights
+    return ConditionalGMM(context_dim=9, dim=7, components=components, hidden=cfg.hidden,
+                          layers=cfg.layers, gate_hidden=cfg.gate_hidden)
+
+
+class MixturePrior:
+    """A trained mixture as an IK prior p(q | pose) over joint angles (rad): what the accuracy
+    protocol reads (``config.conditioning``, ``sample(context (B, 9), generator) -> (B, 7)``)."""
+
+    class _Config:
+        conditioning = "pose"
+
+    def __init__(self, model: ConditionalGMM, kin: RobotKinematics):
+        self.model, self.density, self.config = model, IKTargetDensity(kin), self._Config()
+
+    def sample(self, context: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.density.joints(self.model.sample(context, 1, generator)[:, 0])
+
+
+def evaluate(model: ConditionalGMM, kin: RobotKinematics, cfg: AVIPSTrainingConfig,
+             name: str) -> dict:
+    """The figures of the module docstring; held-out contexts from seed ``cfg.seed + 1``."""
+    density = IKTargetDensity(kin)
+    gen = kin.spec.generator(cfg.seed + 1)
+    with torch.no_grad():
+        z = pose_contexts(kin, cfg.eval_contexts, gen)
+        bound = float(elbo(model, density, z, cfg.samples, gen).mean())
+        x = model.sample(z, cfg.samples, gen)  # (B, n, 7)
+        model_entropy = float(-model.log_prob(x, z).mean())
+        logw = model.log_weights(z)
+        w = logw.exp()
+        weight_entropy = float(-(w * torch.where(model.alive, logw, torch.zeros_like(logw))
+                                 ).sum(-1).mean())
+    accuracy: PriorAccuracy = prior_accuracy(MixturePrior(model, kin), kin, name,
+                                             poses=cfg.eval_poses, samples=cfg.eval_samples,
+                                             seed=cfg.seed + 2)
+    return dict(elbo=bound, model_entropy=model_entropy, weight_entropy=weight_entropy,
+                components_left=int(model.alive.sum()), accuracy=asdict(accuracy))
+
+
+def save_mixture(model: ConditionalGMM, path: str, metadata: dict) -> None:
+    """Write the weights with the architecture and ``metadata`` (JSON values), atomically."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"kind": "ik_avips", "architecture": json.dumps(model.architecture)}
+    meta.update({k: json.dumps(v) for k, v in metadata.items()})
+    save_file(state, path + ".tmp", metadata=meta)
+    os.replace(path + ".tmp", path)
+
+
+def load_mixture(path: str) -> tuple[ConditionalGMM, dict]:
+    """The mixture written by :func:`save_mixture` (CPU) and its metadata (decoded).
+
+    Raises:
+        ModelLoadError: missing, corrupt, or not such a file.
+    """
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read aVIPS weights '{path}': {exc}") from exc
+    if meta.get("kind") != "ik_avips":
+        raise ModelLoadError(f"'{path}' is not an aVIPS mixture (kind={meta.get('kind')})")
+    model = ConditionalGMM(**json.loads(meta["architecture"]))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"'{path}' does not match its architecture: {exc}") from exc
+    return model, {k: json.loads(v) for k, v in meta.items() if k not in ("kind",
+                                                                          "architecture")}
+
+
+def train(cfg: AVIPSTrainingConfig, kin: RobotKinematics, out: str | None = None,
+          log=print) -> tuple[ConditionalGMM, dict]:
+    """Train by ``cfg.method`` for ``cfg.steps`` gradient steps (or the time limit), writing
+    checkpoints to ``out``; returns the model and the training figures."""
+    cfg.validate()
+    model = build_model(cfg)
+    density = IKTargetDensity(kin)
+    gen = kin.spec.generator(cfg.seed)
+
+    def contexts() -> torch.Tensor:
+        return pose_contexts(kin, cfg.batch, gen)
+
+    start = last_checkpoint = time.perf_counter()
+    limit_s = cfg.time_limit_min * 60.0 if cfg.time_limit_min > 0 else math.inf
+    steps, trace = 0, []
+    if cfg.method == "avips":
+        trainer = AVIPSTrainer(model, density, AVIPSConfig(
+            samples=cfg.samples, m_steps=cfg.m_steps, learning_rate=cfg.learning_rate,
+            max_learning_rate=cfg.learning_rate))
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    while steps < cfg.steps and time.perf_counter() - start < limit_s:
+        if cfg.method == "avips":
+            alive = trainer.iteration(contexts, gen)["alive"]
+            steps += cfg.m_steps
+        else:
+            elbo_step(model, optimizer, density, contexts(), cfg.samples, gen)
+            alive = int(model.alive.sum())
+            steps += 1
+        now = time.perf_counter()
+        if out and now - last_checkpoint >= cfg.checkpoint_min * 60.0:
+            with torch.no_grad():
+                value = float(elbo(model, density, contexts(), cfg.samples, gen).mean())
+            trace.append(dict(steps=steps, seconds=round(now - start, 1), elbo=value,
+                              components=alive))
+            log(f"[avips {cfg.method}] {steps} steps, {now - start:.0f} s, ELBO {value:.2f}, "
+                f"{alive} components")
+            save_mixture(model, out, dict(config=asdict(cfg), training=dict(
+                steps=steps, train_time_s=now - start, trace=trace, checkpoint=True)))
+            last_checkpoint = now
+    return model, dict(steps=steps, train_time_s=time.perf_counter() - start, trace=trace)
+
+
+def main_avips(argv: list[str] | None = None) -> int:
+    """``mace-train avips``: train one method, write its weights and figures (JSON)."""
+    ap = argparse.ArgumentParser(prog="mace-train avips", description=__doc__.split("\n")[0])
+    defaults = AVIPSTrainingConfig()
+    for name, value in asdict(defaults).items():
+        ap.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    ap.add_argument("--out", default="out/avips/panda_avips.safetensors",
+                    help="weights (safetensors); the figures go beside it as .json")
+    ap.add_argument("--evaluate-only", action="store_true",
+                    help="measure the weights at --out instead of training")
+    args = ap.parse_args(argv)
+    cfg = AVIPSTrainingConfig(**{k: getattr(args, k) for k in asdict(defaults)})
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        ap.error(str(exc))
+    torch.set_num_threads(cfg.threads)
+    kin = RobotKinematics.panda(TensorSpec.resolve("cpu"))
+    if args.evaluate_only:
+        model, meta = load_mixture(args.out)
+        figures = meta.get("training", {})
+    else:
+        model, figures = train(cfg, kin, args.out)
+    name = os.path.splitext(os.path.basename(args.out))[0]
+    report = dict(config=asdict(cfg), training=figures, evaluation=evaluate(model, kin, cfg,
+                                                                            name))
+    save_mixture(model, args.out, dict(config=asdict(cfg), training=figures,
+                                       evaluation=report["evaluation"]))
+    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    acc = report["evaluation"]["accuracy"]
+    print(f"{cfg.method}: {figures['steps']} steps in {figures['train_time_s']:.0f} s; ELBO "
+          f"{report['evaluation']['elbo']:.2f}, weight entropy "
+          f"{report['evaluation']['weight_entropy']:.3f}, model entropy "
+          f"{report['evaluation']['model_entropy']:.2f}, "
+          f"{report['evaluation']['components_left']} components; raw samples "
+          f"{acc['mean_position_error_mm']:.1f} mm / {acc['mean_orientation_error_deg']:.1f} deg "
+          f"({acc['samples_per_pose']} x {acc['poses']} poses); wrote {args.out}")
+    return 0
