@@ -165,7 +165,7 @@ def _run_prior_accuracy(args: argparse.Namespace) -> int:
     :mod:`mace_core.ik.prior_accuracy`)."""
     from mace_core.ik.prior_accuracy import format_table as accuracy_table
     from mace_core.ik.prior_accuracy import prior_accuracy, report
-    from mace_core.ik.registry import load_ik_prior, load_registry
+    from mace_core.ik.registry import IK_KINDS, load_ik_prior, load_registry
     from mace_core.robot.kinematics import RobotKinematics
 
     if args.poses < 1 or args.samples_per_pose < 1:
@@ -177,7 +177,7 @@ def _run_prior_accuracy(args: argparse.Namespace) -> int:
     results = []
     for name in [n for n in args.model.split(",") if n]:
         entry = entries.get(name)
-        if entry is None or entry.kind != "ik_argmm":
+        if entry is None or entry.kind not in IK_KINDS:
             raise SystemExit(f"mace-bench ik: no IK prior named '{name}' in the registry "
                              f"(known: {sorted(entries)})")
         prior = load_ik_prior(os.path.join(models_dir, entry.file), spec)

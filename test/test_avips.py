@@ -3,6 +3,7 @@ KL its trust regions bound, removal, and plain amortized VI finding every mode o
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -149,9 +150,9 @@ TINY = dict(steps=20, m_steps=5, batch=8, samples=2, components=4, hidden=16, la
 
 
 @pytest.mark.parametrize("method", ["avips", "vi", "gaussian"])
-def test_each_method_trains_writes_and_reloads_the_same_mixture(method, tmp_path):
-    from mace_core.ik.avips_training import (AVIPSTrainingConfig, evaluate, load_mixture,
-                                             save_mixture, train)
+def test_each_method_trains_writes_and_reloads_the_same_prior(method, tmp_path):
+    from mace_core.ik.avips_training import AVIPSTrainingConfig, evaluate, save, train
+    from mace_core.ik.registry import ik_prior_metadata, load_ik_prior
     from mace_core.robot.kinematics import RobotKinematics
     from mace_core.tensor import TensorSpec
 
@@ -168,23 +169,134 @@ def test_each_method_trains_writes_and_reloads_the_same_mixture(method, tmp_path
     assert accuracy["poses"] == 32 and accuracy["samples_per_pose"] == 2
     assert accuracy["mean_position_error_mm"] > 0.0
     path = str(tmp_path / f"{method}.safetensors")
-    save_mixture(model, path, dict(config=vars(cfg), training=figures))
-    loaded, meta = load_mixture(path)
+    save(model, kin, path, dict(config=vars(cfg), training=figures))
+    prior = load_ik_prior(path, kin.spec)
+    meta = ik_prior_metadata(path)
     assert meta["training"]["steps"] == 20 and meta["config"]["method"] == method
+    assert prior.config.conditioning == "pose"
     z = torch.randn(3, 9)
     x = torch.rand(3, 5, 7) * 2 - 1
-    assert torch.allclose(loaded.log_prob(x, z), model.log_prob(x, z))
+    assert torch.allclose(prior.model.log_prob(x, z), model.log_prob(x, z))
 
 
-def test_a_file_that_is_not_a_mixture_is_refused(tmp_path):
+def test_the_mixture_prior_samples_and_rates_joint_angles():
+    """MixturePrior maps the mixture's scaled joints to radians and back: its samples are the
+    mixture's, its log-density the mixture's plus the scaling's Jacobian, the same for one
+    context broadcast (a request) as for the rows spelled out."""
+    from mace_core.ik.avips import MixturePrior
+    from mace_core.robot.kinematics import RobotKinematics
+    from mace_core.tensor import TensorSpec
+
+    kin = RobotKinematics.panda(TensorSpec())
+    torch.manual_seed(0)
+    model = ConditionalGMM(context_dim=9, dim=7, components=3, hidden=8, layers=1,
+                           gate_hidden=8)
+    prior = MixturePrior(model, kin.lower, kin.upper)
+    z = torch.randn(1, 9)
+    q = prior.sample(z.expand(6, -1), torch.Generator().manual_seed(1))
+    x = model.sample(z, 6, torch.Generator().manual_seed(1))[0]
+    assert torch.allclose(2 * (q - kin.lower) / (kin.upper - kin.lower) - 1, x, atol=1e-5)
+    jac = torch.log(2 / (kin.upper - kin.lower)).sum()
+    broadcast = prior.log_prob(q, z.expand(6, -1))
+    spelled = prior.log_prob(q, z.repeat(6, 1))
+    assert torch.allclose(broadcast, spelled, atol=1e-5)
+    assert torch.allclose(broadcast, model.log_prob(x[None], z)[0] + jac, atol=1e-4)
+
+
+def test_mace_adapts_every_weight_of_the_mixture_prior():
+    """Algorithm 1 on the aVIPS prior at one pose (as the adapter runs it): the elites' log-
+    likelihood rises and the component networks and the gate all move."""
+    from mace_core.ik.avips import MixturePrior
+    from mace_core.ik.conditioned import _ConditionedPrior
+    from mace_core.mace import MACEConfig, adapt
+    from mace_core.robot.kinematics import RobotKinematics
+    from mace_core.tensor import TensorSpec
+
+    kin = RobotKinematics.panda(TensorSpec())
+    torch.manual_seed(0)
+    model = ConditionalGMM(context_dim=9, dim=7, components=3, hidden=8, layers=1,
+                           gate_hidden=8)
+    prior = MixturePrior(model, kin.lower, kin.upper).requires_grad_(True)
+    initial = MixturePrior(copy.deepcopy(model), kin.lower, kin.upper)
+    before = {k: v.clone() for k, v in prior.state_dict().items()}
+    conditioned = _ConditionedPrior(prior, initial, torch.randn(9), kin.lower, kin.upper)
+
+    def score(q):  # elites: configurations with joint 1 high
+        return (q[:, 0] > 1.0).float()
+
+    trace = adapt(conditioned, score, MACEConfig(num_samples=256, quantile=0.25,
+                                                 gradient_steps=8, iterations=6,
+                                                 learning_rate=1e-2, keep_best=False),
+                  torch.Generator().manual_seed(0))
+    assert trace.iterations_run == 6
+    first, last = trace.iterations[0].positive_fraction, trace.iterations[-1].positive_fraction
+    assert last > first + 0.1, (first, last)
+    moved = [k for k, v in prior.state_dict().items()
+             if v.dtype.is_floating_point and not torch.equal(v, before[k])]
+    assert any(k.startswith("model.gate") for k in moved)
+    assert any(k.startswith("model.nets") for k in moved)
+
+
+def test_a_file_that_is_not_an_ik_prior_is_refused(tmp_path):
     from safetensors.torch import save_file
 
     from mace_core.errors import ModelLoadError
-    from mace_core.ik.avips_training import load_mixture
+    from mace_core.ik.registry import load_ik_prior
+    from mace_core.tensor import TensorSpec
 
     path = str(tmp_path / "other.safetensors")
-    save_file({"w": torch.zeros(2)}, path, metadata={"kind": "ik_argmm"})
-    with pytest.raises(ModelLoadError, match="not an aVIPS mixture"):
-        load_mixture(path)
-    with pytest.raises(ModelLoadError, match="cannot read"):
-        load_mixture(str(tmp_path / "missing.safetensors"))
+    save_file({"w": torch.zeros(2)}, path, metadata={"kind": "shape_vae"})
+    with pytest.raises(ModelLoadError, match="not an IK prior"):
+        load_ik_prior(path, TensorSpec())
+    save_file({"w": torch.zeros(2)}, path, metadata={"kind": "ik_avips", "architecture": "{}"})
+    with pytest.raises(ModelLoadError, match="do not match"):
+        load_ik_prior(path, TensorSpec())
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_ik_prior(str(tmp_path / "missing.safetensors"), TensorSpec())
+
+
+def test_the_service_answers_full_poses_with_an_avips_pose_prior(tmp_path):
+    """``ik.pose_prior`` may name an ``ik_avips`` entry: full-pose requests then draw from the
+    mixture (projected by the closed form, adapted by MACE when rounds run dry)."""
+    import os
+    from dataclasses import replace
+
+    import numpy as np
+    import yaml
+
+    from conftest import MODELS_DIR
+    from mace_core.ik.adapter import IKAdapter
+    from mace_core.ik.avips import MixturePrior
+    from mace_core.ik.registry import save_mixture_prior
+    from mace_core.ik.request import IKAdaptConfig, IKRequest
+    from mace_core.tensor import TensorSpec
+
+    for name in os.listdir(MODELS_DIR):
+        os.symlink(os.path.join(MODELS_DIR, name), tmp_path / name)
+    os.remove(tmp_path / "registry.yaml")
+    with open(os.path.join(MODELS_DIR, "registry.yaml")) as f:
+        registry = yaml.safe_load(f)
+    registry["models"]["tiny_avips"] = dict(kind="ik_avips", file="tiny_avips.safetensors")
+    with open(tmp_path / "registry.yaml", "w") as f:
+        yaml.safe_dump(registry, f)
+    spec = TensorSpec()
+    torch.manual_seed(0)
+    model = ConditionalGMM(context_dim=9, dim=7, components=3, hidden=8, layers=1,
+                           gate_hidden=8)
+    from mace_core.robot.kinematics import RobotKinematics
+
+    kin = RobotKinematics.panda(spec)
+    save_mixture_prior(MixturePrior(model, kin.lower, kin.upper),
+                       str(tmp_path / "tiny_avips.safetensors"))
+    adapter = IKAdapter.from_models(str(tmp_path), "panda_ik",
+                                    replace(IKAdaptConfig(), pose_prior="tiny_avips"), spec)
+    assert isinstance(adapter.pose_prior, MixturePrior)
+    ready = torch.tensor([[0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785]])
+    pose = kin.ee_pose(ready)[0].double().numpy()
+    result = adapter.solve(IKRequest(position=pose[:3, 3], rotation=pose[:3, :3],
+                                     orientation_tolerance=1e-3, num_solutions=4,
+                                     time_budget_s=1.0, seed=0))
+    assert result.num_found == 4, result.message
+    for sol in result.solutions:
+        reached = kin.ee_pose(torch.as_tensor(sol.q[None], dtype=torch.float32))[0].numpy()
+        assert np.abs(reached[:3, 3] - pose[:3, 3]).max() < 2e-4

@@ -50,7 +50,7 @@ from .prior import ARGMMPrior
 from .refinement import (AnalyticRefiner, DLSRefiner, IKTarget, PenaltyFn, Refiner, TracIKRefiner,
                          pose_errors)
 from .refinement_rounds import RefinementRounds, farthest_point_order
-from .registry import load_ik_prior, load_registry
+from .registry import IK_KINDS, load_ik_prior, load_registry
 from .request import IKAdaptConfig, IKAdaptResult, IKRequest, IKSolution, IKTimings
 
 #: Origin of joint 2 (the shoulder) in the base frame, m; reach is measured from there.
@@ -353,7 +353,7 @@ class IKAdapter:
         pose_priors = None
         if config.pose_prior:
             entry = entries.get(config.pose_prior)
-            if entry is None or entry.kind != "ik_argmm":
+            if entry is None or entry.kind not in IK_KINDS:
                 raise ModelLoadError(f"ik.pose_prior: no IK prior named '{config.pose_prior}' "
                                      f"in {models_dir}/registry.yaml (known: {sorted(entries)})")
             pose_weights = os.path.join(models_dir, entry.file)

@@ -378,3 +378,46 @@ def pose_contexts(kin, n: int, generator: torch.Generator) -> torch.Tensor:
 
     with torch.no_grad():
         return context_of("pose", kin.ee_pose(kin.sample_uniform(n, generator)))
+
+
+@dataclass(frozen=True)
+class MixturePriorConfig:
+    """What the adapter reads of an IK prior's configuration: the context it is conditioned
+    on (a hand pose, :func:`~.conditioning.context_of` "pose")."""
+
+    conditioning: str = "pose"
+
+
+class MixturePrior(nn.Module):
+    """A trained mixture as an IK prior p(q | pose) over joint angles (rad), with the interface
+    of :class:`~.prior.ARGMMPrior` that MACE, the adapter and the accuracy protocol read:
+    ``config.conditioning``, :meth:`sample`, :meth:`log_prob`. The mixture lives on joints
+    scaled to [-1, 1] by the limits ``q_low``, ``q_high`` (J,) it was trained with; MACE tunes
+    all of its weights (the component networks and the gate), as for the autoregressive prior.
+    """
+
+    def __init__(self, model: ConditionalGMM, q_low: torch.Tensor, q_high: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.config = MixturePriorConfig()
+        self.register_buffer("q_low", q_low.detach().clone())
+        self.register_buffer("q_high", q_high.detach().clone())
+
+    def sample(self, context: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One configuration ``(B, 7)`` (rad) per context row ``(B, 9)``; when the rows are one
+        context broadcast (stride 0: a request's samples), the networks run on one row."""
+        batch = context.shape[0]
+        if batch > 1 and context.stride(0) == 0:
+            x = self.model.sample(context[:1], batch, generator)[0]
+        else:
+            x = self.model.sample(context, 1, generator)[:, 0]
+        return self.q_low + 0.5 * (x + 1.0) * (self.q_high - self.q_low)
+
+    def log_prob(self, q: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """log p(q | context) of ``q (B, 7)`` (rad) at ``context (B, 9)``: ``(B,)``, the
+        scaling's Jacobian included."""
+        x = 2.0 * (q - self.q_low) / (self.q_high - self.q_low) - 1.0
+        log_jac = torch.log(2.0 / (self.q_high - self.q_low)).sum()
+        if q.shape[0] > 1 and context.stride(0) == 0:
+            return self.model.log_prob(x[None], context[:1])[0] + log_jac
+        return self.model.log_prob(x[:, None], context)[:, 0] + log_jac

@@ -13,8 +13,9 @@ Contexts are hand poses of configurations uniform in the joint limits, drawn afr
 step (:func:`~.avips.pose_contexts`). The figures (:func:`evaluate`): the raw samples' position
 and orientation errors under the literature's protocol (:mod:`.prior_accuracy`, the thesis'
 Table 5.1), and at held-out contexts the ELBO, the model's entropy E_z[−E_q log q(x|z)] and the
-weights' entropy E_z[H(q(o|z))] (its Table 5.2). Weights are written as safetensors with the
-architecture and the figures in the metadata, every ``checkpoint_min`` minutes and at the end.
+weights' entropy E_z[H(q(o|z))] (its Table 5.2). The weights are written as an IK prior
+(:class:`~.avips.MixturePrior`, registry kind ``ik_avips``) with the architecture and the
+figures in the metadata, every ``checkpoint_min`` minutes and at the end.
 """
 
 from __future__ import annotations
@@ -27,15 +28,13 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
-from ..errors import ModelLoadError
 from ..robot.kinematics import RobotKinematics
 from ..tensor import TensorSpec
-from .avips import (AVIPSConfig, AVIPSTrainer, ConditionalGMM, IKTargetDensity, elbo,
-                    elbo_step, pose_contexts)
+from .avips import (AVIPSConfig, AVIPSTrainer, ConditionalGMM, IKTargetDensity, MixturePrior,
+                    elbo, elbo_step, pose_contexts)
 from .prior_accuracy import PriorAccuracy, prior_accuracy
+from .registry import ik_prior_metadata, load_ik_prior, save_mixture_prior
 
 #: what ``--method`` takes
 METHODS = ("avips", "vi", "gaussian")
@@ -83,20 +82,6 @@ def build_model(cfg: AVIPSTrainingConfig) -> ConditionalGMM:
                           layers=cfg.layers, gate_hidden=cfg.gate_hidden)
 
 
-class MixturePrior:
-    """A trained mixture as an IK prior p(q | pose) over joint angles (rad): what the accuracy
-    protocol reads (``config.conditioning``, ``sample(context (B, 9), generator) -> (B, 7)``)."""
-
-    class _Config:
-        conditioning = "pose"
-
-    def __init__(self, model: ConditionalGMM, kin: RobotKinematics):
-        self.model, self.density, self.config = model, IKTargetDensity(kin), self._Config()
-
-    def sample(self, context: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return self.density.joints(self.model.sample(context, 1, generator)[:, 0])
-
-
 def evaluate(model: ConditionalGMM, kin: RobotKinematics, cfg: AVIPSTrainingConfig,
              name: str) -> dict:
     """The figures of the module docstring; held-out contexts from seed ``cfg.seed + 1``."""
@@ -111,44 +96,16 @@ def evaluate(model: ConditionalGMM, kin: RobotKinematics, cfg: AVIPSTrainingConf
         w = logw.exp()
         weight_entropy = float(-(w * torch.where(model.alive, logw, torch.zeros_like(logw))
                                  ).sum(-1).mean())
-    accuracy: PriorAccuracy = prior_accuracy(MixturePrior(model, kin), kin, name,
+    accuracy: PriorAccuracy = prior_accuracy(MixturePrior(model, kin.lower, kin.upper), kin, name,
                                              poses=cfg.eval_poses, samples=cfg.eval_samples,
                                              seed=cfg.seed + 2)
     return dict(elbo=bound, model_entropy=model_entropy, weight_entropy=weight_entropy,
                 components_left=int(model.alive.sum()), accuracy=asdict(accuracy))
 
 
-def save_mixture(model: ConditionalGMM, path: str, metadata: dict) -> None:
-    """Write the weights with the architecture and ``metadata`` (JSON values), atomically."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"kind": "ik_avips", "architecture": json.dumps(model.architecture)}
-    meta.update({k: json.dumps(v) for k, v in metadata.items()})
-    save_file(state, path + ".tmp", metadata=meta)
-    os.replace(path + ".tmp", path)
-
-
-def load_mixture(path: str) -> tuple[ConditionalGMM, dict]:
-    """The mixture written by :func:`save_mixture` (CPU) and its metadata (decoded).
-
-    Raises:
-        ModelLoadError: missing, corrupt, or not such a file.
-    """
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(path)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read aVIPS weights '{path}': {exc}") from exc
-    if meta.get("kind") != "ik_avips":
-        raise ModelLoadError(f"'{path}' is not an aVIPS mixture (kind={meta.get('kind')})")
-    model = ConditionalGMM(**json.loads(meta["architecture"]))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ModelLoadError(f"'{path}' does not match its architecture: {exc}") from exc
-    return model, {k: json.loads(v) for k, v in meta.items() if k not in ("kind",
-                                                                          "architecture")}
+def save(model: ConditionalGMM, kin: RobotKinematics, path: str, metadata: dict) -> None:
+    """Write ``model`` as the IK prior :class:`~.avips.MixturePrior` on ``kin``'s limits."""
+    save_mixture_prior(MixturePrior(model, kin.lower, kin.upper), path, metadata)
 
 
 def train(cfg: AVIPSTrainingConfig, kin: RobotKinematics, out: str | None = None,
@@ -188,7 +145,7 @@ def train(cfg: AVIPSTrainingConfig, kin: RobotKinematics, out: str | None = None
                               components=alive))
             log(f"[avips {cfg.method}] {steps} steps, {now - start:.0f} s, ELBO {value:.2f}, "
                 f"{alive} components")
-            save_mixture(model, out, dict(config=asdict(cfg), training=dict(
+            save(model, kin, out, dict(config=asdict(cfg), training=dict(
                 steps=steps, train_time_s=now - start, trace=trace, checkpoint=True)))
             last_checkpoint = now
     return model, dict(steps=steps, train_time_s=time.perf_counter() - start, trace=trace)
@@ -213,15 +170,15 @@ def main_avips(argv: list[str] | None = None) -> int:
     torch.set_num_threads(cfg.threads)
     kin = RobotKinematics.panda(TensorSpec.resolve("cpu"))
     if args.evaluate_only:
-        model, meta = load_mixture(args.out)
-        figures = meta.get("training", {})
+        model = load_ik_prior(args.out, kin.spec).model.requires_grad_(True)
+        figures = ik_prior_metadata(args.out).get("training", {})
     else:
         model, figures = train(cfg, kin, args.out)
     name = os.path.splitext(os.path.basename(args.out))[0]
     report = dict(config=asdict(cfg), training=figures, evaluation=evaluate(model, kin, cfg,
                                                                             name))
-    save_mixture(model, args.out, dict(config=asdict(cfg), training=figures,
-                                       evaluation=report["evaluation"]))
+    save(model, kin, args.out, dict(config=asdict(cfg), training=figures,
+                                    evaluation=report["evaluation"]))
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
         json.dump(report, f, indent=1)
     acc = report["evaluation"]["accuracy"]

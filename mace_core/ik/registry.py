@@ -10,13 +10,20 @@ import json
 import os
 from dataclasses import dataclass
 
+import torch
 import yaml
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import ModelLoadError
 from ..tensor import TensorSpec
+from .avips import ConditionalGMM, MixturePrior
 from .prior import ARGMMConfig, ARGMMPrior
+
+
+#: registry kinds of IK priors: the autoregressive GMM (maximum likelihood on data) and the
+#: aVIPS mixture (variational inference against the IK target density, pose-conditioned)
+IK_KINDS = ("ik_argmm", "ik_avips")
 
 
 @dataclass(frozen=True)
@@ -24,7 +31,7 @@ class ModelEntry:
     """One registry entry."""
 
     name: str  #: the prior's name, as requests give it
-    kind: str  #: "ik_argmm" or "shape_vae"
+    kind: str  #: one of IK_KINDS, or "shape_vae"
     file: str  #: weights file, relative to the registry's folder
     description: str = ""  #: one line for humans
 
@@ -41,7 +48,7 @@ def load_registry(path: str) -> dict[str, ModelEntry]:
         unknown = set(item) - {"kind", "file", "description"}
         if unknown:
             raise ModelLoadError(f"registry entry '{name}' has unknown keys {sorted(unknown)}")
-        if item.get("kind") not in ("ik_argmm", "shape_vae"):
+        if item.get("kind") not in IK_KINDS + ("shape_vae",):
             raise ModelLoadError(f"registry entry '{name}' has unknown kind '{item.get('kind')}'")
         entries[name] = ModelEntry(name=name, kind=item["kind"], file=item["file"],
                                    description=item.get("description", ""))
@@ -57,24 +64,52 @@ def save_ik_prior(prior: ARGMMPrior, path: str, metadata: dict[str, str] | None 
     save_file(state, path, metadata=meta)
 
 
-def load_ik_prior(path: str, spec: TensorSpec) -> ARGMMPrior:
-    """Load an :class:`ARGMMPrior` written by :func:`save_ik_prior` onto ``spec``'s device."""
+def save_mixture_prior(prior: MixturePrior, path: str, metadata: dict | None = None) -> None:
+    """Write an aVIPS prior (weights, joint scaling, architecture; ``metadata`` values as JSON)
+    to a safetensors file, atomically (checkpoints overwrite it)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in prior.state_dict().items()}
+    meta = {"kind": "ik_avips", "architecture": json.dumps(prior.model.architecture)}
+    meta.update({k: json.dumps(v) for k, v in (metadata or {}).items()})
+    save_file(state, path + ".tmp", metadata=meta)
+    os.replace(path + ".tmp", path)
+
+
+def _read(path: str) -> tuple[dict, dict]:
+    """The state dict and metadata of a prior's safetensors file."""
     if not os.path.isfile(path):
         raise ModelLoadError(f"IK prior weights not found: '{path}'")
     try:
-        from safetensors import safe_open
-
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
-        state = load_file(path)
+        return load_file(path), meta
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelLoadError(f"IK prior weights '{path}' are corrupt: {exc}") from exc
-    if meta.get("kind") != "ik_argmm" or "architecture" not in meta:
-        raise ModelLoadError(f"'{path}' is not an IK prior (metadata kind={meta.get('kind')})")
+
+
+def ik_prior_metadata(path: str) -> dict:
+    """The metadata of an aVIPS prior's file, its values decoded (not the weights)."""
+    _, meta = _read(path)
+    return {k: json.loads(v) for k, v in meta.items() if k not in ("kind", "architecture")}
+
+
+def load_ik_prior(path: str, spec: TensorSpec) -> ARGMMPrior | MixturePrior:
+    """Load an IK prior written by :func:`save_ik_prior` or :func:`save_mixture_prior` onto
+    ``spec``'s device (the file's metadata says which)."""
+    state, meta = _read(path)
+    kind = meta.get("kind")
+    if kind not in IK_KINDS or "architecture" not in meta:
+        raise ModelLoadError(f"'{path}' is not an IK prior (metadata kind={kind})")
     try:
-        prior = ARGMMPrior(ARGMMConfig.from_dict(json.loads(meta["architecture"])), spec)
+        arch = json.loads(meta["architecture"])
+        if kind == "ik_argmm":
+            prior = ARGMMPrior(ARGMMConfig.from_dict(arch), spec)
+        else:
+            joints = state["q_low"].shape[0]
+            prior = MixturePrior(ConditionalGMM(**arch), torch.zeros(joints),
+                                 torch.zeros(joints))
         prior.load_state_dict(state)
-    except (RuntimeError, ValueError, TypeError) as exc:
+    except (RuntimeError, ValueError, TypeError, KeyError) as exc:
         raise ModelLoadError(f"IK prior weights '{path}' do not match their architecture: "
                              f"{exc}") from exc
-    return prior.requires_grad_(False)
+    return prior.to(device=spec.device, dtype=spec.dtype).requires_grad_(False)
