@@ -300,3 +300,43 @@ def test_the_service_answers_full_poses_with_an_avips_pose_prior(tmp_path):
     for sol in result.solutions:
         reached = kin.ee_pose(torch.as_tensor(sol.q[None], dtype=torch.float32))[0].numpy()
         assert np.abs(reached[:3, 3] - pose[:3, 3]).max() < 2e-4
+
+
+def test_the_workcell_expert_lowers_the_density_inside_obstacles_with_its_gradient():
+    """``IKTargetDensity(workcell=...)``: a configuration whose spheres sink into an obstacle
+    loses P / collision_scale_m of log-density, and autograd's gradient of it is the analytic
+    one (finite differences agree)."""
+    import os
+
+    from conftest import MODELS_DIR
+    from mace_core.ik.avips import IKTargetDensity
+    from mace_core.robot.kinematics import RobotKinematics
+    from mace_core.robot.scenes import Obstacle
+    from mace_core.robot.spheres import CollisionWorld, SphereCollisionChecker
+    from mace_core.tensor import TensorSpec
+
+    spec = TensorSpec(torch.device("cpu"), torch.float64)
+    kin = RobotKinematics.panda(spec)
+    checker = SphereCollisionChecker.from_file(kin, spec,
+                                               os.path.join(MODELS_DIR, "panda_spheres.yaml"))
+    ready = torch.tensor([[0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785]], dtype=torch.float64)
+    hand = kin.ee_pose(ready)[0, :3, 3].tolist()
+    world = CollisionWorld.from_obstacles([Obstacle(name="block", kind="box",
+                                                    size=(0.1, 0.1, 0.1),
+                                                    position=tuple(hand))], spec)
+    plain, cell = IKTargetDensity(kin), IKTargetDensity(kin, workcell=(checker, world))
+    x = cell.scaled(ready)[None].clone().requires_grad_(True)  # (1, 1, 7)
+    z = torch.zeros(1, 9, dtype=torch.float64)
+    depth, _ = checker.penetration_gradient(ready, world, cell.collision_margin_m)
+    assert float(depth) > 0.01
+    drop = plain(x, z) - cell(x, z)
+    assert torch.allclose(drop.detach(), depth / cell.collision_scale_m)
+    (grad,) = torch.autograd.grad(cell(x, z).sum(), x)
+    step = 1e-6
+    for j in range(7):
+        e = torch.zeros_like(x)
+        e[..., j] = step
+        with torch.no_grad():
+            numeric = (cell(x + e, z) - cell(x - e, z)).sum() / (2 * step)
+        analytic = float(grad[0, 0, j].detach())
+        assert abs(float(numeric) - analytic) <= 1e-3 * max(1.0, abs(float(numeric)))

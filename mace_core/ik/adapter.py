@@ -321,7 +321,6 @@ class IKAdapter:
         self.refiners.update(refiners or {})
         self._last_position: torch.Tensor | None = None  # (3,) target of the last solve()
         self._adapted: ARGMMPrior | None = None  # the prior whose weights a request changed
-        self._moves = kin.ancestor_mask(list(kin.link_names))  # (J, L): joint j moves link l
         self._world: tuple[tuple[Obstacle, ...], CollisionWorld] | None = None  # the last scene
         self.exact_checks = 0  #: configurations put to the exact checker by the current request
 
@@ -581,21 +580,10 @@ class IKAdapter:
 
     def _penalty(self, world: CollisionWorld, margin: float = 0.005) -> PenaltyFn:
         """Obstacle cost for the refiner: the summed penetration (m) of the robot's spheres into
-        every obstacle, counted from ``margin`` outside it, and its joint gradient.
-
-        The gradient is analytic, g_j = a_j · Σ_s (x_s − p_j) × ∂P/∂x_s over the spheres s that
-        joint j (axis a_j, origin p_j) moves, from the per-link sums of ∂P/∂x_s and
-        x_s × ∂P/∂x_s (:meth:`SphereCollisionChecker.penetration`).
-        """
+        every obstacle, counted from ``margin`` outside it, and its analytic joint gradient
+        (:meth:`SphereCollisionChecker.penetration_gradient`)."""
         def penalty(q: torch.Tensor, poses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            if len(world) == 0:
-                return q.new_zeros(q.shape[0]), torch.zeros_like(q)
-            cost, wrench = self.checker.penetration(q, world, margin, poses)
-            wrench = self._moves @ wrench  # (B, J, 6): what joint j's subtree feels
-            axes, origins = self.kin.joint_axes(poses)  # (B, J, 3)
-            grad = (axes * (wrench[..., 3:] - torch.cross(origins, wrench[..., :3], dim=-1))
-                    ).sum(-1)
-            return cost, grad
+            return self.checker.penetration_gradient(q, world, margin, poses)
         return penalty
 
     def _refine(self, cfg: IKAdaptConfig, seeds: torch.Tensor, target: IKTarget,

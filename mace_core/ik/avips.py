@@ -340,10 +340,17 @@ class IKTargetDensity:
     """
 
     def __init__(self, kin, position_std_m: float = 0.01, orientation_std_rad: float = 0.05,
-                 limit_std: float = 0.05):
+                 limit_std: float = 0.05, workcell=None, collision_scale_m: float = 0.002,
+                 collision_margin_m: float = 0.005):
         self.kin = kin
         self.position_std_m, self.orientation_std_rad = position_std_m, orientation_std_rad
         self.limit_std = limit_std
+        #: ``(SphereCollisionChecker, CollisionWorld)`` of a fixed workcell, or None: with one,
+        #: a collision expert exp(−P(q) / collision_scale_m) joins the product, P the summed
+        #: penetration (m) of the robot's spheres into the obstacles counted from
+        #: ``collision_margin_m`` outside them, so that the prior's raw samples avoid them
+        self.workcell = workcell
+        self.collision_scale_m, self.collision_margin_m = collision_scale_m, collision_margin_m
 
     def joints(self, x: torch.Tensor) -> torch.Tensor:
         """Joint angles (rad) of scaled ``x`` ``(..., 7)``."""
@@ -357,8 +364,8 @@ class IKTargetDensity:
 
     def __call__(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        pose = self.kin.ee_pose(self.joints(x).reshape(b * n, d).clamp(
-            self.kin.lower.to(x), self.kin.upper.to(x))).reshape(b, n, 4, 4)
+        q = self.joints(x).reshape(b * n, d).clamp(self.kin.lower.to(x), self.kin.upper.to(x))
+        pose = self.kin.ee_pose(q).reshape(b, n, 4, 4)
         position_err = ((pose[..., :3, 3] - z[:, None, :3]) ** 2).sum(-1)
         target_x, target_y = z[:, None, 3:6], z[:, None, 6:9]
         target_z = torch.cross(target_x, target_y, dim=-1)
@@ -366,9 +373,32 @@ class IKTargetDensity:
                  + (pose[..., :3, 2] * target_z).sum(-1))
         normal = torch.distributions.Normal(0.0, 1.0)
         inside = (normal.cdf((1.0 - x) / self.limit_std) - normal.cdf((-1.0 - x) / self.limit_std))
-        return (-position_err / (2 * self.position_std_m ** 2)
-                - (3.0 - trace) / (2 * self.orientation_std_rad ** 2)
-                + inside.clamp_min(1e-12).log().sum(-1))
+        log_p = (-position_err / (2 * self.position_std_m ** 2)
+                 - (3.0 - trace) / (2 * self.orientation_std_rad ** 2)
+                 + inside.clamp_min(1e-12).log().sum(-1))
+        if self.workcell is not None:
+            checker, world = self.workcell
+            depth = _Penetration.apply(q, checker, world, self.collision_margin_m)
+            log_p = log_p - depth.reshape(b, n) / self.collision_scale_m
+        return log_p
+
+
+class _Penetration(torch.autograd.Function):
+    """The spheres' penetration P(q) ``(B,)`` of configurations ``q (B, J)``, differentiable
+    through its analytic joint gradient
+    (:meth:`~mace_core.robot.spheres.SphereCollisionChecker.penetration_gradient`)."""
+
+    @staticmethod
+    def forward(ctx, q, checker, world, margin):
+        with torch.no_grad():
+            cost, grad = checker.penetration_gradient(q.detach(), world, margin)
+        ctx.save_for_backward(grad)
+        return cost
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return grad_out[:, None] * grad, None, None, None
 
 
 def pose_contexts(kin, n: int, generator: torch.Generator) -> torch.Tensor:

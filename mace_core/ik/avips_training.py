@@ -27,9 +27,13 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
+from ..paths import default_models_dir
 from ..robot.kinematics import RobotKinematics
+from ..robot.scenes import load_scene, quaternion_xyzw_to_matrix
+from ..robot.spheres import CollisionWorld, SphereCollisionChecker
 from ..tensor import TensorSpec
 from .avips import (AVIPSConfig, AVIPSTrainer, ConditionalGMM, IKTargetDensity, MixturePrior,
                     elbo, elbo_step, pose_contexts)
@@ -62,6 +66,12 @@ class AVIPSTrainingConfig:
     eval_poses: int = 10_240  #: poses of the accuracy protocol
     eval_samples: int = 25  #: draws per pose
     eval_contexts: int = 1024  #: held-out contexts of the ELBO and the entropies
+    #: a scene YAML whose obstacles join the target density as a collision expert (a workcell
+    #: prior, :class:`~.avips.IKTargetDensity`); empty: none
+    workcell: str = ""
+    #: with ``workcell``: pose targets of that scene (drawn as the pose benchmark draws them)
+    #: at which the raw samples' validity is measured
+    workcell_targets: int = 20
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -74,6 +84,42 @@ class AVIPSTrainingConfig:
             raise ValueError("steps must be >= 0 and learning_rate > 0")
 
 
+def target_density(cfg: AVIPSTrainingConfig, kin: RobotKinematics) -> IKTargetDensity:
+    """The IK target, with the workcell's collision expert when ``cfg.workcell`` names one."""
+    if not cfg.workcell:
+        return IKTargetDensity(kin)
+    checker = SphereCollisionChecker.from_file(
+        kin, kin.spec, os.path.join(default_models_dir(), "panda_spheres.yaml"))
+    world = CollisionWorld.from_obstacles(load_scene(cfg.workcell).obstacles, kin.spec)
+    return IKTargetDensity(kin, workcell=(checker, world))
+
+
+def raw_sample_validity(prior, kin: RobotKinematics, scene_path: str, targets: int,
+                        samples: int, seed: int = 0) -> float:
+    """Share of a prior's raw samples that are valid (within the limits, free of self- and
+    scene collision by the exact MuJoCo checker) at ``targets`` pose targets of the scene,
+    drawn as ``mace-bench ik --target-kind pose --seed`` draws them, ``samples`` each."""
+    from ..robot.backends import exact_checker
+    from ..robot.pybullet_checker import PyBulletCollisionChecker
+    from .benchmark import sample_pose_targets
+    from .conditioning import context_of
+
+    scene = load_scene(scene_path)
+    with PyBulletCollisionChecker(scene.obstacles) as referee:
+        poses = sample_pose_targets(scene, targets, seed, referee)  # (T, 7)
+    pose = torch.zeros(targets, 4, 4, dtype=kin.spec.dtype)
+    pose[:, 3, 3] = 1.0
+    pose[:, :3, 3] = torch.as_tensor(poses[:, :3], dtype=kin.spec.dtype)
+    pose[:, :3, :3] = torch.as_tensor(np.stack([quaternion_xyzw_to_matrix(p[3:])
+                                                for p in poses]), dtype=kin.spec.dtype)
+    context = context_of(prior.config.conditioning, pose).repeat_interleave(samples, 0)
+    with torch.no_grad():
+        q = prior.sample(context, kin.spec.generator(seed))
+    checker = exact_checker("mujoco", "cpu")
+    checker.set_obstacles(CollisionWorld.from_obstacles(scene.obstacles, kin.spec).obstacles)
+    return float(np.mean(checker.valid(q.cpu().numpy())))
+
+
 def build_model(cfg: AVIPSTrainingConfig) -> ConditionalGMM:
     """The untrained mixture over the 7 scaled joints, given a pose context (9)."""
     components = 1 if cfg.method == "gaussian" else cfg.components
@@ -84,8 +130,9 @@ def build_model(cfg: AVIPSTrainingConfig) -> ConditionalGMM:
 
 def evaluate(model: ConditionalGMM, kin: RobotKinematics, cfg: AVIPSTrainingConfig,
              name: str) -> dict:
-    """The figures of the module docstring; held-out contexts from seed ``cfg.seed + 1``."""
-    density = IKTargetDensity(kin)
+    """The figures of the module docstring; held-out contexts from seed ``cfg.seed + 1``;
+    with a workcell, the raw samples' validity at its pose targets too."""
+    density = target_density(cfg, kin)
     gen = kin.spec.generator(cfg.seed + 1)
     with torch.no_grad():
         z = pose_contexts(kin, cfg.eval_contexts, gen)
@@ -99,8 +146,13 @@ def evaluate(model: ConditionalGMM, kin: RobotKinematics, cfg: AVIPSTrainingConf
     accuracy: PriorAccuracy = prior_accuracy(MixturePrior(model, kin.lower, kin.upper), kin, name,
                                              poses=cfg.eval_poses, samples=cfg.eval_samples,
                                              seed=cfg.seed + 2)
-    return dict(elbo=bound, model_entropy=model_entropy, weight_entropy=weight_entropy,
-                components_left=int(model.alive.sum()), accuracy=asdict(accuracy))
+    figures = dict(elbo=bound, model_entropy=model_entropy, weight_entropy=weight_entropy,
+                   components_left=int(model.alive.sum()), accuracy=asdict(accuracy))
+    if cfg.workcell:
+        figures["workcell_valid_fraction"] = raw_sample_validity(
+            MixturePrior(model, kin.lower, kin.upper), kin, cfg.workcell,
+            cfg.workcell_targets, cfg.eval_samples)
+    return figures
 
 
 def save(model: ConditionalGMM, kin: RobotKinematics, path: str, metadata: dict) -> None:
@@ -114,7 +166,7 @@ def train(cfg: AVIPSTrainingConfig, kin: RobotKinematics, out: str | None = None
     checkpoints to ``out``; returns the model and the training figures."""
     cfg.validate()
     model = build_model(cfg)
-    density = IKTargetDensity(kin)
+    density = target_density(cfg, kin)
     gen = kin.spec.generator(cfg.seed)
 
     def contexts() -> torch.Tensor:

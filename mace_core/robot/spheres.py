@@ -453,6 +453,7 @@ class SphereCollisionChecker:
         self.kinematics = kinematics
         self.spec = spec
         self.spheres = spheres
+        self._moves: torch.Tensor | None = None  # (J, L) joint j moves link l, when first asked
         names = kinematics.link_names
         index = {name: k for k, name in enumerate(names)}
         unknown = sorted(set(spheres.links) - set(index))
@@ -693,6 +694,27 @@ class SphereCollisionChecker:
                 per_group = torch.cat([grad.sum(1), torch.cross(pos, grad, dim=-1).sum(1)], -1)
                 wrench.index_add_(0, b * links + self._group_link.index_select(0, g), per_group)
         return cost, wrench.view(batch, links, 6)
+
+    def penetration_gradient(self, q: torch.Tensor, world: CollisionWorld, margin: float = 0.0,
+                             poses: torch.Tensor | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`penetration`'s cost ``(B,)`` and its joint gradient ``(B, J)``.
+
+        The gradient is analytic, g_j = a_j · Σ_s (x_s − p_j) × ∂P/∂x_s over the spheres s that
+        joint j (axis a_j, origin p_j) moves, from the per-link sums of ∂P/∂x_s and
+        x_s × ∂P/∂x_s (the wrench).
+        """
+        if len(world) == 0:
+            return q.new_zeros(q.shape[0]), torch.zeros_like(q)
+        kin = self.kinematics
+        poses = kin.link_poses(q) if poses is None else poses
+        cost, wrench = self.penetration(q, world, margin, poses)
+        if self._moves is None:  # (J, L): joint j moves link l
+            self._moves = kin.ancestor_mask(list(kin.link_names))
+        wrench = self._moves @ wrench  # (B, J, 6): what joint j's subtree feels
+        axes, origins = kin.joint_axes(poses)  # (B, J, 3)
+        grad = (axes * (wrench[..., 3:] - torch.cross(origins, wrench[..., :3], dim=-1))).sum(-1)
+        return cost, grad
 
     @torch.no_grad()
     def self_collision(self, q: torch.Tensor,
