@@ -7,7 +7,24 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
+from dataclasses import asdict
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, defaults) -> None:
+    """One ``--field-name`` option per field of the dataclass instance ``defaults``, typed and
+    defaulted by it (the training commands' settings)."""
+    for name, value in asdict(defaults).items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+
+
+def config_from_arguments(cls: type[T], args: argparse.Namespace) -> T:
+    """The dataclass ``cls`` from the options :func:`add_config_arguments` declared."""
+    return cls(**{k: getattr(args, k) for k in asdict(cls())})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,7 @@ from ..robot.kinematics import RobotKinematics
 from ..robot.scenes import load_scene, quaternion_xyzw_to_matrix
 from ..robot.spheres import CollisionWorld, SphereCollisionChecker
 from ..tensor import TensorSpec
+from ..training import add_config_arguments, config_from_arguments
 from .avips import (AVIPSConfig, AVIPSTrainer, ConditionalGMM, IKTargetDensity, MixturePrior,
                     elbo, elbo_step, pose_contexts)
 from .prior_accuracy import PriorAccuracy, prior_accuracy
@@ -206,15 +207,13 @@ def train(cfg: AVIPSTrainingConfig, kin: RobotKinematics, out: str | None = None
 def main_avips(argv: list[str] | None = None) -> int:
     """``mace-train avips``: train one method, write its weights and figures (JSON)."""
     ap = argparse.ArgumentParser(prog="mace-train avips", description=__doc__.split("\n")[0])
-    defaults = AVIPSTrainingConfig()
-    for name, value in asdict(defaults).items():
-        ap.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    add_config_arguments(ap, AVIPSTrainingConfig())
     ap.add_argument("--out", default="out/avips/panda_avips.safetensors",
                     help="weights (safetensors); the figures go beside it as .json")
     ap.add_argument("--evaluate-only", action="store_true",
                     help="measure the weights at --out instead of training")
     args = ap.parse_args(argv)
-    cfg = AVIPSTrainingConfig(**{k: getattr(args, k) for k in asdict(defaults)})
+    cfg = config_from_arguments(AVIPSTrainingConfig, args)
     try:
         cfg.validate()
     except ValueError as exc:

@@ -20,6 +20,7 @@ import torch
 
 from ..robot.kinematics import RobotKinematics
 from ..tensor import TensorSpec
+from ..training import add_config_arguments, config_from_arguments
 from .conditioning import context_dim, context_of
 from .prior import ARGMMConfig, ARGMMPrior
 from .registry import load_ik_prior, save_ik_prior
@@ -222,8 +223,7 @@ def main_ik(argv: list[str] | None = None) -> int:
     """``mace-train ik``: generate data, train the IK prior, write weights, registry and card."""
     ap = argparse.ArgumentParser(prog="mace-train ik", description=main_ik.__doc__)
     defaults = IKTrainingConfig()
-    for name, value in asdict(defaults).items():
-        ap.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    add_config_arguments(ap, defaults)
     ap.add_argument("--name", default="panda_ik")
     ap.add_argument("--models-dir", default="models")
     ap.add_argument("--data-cache", default="data/ik_dataset.pt",
@@ -234,7 +234,7 @@ def main_ik(argv: list[str] | None = None) -> int:
     ap.add_argument("--evaluate-only", action="store_true",
                     help="skip training: evaluate the existing weights and rewrite the card")
     args = ap.parse_args(argv)
-    cfg = IKTrainingConfig(**{k: getattr(args, k) for k in asdict(defaults)})
+    cfg = config_from_arguments(IKTrainingConfig, args)
     torch.set_num_threads(cfg.threads)
     spec = TensorSpec.resolve("cpu")
     path = os.path.join(args.models_dir, f"{args.name}.safetensors")
