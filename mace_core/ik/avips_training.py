@@ -60,6 +60,9 @@ class AVIPSTrainingConfig:
     steps: int = 3000  #: gradient steps (aVIPS: ``m_steps`` per E-step)
     m_steps: int = 10  #: aVIPS: gradient steps per M-step
     learning_rate: float = 3e-3  #: Adam (aVIPS: the adapted rates stay below it)
+    epsilon_mu: float = 0.05  #: aVIPS: bound on the mean part of each component's KL per E-step
+    epsilon_sigma: float = 0.01  #: aVIPS: bound on its covariance part
+    epsilon_weights: float = 0.01  #: aVIPS: bound on the weights' KL per E-step
     time_limit_min: float = 0.0  #: wall-clock cap of the training, min (0: none)
     checkpoint_min: float = 5.0  #: minutes between checkpoints
     seed: int = 0
@@ -83,6 +86,8 @@ class AVIPSTrainingConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.steps < 0 or not self.learning_rate > 0:
             raise ValueError("steps must be >= 0 and learning_rate > 0")
+        if min(self.epsilon_mu, self.epsilon_sigma, self.epsilon_weights) <= 0:
+            raise ValueError("the trust regions' bounds must be > 0")
 
 
 def target_density(cfg: AVIPSTrainingConfig, kin: RobotKinematics) -> IKTargetDensity:
@@ -179,7 +184,8 @@ def train(cfg: AVIPSTrainingConfig, kin: RobotKinematics, out: str | None = None
     if cfg.method == "avips":
         trainer = AVIPSTrainer(model, density, AVIPSConfig(
             samples=cfg.samples, m_steps=cfg.m_steps, learning_rate=cfg.learning_rate,
-            max_learning_rate=cfg.learning_rate))
+            max_learning_rate=cfg.learning_rate, epsilon_mu=cfg.epsilon_mu,
+            epsilon_sigma=cfg.epsilon_sigma, epsilon_weights=cfg.epsilon_weights))
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     while steps < cfg.steps and time.perf_counter() - start < limit_s:
