@@ -24,8 +24,9 @@ halfway towards rate · desired / actual KL change per step. On the 4-mode toy (
 components, 3 x 128; raw samples at 512 poses x 25) are far from the thesis: aVIPS 197 mm /
 100 deg with 4 components left (weight entropy 0.40), plain VI 119 mm / 44 deg on one component
 (0.00). Not yet here: context resampling (Sec. 3.3), the bound-based covariance regularization
-(Sec. 3.5), adding components, the prior in MACE. Training and measuring on the Panda:
-:mod:`.avips_training` (``mace-train avips``).
+(Sec. 3.5), adding components. Training and measuring on the Panda: :mod:`.avips_training`
+(``mace-train avips``); :class:`MixturePrior` is the trained mixture as MACE's pose prior, and a
+workcell's obstacles may join the target (:class:`IKTargetDensity`).
 
 Shapes: contexts ``(B, C)``, samples ``(B, N, D)``, per component ``(B, O, ...)``.
 """
