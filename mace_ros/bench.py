@@ -56,6 +56,9 @@ def _add_ik_parser(sub) -> None:
     p.add_argument("--poses", type=int, default=10_240, help="prior-accuracy: target poses")
     p.add_argument("--samples-per-pose", type=int, default=25,
                    help="prior-accuracy: draws per pose")
+    p.add_argument("--figure", default="",
+                   help="prior-accuracy: PNG of each prior's raw samples at one hand pose (the "
+                        "ready pose's), arms drawn (aVIPS thesis Fig. 5.1); <stem>_<prior>.png")
     p.add_argument("--methods", default="",
                    help=f"comma-separated subset (requests: {','.join(METHODS)}; "
                         f"table1: {','.join(TABLE1_METHODS)})")
@@ -183,7 +186,35 @@ def _run_prior_accuracy(args: argparse.Namespace) -> int:
         prior = load_ik_prior(os.path.join(models_dir, entry.file), spec)
         results.append(prior_accuracy(prior, kin, name, args.poses, args.samples_per_pose,
                                       args.seed))
+        if args.figure:
+            print(f"wrote {_prior_samples_figure(args.figure, name, prior, kin, args)}")
     return _report(accuracy_table(results), report(results), args.json)
+
+
+#: the Panda's ready configuration (rad), whose hand pose the samples figure asks for
+READY = (0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785)
+
+
+def _prior_samples_figure(path: str, name: str, prior, kin, args: argparse.Namespace) -> str:
+    """``--figure``: ``--samples-per-pose`` raw samples of ``prior`` at the ready pose's hand
+    pose, arms drawn; dashed where a sample leaves the joint limits."""
+    import torch
+
+    from mace_core.ik.conditioning import context_of
+    from mace_ros.conversions import arm_points
+    from mace_ros.plotting import plot_ik_solutions
+
+    pose = kin.ee_pose(kin.spec.tensor([READY]))  # (1, 4, 4)
+    n = args.samples_per_pose
+    with torch.no_grad():
+        q = prior.sample(context_of(prior.config.conditioning, pose).expand(n, -1),
+                         kin.spec.generator(args.seed))
+    stem, ext = os.path.splitext(path)
+    return plot_ik_solutions(
+        f"{stem}_{name}{ext or '.png'}", arm_points(kin, q.cpu().numpy()),
+        kin.within_limits(q).tolist(), [], pose[0, :3, 3].tolist(),
+        title=f"{name}: {n} raw samples at one hand pose (the star); dashed: outside the "
+              f"joint limits", legend=False)
 
 
 def _add_shape_parser(sub) -> None:

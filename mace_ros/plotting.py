@@ -83,7 +83,7 @@ def _view_box(arms: np.ndarray, target: np.ndarray, obstacles: Sequence[Obstacle
 def plot_ik_solutions(path: str, arms: np.ndarray, collision_free: Sequence[bool],
                       obstacles: Sequence[Obstacle], target: Sequence[float], title: str = "",
                       labels: Sequence[str] | None = None, elev: float = 24.0,
-                      azim: float = -58.0) -> str:
+                      azim: float = -58.0, legend: bool = True) -> str:
     """Draw arm polylines (best first) over the scene's wireframes and the target; write a PNG.
 
     Args:
@@ -95,6 +95,7 @@ def plot_ik_solutions(path: str, arms: np.ndarray, collision_free: Sequence[bool
         title: figure title.
         labels: ``(K,)`` legend entries (default "solution i").
         elev, azim: view angles, degrees.
+        legend: draw the legend (many arms: leave it out).
 
     Returns:
         ``path``.
@@ -132,7 +133,8 @@ def plot_ik_solutions(path: str, arms: np.ndarray, collision_free: Sequence[bool
     ax.set_ylabel("y (m)")
     ax.set_zlabel("z (m)")
     ax.view_init(elev=elev, azim=azim)
-    ax.legend(handles=handles, loc="upper left", fontsize=9, framealpha=0.9)
+    if legend:
+        ax.legend(handles=handles, loc="upper left", fontsize=9, framealpha=0.9)
     return _titled_png(fig, ax, path, title, 11)
 
 

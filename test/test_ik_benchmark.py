@@ -249,3 +249,18 @@ def test_a_users_pose_targets_file(models_dir, tmp_path):
             load_pose_targets(str(path))
     with pytest.raises(InvalidRequestError, match="target_kind 'pose'"):
         IKBenchmarkConfig(targets_file=str(path)).validate()
+
+
+def test_prior_accuracy_reads_both_kinds_of_ik_prior_and_draws_their_samples(tmp_path):
+    """``--protocol prior-accuracy`` takes the autoregressive and the aVIPS priors by name; its
+    ``--figure`` writes one PNG of raw samples per prior."""
+    out = tmp_path / "acc.json"
+    figure = tmp_path / "samples.png"
+    assert main(["ik", "--protocol", "prior-accuracy", "--ik-prior",
+                 "panda_ik_pose,panda_ik_avips", "--poses", "16", "--samples-per-pose", "3",
+                 "--json", str(out), "--figure", str(figure)]) == 0
+    priors = json.loads(out.read_text())["priors"]
+    assert [p["prior"] for p in priors] == ["panda_ik_pose", "panda_ik_avips"]
+    assert all(p["poses"] == 16 and p["mean_position_error_mm"] > 0 for p in priors)
+    for name in ("panda_ik_pose", "panda_ik_avips"):
+        assert (tmp_path / f"samples_{name}.png").stat().st_size > 10_000
