@@ -86,6 +86,9 @@ def _add_ik_parser(sub) -> None:
                    help="samples judged per adapted model")
     p.add_argument("--table1-budget", type=float, default=d.table1_budget_s,
                    help="s of adaptation per target")
+    p.add_argument("--extra-obstacles", type=int, default=d.extra_obstacles,
+                   help="requests: boxes added near each target (a changed workcell; MACE's "
+                        "methods only)")
     p.add_argument("--table1-iterations", type=int, default=d.table1_iterations,
                    help="MACE iterations at most per target")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run")
@@ -131,7 +134,8 @@ def _run_ik(args: argparse.Namespace) -> int:
         warmup=not args.no_warmup, tracik_timeout_s=args.tracik_timeout,
         tracik_orientation=args.tracik_orientation,
         tracik_jacobian_steps=args.tracik_jacobian_steps, table1_samples=args.table1_samples,
-        table1_budget_s=args.table1_budget, table1_iterations=args.table1_iterations)
+        table1_budget_s=args.table1_budget, table1_iterations=args.table1_iterations,
+        extra_obstacles=args.extra_obstacles)
     cfg.validate()
     service = load_service_config(args.config).ik if args.config else IKAdaptConfig()
     if cfg.protocol == "table1":

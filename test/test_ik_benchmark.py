@@ -264,3 +264,23 @@ def test_prior_accuracy_reads_both_kinds_of_ik_prior_and_draws_their_samples(tmp
     assert all(p["poses"] == 16 and p["mean_position_error_mm"] > 0 for p in priors)
     for name in ("panda_ik_pose", "panda_ik_avips"):
         assert (tmp_path / f"samples_{name}.png").stat().st_size > 10_000
+
+
+def test_extra_obstacles_are_seeded_near_the_target_and_clear_of_it():
+    from mace_core.ik.benchmark import with_extra_obstacles
+
+    scene = load_scene(os.path.join(ROOT, "config", "scenes", "cabinet.yaml"))
+    target = np.array([0.5, 0.1, 0.4, 0.0, 0.0, 0.0, 1.0])
+    changed = with_extra_obstacles(scene, target, 2, seed=0, index=3)
+    extra = changed.obstacles[len(scene.obstacles):]
+    assert changed.obstacles[:len(scene.obstacles)] == scene.obstacles and len(extra) == 2
+    for box in extra:
+        box.validate()
+        gap = np.linalg.norm(np.asarray(box.position) - target[:3])
+        assert 0.06 + 0.5 * np.linalg.norm(box.size) <= gap <= 0.25 * math.sqrt(3)
+        assert all(0.04 <= s <= 0.08 for s in box.size)
+    assert with_extra_obstacles(scene, target, 2, seed=0, index=3) == changed
+    assert with_extra_obstacles(scene, target, 2, seed=0, index=4) != changed
+    with pytest.raises(InvalidRequestError, match="MACE's methods only"):
+        IKBenchmarkConfig(target_kind="pose", extra_obstacles=1,
+                          methods=("mace_refine", "tracik_restarts")).validate()

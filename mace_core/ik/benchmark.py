@@ -38,7 +38,7 @@ from ..robot.hull_distance import HullDistanceReference
 from ..robot.kinematics import RobotKinematics, panda_urdf_path
 from ..robot.pybullet_checker import PyBulletCollisionChecker
 from ..robot.rotations import matrix_to_quaternion_xyzw
-from ..robot.scenes import Scene, quaternion_xyzw_to_matrix
+from ..robot.scenes import Obstacle, Scene, quaternion_xyzw_to_matrix
 from ..tensor import TensorSpec
 from .adapter import IKAdapter
 from .baselines import (TRACIK_ORIENTATIONS, AnalyticRestarts, BatchedRestarts, TargetOutcome,
@@ -98,6 +98,9 @@ class IKBenchmarkConfig:
     table1_samples: int = 1000  #: samples drawn from each adapted model
     table1_budget_s: float = 1.0  #: s, wall-time budget of one adaptation (table1)
     table1_iterations: int = 40  #: T at most (table1); N, q, M, step size: the service config
+    #: boxes (4-8 cm) added to the scene per target, drawn near it but clear of the hand's
+    #: target (seeded): a workcell that changed between requests; MACE's methods only
+    extra_obstacles: int = 0
 
     def validate(self) -> None:
         """Raise InvalidRequestError on settings the benchmark cannot run with."""
@@ -130,6 +133,11 @@ class IKBenchmarkConfig:
                                       f"{TRACIK_ORIENTATIONS}, got '{self.tracik_orientation}'")
         if self.tracik_jacobian_steps < 0 or self.table1_iterations < 0:
             raise InvalidRequestError("step and iteration counts must be >= 0")
+        if self.extra_obstacles < 0:
+            raise InvalidRequestError("extra_obstacles must be >= 0")
+        if self.extra_obstacles and any(m not in MACE_METHODS for m in self.methods):
+            raise InvalidRequestError(f"extra obstacles run MACE's methods only "
+                                      f"({sorted(MACE_METHODS)}), got {list(self.methods)}")
 
 
 @dataclass
@@ -266,6 +274,23 @@ def sample_pose_targets(scene: Scene, n: int, seed: int,
     pose = kin.ee_pose(torch.stack(found))
     quat = np.stack([matrix_to_quaternion_xyzw(r) for r in pose[:, :3, :3].numpy()])
     return np.concatenate([pose[:, :3, 3].numpy(), quat], 1)
+
+
+def with_extra_obstacles(scene: Scene, target: np.ndarray, count: int, seed: int,
+                         index: int) -> Scene:
+    """``scene`` plus ``count`` boxes (sides 4-8 cm) centred within 0.25 m of the target's
+    position, each at least 6 cm plus its half-diagonal from it (the hand's target stays
+    clear), drawn from ``(seed, index)``."""
+    rng = np.random.default_rng([seed, index, 7])
+    position = np.asarray(target[:3], dtype=float)
+    extra = []
+    while len(extra) < count:
+        size = rng.uniform(0.04, 0.08, 3)
+        centre = position + rng.uniform(-0.25, 0.25, 3)
+        if np.linalg.norm(centre - position) >= 0.06 + 0.5 * np.linalg.norm(size):
+            extra.append(Obstacle(name=f"extra_{len(extra)}", kind="box",
+                                  size=tuple(size.tolist()), position=tuple(centre.tolist())))
+    return replace(scene, obstacles=tuple(scene.obstacles) + tuple(extra))
 
 
 def load_pose_targets(path: str) -> np.ndarray:
@@ -457,6 +482,13 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
         targets = sample_targets(scene, cfg.num_targets, cfg.seed)
     runners: dict[str, Callable[[int, np.ndarray], TargetOutcome]] = {}
     outcomes: dict[str, list[TargetOutcome]] = {method: [] for method in cfg.methods}
+
+    def scene_of(i: int, target: np.ndarray) -> Scene:
+        """Target ``i``'s scene: ``scene``, with its extra obstacles when asked for."""
+        if not cfg.extra_obstacles:
+            return scene
+        return with_extra_obstacles(scene, target, cfg.extra_obstacles, cfg.seed, i)
+
     try:
         for method in cfg.methods:
             if method == "tracik_restarts":
@@ -497,7 +529,7 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
                     outcomes.setdefault(name, [])
                     runners[name] = (
                         lambda i, target, a=served_by, overrides=MACE_METHODS[method]:
-                        _mace_outcome(a, scene, target, cfg, overrides,
+                        _mace_outcome(a, scene_of(i, target), target, cfg, overrides,
                                       seed=cfg.seed * 100003 + i))
         for name, runner in (extra or {}).items():
             runners[name], outcomes[name] = runner, []
@@ -513,11 +545,16 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
         order = list(runners.items())
         for i, target in enumerate(targets):
             shift = i % len(order)
+            judge_i = (judge if not cfg.extra_obstacles else SolutionJudge(
+                scene_of(i, target), cfg.position_tolerance,
+                orientation_tolerance=cfg.orientation_tolerance))
             for method, run_one in order[shift:] + order[:shift]:
                 o = run_one(i, target)
                 (o.valid, o.collision_free, o.position_error,
-                 o.orientation_error) = judge.judge(o.solutions, target)
+                 o.orientation_error) = judge_i.judge(o.solutions, target)
                 outcomes[method].append(o)
+            if judge_i is not judge:
+                judge_i.close()
         log(f"[{scene.name}] {', '.join(runners)}: done")
     finally:
         judge.close()
