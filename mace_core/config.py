@@ -89,12 +89,17 @@ def from_flat(cls: type, flat: dict[str, Any]) -> Any:
 
 @lru_cache(maxsize=None)
 def field_docs(cls: type) -> dict[str, str]:
-    """The ``#:`` comment of each field of dataclass ``cls``, by field name."""
-    docs = {}
+    """The ``#:`` comment of each field of dataclass ``cls``, by field name: on the field's line,
+    or on the comment lines right above it (the longer ones)."""
+    docs, above = {}, []
     for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+)\s*:[^#]*#:\s*(.+)$", line)
-        if m:
-            docs[m.group(1)] = m.group(2).strip()
+        if line.strip().startswith("#:"):
+            above.append(line.strip()[2:].strip())
+            continue
+        m = re.match(r"\s+(\w+)\s*:[^#]*(?:#:\s*(.+))?$", line)
+        if m and (m.group(2) or above):
+            docs[m.group(1)] = (m.group(2) or " ".join(above)).strip()
+        above = []
     return docs
 
 

@@ -708,3 +708,14 @@ def test_placed_contacts_are_moved_into_the_support_frame():
     np.testing.assert_allclose(request.contacts, [[0.1, 0.0, 0.2]], atol=1e-9)
     np.testing.assert_allclose(request.directions, [[-1.0, 0.0, 0.0]], atol=1e-9)
     np.testing.assert_allclose(request.grasp_center, [0.0, 0.0, 0.1], atol=1e-9)
+
+
+def test_every_parameter_has_a_description():
+    """Each parameter's description (``ros2 param describe``) is its field's ``#:`` comment, on
+    the field's line or on the comment lines above it."""
+    from mace_core.config import ServiceConfig, flat_docs
+
+    docs = flat_docs(ServiceConfig)
+    assert len(docs) == len(params.parameter_defaults())
+    assert all(docs.values()), [name for name, text in docs.items() if not text]
+    assert "debug" in docs["request_log_level"] and "contents" in docs["service_introspection"]
