@@ -74,7 +74,9 @@ class ConditionalGMM(nn.Module):
         self.architecture = dict(context_dim=context_dim, dim=dim, components=components,
                                  hidden=hidden, layers=layers, gate_hidden=gate_hidden,
                                  init_std=init_std)
-        self._tril = torch.tril_indices(dim, dim, offset=-1)
+        # the factor's strictly lower entries (2, D(D-1)/2); a buffer, so that it moves with
+        # the model to its device, but not stored with the weights
+        self.register_buffer("_tril", torch.tril_indices(dim, dim, offset=-1), persistent=False)
         out = dim + dim + self._tril.shape[1]  # mean, log-diagonal, strictly lower part
         self.nets = nn.ModuleList(_mlp(context_dim, hidden, layers, out)
                                   for _ in range(components))
