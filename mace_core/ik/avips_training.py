@@ -32,7 +32,7 @@ import torch
 
 from ..paths import default_models_dir
 from ..robot.kinematics import RobotKinematics
-from ..robot.scenes import load_scene, quaternion_xyzw_to_matrix
+from ..robot.scenes import load_scene
 from ..robot.spheres import CollisionWorld, SphereCollisionChecker
 from ..tensor import TensorSpec
 from ..training import add_config_arguments, config_from_arguments
@@ -107,17 +107,13 @@ def raw_sample_validity(prior, kin: RobotKinematics, scene_path: str, targets: i
     drawn as ``mace-bench ik --target-kind pose --seed`` draws them, ``samples`` each."""
     from ..robot.backends import exact_checker
     from ..robot.pybullet_checker import PyBulletCollisionChecker
-    from .benchmark import sample_pose_targets
+    from .benchmark import pose_matrix, sample_pose_targets
     from .conditioning import context_of
 
     scene = load_scene(scene_path)
     with PyBulletCollisionChecker(scene.obstacles) as referee:
         poses = sample_pose_targets(scene, targets, seed, referee)  # (T, 7)
-    pose = torch.zeros(targets, 4, 4, dtype=kin.spec.dtype)
-    pose[:, 3, 3] = 1.0
-    pose[:, :3, 3] = torch.as_tensor(poses[:, :3], dtype=kin.spec.dtype)
-    pose[:, :3, :3] = torch.as_tensor(np.stack([quaternion_xyzw_to_matrix(p[3:])
-                                                for p in poses]), dtype=kin.spec.dtype)
+    pose = kin.spec.tensor(np.stack([pose_matrix(p) for p in poses]))  # (T, 4, 4)
     context = context_of(prior.config.conditioning, pose).repeat_interleave(samples, 0)
     with torch.no_grad():
         q = prior.sample(context, kin.spec.generator(seed))
@@ -149,15 +145,14 @@ def evaluate(model: ConditionalGMM, kin: RobotKinematics, cfg: AVIPSTrainingConf
         w = logw.exp()
         weight_entropy = float(-(w * torch.where(model.alive, logw, torch.zeros_like(logw))
                                  ).sum(-1).mean())
-    accuracy: PriorAccuracy = prior_accuracy(MixturePrior(model, kin.lower, kin.upper), kin, name,
-                                             poses=cfg.eval_poses, samples=cfg.eval_samples,
-                                             seed=cfg.seed + 2)
+    prior = MixturePrior(model, kin.lower, kin.upper)
+    accuracy: PriorAccuracy = prior_accuracy(prior, kin, name, poses=cfg.eval_poses,
+                                             samples=cfg.eval_samples, seed=cfg.seed + 2)
     figures = dict(elbo=bound, model_entropy=model_entropy, weight_entropy=weight_entropy,
                    components_left=int(model.alive.sum()), accuracy=asdict(accuracy))
     if cfg.workcell:
         figures["workcell_valid_fraction"] = raw_sample_validity(
-            MixturePrior(model, kin.lower, kin.upper), kin, cfg.workcell,
-            cfg.workcell_targets, cfg.eval_samples)
+            prior, kin, cfg.workcell, cfg.workcell_targets, cfg.eval_samples)
     return figures
 
 

@@ -338,7 +338,7 @@ def _mace_outcome(adapter: IKAdapter, scene: Scene, target: np.ndarray, cfg: IKB
     elapsed = time.perf_counter() - t0
     projection = {}
     if pose and adapter.closed_form is not None:  # untimed: how well the prior knows the pose
-        dist = adapter.projection_distances(_pose_matrix(target), seed=seed).cpu().numpy()
+        dist = adapter.projection_distances(pose_matrix(target), seed=seed).cpu().numpy()
         found = np.isfinite(dist)
         projection = dict(projectable_fraction=float(found.mean()),
                           projection_distance=float(np.median(dist[found])) if found.any()
@@ -483,11 +483,16 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
     runners: dict[str, Callable[[int, np.ndarray], TargetOutcome]] = {}
     outcomes: dict[str, list[TargetOutcome]] = {method: [] for method in cfg.methods}
 
+    changed: dict[int, Scene] = {}  # target index -> its scene with the extra obstacles
+
     def scene_of(i: int, target: np.ndarray) -> Scene:
-        """Target ``i``'s scene: ``scene``, with its extra obstacles when asked for."""
+        """Target ``i``'s scene: ``scene``, with its extra obstacles when asked for (drawn once
+        per target, for every method and the judge)."""
         if not cfg.extra_obstacles:
             return scene
-        return with_extra_obstacles(scene, target, cfg.extra_obstacles, cfg.seed, i)
+        if i not in changed:
+            changed[i] = with_extra_obstacles(scene, target, cfg.extra_obstacles, cfg.seed, i)
+        return changed[i]
 
     try:
         for method in cfg.methods:
@@ -514,7 +519,7 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
                                          cfg.tracik_timeout_s,
                                          min_joint_distance=cfg.min_joint_distance)
                 runners[method] = lambda i, target, floor=floor: floor.solve(
-                    _pose_matrix(target), np.random.default_rng([cfg.seed, i]))
+                    pose_matrix(target), np.random.default_rng([cfg.seed, i]))
             elif method == "batched_restarts":
                 batched = BatchedRestarts(adapter.kin, judge.checker, cfg.num_solutions,
                                           cfg.tracik_timeout_s,
@@ -522,7 +527,7 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
                                           position_tolerance=cfg.position_tolerance,
                                           orientation_tolerance=cfg.orientation_tolerance)
                 runners[method] = lambda i, target, batched=batched: batched.solve(
-                    _pose_matrix(target), adapter.spec.generator(cfg.seed * 100003 + i))
+                    pose_matrix(target), adapter.spec.generator(cfg.seed * 100003 + i))
             else:
                 for label, served_by in [("", adapter)] + sorted((others or {}).items()):
                     name = f"{method}@{label}" if label else method
@@ -570,7 +575,7 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
     return report
 
 
-def _pose_matrix(target: np.ndarray) -> np.ndarray:
+def pose_matrix(target: np.ndarray) -> np.ndarray:
     """``(4, 4)`` of a pose target (x, y, z, qx, qy, qz, qw)."""
     pose = np.eye(4)
     pose[:3, :3] = np.asarray(quaternion_xyzw_to_matrix(target[3:]))

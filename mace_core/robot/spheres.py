@@ -453,7 +453,8 @@ class SphereCollisionChecker:
         self.kinematics = kinematics
         self.spec = spec
         self.spheres = spheres
-        self._moves: torch.Tensor | None = None  # (J, L) joint j moves link l, when first asked
+        #: (J, L): joint j moves link l (the penetration's joint gradient)
+        self._moves = kinematics.ancestor_mask(list(kinematics.link_names))
         names = kinematics.link_names
         index = {name: k for k, name in enumerate(names)}
         unknown = sorted(set(spheres.links) - set(index))
@@ -709,8 +710,6 @@ class SphereCollisionChecker:
         kin = self.kinematics
         poses = kin.link_poses(q) if poses is None else poses
         cost, wrench = self.penetration(q, world, margin, poses)
-        if self._moves is None:  # (J, L): joint j moves link l
-            self._moves = kin.ancestor_mask(list(kin.link_names))
         wrench = self._moves @ wrench  # (B, J, 6): what joint j's subtree feels
         axes, origins = kin.joint_axes(poses)  # (B, J, 3)
         grad = (axes * (wrench[..., 3:] - torch.cross(origins, wrench[..., :3], dim=-1))).sum(-1)
