@@ -486,13 +486,10 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
     changed: dict[int, Scene] = {}  # target index -> its scene with the extra obstacles
 
     def scene_of(i: int, target: np.ndarray) -> Scene:
-        """Target ``i``'s scene: ``scene``, with its extra obstacles when asked for (drawn once
-        per target, for every method and the judge)."""
-        if not cfg.extra_obstacles:
-            return scene
-        if i not in changed:
+        """Target ``i``'s scene, with its extra obstacles when asked for (drawn once)."""
+        if cfg.extra_obstacles and i not in changed:
             changed[i] = with_extra_obstacles(scene, target, cfg.extra_obstacles, cfg.seed, i)
-        return changed[i]
+        return changed.get(i, scene)
 
     try:
         for method in cfg.methods:
