@@ -1,6 +1,7 @@
 """The autoregressive GMM prior: shapes, a normalized density, masking, training, weights I/O."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ from mace_core.errors import ModelLoadError
 from mace_core.ik.prior import ARGMMConfig, ARGMMPrior
 from mace_core.ik.registry import load_ik_prior, save_ik_prior
 from mace_core.tensor import TensorSpec
+
+from conftest import MODELS_DIR
 
 TINY = ARGMMConfig(num_joints=2, context_dim=3, hidden=16, layers=2)
 SPEC = TensorSpec.resolve("cpu", torch.float64)
@@ -73,6 +76,31 @@ def test_one_broadcast_position_samples_as_many_rows():
         rows = prior.sample(p.repeat(64, 1), SPEC.generator(4))
     assert torch.allclose(shared, rows, atol=1e-12)
     assert shared.std(0).min() > 0  # 64 different draws, not one copied
+
+
+def test_numpy_and_torch_sampling_draw_the_same():
+    """Without autograd on the CPU the draw runs in NumPy, with it in torch: the same
+    generator gives the same configurations, for one broadcast position and for one per row."""
+    prior = tiny_prior(2)
+    for p in (torch.tensor([[0.3, -0.2, 0.5]], dtype=torch.float64).expand(300, 3),
+              torch.randn(300, 3, dtype=torch.float64, generator=SPEC.generator(1))):
+        with torch.no_grad():
+            fast = prior.sample(p, SPEC.generator(6))
+        reference = prior.sample(p, SPEC.generator(6)).detach()
+        assert torch.allclose(fast, reference, atol=1e-12)
+        assert fast.std(0).min() > 0
+
+
+def test_shipped_prior_draws_alike_in_numpy_and_torch():
+    """The shipped prior in float32: the two paths agree to float32 rounding (a component
+    chosen differently by that rounding would show as a large gap)."""
+    prior = load_ik_prior(os.path.join(MODELS_DIR, "panda_ik.safetensors"),
+                          TensorSpec.resolve("cpu"))
+    p = torch.tensor([[0.5, 0.1, 0.4]]).expand(256, 3)
+    with torch.no_grad():
+        fast = prior.sample(p, torch.Generator().manual_seed(0))
+    reference = prior.sample(p, torch.Generator().manual_seed(0)).detach()
+    assert (fast - reference).abs().max() < 1e-4
 
 
 def test_joint_i_does_not_see_later_joints():

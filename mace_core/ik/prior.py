@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -128,14 +129,22 @@ class ARGMMPrior(nn.Module):
         Joint by joint through its own network; the component by inverse CDF on one uniform,
         then only the drawn component's mean and std are read out. When the rows are one
         position broadcast (``p.expand(B, 3)``, stride 0: a request's samples), the first
-        network, which sees the position only, runs on one row."""
+        network, which sees the position only, runs on one row. Without autograd on the CPU
+        the same arithmetic runs in NumPy on the parameters' memory (:func:`_sample_numpy`):
+        a request's draw is some 300 small operations, and NumPy's dispatch is the cheaper
+        (16 rows: 0.9 against 1.5 ms; 2048 rows: 47 against 75 ms; same draws to 1e-5)."""
         batch, j = p_ee.shape[0], self.config.num_joints
         shared = batch > 1 and p_ee.stride(0) == 0
         k_mix, c = self.config.components, self.config.context_dim
         kw = dict(device=p_ee.device, dtype=p_ee.dtype)
-        x = torch.cat([(p_ee - self.ctx_mean) / self.ctx_std, torch.zeros(batch, j, **kw)], -1)
         uniform = torch.rand(batch, j, 1, generator=generator, **kw)
         eps = torch.randn(batch, j, generator=generator, **kw)
+        if p_ee.device.type == "cpu" and not torch.is_grad_enabled():
+            context = (p_ee[:1] if shared else p_ee) - self.ctx_mean
+            qn = torch.from_numpy(_sample_numpy(
+                self, (context / self.ctx_std).numpy(), uniform[..., 0].numpy(), eps.numpy()))
+            return self.q_low + (qn + 1.0) * 0.5 * (self.q_high - self.q_low)
+        x = torch.cat([(p_ee - self.ctx_mean) / self.ctx_std, torch.zeros(batch, j, **kw)], -1)
         weights, biases = list(self.weights), list(self.biases)
         first = weights[0] * self.input_mask  # (J, C + J, H): network k sees q_<k only
         for k in range(j):
@@ -156,3 +165,29 @@ class ARGMMPrior(nn.Module):
     def architecture(self) -> dict:
         """Hyper-parameters to store next to the weights."""
         return asdict(self.config)
+
+
+def _sample_numpy(prior: ARGMMPrior, context: np.ndarray, uniform: np.ndarray,
+                  eps: np.ndarray) -> np.ndarray:
+    """:meth:`ARGMMPrior.sample` in NumPy, on views of the parameters (no copy; adaptation
+    updates them in place): normalized contexts ``(B or 1, C)``, the draw's uniforms and
+    normals ``(B, J)`` -> normalized joint values ``(B, J)``."""
+    cfg = prior.config
+    j, k_mix, c = cfg.num_joints, cfg.components, cfg.context_dim
+    weights = [w.detach().numpy() for w in prior.weights]  # (J, in, out)
+    biases = [b.detach().numpy()[:, 0] for b in prior.biases]  # (J, out)
+    batch = uniform.shape[0]
+    rows = np.arange(batch)
+    # every network's first layer on the context at once: (J, B or 1, H)
+    from_context = np.einsum("bc,jch->jbh", context, weights[0][:, :c]) + biases[0][:, None]
+    qn = np.zeros((batch, j), dtype=uniform.dtype)
+    for k in range(j):
+        h = from_context[k] + qn[:, :k] @ weights[0][k, c:c + k] if k else from_context[k]
+        for layer in range(1, len(weights)):
+            h = np.maximum(h, 0.2 * h) @ weights[layer][k] + biases[layer][k]  # LeakyReLU
+        h = np.broadcast_to(h, (batch, h.shape[1]))
+        weight = np.exp(h[:, :k_mix] - h[:, :k_mix].max(-1, keepdims=True)).cumsum(-1)
+        comp = (weight[:, :-1] < uniform[:, k:k + 1] * weight[:, -1:]).sum(-1)  # inverse CDF
+        std = np.logaddexp(0.0, h[rows, 2 * k_mix + comp]) + cfg.min_std  # softplus
+        qn[:, k] = h[rows, k_mix + comp] + std * eps[:, k]
+    return qn
