@@ -47,6 +47,7 @@ setup(
         "scipy>=1.10",
         "PyYAML>=6.0",
         "safetensors>=0.4",
+        "threadpoolctl>=3.0",  # NumPy's BLAS on torch's CPU threads
         "pybullet>=3.2.5",
         "mujoco>=4.0",  # exact collision checks (4.0.0 tested)
         "pytracik>=0.0.3",

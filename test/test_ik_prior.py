@@ -5,8 +5,10 @@ import os
 
 import pytest
 import torch
+from threadpoolctl import threadpool_info
 
 from mace_core.errors import ModelLoadError
+from mace_core.ik import prior as prior_module
 from mace_core.ik.prior import ARGMMConfig, ARGMMPrior
 from mace_core.ik.registry import load_ik_prior, save_ik_prior
 from mace_core.tensor import TensorSpec
@@ -101,6 +103,27 @@ def test_shipped_prior_draws_alike_in_numpy_and_torch():
         fast = prior.sample(p, torch.Generator().manual_seed(0))
     reference = prior.sample(p, torch.Generator().manual_seed(0)).detach()
     assert (fast - reference).abs().max() < 1e-4
+
+
+def test_numpy_sampling_runs_its_blas_on_torchs_threads(monkeypatch):
+    """The NumPy draw's matrix products use as many threads as torch is set to (NumPy's BLAS
+    would otherwise take every core, and stall when another process holds one)."""
+    seen = []
+    inner = prior_module._sample_numpy
+
+    def spy(*args):
+        seen.append([lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"])
+        return inner(*args)
+
+    monkeypatch.setattr(prior_module, "_sample_numpy", spy)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            tiny_prior().sample(torch.zeros(4, 3, dtype=torch.float64), SPEC.generator(0))
+    finally:
+        torch.set_num_threads(before)
+    assert seen and seen[0] and all(n == 1 for n in seen[0])
 
 
 def test_joint_i_does_not_see_later_joints():

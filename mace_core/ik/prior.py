@@ -10,11 +10,13 @@ sequential over the joints by nature: seven passes, each through one network.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from threadpoolctl import ThreadpoolController
 from torch import nn
 
 from ..errors import ModelLoadError
@@ -141,8 +143,12 @@ class ARGMMPrior(nn.Module):
         eps = torch.randn(batch, j, generator=generator, **kw)
         if p_ee.device.type == "cpu" and not torch.is_grad_enabled():
             context = (p_ee[:1] if shared else p_ee) - self.ctx_mean
-            qn = torch.from_numpy(_sample_numpy(
-                self, (context / self.ctx_std).numpy(), uniform[..., 0].numpy(), eps.numpy()))
+            # NumPy's BLAS on torch's CPU threads: its own default, every core, ran 16 rows
+            # 4x slower with another process busy on this 2-core machine
+            with _numpy_blas().limit(limits=torch.get_num_threads(), user_api="blas"):
+                qn = torch.from_numpy(_sample_numpy(
+                    self, (context / self.ctx_std).numpy(), uniform[..., 0].numpy(),
+                    eps.numpy()))
             return self.q_low + (qn + 1.0) * 0.5 * (self.q_high - self.q_low)
         x = torch.cat([(p_ee - self.ctx_mean) / self.ctx_std, torch.zeros(batch, j, **kw)], -1)
         weights, biases = list(self.weights), list(self.biases)
@@ -165,6 +171,12 @@ class ARGMMPrior(nn.Module):
     def architecture(self) -> dict:
         """Hyper-parameters to store next to the weights."""
         return asdict(self.config)
+
+
+@functools.cache
+def _numpy_blas() -> ThreadpoolController:
+    """The BLAS libraries loaded (NumPy's), to run :func:`_sample_numpy` on torch's threads."""
+    return ThreadpoolController()
 
 
 def _sample_numpy(prior: ARGMMPrior, context: np.ndarray, uniform: np.ndarray,
