@@ -261,8 +261,10 @@ class AnalyticRefiner:
     (shifted from call to call by the seeds), all branches, come after the seeds': a reachable
     pose is not missed for the prior's sake. The grid is solved in the seeds' batch (one call:
     0.1-0.6 ms less per pose request than a second call when needed, measured in turns on box,
-    wall and cabinet); its answers join only when needed (always joining measured 10-20 %
-    slower, with the same answers found). No iteration: ``penalty`` and ``clear`` are unused.
+    wall and cabinet); its answers join the seeds' only when these are few (always joining
+    measured 10-20 % slower, with the same answers found), else they are checked only once the
+    seeds' run out (:meth:`candidate_lists`). No iteration: ``penalty`` and ``clear`` are
+    unused.
     """
 
     def __init__(self, kin: RobotKinematics, closed_form: PandaClosedFormIK,
@@ -279,15 +281,12 @@ class AnalyticRefiner:
         shift = step * float(torch.frac(seeds[:, 6].sum() * 0.6180339887).abs())
         return (grid + shift).clamp(max=float(self.closed_form.upper[6]))
 
-    def refine(self, q0: torch.Tensor, target: IKTarget,
-               penalty: PenaltyFn | None = None, deadline: Deadline | None = None,
-               needed: int | None = None, clear: ClearFn | None = None) -> torch.Tensor:
-        """Every branch of the target pose at each seed's q7: ``(B', 7)`` in ``q0``'s dtype,
-        by rank (each seed's nearest branch, then each seed's second nearest, ...; the grid's
-        after them when needed); ``q0`` itself when none exists."""
+    def project(self, q0: torch.Tensor, target: IKTarget
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every branch of the target pose at each seed's q7, by rank (each seed's nearest
+        branch, then each seed's second nearest, ...), and every branch at the q7 grid:
+        ``(A, 7)`` and ``(G', 7)`` float64 (either may be empty)."""
         b = q0.shape[0]
-        if b == 0 or (deadline is not None and deadline.expired()):
-            return q0
         seeds = q0.to(torch.float64)
         pose = torch.zeros(b, 4, 4, dtype=torch.float64, device=q0.device)
         pose[:, 3, 3] = 1.0
@@ -296,7 +295,7 @@ class AnalyticRefiner:
             pose[:, :3, :3] = target.rotation.to(torch.float64)
         else:  # the seed's own hand orientation
             pose[:, :3, :3] = self.closed_form.kin64.ee_pose(seeds)[:, :3, :3]
-        grid = self._grid_for(seeds)  # solved with the seeds, in one batch (used when needed)
+        grid = self._grid_for(seeds)  # solved with the seeds, in one batch
         sols, ok = self.closed_form.solve(
             torch.cat([pose, pose[:1].expand(grid.shape[0], -1, -1)]),
             torch.cat([seeds[:, 6], grid]))  # (B + G, 8, 7), (B + G, 8)
@@ -308,8 +307,25 @@ class AnalyticRefiner:
         ok = ok.gather(1, order)
         # every seed's nearest branch first, then every seed's second nearest...: checks taken
         # in this order meet the prior's branches at many q7 before the far ones
-        out = [sols.transpose(0, 1)[ok.T]]
-        if int(ok.sum()) < self.grid_below * (needed or 1):
-            out.append(more[more_ok])
-        found = torch.cat(out)
-        return (found if found.shape[0] else seeds).to(q0.dtype)
+        return sols.transpose(0, 1)[ok.T], more[more_ok]
+
+    def candidate_lists(self, q0: torch.Tensor, target: IKTarget,
+                        needed: int | None = None) -> list[torch.Tensor]:
+        """:meth:`project`'s answers in the order checks should take them, each ``(A, 7)`` in
+        ``q0``'s dtype: one list, the seeds' then the grid's, when the seeds give fewer than
+        ``grid_below`` times ``needed`` (the checks' first chunk is spread over both); else the
+        seeds' list, then the grid's to fall back on where those run out before ``needed``."""
+        found, grid = (a.to(q0.dtype) for a in self.project(q0, target))
+        if found.shape[0] < self.grid_below * (needed or 1):
+            return [torch.cat([found, grid])]
+        return [found, grid]
+
+    def refine(self, q0: torch.Tensor, target: IKTarget,
+               penalty: PenaltyFn | None = None, deadline: Deadline | None = None,
+               needed: int | None = None, clear: ClearFn | None = None) -> torch.Tensor:
+        """The first of :meth:`candidate_lists` (``(B', 7)``); ``q0`` itself when it is
+        empty."""
+        if q0.shape[0] == 0 or (deadline is not None and deadline.expired()):
+            return q0
+        found = self.candidate_lists(q0, target, needed)[0]
+        return found if found.shape[0] else q0

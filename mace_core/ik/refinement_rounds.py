@@ -105,6 +105,25 @@ class RefinementRounds:
         """Whether a round (sampling a batch and refining it) still fits the budget."""
         return self.deadline.allows(self.last_round_s)
 
+    def _accept_projections(self, seeds: torch.Tensor) -> None:
+        """Project ``seeds (S, 7)`` onto the full pose in closed form and put the answers to the
+        exact checker, list after list of :meth:`AnalyticRefiner.candidate_lists` while
+        solutions are missing: where the seeds' answers run out (the window's colliding
+        branches), the q7 grid's, solved in the same batch, cost less than a round on a fresh
+        batch (window pose targets, in turns: median 7.2 against 8.3 ms)."""
+        ad, cfg = self.adapter, self.cfg
+        if self.deadline.expired():
+            return
+        needed = cfg.num_solutions - self.accepted.shape[0]
+        for candidates in ad.refiners["analytic"].candidate_lists(seeds, self.target, needed):
+            needed = cfg.num_solutions - self.accepted.shape[0]
+            if needed <= 0 or self.deadline.expired():
+                break
+            self.accepted, checked, valid = ad._accept_exact(
+                cfg, self.accepted, candidates, self.world, needed, self.deadline)
+            self.checked += checked
+            self.checked_valid += valid
+
     def run(self, candidates: torch.Tensor, scores: torch.Tensor | None = None) -> bool:
         """Refine seeds chosen among ``candidates (B, 7)`` (with their scores ``(B,)`` when known:
         0 marks a colliding one); True once K solutions are accepted."""
@@ -114,15 +133,12 @@ class RefinementRounds:
             seeds = ad._select_seeds(cfg, candidates, self.target, self.world, scores)
             seeds = self._with_explorers(self._with_neighbours(seeds))
             needed = cfg.num_solutions - self.accepted.shape[0]
-            refined = ad._refine(cfg, seeds, self.target, self.world, self.deadline, needed,
-                                 exact_clear=self.clutter)
             before = self.accepted.shape[0]
             if self.exact_first:
-                self.accepted, checked, valid = ad._accept_exact(
-                    cfg, self.accepted, refined, self.world, needed, self.deadline)
-                self.checked += checked
-                self.checked_valid += valid
+                self._accept_projections(seeds)
             else:
+                refined = ad._refine(cfg, seeds, self.target, self.world, self.deadline, needed,
+                                     exact_clear=self.clutter)
                 ok = ad._acceptable(cfg, refined, self.target, self.world, needed)
                 self.accepted = ad._merge(cfg, self.accepted, refined[ok])
         self.last_added = self.accepted.shape[0] - before
