@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -80,6 +81,10 @@ def _rejudge(scene, solutions: list, targets: np.ndarray) -> tuple[list, list, l
     return valid, free, err
 
 
+#: the service's defaults on the tiny models folder, which has no pose prior
+TINY_FOLDER_CONFIG = IKAdaptConfig(pose_prior="")
+
+
 def test_requests_report_schema_and_consistency(models_dir, tmp_path, capsys):
     out = tmp_path / "bench.json"
     config = tmp_path / "service.yaml"
@@ -131,8 +136,9 @@ def test_requests_report_schema_and_consistency(models_dir, tmp_path, capsys):
 
 
 def test_table1_report(models_dir):
-    service = IKAdaptConfig(mace=MACEConfig(num_samples=64, quantile=0.125, gradient_steps=2,
-                                            iterations=3, learning_rate=1e-3, pool_size=64))
+    service = replace(TINY_FOLDER_CONFIG, mace=MACEConfig(
+        num_samples=64, quantile=0.125, gradient_steps=2, iterations=3, learning_rate=1e-3,
+        pool_size=64))
     adapter = IKAdapter.from_models(models_dir, "panda_ik", table1_service_config(service),
                                     TensorSpec())
     cfg = IKBenchmarkConfig(num_targets=2, protocol="table1", methods=TABLE1_METHODS,
@@ -193,7 +199,7 @@ def test_pose_targets_report_exact_answers_from_every_method(models_dir):
     judge (PyBullet, 0.1 mm, 1e-3 rad) calls valid; TRAC-IK solves the full pose."""
     from mace_core.ik.benchmark import POSE_METHODS, sample_pose_targets
 
-    adapter = IKAdapter.from_models(models_dir, "panda_ik", IKAdaptConfig(), TensorSpec())
+    adapter = IKAdapter.from_models(models_dir, "panda_ik", TINY_FOLDER_CONFIG, TensorSpec())
     scene = load_scene(os.path.join(ROOT, "config", "scenes", "box.yaml"))
     cfg = IKBenchmarkConfig(num_targets=3, target_kind="pose", warmup=False,
                             methods=("mace_refine", "tracik_restarts", "batched_restarts",
@@ -236,7 +242,7 @@ def test_a_users_pose_targets_file(models_dir, tmp_path):
     path = tmp_path / "targets.yaml"
     path.write_text("\n".join(f"- [{', '.join(repr(float(v)) for v in row)}]" for row in scaled))
     assert np.allclose(load_pose_targets(str(path)), poses, atol=1e-12)
-    adapter = IKAdapter.from_models(models_dir, "panda_ik", IKAdaptConfig(), TensorSpec())
+    adapter = IKAdapter.from_models(models_dir, "panda_ik", TINY_FOLDER_CONFIG, TensorSpec())
     cfg = IKBenchmarkConfig(num_targets=2, target_kind="pose", targets_file=str(path),
                             warmup=False, methods=("analytic_restarts",))
     report = run_benchmark(adapter, scene, cfg)

@@ -354,7 +354,8 @@ class IKAdapter:
             entry = entries.get(config.pose_prior)
             if entry is None or entry.kind not in IK_KINDS:
                 raise ModelLoadError(f"ik.pose_prior: no IK prior named '{config.pose_prior}' "
-                                     f"in {models_dir}/registry.yaml (known: {sorted(entries)})")
+                                     f"in {models_dir}/registry.yaml (known: {sorted(entries)}; "
+                                     "'' draws full poses from ik_model)")
             pose_weights = os.path.join(models_dir, entry.file)
             pose_priors = (load_ik_prior(pose_weights, spec), load_ik_prior(pose_weights, spec))
             if pose_priors[0].config.conditioning != "pose":
