@@ -627,24 +627,29 @@ class IKAdapter:
                       candidates: torch.Tensor, world: CollisionWorld, needed: int,
                       deadline: Deadline) -> tuple[torch.Tensor, int, int]:
         """Rows of ``candidates (B, 7)``, all on the target (the closed form's), put to the
-        exact checker in their order, ``2 x needed`` at a time less those within
-        ``min_joint_distance`` of an accepted one, until ``needed`` are added (the surplus of the
-        last chunk is kept: the answer spreads K out of them), the candidates run out or the
-        deadline passes. No sphere check first: on the Panda's collision meshes MuJoCo checks a
-        configuration in 15-75 µs, and the spheres refuse most free ones near the target.
+        exact checker in their order, the first ``2 x needed`` spread out (farthest point: the
+        answer's diversity), until ``needed`` are added, the candidates run out or the deadline
+        passes. Each chunk is what is still needed, grown by the share found valid so far (up
+        to 4x): where nearly all are free, K checks usually do, and the answer is the one twice
+        as many checks would give (the first K of the spread order); where few are, chunks stay
+        large. Rows within ``min_joint_distance`` of an accepted one are skipped. No sphere check
+        first: on the Panda's collision meshes MuJoCo checks a configuration in 15-75 µs, and
+        the spheres refuse most free ones near the target.
 
         Returns: the accepted rows ``(A', 7)``, and how many rows were checked and found valid.
         """
-        chunk = max(2 * needed, 8)
-        checked = valid = 0
-        if candidates.shape[0] > chunk:  # the first chunk spread out: the answer's diversity
-            first = farthest_point_order(candidates, chunk)
+        spread = max(2 * needed, 8)
+        checked = valid = start = 0
+        if candidates.shape[0] > spread:
+            first = farthest_point_order(candidates, spread)
             rest = torch.ones(candidates.shape[0], dtype=torch.bool, device=candidates.device)
             rest[first] = False
             candidates = torch.cat([candidates[first], candidates[rest]])
-        for start in range(0, candidates.shape[0], chunk):
+        while start < candidates.shape[0] and needed > 0 and not deadline.expired():
+            size = math.ceil(needed / max(valid / checked if checked else 1.0, 0.25))
             count = accepted.shape[0]
-            fresh = self._merge(cfg, accepted, candidates[start:start + chunk])[count:]
+            fresh = self._merge(cfg, accepted, candidates[start:start + size])[count:]
+            start += size
             if fresh.shape[0] == 0:
                 continue
             ok = self._valid(fresh, world)
@@ -652,8 +657,6 @@ class IKAdapter:
             valid += int(ok.sum())
             accepted = torch.cat([accepted, fresh[ok]])
             needed -= accepted.shape[0] - count
-            if needed <= 0 or deadline.expired():
-                break
         return accepted, checked, valid
 
     def _merge(self, cfg: IKAdaptConfig, accepted: torch.Tensor,
