@@ -134,7 +134,8 @@ class ARGMMPrior(nn.Module):
         network, which sees the position only, runs on one row. Without autograd on the CPU
         the same arithmetic runs in NumPy on the parameters' memory (:func:`_sample_numpy`):
         a request's draw is some 300 small operations, and NumPy's dispatch is the cheaper
-        (16 rows: 0.9 against 1.5 ms; 2048 rows: 47 against 75 ms; same draws to 1e-5)."""
+        (``panda_ik``, one thread, in turns: 16 rows 0.8 against 1.3 ms, 48 rows 1.9 against
+        2.2 ms, 256 rows 6.8 against 7.1 ms; the same draws to 1e-5)."""
         batch, j = p_ee.shape[0], self.config.num_joints
         shared = batch > 1 and p_ee.stride(0) == 0
         k_mix, c = self.config.components, self.config.context_dim
