@@ -569,3 +569,66 @@ def test_pose_requests_adapt_with_their_own_gradient_steps(adapter):
     assert adapter.effective_config(dls).mace.gradient_steps == cfg.mace.gradient_steps
     with pytest.raises(InvalidRequestError, match="pose_gradient_steps"):
         replace(cfg, pose_gradient_steps=0).validate()
+
+
+def test_exact_checks_take_what_is_still_needed(adapter, monkeypatch):
+    """Candidates all free: K checks, and the answer is the first K of the farthest-point order
+    of the first 2 K (what twice as many checks would have kept). Candidates mostly colliding:
+    the chunks grow with the share found valid, and every valid one needed is found."""
+    from mace_core.deadline import Deadline
+    from mace_core.ik.refinement_rounds import farthest_point_order
+
+    spec, cfg, k = adapter.spec, adapter.config, 4
+    candidates = adapter.kin.sample_uniform(40, spec.generator(3))
+    world = adapter._world_of([])
+    asked = []
+    monkeypatch.setattr(adapter, "_valid", lambda q, w, poses=None: (
+        asked.append(q.shape[0]) or torch.ones(q.shape[0], dtype=torch.bool)))
+    empty = torch.empty(0, 7, dtype=spec.dtype)
+    accepted, checked, valid = adapter._accept_exact(cfg, empty, candidates, world, k,
+                                                     Deadline.after(5.0))
+    assert (checked, valid, asked) == (k, k, [k])
+    assert torch.equal(accepted, candidates[farthest_point_order(candidates, 2 * k)[:k]])
+
+    asked.clear()  # one row in eight free: a chunk of 4, then up to 4 x what is missing
+    free = torch.arange(40) % 8 == 0
+    lookup = {tuple(row.tolist()): bool(ok) for row, ok in zip(candidates, free)}
+    monkeypatch.setattr(adapter, "_valid", lambda q, w, poses=None: (
+        asked.append(q.shape[0]) or torch.tensor([lookup[tuple(r.tolist())] for r in q])))
+    accepted, checked, valid = adapter._accept_exact(cfg, empty, candidates, world, k,
+                                                     Deadline.after(5.0))
+    assert valid == accepted.shape[0] == k and checked == sum(asked)
+    assert asked[0] == k and max(asked) > k
+
+
+def test_pose_rounds_fall_back_on_the_q7_grid(adapter, monkeypatch):
+    """A full pose whose seeds' answers are many but collide: the same round goes on to the
+    q7 grid's answers (solved in the same batch) instead of needing a fresh one."""
+    from mace_core.ik.refinement import IKTarget
+
+    refiner = adapter.refiners["analytic"]
+    spec = adapter.spec
+    q = adapter.kin.sample_uniform(1, spec.generator(5))
+    pose = adapter.kin.ee_pose(q)[0]
+    target = IKTarget(position=pose[:3, 3], rotation=pose[:3, :3], orientation_tolerance=1e-3)
+    noise = torch.randn(16, 7, generator=spec.generator(6), dtype=spec.dtype)
+    seeds = q.expand(16, -1) + 0.01 * noise
+    found, grid = refiner.project(seeds, target)
+    assert found.shape[0] > 0 and grid.shape[0] > 0
+    lists = refiner.candidate_lists(seeds, target, needed=1)
+    few = refiner.candidate_lists(seeds, target, needed=found.shape[0])
+    assert len(lists) == 2 and len(few) == 1  # few seeds' answers: one list, spread over both
+    assert few[0].shape[0] == found.shape[0] + grid.shape[0]
+    # the seeds' answers all collide, the grid's are free: one round accepts K from the grid
+    from mace_core.deadline import Deadline
+    from mace_core.ik.refinement_rounds import RefinementRounds
+    from mace_core.ik.request import IKTimings
+
+    seeds_answers = {tuple(r.tolist()) for r in found.to(spec.dtype)}
+    monkeypatch.setattr(adapter, "_valid", lambda q, w, poses=None: torch.tensor(
+        [tuple(r.tolist()) not in seeds_answers for r in q]))
+    cfg = replace(adapter.config, num_solutions=2)
+    rounds = RefinementRounds(adapter, cfg, target, adapter._world_of([]), Deadline.after(5.0),
+                              IKTimings(), spec.generator(0), exact_first=True)
+    rounds._accept_projections(seeds)
+    assert rounds.accepted.shape[0] == 2 and rounds.checked > rounds.checked_valid == 2
