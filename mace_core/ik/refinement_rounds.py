@@ -114,8 +114,9 @@ class RefinementRounds:
         ad, cfg = self.adapter, self.cfg
         if self.deadline.expired():
             return
-        needed = cfg.num_solutions - self.accepted.shape[0]
-        for candidates in ad.refiners["analytic"].candidate_lists(seeds, self.target, needed):
+        lists = ad.refiners["analytic"].candidate_lists(
+            seeds, self.target, cfg.num_solutions - self.accepted.shape[0])
+        for candidates in lists:
             needed = cfg.num_solutions - self.accepted.shape[0]
             if needed <= 0 or self.deadline.expired():
                 break
@@ -132,11 +133,11 @@ class RefinementRounds:
         with torch.inference_mode():  # nothing here is differentiated: less overhead per op
             seeds = ad._select_seeds(cfg, candidates, self.target, self.world, scores)
             seeds = self._with_explorers(self._with_neighbours(seeds))
-            needed = cfg.num_solutions - self.accepted.shape[0]
             before = self.accepted.shape[0]
             if self.exact_first:
                 self._accept_projections(seeds)
             else:
+                needed = cfg.num_solutions - before
                 refined = ad._refine(cfg, seeds, self.target, self.world, self.deadline, needed,
                                      exact_clear=self.clutter)
                 ok = ad._acceptable(cfg, refined, self.target, self.world, needed)
