@@ -32,15 +32,24 @@ import torch
 
 from ..errors import InvalidRequestError
 from ..tensor import TensorSpec
-from .benchmark import (METHODS, MODES, ShapeBenchmarkConfig, _completers, _units, box_cases,
+from .benchmark import (METHODS, MODES, ShapeBenchmarkConfig, ShapeCase, _completers, _units,
+                        box_cases,
                         chamfer_to, environment, mean_pairwise_chamfer, object_cases, observe)
 from .completion import ShapeCompletionConfig, ShapeCompletionRequest
-from .data import rotate_z
+from .data import BOX_EDGE_RANGE_M, rotate_z, sample_box_clouds
 from .placement import initial_placement, place
 from .vae import ShapePrior
 
 #: Methods of the placed benchmark, in table order.
 PLACED_METHODS = ("prior", "align_then_complete", "mace")
+#: Modes of a placed box whose exact posterior :func:`placed_box_posterior` gives (the points
+#: alone are observed: no viewpoint, no fingers' free paths)
+REFERENCE_MODES = ("random_cut", "top_cut")
+#: m: a box face counts as observed where this many points lie within :data:`FACE_TOLERANCE_M`
+#: of the observation's extreme along its normal (sampled on the face they lie on it exactly;
+#: points of other faces come that close about once in 10⁴ observations)
+FACE_TOLERANCE_M = 1e-5
+MIN_POINTS_ON_FACE = 3
 
 
 @dataclass
@@ -98,6 +107,66 @@ def _aligned(points: torch.Tensor, metric: bool, standing: bool, length_scale: f
     return moved / factor, centre, factor
 
 
+def _axis_posterior(u: torch.Tensor, r: torch.Tensor, floor: float | None,
+                    edge_range: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A box's edge along one of its axes and where its lower face lies, ``(k,)`` each, at the
+    posterior quantiles ``r (k, 2)`` (edge, then the lower face given the edge) given the
+    observed points' coordinates ``u (P,)`` along that axis and, if known, the lower face
+    (``floor``: the table under a standing box). The edge's prior is uniform in ``edge_range``
+    and the placement's flat: a face with points on it is where they are; an unseen one lies
+    beyond every point, so with one face known the edge is uniform from the points' span on,
+    and with neither its density grows as (edge - span) (the placements that keep every point
+    inside)."""
+    lo, hi = edge_range
+    u_min, u_max = float(u.min()), float(u.max())
+    low_seen = int((u <= u_min + FACE_TOLERANCE_M).sum()) >= MIN_POINTS_ON_FACE
+    if floor is not None:
+        u_min, low_seen = floor, True
+    high_seen = int((u >= u_max - FACE_TOLERANCE_M).sum()) >= MIN_POINTS_ON_FACE
+    span = u_max - u_min
+    if low_seen and high_seen:
+        return torch.full_like(r[:, 0], span), torch.full_like(r[:, 0], u_min)
+    start = max(span, lo)
+    if low_seen or high_seen:
+        edge = start + (hi - start) * r[:, 0]
+        return edge, (torch.full_like(edge, u_min) if low_seen else u_max - edge)
+    a, b = start - span, hi - span
+    edge = span + torch.sqrt(a * a + r[:, 0] * (b * b - a * a))
+    return edge, u_max - edge + r[:, 1] * (u_min - u_max + edge)
+
+
+def placed_box_posterior(case: ShapeCase, where: Placement, seen: torch.Tensor, k: int,
+                         generator: torch.Generator, median: bool = False,
+                         edge_range: tuple[float, float] = BOX_EDGE_RANGE_M) -> torch.Tensor:
+    """K draws of the exact posterior over a placed test box given observed points ``seen
+    (P, 3)`` in the support frame: ``(k, S, 3)``, S as the truth.
+
+    A reference, not a method: it knows the box's rotation about z (the truth's), nothing else.
+    The box stands on z = 0; along each of its three axes :func:`_axis_posterior` gives the
+    edge and where the box starts, independently (the edge prior is a product of uniforms and
+    the placement's x, y are flat; the benchmark's ±0.2 m bound on them is ignored, which only
+    widens the posterior). With ``median`` every draw is at the posterior's medians instead
+    (the same box K times): the point answer that the mean Chamfer to the truth rewards, at no
+    diversity.
+    """
+    yaw = case.info["angle_rad"] + where.yaw
+    turn = torch.tensor([yaw], dtype=torch.float64, device=seen.device)
+    local = rotate_z(seen.to(torch.float64)[None], -turn)[0]
+    edges, lows = [], []
+    for axis in range(3):
+        r = (torch.full((k, 2), 0.5, dtype=torch.float64, device=seen.device) if median else
+             torch.rand(k, 2, generator=generator, device=seen.device, dtype=torch.float64))
+        edge, low = _axis_posterior(local[:, axis], r, 0.0 if axis == 2 else None, edge_range)
+        edges.append(edge)
+        lows.append(low)
+    edge = torch.stack(edges, dim=-1)
+    centre = torch.stack([lows[0] + 0.5 * edge[:, 0], lows[1] + 0.5 * edge[:, 1],
+                          torch.zeros_like(edge[:, 0])], dim=-1)
+    clouds = sample_box_clouds(edge, case.truth.shape[0], generator,
+                               angle=torch.zeros(k, dtype=torch.float64, device=seen.device))
+    return rotate_z(clouds + centre[:, None], turn.expand(k)).to(seen.dtype)
+
+
 def run_placed_benchmark(priors: dict[str, ShapePrior], config: ShapeCompletionConfig,
                          cfg: ShapeBenchmarkConfig, spec: TensorSpec,
                          log: Callable[[str], None] = lambda s: None,
@@ -147,15 +216,36 @@ def run_placed_benchmark(priors: dict[str, ShapePrior], config: ShapeCompletionC
                     chamfer_to_truth=float(cd.mean()), best_chamfer_to_truth=float(cd[0]),
                     pairwise_chamfer=mean_pairwise_chamfer(completions) / where.scale ** 2,
                     time_s=wall)
+            if cfg.prior == "boxes" and mode in REFERENCE_MODES:
+                row["references"] = _references(case, where, placed["points"], truth,
+                                                cfg.num_completions, spec.generator(seed))
             rows.append(row)
             log(f"[placed {cfg.prior}] case {c} {mode}: " + ", ".join(
                 f"{k} {v['chamfer_to_truth']:.2e}" for k, v in row["methods"].items()))
     summary = {mode: {meth: _mean_rows([r["methods"][meth] for r in rows if r["mode"] == mode])
                       for meth in methods} for mode in modes}
+    references = {mode: {name: {key: statistics.fmean(r["references"][name][key] for r in refs)
+                                for key in ("chamfer_to_truth", "pairwise_chamfer")}
+                         for name in refs[0]["references"]}
+                  for mode in modes
+                  for refs in [[r for r in rows if r["mode"] == mode and "references" in r]]
+                  if refs}
     return dict(prior=cfg.prior, placement="random", units=_units(cfg.prior),
                 config=asdict(cfg), xy_range_m=xy_range_m, size_range_m=list(size_range_m),
                 completion_config=asdict(config), environment=environment(), modes=summary,
-                cases=rows)
+                references=references, cases=rows)
+
+
+def _references(case: ShapeCase, where: Placement, seen: torch.Tensor, truth: torch.Tensor,
+                k: int, generator: torch.Generator) -> dict:
+    """The exact posterior's draws and its median box (:func:`placed_box_posterior`) scored
+    as a method's answer: mean Chamfer to the truth and diversity."""
+    out = {}
+    for name, median in (("posterior", False), ("posterior_median", True)):
+        ref = placed_box_posterior(case, where, seen, k, generator, median=median)
+        out[name] = dict(chamfer_to_truth=float(chamfer_to(ref, truth).mean()),
+                         pairwise_chamfer=mean_pairwise_chamfer(ref))
+    return out
 
 
 def _answer(method: str, main, plain, cfg: ShapeBenchmarkConfig, obs: dict, seed: int,
@@ -212,4 +302,9 @@ def format_placed_table(report: dict) -> str:
         lines.append(f"{mode:<12}" + "".join(f" {row[m]['mean_chamfer_to_truth']:>20.3e}"
                                              for m in methods)
                      + f" {row.get('mace', {}).get('median_time_s', math.nan):>16.2f}")
+    for mode, refs in report.get("references", {}).items():
+        lines.append(f"reference, {mode}: the exact posterior knowing the box's turn "
+                     f"{refs['posterior']['chamfer_to_truth']:.3e} (diversity "
+                     f"{refs['posterior']['pairwise_chamfer']:.2e}), its median box "
+                     f"{refs['posterior_median']['chamfer_to_truth']:.3e}")
     return "\n".join(lines)
