@@ -340,3 +340,22 @@ def test_the_workcell_expert_lowers_the_density_inside_obstacles_with_its_gradie
             numeric = (cell(x + e, z) - cell(x - e, z)).sum() / (2 * step)
         analytic = float(grad[0, 0, j].detach())
         assert abs(float(numeric) - analytic) <= 1e-3 * max(1.0, abs(float(numeric)))
+
+
+def test_the_weights_trust_region_holds_on_a_sharp_target():
+    """A target 300 times as sharp as the toy (rewards in the thousands, as the IK target's):
+    the weights' objective is scaled as the components' targets are, so no M-step moves
+    q(o|z) by more than a few times its bound and no component is lost (unscaled: 0.12 and
+    0.15 nats in the first two M-steps)."""
+    from mace_core.ik.avips import AVIPSConfig, AVIPSTrainer
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    model = ConditionalGMM(1, 2, components=8, hidden=32, gate_hidden=32, init_std=0.3)
+    config = AVIPSConfig()
+    trainer = AVIPSTrainer(model, lambda x, z: 300 * toy_log_density(x, z)
+                           - 2000 * (x ** 2).sum(-1), config)
+    for _ in range(5):
+        left = trainer.iteration(lambda: torch.rand(16, 1, generator=gen) * 2 - 1, gen)
+        assert float(trainer.last_kl["weights"]) < 7 * config.epsilon_weights
+        assert left["alive"] == 8
