@@ -23,10 +23,12 @@ halfway towards rate · desired / actual KL change per step. On the 4-mode toy (
 -1.433 and 1.605, the thesis' Table 5.2 finding. On the Panda, 3-4 minutes of CPU (10
 components, 3 x 128; raw samples at 512 poses x 25) are far from the thesis: aVIPS 197 mm /
 100 deg with 4 components left (weight entropy 0.40), plain VI 119 mm / 44 deg on one component
-(0.00). Not yet here: context resampling (Sec. 3.3), the bound-based covariance regularization
-(Sec. 3.5), adding components. Training and measuring on the Panda: :mod:`.avips_training`
-(``mace-train avips``); :class:`MixturePrior` is the trained mixture as MACE's pose prior, and a
-workcell's obstacles may join the target (:class:`IKTargetDensity`).
+(0.00). The bound-based covariance regularization (Sec. 3.5.1, :func:`regularised_cholesky`)
+bounds each component's condition number when the model is built with ``max_condition``. Not
+yet here: context resampling (Sec. 3.3), adding components. Training and measuring on the
+Panda: :mod:`.avips_training` (``mace-train avips``); :class:`MixturePrior` is the trained
+mixture as MACE's pose prior, and a workcell's obstacles may join the target
+(:class:`IKTargetDensity`).
 
 Shapes: contexts ``(B, C)``, samples ``(B, N, D)``, per component ``(B, O, ...)``.
 """
@@ -64,16 +66,21 @@ class ConditionalGMM(nn.Module):
         hidden, layers: each component network's hidden width and depth.
         gate_hidden: the gate network's hidden width (same depth).
         init_std: the components' initial standard deviation.
+        max_condition: the largest condition number of a component's covariance that
+            :func:`regularised_cholesky` lets through (Sec. 3.5.1); 0: none (the log-diagonal
+            clamp alone, as priors trained before it was built were).
     """
 
     def __init__(self, context_dim: int, dim: int, components: int, hidden: int = 64,
-                 layers: int = 2, gate_hidden: int = 64, init_std: float = 0.5):
+                 layers: int = 2, gate_hidden: int = 64, init_std: float = 0.5,
+                 max_condition: float = 0.0):
         super().__init__()
         self.dim, self.components = dim, components
+        self.max_condition = max_condition
         #: the constructor's arguments (stored beside the weights)
         self.architecture = dict(context_dim=context_dim, dim=dim, components=components,
                                  hidden=hidden, layers=layers, gate_hidden=gate_hidden,
-                                 init_std=init_std)
+                                 init_std=init_std, max_condition=max_condition)
         # the factor's strictly lower entries (2, D(D-1)/2); a buffer, so that it moves with
         # the model to its device, but not stored with the weights
         self.register_buffer("_tril", torch.tril_indices(dim, dim, offset=-1), persistent=False)
@@ -117,6 +124,8 @@ class ConditionalGMM(nn.Module):
         # log-diagonal kept within [log 1e-4, log 10]: an ill-conditioned factor inverts badly
         chol = torch.diag_embed(raw[..., d:2 * d].clamp(-9.2, 2.3).exp())
         chol[..., self._tril[0], self._tril[1]] = raw[..., 2 * d:]
+        if self.max_condition > 0:
+            chol = regularised_cholesky(chol, self.max_condition)
         return mean, chol
 
     def _all_nets(self, z: torch.Tensor) -> torch.Tensor:
@@ -173,6 +182,26 @@ class ConditionalGMM(nn.Module):
         eps = torch.randn(*mean.shape[:2], n, self.dim, generator=generator, dtype=z.dtype,
                           device=z.device)
         return mean[:, :, None] + (chol[:, :, None] @ eps.unsqueeze(-1)).squeeze(-1), mean, chol
+
+
+def regularised_cholesky(chol: torch.Tensor, max_condition: float) -> torch.Tensor:
+    """The bound-based covariance regularization (Sec. 3.5.1): Σ = L Lᵀ plus the smallest
+    diagonal offset s that bounds its condition number by ``max_condition`` κ, chosen from
+    bounds on its eigenvalues (Gershgorin's discs, and the trace for the largest): s = max((λ_max^u
+    − κ λ_min^l) / (κ − 1), 0). Returns the Cholesky factors ``(..., D, D)`` of Σ + s I:
+    ``chol`` itself where no offset is needed. Differentiable; an ill-conditioned factor inverts
+    badly and biases the Mahalanobis distances, and with them the entropy, upwards (Eq. 3.7)."""
+    cov = chol @ chol.transpose(-1, -2)
+    diag = torch.diagonal(cov, dim1=-2, dim2=-1)
+    off = cov.abs().sum(-1) - diag.abs()  # each row's off-diagonal sum
+    upper = torch.minimum((diag + off).amax(-1), diag.sum(-1))
+    lower = (diag - off).amin(-1).clamp_min(0.0)
+    offset = ((upper - max_condition * lower) / (max_condition - 1.0)).clamp_min(0.0)
+    if not bool((offset > 0).any()):
+        return chol
+    eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
+    regular = torch.linalg.cholesky(cov + offset[..., None, None] * eye)
+    return torch.where((offset > 0)[..., None, None], regular, chol)
 
 
 def gaussian_kl_parts(mean: torch.Tensor, chol: torch.Tensor, old_mean: torch.Tensor,

@@ -63,6 +63,8 @@ class AVIPSTrainingConfig:
     epsilon_mu: float = 0.05  #: aVIPS: bound on the mean part of each component's KL per E-step
     epsilon_sigma: float = 0.01  #: aVIPS: bound on its covariance part
     epsilon_weights: float = 0.01  #: aVIPS: bound on the weights' KL per E-step
+    #: the largest condition number of a component's covariance (Sec. 3.5.1; 0: unbounded)
+    max_condition: float = 1e6
     time_limit_min: float = 0.0  #: wall-clock cap of the training, min (0: none)
     checkpoint_min: float = 5.0  #: minutes between checkpoints
     seed: int = 0
@@ -88,6 +90,8 @@ class AVIPSTrainingConfig:
             raise ValueError("steps must be >= 0 and learning_rate > 0")
         if min(self.epsilon_mu, self.epsilon_sigma, self.epsilon_weights) <= 0:
             raise ValueError("the trust regions' bounds must be > 0")
+        if self.max_condition != 0 and not self.max_condition > 1:
+            raise ValueError(f"max_condition must be > 1 (or 0: none), got {self.max_condition}")
 
 
 def target_density(cfg: AVIPSTrainingConfig, kin: RobotKinematics) -> IKTargetDensity:
@@ -127,7 +131,8 @@ def build_model(cfg: AVIPSTrainingConfig) -> ConditionalGMM:
     components = 1 if cfg.method == "gaussian" else cfg.components
     torch.manual_seed(cfg.seed)  # the networks' initial weights
     return ConditionalGMM(context_dim=9, dim=7, components=components, hidden=cfg.hidden,
-                          layers=cfg.layers, gate_hidden=cfg.gate_hidden)
+                          layers=cfg.layers, gate_hidden=cfg.gate_hidden,
+                          max_condition=cfg.max_condition)
 
 
 def evaluate(model: ConditionalGMM, kin: RobotKinematics, cfg: AVIPSTrainingConfig,
