@@ -384,3 +384,48 @@ def test_the_covariance_regularization_bounds_the_condition_number():
     eig = torch.linalg.eigvalsh((chol @ chol.transpose(-1, -2)).detach().double())
     assert float((eig[..., -1] / eig[..., 0]).max()) <= 50.0 * (1 + 1e-4)
     assert model.architecture["max_condition"] == 50.0
+
+
+def test_a_component_at_its_own_contexts_is_rewarded_as_at_the_shared_ones():
+    """Sec. 3.3's per-component contexts: given every component the batch's contexts, the
+    rewards, parameters and responsibilities equal the shared-context path's (same draws)."""
+    from mace_core.ik.avips import AVIPSConfig, AVIPSTrainer
+
+    torch.manual_seed(0)
+    model = ConditionalGMM(1, 2, components=4, hidden=16, gate_hidden=16, init_std=0.3)
+    trainer = AVIPSTrainer(model, toy_log_density, AVIPSConfig())
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    z = torch.rand(6, 1) * 2 - 1
+    shared = trainer._rewards(frozen, z, torch.Generator().manual_seed(3))
+    own = trainer._rewards(frozen, z.expand(4, 6, 1), torch.Generator().manual_seed(3))
+    for a, b in zip(shared[:5], own[:5]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_context_resampling_trains_each_component_where_it_has_weight():
+    """Sec. 3.3: each component's contexts are drawn from the batch in proportion to its weight
+    there (a gate that gives z > 0 to one component, z < 0 to the other); one M-step in four
+    is full; on the toy every mode is still found."""
+    from mace_core.ik.avips import AVIPSConfig, AVIPSTrainer
+
+    class SplitGate:
+        def log_weights(self, z):
+            first = torch.sigmoid(20 * z[:, 0])
+            return torch.stack([first, 1 - first], -1).log()
+
+    two = AVIPSTrainer(ConditionalGMM(1, 2, components=2), toy_log_density,
+                       AVIPSConfig(resampled_contexts=400))
+    gen = torch.Generator().manual_seed(1)
+    drawn = two._resampled(SplitGate(), torch.rand(64, 1, generator=gen) * 2 - 1, gen)
+    assert drawn.shape == (2, 400, 1)
+    assert float((drawn[0] > 0).float().mean()) > 0.9
+    assert float((drawn[1] < 0).float().mean()) > 0.9
+
+    torch.manual_seed(0)
+    model = ConditionalGMM(1, 2, components=8, hidden=32, gate_hidden=32, init_std=0.3)
+    trainer = AVIPSTrainer(model, toy_log_density, AVIPSConfig(resampled_contexts=8))
+    steps = [trainer.iteration(lambda: torch.rand(16, 1, generator=gen) * 2 - 1, gen)
+             for _ in range(40)]
+    assert [s["resampled"] for s in steps[:5]] == [False, True, True, True, False]
+    assert 4 <= steps[-1]["alive"] <= 8
+    assert min(mode_shares(model)) > 0.1, mode_shares(model)

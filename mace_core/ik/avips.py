@@ -24,10 +24,11 @@ halfway towards rate · desired / actual KL change per step. On the 4-mode toy (
 components, 3 x 128; raw samples at 512 poses x 25) are far from the thesis: aVIPS 197 mm /
 100 deg with 4 components left (weight entropy 0.40), plain VI 119 mm / 44 deg on one component
 (0.00). The bound-based covariance regularization (Sec. 3.5.1, :func:`regularised_cholesky`)
-bounds each component's condition number when the model is built with ``max_condition``. Not
-yet here: context resampling (Sec. 3.3), adding components. Training and measuring on the
-Panda: :mod:`.avips_training` (``mace-train avips``); :class:`MixturePrior` is the trained
-mixture as MACE's pose prior, and a workcell's obstacles may join the target
+bounds each component's condition number when the model is built with ``max_condition``;
+context resampling (Sec. 3.3, ``resampled_contexts``) trains each component on contexts drawn
+where it has weight, between full M-steps. Not yet here: adding components. Training and
+measuring on the Panda: :mod:`.avips_training` (``mace-train avips``); :class:`MixturePrior`
+is the trained mixture as MACE's pose prior, and a workcell's obstacles may join the target
 (:class:`IKTargetDensity`).
 
 Shapes: contexts ``(B, C)``, samples ``(B, N, D)``, per component ``(B, O, ...)``.
@@ -117,7 +118,8 @@ class ConditionalGMM(nn.Module):
         return int(self.alive.sum())
 
     def components_at(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Means ``(B, O, D)`` and Cholesky factors ``(B, O, D, D)`` at contexts ``z``."""
+        """Means ``(B, O, D)`` and Cholesky factors ``(B, O, D, D)`` at contexts ``z (B, C)``,
+        or, given each component its own contexts ``z (O, B, C)``, component o's at z[o]."""
         raw = self._all_nets(z)  # (B, O, out)
         d = self.dim
         mean = raw[..., :d]
@@ -129,11 +131,11 @@ class ConditionalGMM(nn.Module):
         return mean, chol
 
     def _all_nets(self, z: torch.Tensor) -> torch.Tensor:
-        """Every component network at contexts ``z (B, C)``: ``(B, O, out)``, all of them in one
-        batched product per layer (their weights stacked), not one network after the other:
-        a third of the tensor operations, the same numbers (16 draws at one pose: 0.46 against
-        0.57 ms)."""
-        h = z.unsqueeze(0).expand(len(self.nets), -1, -1)  # (O, B, C)
+        """Every component network at contexts ``z (B, C)`` (or each at its own, ``(O, B,
+        C)``): ``(B, O, out)``, all of them in one batched product per layer (their weights
+        stacked), not one network after the other: a third of the tensor operations, the same
+        numbers (16 draws at one pose: 0.46 against 0.57 ms)."""
+        h = z if z.dim() == 3 else z.unsqueeze(0).expand(len(self.nets), -1, -1)  # (O, B, C)
         layers = [k for k, m in enumerate(self.nets[0]) if isinstance(m, nn.Linear)]
         for k in layers:
             weight = torch.stack([net[k].weight for net in self.nets])  # (O, out, in)
@@ -176,8 +178,9 @@ class ConditionalGMM(nn.Module):
 
     def component_samples(self, z: torch.Tensor, n: int, generator=None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Reparameterized draws of every component: ``x (B, O, n, D)``, with the means and
-        Cholesky factors they came from."""
+        """Reparameterized draws of every component at contexts ``z`` (as
+        :meth:`components_at`): ``x (B, O, n, D)``, with the means and Cholesky factors they
+        came from."""
         mean, chol = self.components_at(z)
         eps = torch.randn(*mean.shape[:2], n, self.dim, generator=generator, dtype=z.dtype,
                           device=z.device)
@@ -264,6 +267,11 @@ class AVIPSConfig:
     #: reaches the bound in the M-step's 10 steps)
     kl_change_share: float = 0.1
     max_learning_rate: float = 3e-3  #: the adapted rates stay below this
+    #: context resampling (Sec. 3.3): in all but every ``full_step_every``-th M-step each
+    #: component is trained on this many contexts drawn from the batch by their importance
+    #: weights q̃(o|z)/q̃(o) (with replacement), and the weights rest; 0: every M-step is full
+    resampled_contexts: int = 0
+    full_step_every: int = 4
 
 
 class AVIPSTrainer:
@@ -283,33 +291,67 @@ class AVIPSTrainer:
         #: learning rates per component and of the gate (adapted after each M-step)
         self.rates = torch.full((o,), config.learning_rate)
         self.gate_rate = config.learning_rate
+        self.m_steps_done = 0
 
     def _rewards(self, frozen: ConditionalGMM, z: torch.Tensor, generator):
         """R(o, z) ``(B, O)`` (gradients into the components), and the components' parameters
-        now and in q̃, and log q̃(o|z)."""
+        now and in q̃, and log q̃(o|z), at contexts ``z`` shared by every component ``(B, C)``
+        or each component's own ``(O, B, C)`` (:meth:`_resampled`)."""
         model, n = self.model, self.config.samples
         x, mean, chol = model.component_samples(z, n, generator)  # (B, O, n, D)
         b, o = x.shape[:2]
-        flat = x.reshape(b, o * n, -1)
-        with torch.no_grad():
-            old_mean, old_chol = frozen.components_at(z)
-            old_logw = frozen.log_weights(z)
-        joint = old_logw[:, None] + frozen.gaussian_log_prob(flat, old_mean, old_chol)
-        resp = joint - torch.logsumexp(joint, dim=-1, keepdim=True)  # log q̃(o' | x, z)
         index = torch.arange(o).repeat_interleave(n)
-        own = resp[:, torch.arange(o * n), index]
+        if z.dim() == 2:
+            flat = x.reshape(b, o * n, -1)
+            with torch.no_grad():
+                old_mean, old_chol = frozen.components_at(z)
+                old_logw = frozen.log_weights(z)
+            joint = old_logw[:, None] + frozen.gaussian_log_prob(flat, old_mean, old_chol)
+            resp = joint - torch.logsumexp(joint, dim=-1, keepdim=True)  # log q̃(o' | x, z)
+            own = resp[:, torch.arange(o * n), index].reshape(b, o, n)
+            log_p = self.log_density(flat, z).reshape(b, o, n)
+        else:  # every component at its own contexts: q̃ over all of them at each one
+            rows = z.reshape(o * b, -1)  # component-major
+            flat = x.transpose(0, 1).reshape(o * b, n, -1)
+            with torch.no_grad():
+                old_mean, old_chol = frozen.components_at(z)
+                all_mean, all_chol = frozen.components_at(rows)  # (O B, O', ...)
+                all_logw = frozen.log_weights(rows)
+            old_logw = None  # the resampling weighted the contexts already
+            joint = all_logw[:, None] + frozen.gaussian_log_prob(flat, all_mean, all_chol)
+            resp = joint - torch.logsumexp(joint, dim=-1, keepdim=True)  # (O B, n, O')
+            mine = torch.arange(o).repeat_interleave(b)
+            own = resp[torch.arange(o * b), :, mine].reshape(o, b, n).transpose(0, 1)
+            log_p = self.log_density(flat, rows).reshape(o, b, n).transpose(0, 1)
         # a removed component's samples have log q̃(o|x) = -inf: masked before any arithmetic
         # (a -inf in the unselected branch of torch.where still makes NaN gradients)
-        live = model.alive[index]
+        live = model.alive[None, :, None]
         own = torch.where(live, own, torch.zeros_like(own))
-        reward = (self.log_density(flat, z) + own).reshape(b, o, n).mean(-1) + _entropy(chol)
+        reward = (log_p + own).mean(-1) + _entropy(chol)
         reward = torch.where(model.alive, reward, torch.zeros_like(reward))
         return reward, mean, chol, old_mean, old_chol, old_logw
 
+    def _resampled(self, frozen: ConditionalGMM, z: torch.Tensor, generator) -> torch.Tensor:
+        """Each component's own contexts ``(O, k, C)``, k = ``resampled_contexts``, drawn from
+        the batch ``z (B, C)`` with replacement by sampling importance resampling: weights
+        q̃(z|o)/p(z) = q̃(o|z)/q̃(o), so that a component is trained where it has weight
+        (Sec. 3.3, Eq. 3.6)."""
+        with torch.no_grad():
+            w = frozen.log_weights(z).exp().T  # (O, B)
+        w = torch.where(self.model.alive[:, None], w, torch.ones_like(w))  # removed: unused
+        pick = torch.multinomial(w, self.config.resampled_contexts, replacement=True,
+                                 generator=generator)
+        return z[pick]
+
     def iteration(self, contexts: Callable[[], torch.Tensor], generator=None) -> dict:
-        """One E-step and M-step on fresh context batches; returns the components left."""
+        """One E-step and M-step on fresh context batches; returns the components left. With
+        context resampling, all but every ``full_step_every``-th M-step train the components
+        alone, each on its own contexts (:meth:`_resampled`); the full ones train the weights
+        too."""
         model, cfg = self.model, self.config
         frozen = copy.deepcopy(model).requires_grad_(False)  # E-step: q̃ = q
+        resample = cfg.resampled_contexts > 0 and self.m_steps_done % cfg.full_step_every != 0
+        self.m_steps_done += 1
         groups = [{"params": net.parameters(), "lr": float(rate)}
                   for net, rate in zip(model.nets, self.rates)]
         optimizer = torch.optim.Adam(groups + [{"params": model.gate.parameters(),
@@ -318,38 +360,34 @@ class AVIPSTrainer:
         changes = []  # per step: the components' KL (O,) and the weights' KL
         for _ in range(cfg.m_steps):
             z = contexts()
+            if resample:
+                z = self._resampled(frozen, z, generator)
             reward, mean, chol, old_mean, old_chol, old_logw = self._rewards(frozen, z,
                                                                              generator)
             if scale is None:
                 scale = reward.detach().std(dim=0).clamp_min(1e-6)
             kl_mu, kl_sigma = gaussian_kl_parts(mean, chol, old_mean, old_chol)
-            w_old = old_logw.exp()
-            mass = w_old.sum(0).clamp_min(1e-12)
-            avg_mu, avg_sigma = (w_old * kl_mu).sum(0) / mass, (w_old * kl_sigma).sum(0) / mass
-            component = ((w_old * reward / scale).sum(0) / mass
-                         - self.alpha_mu * avg_mu - self.alpha_sigma * avg_sigma)
-            logw = model.log_weights(z)
-            w = logw.exp()
-            safe = torch.where(model.alive, logw, torch.zeros_like(logw))
-            # + H(q(o|z)); divided by the components' mean target scale, as their targets are
-            # (Sec. 3.2.2), so that α_w need not grow to the rewards' magnitude: unscaled, the
-            # first M-step on the Panda moved the weights by ~0.35 nats (bound 0.01) and 6 of 10
-            # components fell below the removal threshold within five E-steps
-            bound = (((w * reward.detach()).sum(-1) - (w * safe).sum(-1))
-                     / scale[model.alive].mean())
-            kl_w = (w * (safe - torch.where(model.alive, old_logw, torch.zeros_like(old_logw)))
-                    ).sum(-1).mean()
-            objective = (component[model.alive].sum() + bound.mean() - self.alpha_w * kl_w)
+            if resample:  # E_{q̃(z|o)}: the contexts are drawn by it already
+                avg_mu, avg_sigma = kl_mu.mean(0), kl_sigma.mean(0)
+                component = ((reward / scale).mean(0) - self.alpha_mu * avg_mu
+                             - self.alpha_sigma * avg_sigma)
+                objective, kl_w = component[model.alive].sum(), None
+            else:
+                avg_mu, avg_sigma, objective, kl_w = self._full_objective(
+                    z, reward, scale, kl_mu, kl_sigma, old_logw)
             optimizer.zero_grad()
             (-objective).backward()
             optimizer.step()
-            changes.append(((avg_mu + avg_sigma).detach(), float(kl_w.detach())))
+            changes.append(((avg_mu + avg_sigma).detach(),
+                            None if kl_w is None else float(kl_w.detach())))
             with torch.no_grad():  # dual steps: a multiplier grows while its bound is broken
                 lr = cfg.dual_learning_rate
                 self.alpha_mu = (self.alpha_mu + lr * (avg_mu - cfg.epsilon_mu)).clamp_min(0.0)
                 self.alpha_sigma = (self.alpha_sigma + lr * (avg_sigma - cfg.epsilon_sigma)
                                     ).clamp_min(0.0)
-                self.alpha_w = (self.alpha_w + lr * (kl_w - cfg.epsilon_weights)).clamp_min(0.0)
+                if kl_w is not None:
+                    self.alpha_w = (self.alpha_w + lr * (kl_w - cfg.epsilon_weights)
+                                    ).clamp_min(0.0)
         with torch.no_grad():
             z = contexts()
             kl_mu, kl_sigma = gaussian_kl_parts(*model.components_at(z),
@@ -363,7 +401,34 @@ class AVIPSTrainer:
             self.last_kl = dict(mu=(w_old * kl_mu).sum(0) / mass,
                                 sigma=(w_old * kl_sigma).sum(0) / mass, weights=kl_w)
         self._adapt_rates(changes)
-        return dict(alive=model.remove_light_components(z, cfg.removal_threshold))
+        return dict(alive=model.remove_light_components(z, cfg.removal_threshold),
+                    resampled=resample)
+
+    def _full_objective(self, z: torch.Tensor, reward: torch.Tensor, scale: torch.Tensor,
+                        kl_mu: torch.Tensor, kl_sigma: torch.Tensor, old_logw: torch.Tensor):
+        """A full M-step's Lagrangian on contexts ``z (B, C)`` shared by every component:
+        the components' objectives weighted by q̃(o|z) (Eq. 3.3, 3.4) plus the weights' (Eq.
+        3.5). Returns the components' mean KL parts ``(O,)`` each, the objective, and the
+        weights' KL."""
+        model = self.model
+        w_old = old_logw.exp()
+        mass = w_old.sum(0).clamp_min(1e-12)
+        avg_mu, avg_sigma = (w_old * kl_mu).sum(0) / mass, (w_old * kl_sigma).sum(0) / mass
+        component = ((w_old * reward / scale).sum(0) / mass
+                     - self.alpha_mu * avg_mu - self.alpha_sigma * avg_sigma)
+        logw = model.log_weights(z)
+        w = logw.exp()
+        safe = torch.where(model.alive, logw, torch.zeros_like(logw))
+        # + H(q(o|z)); divided by the components' mean target scale, as their targets are
+        # (Sec. 3.2.2), so that α_w need not grow to the rewards' magnitude: unscaled, the
+        # first M-step on the Panda moved the weights by ~0.35 nats (bound 0.01) and 6 of 10
+        # components fell below the removal threshold within five E-steps
+        bound = (((w * reward.detach()).sum(-1) - (w * safe).sum(-1))
+                 / scale[model.alive].mean())
+        kl_w = (w * (safe - torch.where(model.alive, old_logw, torch.zeros_like(old_logw)))
+                ).sum(-1).mean()
+        objective = component[model.alive].sum() + bound.mean() - self.alpha_w * kl_w
+        return avg_mu, avg_sigma, objective, kl_w
 
     def _adapt_rates(self, changes: list) -> None:
         """Sec. 3.2.2: the change in KL per step, the larger of the M-step's first and last,
@@ -373,6 +438,8 @@ class AVIPSTrainer:
             return
 
         def adapted(rate, index: int, bound: float):
+            if changes[0][index] is None:  # the weights rested (a resampled M-step)
+                return rate
             first = torch.as_tensor(changes[1][index] - changes[0][index])
             last = torch.as_tensor(changes[-1][index] - changes[-2][index])
             actual = torch.maximum(first.abs(), last.abs()).clamp_min(1e-8)

@@ -65,6 +65,10 @@ class AVIPSTrainingConfig:
     epsilon_weights: float = 0.01  #: aVIPS: bound on the weights' KL per E-step
     #: the largest condition number of a component's covariance (Sec. 3.5.1; 0: unbounded)
     max_condition: float = 1e6
+    #: aVIPS: contexts per component in the resampled M-steps (Sec. 3.3; 0: none; the thesis
+    #: drew 128 of its 512) and how often an M-step is a full one (the weights' update)
+    resampled_contexts: int = 0
+    full_step_every: int = 4
     time_limit_min: float = 0.0  #: wall-clock cap of the training, min (0: none)
     checkpoint_min: float = 5.0  #: minutes between checkpoints
     seed: int = 0
@@ -83,13 +87,16 @@ class AVIPSTrainingConfig:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         for name in ("components", "hidden", "layers", "gate_hidden", "batch", "samples",
-                     "m_steps", "eval_poses", "eval_samples", "eval_contexts", "threads"):
+                     "m_steps", "eval_poses", "eval_samples", "eval_contexts", "threads",
+                     "full_step_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.steps < 0 or not self.learning_rate > 0:
             raise ValueError("steps must be >= 0 and learning_rate > 0")
         if min(self.epsilon_mu, self.epsilon_sigma, self.epsilon_weights) <= 0:
             raise ValueError("the trust regions' bounds must be > 0")
+        if self.resampled_contexts < 0:
+            raise ValueError(f"resampled_contexts must be >= 0, got {self.resampled_contexts}")
         if self.max_condition != 0 and not self.max_condition > 1:
             raise ValueError(f"max_condition must be > 1 (or 0: none), got {self.max_condition}")
 
@@ -185,7 +192,8 @@ def train(cfg: AVIPSTrainingConfig, kin: RobotKinematics, out: str | None = None
         trainer = AVIPSTrainer(model, density, AVIPSConfig(
             samples=cfg.samples, m_steps=cfg.m_steps, learning_rate=cfg.learning_rate,
             max_learning_rate=cfg.learning_rate, epsilon_mu=cfg.epsilon_mu,
-            epsilon_sigma=cfg.epsilon_sigma, epsilon_weights=cfg.epsilon_weights))
+            epsilon_sigma=cfg.epsilon_sigma, epsilon_weights=cfg.epsilon_weights,
+            resampled_contexts=cfg.resampled_contexts, full_step_every=cfg.full_step_every))
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     while steps < cfg.steps and time.perf_counter() - start < limit_s:
