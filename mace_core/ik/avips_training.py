@@ -63,6 +63,9 @@ class AVIPSTrainingConfig:
     epsilon_mu: float = 0.05  #: aVIPS: bound on the mean part of each component's KL per E-step
     epsilon_sigma: float = 0.01  #: aVIPS: bound on its covariance part
     epsilon_weights: float = 0.01  #: aVIPS: bound on the weights' KL per E-step
+    #: aVIPS: the desired change of a component's KL per gradient step, as a share of its
+    #: bound, towards which the learning rates adapt (Sec. 3.2.2)
+    kl_change_share: float = 0.1
     #: the largest condition number of a component's covariance (Sec. 3.5.1; 0: unbounded)
     max_condition: float = 1e6
     #: aVIPS: contexts per component in the resampled M-steps (Sec. 3.3; 0: none; the thesis
@@ -193,7 +196,8 @@ def train(cfg: AVIPSTrainingConfig, kin: RobotKinematics, out: str | None = None
             samples=cfg.samples, m_steps=cfg.m_steps, learning_rate=cfg.learning_rate,
             max_learning_rate=cfg.learning_rate, epsilon_mu=cfg.epsilon_mu,
             epsilon_sigma=cfg.epsilon_sigma, epsilon_weights=cfg.epsilon_weights,
-            resampled_contexts=cfg.resampled_contexts, full_step_every=cfg.full_step_every))
+            resampled_contexts=cfg.resampled_contexts, full_step_every=cfg.full_step_every,
+            kl_change_share=cfg.kl_change_share))
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     while steps < cfg.steps and time.perf_counter() - start < limit_s:
