@@ -314,9 +314,12 @@ class AVIPSTrainer:
             rows = z.reshape(o * b, -1)  # component-major
             flat = x.transpose(0, 1).reshape(o * b, n, -1)
             with torch.no_grad():
-                old_mean, old_chol = frozen.components_at(z)
                 all_mean, all_chol = frozen.components_at(rows)  # (O B, O', ...)
                 all_logw = frozen.log_weights(rows)
+            # q̃'s own component at its own contexts: the diagonal o = o' of the above
+            old_mean = all_mean.reshape(o, b, o, -1).diagonal(dim1=0, dim2=2).permute(0, 2, 1)
+            old_chol = all_chol.reshape(o, b, o, *all_chol.shape[-2:]).diagonal(
+                dim1=0, dim2=2).permute(0, 3, 1, 2)
             old_logw = None  # the resampling weighted the contexts already
             joint = all_logw[:, None] + frozen.gaussian_log_prob(flat, all_mean, all_chol)
             resp = joint - torch.logsumexp(joint, dim=-1, keepdim=True)  # (O B, n, O')
@@ -392,12 +395,11 @@ class AVIPSTrainer:
             z = contexts()
             kl_mu, kl_sigma = gaussian_kl_parts(*model.components_at(z),
                                                 *frozen.components_at(z))
-            w_old = frozen.log_weights(z).exp()
-            mass = w_old.sum(0).clamp_min(1e-12)
             logw, old_logw = model.log_weights(z), frozen.log_weights(z)
-            alive = frozen.alive
-            kl_w = (logw.exp() * torch.where(alive, logw - old_logw, torch.zeros_like(logw))
-                    ).sum(-1).mean()
+            w_old = old_logw.exp()
+            mass = w_old.sum(0).clamp_min(1e-12)
+            kl_w = (logw.exp() * torch.where(frozen.alive, logw - old_logw,
+                                             torch.zeros_like(logw))).sum(-1).mean()
             self.last_kl = dict(mu=(w_old * kl_mu).sum(0) / mass,
                                 sigma=(w_old * kl_sigma).sum(0) / mass, weights=kl_w)
         self._adapt_rates(changes)

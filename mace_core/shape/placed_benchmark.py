@@ -33,8 +33,8 @@ import torch
 from ..errors import InvalidRequestError
 from ..tensor import TensorSpec
 from .benchmark import (METHODS, MODES, ShapeBenchmarkConfig, ShapeCase, _completers, _units,
-                        box_cases,
-                        chamfer_to, environment, mean_pairwise_chamfer, object_cases, observe)
+                        box_cases, chamfer_to, environment, mean_pairwise_chamfer, object_cases,
+                        observe)
 from .completion import ShapeCompletionConfig, ShapeCompletionRequest
 from .data import BOX_EDGE_RANGE_M, rotate_z, sample_box_clouds
 from .placement import initial_placement, place
