@@ -7,21 +7,29 @@ import math
 import pytest
 import torch
 
+from mace_core.array_ops import NUMPY_OPS, TORCH_OPS
 from mace_core.robot.closed_form_ik import PandaClosedFormIK
 from mace_core.robot.kinematics import RobotKinematics, URDFModel, panda_urdf_path
 from mace_core.tensor import TensorSpec
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+#: where the closed form runs: NumPy on the CPU (the default there), torch on the CPU (the
+#: code path CUDA takes, checked where there is no GPU), CUDA
+PATHS = ["cpu", "cpu-torch"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.fixture(scope="module", params=DEVICES)
-def kin(request) -> RobotKinematics:
-    return RobotKinematics.panda(TensorSpec(torch.device(request.param), torch.float64))
+@pytest.fixture(scope="module", params=PATHS)
+def path(request) -> str:
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def ik(kin) -> PandaClosedFormIK:
-    return PandaClosedFormIK(kin)
+def kin(path) -> RobotKinematics:
+    return RobotKinematics.panda(TensorSpec(torch.device(path.split("-")[0]), torch.float64))
+
+
+@pytest.fixture(scope="module")
+def ik(kin, path) -> PandaClosedFormIK:
+    return PandaClosedFormIK(kin, ops=TORCH_OPS if path == "cpu-torch" else None)
 
 
 def _uniform(kin: RobotKinematics, n: int, seed: int) -> torch.Tensor:
@@ -108,6 +116,20 @@ def test_singular_unreachable_and_malformed_poses_give_masked_rows(kin, ik):
     if ok[0].any():
         reached = kin.ee_pose(sols[0][ok[0]])
         assert (reached[:, :3, 3] - pose[0, :3, 3]).norm(dim=-1).max() < 1e-6
+
+
+def test_numpy_and_torch_solve_alike():
+    """The CPU's NumPy path and CUDA's torch path are one construction: same answers."""
+    kin = RobotKinematics.panda(TensorSpec(torch.device("cpu"), torch.float64))
+    q = _uniform(kin, 1000, 3)
+    q7 = torch.cat([q[:, 6], torch.linspace(-2.9, 2.9, 1000, dtype=torch.float64)])
+    pose = kin.ee_pose(q).repeat(2, 1, 1)
+    sols, ok = PandaClosedFormIK(kin, ops=NUMPY_OPS).solve(pose, q7)
+    sols_t, ok_t = PandaClosedFormIK(kin, ops=TORCH_OPS).solve(pose, q7)
+    assert sols.dtype == sols_t.dtype == torch.float64 and ok.dtype == ok_t.dtype == torch.bool
+    assert (ok == ok_t).float().mean() > 0.999  # a pose check at its tolerance may differ
+    both = ok & ok_t
+    assert both.sum() > 4000 and (sols[both] - sols_t[both]).abs().max() < 1e-9
 
 
 def test_knows_the_panda_from_another_chain(kin, ik):

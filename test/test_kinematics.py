@@ -140,3 +140,13 @@ def test_forward_kinematics_of_a_tree_with_fixed_links_between_joints(tmp_path):
     finally:
         p.disconnect(cid)
     assert worst < 1e-6
+    # the NumPy end-effector pose (the closed form's checks) is the same chain's
+    tip = kin.link_names.index("tip")
+    assert np.abs(kin.ee_pose_numpy(q.numpy()) - poses[:, tip]).max() < 1e-12
+
+
+def test_numpy_end_effector_pose_is_torchs():
+    spec = TensorSpec.resolve("cpu", torch.float64)
+    kin = RobotKinematics.panda(spec)
+    q = kin.sample_uniform(300, spec.generator(2))
+    assert np.abs(kin.ee_pose_numpy(q.numpy()) - kin.ee_pose(q).numpy()).max() < 1e-12

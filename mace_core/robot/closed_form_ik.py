@@ -21,15 +21,20 @@ So a pose and a q7 give up to 8 configurations, ``(N, 8, 7)`` here, with a mask 
 exist (the triangle closes, no singularity), lie within the URDF's limits and reproduce the pose
 (forward kinematics, every entry of the pose within ``pose_tolerance``): near singularities a
 candidate can come out millimetres off, so the check is part of the answer. Every computation
-is batched torch in the pose's dtype (float64 recommended); NaN never leaves this module.
+is batched and in float64: NumPy for CPU tensors (a request's few dozen poses: a third of
+torch's per-op cost there), torch on CUDA, one code path through :mod:`mace_core.array_ops`;
+answers are torch tensors on the pose's device. NaN never leaves this module.
 """
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
+import numpy as np
 import torch
 
+from ..array_ops import ArrayOps, ops_for
 from ..tensor import TensorSpec
 from .kinematics import PANDA_JOINTS, RobotKinematics
 
@@ -49,9 +54,12 @@ class PandaClosedFormIK:
     :meth:`matches` says whether ``kin`` is the chain this closed form was derived for.
     """
 
-    def __init__(self, kin: RobotKinematics, pose_tolerance: float = 1e-6):
+    def __init__(self, kin: RobotKinematics, pose_tolerance: float = 1e-6,
+                 ops: ArrayOps | None = None):
         self.kin = kin
         self.pose_tolerance = pose_tolerance
+        #: the array library that solves (None: NumPy for CPU poses, torch for CUDA ones)
+        self.ops = ops
         #: the same chain in float64, for the poses the answers are checked against
         self.kin64 = RobotKinematics(
             kin.urdf, TensorSpec(kin.spec.device, torch.float64), base_link=kin.base_link,
@@ -61,17 +69,19 @@ class PandaClosedFormIK:
         link7 = poses[self.kin64.link_names.index("panda_link7")]
         #: (4, 4) joint 7's frame (at q7 = 0) to the end-effector link, fixed
         self.t_7e = torch.linalg.solve(link7, poses[self.kin64.ee_index])
-        self._t_e7 = torch.linalg.inv(self.t_7e)  #: (4, 4) its inverse
-        like = self._t_e7
-        self._o2 = like.new_tensor([0.0, 0.0, D1])  #: (3,) the shoulder O2
-        signs = like.new_tensor(BRANCHES)  # (8, 3): elbow, wrist (0/1), shoulder
-        self._elbow, self._shoulder = signs[:, 0], signs[:, 2]  #: (8,) each
-        self._wrist = signs[:, 1] != 0  #: (8,) the second q6 of the pair
         self._phi4 = math.atan2(-A4, -D5)  #: direction of O6->O4 in the (u, v) plane
         self._q4_offset = math.atan2(-D3, -A4) - math.atan2(D5, -A4)
-        self._pi, self._one = like.new_tensor(math.pi), like.new_tensor(1.0)
         self.lower = self.kin64.lower
         self.upper = self.kin64.upper
+        signs = np.array(BRANCHES, dtype=np.float64)  # (8, 3): elbow, wrist (0/1), shoulder
+        t_e7 = np.linalg.inv(self.t_7e.cpu().numpy())  # (4, 4) end effector to joint 7
+        consts = dict(t_e7=t_e7, o2=np.array([0.0, 0.0, D1]),  # (3,) the shoulder O2
+                      elbow=signs[:, 0], shoulder=signs[:, 2],  # (8,) each
+                      wrist=signs[:, 1] != 0,  # (8,) the second q6 of the pair
+                      lower=self.lower.cpu().numpy(), upper=self.upper.cpu().numpy())
+        #: the constants in each library, by ArrayOps.name
+        self._consts = {"numpy": SimpleNamespace(**consts), "torch": SimpleNamespace(**{
+            k: torch.as_tensor(v, device=kin.spec.device) for k, v in consts.items()})}
 
     def matches(self, samples: int = 64, seed: int = 0) -> bool:
         """Whether the loaded chain is the Panda's: configurations drawn within its limits are
@@ -99,23 +109,34 @@ class PandaClosedFormIK:
         with joint 7 at ``q7 (N,)``: ``(N, 8, 7)`` float64 and a mask ``(N, 8)`` of the ones
         that exist, lie within the joint limits and reproduce the pose. Rows not in the mask
         hold zeros."""
-        pose = pose.to(torch.float64)
-        q7 = q7.to(torch.float64).reshape(-1)
-        cand, exists = self._candidates(pose, q7)  # (N, 8, 7), (N, 8)
+        ops = self.ops or ops_for(pose)
+        cand, ok = self._solve(ops.asarray(pose), ops.asarray(q7).reshape(-1), ops)
+        if ops.name == "torch":
+            return cand, ok
+        return (torch.from_numpy(cand).to(pose.device), torch.from_numpy(ok).to(pose.device))
+
+    def _solve(self, pose, q7, ops: ArrayOps):
+        """:meth:`solve` in ``ops``' library: ``(N, 4, 4)``, ``(N,)`` -> ``(N, 8, 7)``,
+        ``(N, 8)``."""
+        c = self._consts[ops.name]
+        cand, exists = self._candidates(pose, q7, ops, c)  # (N, 8, 7), (N, 8)
         # angles come out in (-pi, pi]; joint 6 reaches 3.82 rad: take the turn within limits
-        cand = torch.where(cand < self.lower, cand + 2.0 * math.pi,
-                           torch.where(cand > self.upper, cand - 2.0 * math.pi, cand))
-        within = ((cand >= self.lower) & (cand <= self.upper)).all(-1)
+        cand = ops.where(cand < c.lower, cand + 2.0 * math.pi,
+                         ops.where(cand > c.upper, cand - 2.0 * math.pi, cand))
+        within = ((cand >= c.lower) & (cand <= c.upper)).all(-1)
         ok = exists & within
         # the pose check, for the candidates that may be answers only (FK is the costly part):
         # every entry of the (3, 4) pose within pose_tolerance (rotation and position, m)
-        rows = ok.nonzero(as_tuple=True)
-        if rows[0].numel() == 0:  # nothing to check (forward kinematics wants a batch)
-            return torch.zeros_like(cand), ok
-        reached = self._fk(cand[rows])
-        error = (reached[:, :3] - pose[rows[0], :3]).abs().amax((-1, -2))
+        rows = ops.nonzero(ok)
+        if rows[0].shape[0] == 0:  # nothing to check (forward kinematics wants a batch)
+            return cand * 0.0, ok
+        if ops.name == "torch":
+            reached = self._fk(cand[rows])
+        else:
+            reached = self.kin64.ee_pose_numpy(cand[rows])
+        error = ops.amax(ops.abs(reached[:, :3] - pose[rows[0], :3]), (-1, -2))
         ok[rows] = error < self.pose_tolerance
-        return cand.masked_fill(~ok[..., None], 0.0), ok
+        return cand * ok[..., None], ok
 
     def project(self, pose: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each configuration of ``q (N, 7)`` moved onto ``pose`` (``(4, 4)`` or ``(N, 4, 4)``):
@@ -130,10 +151,10 @@ class PandaClosedFormIK:
         picked = sols[torch.arange(q.shape[0], device=q.device), nearest]
         return torch.where(found[:, None], picked, q), found
 
-    def _candidates(self, pose: torch.Tensor, q7: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _candidates(self, pose, q7, ops: ArrayOps, c: SimpleNamespace):
         """The 8 branches of the construction (module docstring), before the limit and pose
-        checks: ``(N, 8, 7)`` and ``(N, 8)`` True where the branch exists.
+        checks: ``(N, 8, 7)`` and ``(N, 8)`` True where the branch exists, in ``ops``' library
+        with its constants ``c``.
 
         The frame rotations are products of Rx(pi/2) Rz(q) = [[c, -s, 0], [0, 0, -1], [s, c, 0]]
         (DH's alpha, then the joint), written out column by column: only the columns the
@@ -142,61 +163,60 @@ class PandaClosedFormIK:
         eps = 1e-12
         # frame 7 (at q7) and frame 6: R06 = R07 R67^T, columns x6 = c7 x7 - s7 y7, y6 = -z7,
         # z6 = s7 x7 + c7 y7 (R07 = R0E R7E^-1 at q7 = 0)
-        t07 = pose @ self._t_e7
-        c7, s7 = torch.cos(q7)[:, None], torch.sin(q7)[:, None]
+        t07 = pose @ c.t_e7
+        c7, s7 = ops.cos(q7)[:, None], ops.sin(q7)[:, None]
         x7, y7 = t07[:, :3, 0], t07[:, :3, 1]
         x6, y6, z6 = c7 * x7 - s7 * y7, -t07[:, :3, 2], s7 * x7 + c7 * y7
         o6 = t07[:, :3, 3] - A7 * x6  # O7 = O6 + R06 (a7, 0, 0)
-        to2 = self._o2 - o6  # (N, 3)
-        dist = to2.norm(dim=-1).clamp_min(eps)
+        to2 = c.o2 - o6  # (N, 3)
+        dist = ops.clip(ops.norm(to2), eps, None)
         w = to2 / dist[:, None]
         # the triangle: angle at O6 between O6->O4 and O6->O2
         cos_g = (L46 ** 2 - L24 ** 2 + dist * dist) / (2 * L46 * dist)
-        closes = cos_g.abs() <= 1.0
-        gamma = torch.arccos(cos_g.clamp(-1.0, 1.0))
+        closes = ops.abs(cos_g) <= 1.0
+        gamma = ops.arccos(ops.clip(cos_g, -1.0, 1.0))
         # in-plane frame (u = z5, v = z4 x z5): O4 - O6 = -d5 u - a4 v, at angle phi4
         a, b = (w * x6).sum(-1), (w * y6).sum(-1)
-        r = torch.hypot(a, b).clamp_min(eps)
-        psi = torch.atan2(b, a)
+        r = ops.clip(ops.hypot(a, b), eps, None)
+        psi = ops.atan2(b, a)
         # the 8 branches side by side: (N, 8) from here on, signs from BRANCHES
-        phi2 = self._phi4 + self._elbow * gamma[:, None]  # direction of O6->O2 in (u, v)
-        cos_phi2, sin_phi2 = torch.cos(phi2), torch.sin(phi2)
+        phi2 = self._phi4 + c.elbow * gamma[:, None]  # direction of O6->O2 in (u, v)
+        cos_phi2, sin_phi2 = ops.cos(phi2), ops.sin(phi2)
         # u . w = cos(phi2) with u = sin(q6) x6 + cos(q6) y6: a sin q6 + b cos q6 = cos phi2
         sin_arg = cos_phi2 / r[:, None]
-        base = torch.arcsin(sin_arg.clamp(-1.0, 1.0))
-        angle6 = torch.where(self._wrist, self._pi - base, base) - psi[:, None]
-        c6, s6 = torch.cos(angle6), torch.sin(angle6)
-        q6 = torch.atan2(s6, c6)
+        base = ops.arcsin(ops.clip(sin_arg, -1.0, 1.0))
+        angle6 = ops.where(c.wrist, math.pi - base, base) - psi[:, None]
+        c6, s6 = ops.cos(angle6), ops.sin(angle6)
+        q6 = ops.atan2(s6, c6)
         u = s6[..., None] * x6[:, None] + c6[..., None] * y6[:, None]  # (N, 8, 3)
-        turned = sin_phi2.abs() > 1e-9
-        feasible = closes[:, None] & (sin_arg.abs() <= 1.0) & turned
-        v = (w[:, None] - cos_phi2[..., None] * u) / torch.where(
-            turned, sin_phi2, self._one)[..., None]
-        v = v / v.norm(dim=-1, keepdim=True).clamp_min(eps)
-        z4 = torch.cross(u, v, dim=-1)
+        turned = ops.abs(sin_phi2) > 1e-9
+        feasible = closes[:, None] & (ops.abs(sin_arg) <= 1.0) & turned
+        v = (w[:, None] - cos_phi2[..., None] * u) / ops.where(
+            turned, sin_phi2, 1.0)[..., None]
+        v = v / ops.clip(ops.norm(v), eps, None)[..., None]
+        z4 = ops.cross(u, v)
         # q5: z4 in frame 5, R56 R06^T z4 with R56 = Rx(pi/2) Rz(q6), is (-sin q5, -cos q5, 0)
         w0, w1, w2 = ((z4 * axis[:, None]).sum(-1) for axis in (x6, y6, z6))
-        q5 = torch.atan2(s6 * w1 - c6 * w0, w2)
+        q5 = ops.atan2(s6 * w1 - c6 * w0, w2)
         # q4: the signed angle about z4 from O4->O6 to O4->O2 is theta_b0 - q4 - theta_a
         to6 = D5 * u + A4 * v  # O6 - O4
         to2_4 = to2[:, None] + to6  # O2 - O4
-        alpha = torch.atan2((torch.cross(to6, to2_4, dim=-1) * z4).sum(-1),
-                            (to6 * to2_4).sum(-1))
+        alpha = ops.atan2((ops.cross(to6, to2_4) * z4).sum(-1), (to6 * to2_4).sum(-1))
         angle4 = self._q4_offset - alpha
-        c4, s4 = torch.cos(angle4), torch.sin(angle4)
-        q4 = torch.atan2(s4, c4)
+        c4, s4 = ops.cos(angle4), ops.sin(angle4)
+        q4 = ops.atan2(s4, c4)
         # R03 = R04 R34^T, R04's columns x4 = -v, y4 = u, z4: column 2 is c4 u - s4 v, and
         # R03[2, :2] = (-c4 v_z - s4 u_z, -z4_z)
         col2 = c4[..., None] * u - s4[..., None] * v
         r20 = -(c4 * v[..., 2] + s4 * u[..., 2])
         r21 = -z4[..., 2]
         # R03 = Rz(q1) Ry(q2) Rz(q3): ZYZ Euler angles, shoulder branch = sign of sin(q2)
-        s2 = self._shoulder * torch.hypot(col2[..., 0], col2[..., 1])
-        q2 = torch.atan2(s2, col2[..., 2])
-        regular = s2.abs() > 1e-9
-        safe = torch.where(regular, s2, self._one)
-        q1 = torch.atan2(col2[..., 1] / safe, col2[..., 0] / safe)
-        q3 = torch.atan2(r21 / safe, -r20 / safe)
-        cand = torch.stack([q1, q2, q3, q4, q5, q6, q7[:, None].expand_as(q6)], -1)
-        ok = feasible & regular & torch.isfinite(cand).all(-1)
-        return torch.nan_to_num(cand), ok
+        s2 = c.shoulder * ops.hypot(col2[..., 0], col2[..., 1])
+        q2 = ops.atan2(s2, col2[..., 2])
+        regular = ops.abs(s2) > 1e-9
+        safe = ops.where(regular, s2, 1.0)
+        q1 = ops.atan2(col2[..., 1] / safe, col2[..., 0] / safe)
+        q3 = ops.atan2(r21 / safe, -r20 / safe)
+        cand = ops.stack([q1, q2, q3, q4, q5, q6, ops.broadcast_to(q7[:, None], q6.shape)], -1)
+        ok = feasible & regular & ops.isfinite(cand).all(-1)
+        return ops.nan_to_num(cand), ok

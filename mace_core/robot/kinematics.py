@@ -312,6 +312,10 @@ class RobotKinematics:
         self._ee_from: tuple[int, torch.Tensor | None] = (
             (i, None) if kind == "slot"
             else (self._fk_fixed[i][0], self._fk_fixed[i][1][:, 4 * col:4 * col + 4]))
+        # the same in NumPy float64 (:meth:`ee_pose_numpy`): the base pose, each actuated
+        # link's Rodrigues matrices (3, 4, 4) with its parent's anchor slot, the end effector's
+        self._chain64 = (origins[0], np.stack([m for _, m in parts], 1), self._fk_chain,
+                         self._ee_from[0], None if kind == "slot" else rel[self.ee_index])
 
     def _slots(self, q: torch.Tensor) -> list[torch.Tensor]:
         """Poses ``(B, 4, 4)`` of the base (slot 0) and of each actuated link (slot 1 + j)."""
@@ -341,6 +345,18 @@ class RobotKinematics:
         to it (40 rows: 0.07 against 0.11 ms through every link's pose)."""
         slot, rel = self._ee_from
         pose = self._slots(q)[slot]
+        return pose if rel is None else pose @ rel
+
+    def ee_pose_numpy(self, q: np.ndarray) -> np.ndarray:
+        """:meth:`ee_pose` in NumPy float64: ``(B, 7)`` -> ``(B, 4, 4)``, for checks on small
+        CPU batches (the closed form's: 64 rows 0.04 against 0.11 ms in torch)."""
+        base, (fold, turn, turn2), chain, slot, rel = self._chain64
+        sin, vers = np.sin(q)[..., None, None], (1.0 - np.cos(q))[..., None, None]
+        local = fold + sin * turn + vers * turn2  # (B, J, 4, 4)
+        slots: list[np.ndarray | None] = [base] + [None] * self.num_joints
+        for col, parent in chain:
+            slots[1 + col] = local[:, col] if parent == 0 else slots[parent] @ local[:, col]
+        pose = np.broadcast_to(slots[slot], (q.shape[0], 4, 4))
         return pose if rel is None else pose @ rel
 
     def ee_position(self, q: torch.Tensor) -> torch.Tensor:
