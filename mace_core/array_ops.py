@@ -38,11 +38,17 @@ class ArrayOps:
     abs: Callable
     nonzero: Callable  #: (mask) -> tuple of index arrays
     amax: Callable  #: (x, axes) -> the largest value over ``axes``
+    concat: Callable  #: (arrays) -> joined along the first axis
+    take_along: Callable  #: (x, indices, axis), indices broadcast against ``x``
 
     def asarray(self, x: torch.Tensor) -> Any:
         """``x`` in this library, float64 (NumPy shares a CPU tensor's memory where it can)."""
         x = x.detach().to(torch.float64)
         return x if self.name == "torch" else x.cpu().numpy()
+
+    def tensor(self, x: Any, like: torch.Tensor) -> torch.Tensor:
+        """``x`` of this library as a tensor on ``like``'s device (the array's own dtype)."""
+        return x if self.name == "torch" else torch.from_numpy(x).to(like.device)
 
 
 def _cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -58,12 +64,13 @@ TORCH_OPS = ArrayOps(
     torch.where, torch.stack, torch.isfinite, torch.nan_to_num,
     lambda x: torch.linalg.vector_norm(x, dim=-1), lambda a, b: torch.linalg.cross(a, b),
     torch.clamp, torch.broadcast_to, torch.abs, lambda m: m.nonzero(as_tuple=True),
-    lambda x, axes: torch.amax(x, dim=axes))
+    lambda x, axes: torch.amax(x, dim=axes), torch.cat, torch.take_along_dim)
 
 NUMPY_OPS = ArrayOps(
     "numpy", np.cos, np.sin, np.arctan2, np.arccos, np.arcsin, np.hypot, np.where, np.stack,
     np.isfinite, np.nan_to_num, lambda x: np.sqrt((x * x).sum(-1)), _cross, np.clip,
-    np.broadcast_to, np.abs, np.nonzero, lambda x, axes: np.max(x, axis=axes))
+    np.broadcast_to, np.abs, np.nonzero, lambda x, axes: np.max(x, axis=axes), np.concatenate,
+    np.take_along_axis)
 
 
 def ops_for(x: torch.Tensor) -> ArrayOps:

@@ -246,8 +246,9 @@ class _RequestPipeline:
         with torch.inference_mode():
             accepted = self.rounds.accepted
             if self.refining and accepted.shape[0] > 0:
-                return describe(accepted[farthest_point_order(accepted, k)], self.target,
-                                self.world, known_valid=True)[:k]
+                if accepted.shape[0] > k:  # all of them otherwise: _describe ranks them
+                    accepted = accepted[farthest_point_order(accepted, k)]
+                return describe(accepted, self.target, self.world, known_valid=True)
             cand_q, cand_s = self.cand_q, self.cand_s
             if cand_s is None:  # drawn unscored (a pose for the exact checker)
                 cand_s = self.score(cand_q)

@@ -144,12 +144,9 @@ class ARGMMPrior(nn.Module):
         eps = torch.randn(batch, j, generator=generator, **kw)
         if p_ee.device.type == "cpu" and not torch.is_grad_enabled():
             context = (p_ee[:1] if shared else p_ee) - self.ctx_mean
-            # NumPy's BLAS on torch's CPU threads: its own default, every core, ran 16 rows
-            # 4x slower with another process busy on this 2-core machine
-            with _numpy_blas().limit(limits=torch.get_num_threads(), user_api="blas"):
-                qn = torch.from_numpy(_sample_numpy(
-                    self, (context / self.ctx_std).numpy(), uniform[..., 0].numpy(),
-                    eps.numpy()))
+            _blas_on_torch_threads()
+            qn = torch.from_numpy(_sample_numpy(
+                self, (context / self.ctx_std).numpy(), uniform[..., 0].numpy(), eps.numpy()))
             return self.q_low + (qn + 1.0) * 0.5 * (self.q_high - self.q_low)
         x = torch.cat([(p_ee - self.ctx_mean) / self.ctx_std, torch.zeros(batch, j, **kw)], -1)
         weights, biases = list(self.weights), list(self.biases)
@@ -178,6 +175,21 @@ class ARGMMPrior(nn.Module):
 def _numpy_blas() -> ThreadpoolController:
     """The BLAS libraries loaded (NumPy's), to run :func:`_sample_numpy` on torch's threads."""
     return ThreadpoolController()
+
+
+#: the thread count this module last set NumPy's BLAS to (empty: never)
+_BLAS_THREADS: list[int] = []
+
+
+def _blas_on_torch_threads() -> None:
+    """Run NumPy's BLAS on torch's CPU thread count, process-wide, set again only when that
+    count changes: its own default, every core, ran a 16-row draw 4x slower with another
+    process busy on this 2-core machine, and a limit entered and left around each draw cost
+    0.1 ms of a 0.5 ms draw."""
+    threads = torch.get_num_threads()
+    if _BLAS_THREADS != [threads]:
+        _numpy_blas().limit(limits=threads, user_api="blas")  # kept: never restored
+        _BLAS_THREADS[:] = [threads]
 
 
 def _sample_numpy(prior: ARGMMPrior, context: np.ndarray, uniform: np.ndarray,

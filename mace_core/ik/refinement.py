@@ -17,11 +17,16 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
+from ..array_ops import ArrayOps
 from ..deadline import Deadline
 from ..errors import InvalidRequestError
 from ..robot.closed_form_ik import PandaClosedFormIK
 from ..robot.kinematics import RobotKinematics, damped_least_squares
 from ..robot.rotations import geodesic_distance, matrix_to_quaternion_xyzw
+
+
+#: ``(1, 4)`` the last row of a homogeneous transform
+_BOTTOM_ROW = torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
 
 
 @dataclass
@@ -270,44 +275,48 @@ class AnalyticRefiner:
     def __init__(self, kin: RobotKinematics, closed_form: PandaClosedFormIK,
                  q7_grid: int = 16, grid_below: int = 4):
         self.kin, self.closed_form, self.grid_below = kin, closed_form, grid_below
-        lo, hi = float(closed_form.lower[6]), float(closed_form.upper[6])
-        self._grid = torch.linspace(lo, hi, q7_grid, dtype=torch.float64,
-                                    device=kin.spec.device)  # (G,) q7 values to fall back on
+        self._upper7 = float(closed_form.upper[6])
+        #: (G,) q7 values to fall back on, float64, by array library
+        grid = np.linspace(float(closed_form.lower[6]), self._upper7, q7_grid)
+        self._grids = {"numpy": grid, "torch": torch.as_tensor(grid, device=kin.spec.device)}
 
-    def _grid_for(self, seeds: torch.Tensor) -> torch.Tensor:
-        """``(G,)`` q7 values spread over joint 7's range, shifted by the seeds."""
-        grid = self._grid
+    def _grid_for(self, seeds, ops: ArrayOps):
+        """``(G,)`` q7 values spread over joint 7's range, shifted by ``seeds (B, 7)``."""
+        grid = self._grids[ops.name]
         step = float(grid[1] - grid[0]) if grid.shape[0] > 1 else 0.0
-        shift = step * float(torch.frac(seeds[:, 6].sum() * 0.6180339887).abs())
-        return (grid + shift).clamp(max=float(self.closed_form.upper[6]))
+        spin = float(seeds[:, 6].sum()) * 0.6180339887
+        return ops.clip(grid + step * abs(spin - math.trunc(spin)), None, self._upper7)
 
     def project(self, q0: torch.Tensor, target: IKTarget
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every branch of the target pose at each seed's q7, by rank (each seed's nearest
         branch, then each seed's second nearest, ...), and every branch at the q7 grid:
-        ``(A, 7)`` and ``(G', 7)`` float64 (either may be empty)."""
-        b = q0.shape[0]
-        seeds = q0.to(torch.float64)
-        pose = torch.zeros(b, 4, 4, dtype=torch.float64, device=q0.device)
-        pose[:, 3, 3] = 1.0
-        pose[:, :3, 3] = target.position.to(torch.float64)
+        ``(A, 7)`` and ``(G', 7)`` float64 (either may be empty). In the closed form's array
+        library (NumPy on the CPU: a third of torch's time for a request's 16 seeds)."""
+        cf = self.closed_form
+        ops = cf.ops_for(q0)
+        seeds = ops.asarray(q0)  # (B, 7)
+        b = seeds.shape[0]
         if target.rotation is not None:
-            pose[:, :3, :3] = target.rotation.to(torch.float64)
+            pose = ops.asarray(target.rotation)
+            pose = ops.concat([ops.concat([pose, ops.asarray(target.position)[:, None]], 1),
+                               ops.asarray(_BOTTOM_ROW.to(target.position.device))])
+            pose = ops.broadcast_to(pose, (b, 4, 4))
         else:  # the seed's own hand orientation
-            pose[:, :3, :3] = self.closed_form.kin64.ee_pose(seeds)[:, :3, :3]
-        grid = self._grid_for(seeds)  # solved with the seeds, in one batch
-        sols, ok = self.closed_form.solve(
-            torch.cat([pose, pose[:1].expand(grid.shape[0], -1, -1)]),
-            torch.cat([seeds[:, 6], grid]))  # (B + G, 8, 7), (B + G, 8)
+            pose = cf.forward(seeds, ops)  # a fresh array
+            pose[:, :3, 3] = ops.asarray(target.position)
+        grid = self._grid_for(seeds, ops)  # solved with the seeds, in one batch
+        sols, ok = cf.solve_arrays(
+            ops.concat([pose, ops.broadcast_to(pose[:1], (grid.shape[0], 4, 4))]),
+            ops.concat([seeds[:, 6], grid]), ops)  # (B + G, 8, 7), (B + G, 8)
         more, more_ok = sols[b:], ok[b:]
         sols, ok = sols[:b], ok[:b]
-        dist = (sols - seeds[:, None]).abs().amax(-1).masked_fill(~ok, math.inf)
+        dist = ops.where(ok, ops.amax(ops.abs(sols - seeds[:, None]), -1), math.inf)
         order = dist.argsort(-1)  # each seed's branches, nearest first
-        sols = sols.gather(1, order[..., None].expand(-1, -1, 7))
-        ok = ok.gather(1, order)
+        sols, ok = ops.take_along(sols, order[..., None], 1), ops.take_along(ok, order, 1)
         # every seed's nearest branch first, then every seed's second nearest...: checks taken
         # in this order meet the prior's branches at many q7 before the far ones
-        return sols.transpose(0, 1)[ok.T], more[more_ok]
+        return ops.tensor(sols.swapaxes(0, 1)[ok.T], q0), ops.tensor(more[more_ok], q0)
 
     def candidate_lists(self, q0: torch.Tensor, target: IKTarget,
                         needed: int | None = None) -> list[torch.Tensor]:

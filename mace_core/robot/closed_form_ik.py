@@ -109,15 +109,21 @@ class PandaClosedFormIK:
         with joint 7 at ``q7 (N,)``: ``(N, 8, 7)`` float64 and a mask ``(N, 8)`` of the ones
         that exist, lie within the joint limits and reproduce the pose. Rows not in the mask
         hold zeros."""
-        ops = self.ops or ops_for(pose)
-        cand, ok = self._solve(ops.asarray(pose), ops.asarray(q7).reshape(-1), ops)
-        if ops.name == "torch":
-            return cand, ok
-        return (torch.from_numpy(cand).to(pose.device), torch.from_numpy(ok).to(pose.device))
+        ops = self.ops_for(pose)
+        cand, ok = self.solve_arrays(ops.asarray(pose), ops.asarray(q7).reshape(-1), ops)
+        return ops.tensor(cand, pose), ops.tensor(ok, pose)
 
-    def _solve(self, pose, q7, ops: ArrayOps):
-        """:meth:`solve` in ``ops``' library: ``(N, 4, 4)``, ``(N,)`` -> ``(N, 8, 7)``,
-        ``(N, 8)``."""
+    def ops_for(self, x: torch.Tensor) -> ArrayOps:
+        """The array library that solves for tensors like ``x``."""
+        return self.ops or ops_for(x)
+
+    def forward(self, q, ops: ArrayOps):
+        """End-effector poses ``(B, 4, 4)`` of ``q (B, 7)``, float64 arrays of ``ops``."""
+        return self._fk(q) if ops.name == "torch" else self.kin64.ee_pose_numpy(q)
+
+    def solve_arrays(self, pose, q7, ops: ArrayOps):
+        """:meth:`solve` on float64 arrays of ``ops``' library: ``(N, 4, 4)``, ``(N,)`` ->
+        ``(N, 8, 7)``, ``(N, 8)``."""
         c = self._consts[ops.name]
         cand, exists = self._candidates(pose, q7, ops, c)  # (N, 8, 7), (N, 8)
         # angles come out in (-pi, pi]; joint 6 reaches 3.82 rad: take the turn within limits
@@ -130,10 +136,7 @@ class PandaClosedFormIK:
         rows = ops.nonzero(ok)
         if rows[0].shape[0] == 0:  # nothing to check (forward kinematics wants a batch)
             return cand * 0.0, ok
-        if ops.name == "torch":
-            reached = self._fk(cand[rows])
-        else:
-            reached = self.kin64.ee_pose_numpy(cand[rows])
+        reached = self.forward(cand[rows], ops)
         error = ops.amax(ops.abs(reached[:, :3] - pose[rows[0], :3]), (-1, -2))
         ok[rows] = error < self.pose_tolerance
         return cand * ok[..., None], ok
