@@ -582,8 +582,8 @@ def test_exact_checks_take_what_is_still_needed(adapter, monkeypatch):
     candidates = adapter.kin.sample_uniform(40, spec.generator(3))
     world = adapter._world_of([])
     asked = []
-    monkeypatch.setattr(adapter, "_valid", lambda q, w, poses=None: (
-        asked.append(q.shape[0]) or torch.ones(q.shape[0], dtype=torch.bool)))
+    monkeypatch.setattr(adapter, "_exact_valid", lambda q, w: (
+        asked.append(q.shape[0]) or np.ones(q.shape[0], dtype=bool)))
     empty = torch.empty(0, 7, dtype=spec.dtype)
     accepted, checked, valid = adapter._accept_exact(cfg, empty, candidates, world, k,
                                                      Deadline.after(5.0))
@@ -593,8 +593,8 @@ def test_exact_checks_take_what_is_still_needed(adapter, monkeypatch):
     asked.clear()  # one row in eight free: a chunk of 4, then up to 4 x what is missing
     free = torch.arange(40) % 8 == 0
     lookup = {tuple(row.tolist()): bool(ok) for row, ok in zip(candidates, free)}
-    monkeypatch.setattr(adapter, "_valid", lambda q, w, poses=None: (
-        asked.append(q.shape[0]) or torch.tensor([lookup[tuple(r.tolist())] for r in q])))
+    monkeypatch.setattr(adapter, "_exact_valid", lambda q, w: (
+        asked.append(q.shape[0]) or np.array([lookup[tuple(r.tolist())] for r in q])))
     accepted, checked, valid = adapter._accept_exact(cfg, empty, candidates, world, k,
                                                      Deadline.after(5.0))
     assert valid == accepted.shape[0] == k and checked == sum(asked)
@@ -625,7 +625,7 @@ def test_pose_rounds_fall_back_on_the_q7_grid(adapter, monkeypatch):
     from mace_core.ik.request import IKTimings
 
     seeds_answers = {tuple(r.tolist()) for r in found.to(spec.dtype)}
-    monkeypatch.setattr(adapter, "_valid", lambda q, w, poses=None: torch.tensor(
+    monkeypatch.setattr(adapter, "_exact_valid", lambda q, w: np.array(
         [tuple(r.tolist()) not in seeds_answers for r in q]))
     cfg = replace(adapter.config, num_solutions=2)
     rounds = RefinementRounds(adapter, cfg, target, adapter._world_of([]), Deadline.after(5.0),

@@ -49,7 +49,7 @@ from .conditioned import _ConditionedPrior, _ProjectedPrior
 from .prior import ARGMMPrior
 from .refinement import (AnalyticRefiner, DLSRefiner, IKTarget, PenaltyFn, Refiner, TracIKRefiner,
                          pose_errors)
-from .refinement_rounds import RefinementRounds, farthest_point_order
+from .refinement_rounds import RefinementRounds, farthest_point_indices, farthest_point_order
 from .registry import IK_KINDS, load_ik_prior, load_registry
 from .request import IKAdaptConfig, IKAdaptResult, IKRequest, IKSolution, IKTimings
 
@@ -463,9 +463,13 @@ class IKAdapter:
         obstacles for the checker that accepts answers: the exact one when configured."""
         if self.exact is None:
             return self.checker.valid(q, world, poses=poses)
+        return torch.from_numpy(self._exact_valid(q.detach().cpu().numpy(), world)).to(q.device)
+
+    def _exact_valid(self, q: np.ndarray, world: CollisionWorld) -> np.ndarray:
+        """``(B,)`` bool: the exact checker's verdict on ``q (B, 7)``, counted."""
         self.exact.set_obstacles(world.obstacles)  # nothing to do when they are the last ones
         self.exact_checks += q.shape[0]
-        return torch.from_numpy(self.exact.valid(q)).to(q.device)
+        return self.exact.valid(q)
 
     def solve(self, request: IKRequest, start: float | None = None,
               cancel: threading.Event | None = None) -> IKAdaptResult:
@@ -641,38 +645,35 @@ class IKAdapter:
         """
         spread = max(2 * needed, 8)
         checked = valid = start = 0
-        if candidates.shape[0] > spread:
-            first = farthest_point_order(candidates, spread)
-            rest = torch.ones(candidates.shape[0], dtype=torch.bool, device=candidates.device)
+        # in NumPy throughout: a few small arrays per chunk, and the checker takes NumPy
+        x, kept = candidates.detach().cpu().numpy(), accepted.detach().cpu().numpy()
+        if x.shape[0] > spread:
+            first = farthest_point_indices(x, spread)
+            rest = np.ones(x.shape[0], dtype=bool)
             rest[first] = False
-            candidates = torch.cat([candidates[first], candidates[rest]])
-        while start < candidates.shape[0] and needed > 0 and not deadline.expired():
+            x = np.concatenate([x[first], x[rest]])
+        while start < x.shape[0] and needed > 0 and not deadline.expired():
             size = math.ceil(needed / max(valid / checked if checked else 1.0, 0.25))
-            count = accepted.shape[0]
-            fresh = self._merge(cfg, accepted, candidates[start:start + size])[count:]
+            chunk = x[start:start + size]
             start += size
+            fresh = chunk[_distinct_rows(kept, chunk, cfg.min_joint_distance)]
             if fresh.shape[0] == 0:
                 continue
-            ok = self._valid(fresh, world)
+            ok = self._exact_valid(fresh, world)
             checked += fresh.shape[0]
             valid += int(ok.sum())
-            accepted = torch.cat([accepted, fresh[ok]])
-            needed -= accepted.shape[0] - count
-        return accepted, checked, valid
+            kept = np.concatenate([kept, fresh[ok]])
+            needed -= int(ok.sum())
+        added = torch.from_numpy(kept[accepted.shape[0]:]).to(accepted.device, accepted.dtype)
+        return torch.cat([accepted, added]), checked, valid
 
     def _merge(self, cfg: IKAdaptConfig, accepted: torch.Tensor,
                new: torch.Tensor) -> torch.Tensor:
         """Append rows of ``new`` that are not duplicates of accepted ones (or of each other)."""
         if new.shape[0] == 0:
             return accepted
-        x, old = new.detach().cpu().numpy(), accepted.detach().cpu().numpy()
-        apart = cfg.min_joint_distance
-        new_ok = (np.abs(x[:, None] - old[None]).max(-1) >= apart).all(1)  # (N,)
-        far = np.abs(x[:, None] - x[None]).max(-1) >= apart  # (N, N)
-        fresh: list[int] = []
-        for i in np.flatnonzero(new_ok).tolist():  # greedy, in order: booleans only
-            if far[i, fresh].all():
-                fresh.append(i)
+        fresh = _distinct_rows(accepted.detach().cpu().numpy(), new.detach().cpu().numpy(),
+                               cfg.min_joint_distance)
         return torch.cat([accepted, new[fresh]]) if fresh else accepted
 
     def _describe(self, q: torch.Tensor, target: IKTarget, world: CollisionWorld,
@@ -688,7 +689,8 @@ class IKAdapter:
             q = q[finite]
         if q.shape[0] == 0:  # no sample was valid and nothing was refined
             return []
-        poses = self.kin.link_poses(q)
+        # the link poses serve the sphere model only: the exact checker poses its own model
+        poses = self.kin.link_poses(q) if self.exact is None else None
         pos_err, rot_err = pose_errors(self.kin, q, target, poses)
         valid = (torch.ones(q.shape[0], dtype=torch.bool, device=q.device) if known_valid
                  else self._valid(q, world, poses))
@@ -705,3 +707,15 @@ class IKAdapter:
                            orientation_error=float(r[j + 2]), collision_free=bool(r[j + 3]),
                            clearance=float(r[j + 4]))
                 for r in rows]
+
+
+def _distinct_rows(old: np.ndarray, new: np.ndarray, apart: float) -> list[int]:
+    """Indices of the rows of ``new (N, 7)`` at least ``apart`` (max-norm) from every row of
+    ``old (A, 7)`` and from the ones taken before them (greedy, in order)."""
+    new_ok = (np.abs(new[:, None] - old[None]).max(-1) >= apart).all(1)  # (N,)
+    far = np.abs(new[:, None] - new[None]).max(-1) >= apart  # (N, N)
+    fresh: list[int] = []
+    for i in np.flatnonzero(new_ok).tolist():  # booleans only
+        if far[i, fresh].all():
+            fresh.append(i)
+    return fresh

@@ -210,9 +210,11 @@ def _sample_numpy(prior: ARGMMPrior, context: np.ndarray, uniform: np.ndarray,
         h = from_context[k] + qn[:, :k] @ weights[0][k, c:c + k] if k else from_context[k]
         for layer in range(1, len(weights)):
             h = np.maximum(h, 0.2 * h) @ weights[layer][k] + biases[layer][k]  # LeakyReLU
-        h = np.broadcast_to(h, (batch, h.shape[1]))
-        weight = np.exp(h[:, :k_mix] - h[:, :k_mix].max(-1, keepdims=True)).cumsum(-1)
+        logits = h[:, :k_mix]  # (B or 1, K): one row for the first network of a shared context
+        weight = np.exp(logits - logits.max(-1, keepdims=True)).cumsum(-1)
         comp = (weight[:, :-1] < uniform[:, k:k + 1] * weight[:, -1:]).sum(-1)  # inverse CDF
-        std = np.logaddexp(0.0, h[rows, 2 * k_mix + comp]) + cfg.min_std  # softplus
-        qn[:, k] = h[rows, k_mix + comp] + std * eps[:, k]
+        # the drawn component's mean and raw std: (B, 2)
+        picked = h.reshape(h.shape[0], 3, k_mix)[rows if h.shape[0] == batch else 0, 1:, comp]
+        std = np.logaddexp(0.0, picked[:, 1]) + cfg.min_std  # softplus
+        qn[:, k] = picked[:, 0] + std * eps[:, k]
     return qn

@@ -61,8 +61,9 @@ class IKTarget:
 
 def pose_errors(kin: RobotKinematics, q: torch.Tensor, target: IKTarget,
                 poses: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Position (m) and orientation (rad; 0 if position-only) errors of ``q (B, 7)``: ``(B,)``."""
-    ee = (kin.link_poses(q) if poses is None else poses)[:, kin.ee_index]
+    """Position (m) and orientation (rad; 0 if position-only) errors of ``q (B, 7)``: ``(B,)``,
+    from its link poses ``(B, L, 4, 4)`` when given."""
+    ee = kin.ee_pose(q) if poses is None else poses[:, kin.ee_index]
     pos_err = torch.linalg.vector_norm(ee[:, :3, 3] - target.position, dim=-1)
     if target.rotation is None:
         return pos_err, torch.zeros_like(pos_err)

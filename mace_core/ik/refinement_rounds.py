@@ -150,16 +150,22 @@ class RefinementRounds:
 
 
 def farthest_point_order(q: torch.Tensor, k: int) -> torch.Tensor:
-    """Greedy max-min selection of ``k`` rows of ``q (B, 7)`` from row 0: indices ``(k,)``.
+    """Greedy max-min selection of ``k`` rows of ``q (B, 7)`` from row 0: indices ``(k,)``
+    (:func:`farthest_point_indices` on the host)."""
+    return torch.as_tensor(farthest_point_indices(q.detach().cpu().numpy(), k),
+                           device=q.device)
+
+
+def farthest_point_indices(x: np.ndarray, k: int) -> np.ndarray:
+    """Greedy max-min selection of ``k`` rows of ``x (B, 7)`` from row 0: indices ``(k,)``.
 
     Distances are Euclidean in joint space, the measure of the benchmark's diversity. The loop
     is sequential and B small (hundreds at most), so it runs in NumPy: a third of the time of
     the same loop in torch."""
-    k = min(k, q.shape[0])
-    x = q.detach().cpu().numpy()
+    k = min(k, x.shape[0])
     chosen = np.zeros(k, dtype=np.int64)
     dist = ((x - x[0]) ** 2).sum(-1)
     for i in range(1, k):
         chosen[i] = int(dist.argmax())
         np.minimum(dist, ((x - x[chosen[i]]) ** 2).sum(-1), out=dist)
-    return torch.as_tensor(chosen, device=q.device)
+    return chosen

@@ -335,19 +335,22 @@ class MuJoCoCollisionChecker:
         offset = centres[:, :, None] - data.geom_xpos[slots][None, None]  # (B, G, S, 3)
         local = np.einsum("skj,bgsk->bgsj", rot, offset)
         gaps = np.linalg.norm(np.maximum(np.abs(local) - half, 0.0), axis=-1) - rbound
-        order = np.argsort(gaps.reshape(q.shape[0], -1), axis=1)  # (B, G * S)
-        fromto = self._fromto
+        gaps = gaps.reshape(q.shape[0], -1)
+        order = np.argsort(gaps, axis=1)  # (B, G * S)
+        # the pairs' fields as Python numbers: the loop below reads a few of them per pair
+        fromto, distance, count = self._fromto, mj.mj_geomDistance, slots.size
+        moving_ids, slot_ids, rounded = moving.tolist(), slots.tolist(), rounded.tolist()
         for k in range(q.shape[0]):
             self._place(q[k])
-            gap = gaps[k].reshape(-1)
+            gap = gaps[k].tolist()
             best = reach_m + PYBULLET_MESH_MARGIN
             for flat in order[k].tolist():
                 if gap[flat] >= best:
                     break
-                i, j = divmod(flat, slots.size)
+                i, j = divmod(flat, count)
                 rounding = rounded[j]  # the geom is the shape shrunk by this
-                best = min(best, mj.mj_geomDistance(model, data, int(moving[i]), int(slots[j]),
-                                                    best + rounding, fromto) - rounding)
+                best = min(best, distance(model, data, moving_ids[i], slot_ids[j],
+                                          best + rounding, fromto) - rounding)
             out[k] = min(reach_m, best - PYBULLET_MESH_MARGIN)
         return out
 
