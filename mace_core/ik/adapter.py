@@ -374,17 +374,18 @@ class IKAdapter:
         mace_over = {name: getattr(request, name) for name in
                      ("iterations", "objective", "num_samples", "quantile", "gradient_steps",
                       "learning_rate") if getattr(request, name) is not None}
-        mace = replace(cfg.mace, **mace_over)
         refinement = request.refinement
         if (refinement is None and request.rotation is not None
                 and cfg.pose_refinement_mode in self.refiners):
             refinement = cfg.pose_refinement_mode
-        cfg = replace(cfg, mace=mace, **{k: v for k, v in (
-            ("num_solutions", request.num_solutions), ("time_budget_s", request.time_budget_s),
-            ("refinement_mode", refinement)) if v is not None})
-        if (request.rotation is not None and cfg.refinement_mode == "analytic"
+        if (request.rotation is not None and (refinement or cfg.refinement_mode) == "analytic"
                 and request.gradient_steps is None):  # a full pose in closed form
-            cfg = replace(cfg, mace=replace(cfg.mace, gradient_steps=cfg.pose_gradient_steps))
+            mace_over["gradient_steps"] = cfg.pose_gradient_steps
+        # one copy of each config, and none of MACE's without overrides
+        cfg = replace(cfg, **{k: v for k, v in (
+            ("num_solutions", request.num_solutions), ("time_budget_s", request.time_budget_s),
+            ("refinement_mode", refinement),
+            ("mace", replace(cfg.mace, **mace_over) if mace_over else None)) if v is not None})
         self._validate(cfg, request)
         return cfg
 

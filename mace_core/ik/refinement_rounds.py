@@ -160,12 +160,26 @@ def farthest_point_indices(x: np.ndarray, k: int) -> np.ndarray:
     """Greedy max-min selection of ``k`` rows of ``x (B, 7)`` from row 0: indices ``(k,)``.
 
     Distances are Euclidean in joint space, the measure of the benchmark's diversity. The loop
-    is sequential and B small (hundreds at most), so it runs in NumPy: a third of the time of
-    the same loop in torch."""
+    is sequential and B small (hundreds at most), so it runs in NumPy (a third of the time of
+    the same loop in torch) on the squared distances of every pair, one matrix product:
+    two operations a step instead of five, where B is at most ``_PAIRS_UP_TO`` (50 rows, 16
+    picks: 0.03 against 0.07 ms; 128 and 48: 0.09 against 0.32 ms; 512 and 48: 3.1 against
+    0.8 ms, the matrix costs more than it saves)."""
     k = min(k, x.shape[0])
     chosen = np.zeros(k, dtype=np.int64)
-    dist = ((x - x[0]) ** 2).sum(-1)
+    if x.shape[0] <= _PAIRS_UP_TO:
+        x = x.astype(np.float64)
+        norms = (x * x).sum(-1)
+        pairs = norms[:, None] + norms[None] - 2.0 * (x @ x.T)  # (B, B) squared distances
+        row = lambda i: pairs[i]  # noqa: E731
+    else:
+        row = lambda i: ((x - x[i]) ** 2).sum(-1)  # noqa: E731
+    dist = row(0).copy()
     for i in range(1, k):
         chosen[i] = int(dist.argmax())
-        np.minimum(dist, ((x - x[chosen[i]]) ** 2).sum(-1), out=dist)
+        np.minimum(dist, row(chosen[i]), out=dist)
     return chosen
+
+
+#: rows up to which :func:`farthest_point_indices` forms every pair's distance at once
+_PAIRS_UP_TO = 192
