@@ -41,6 +41,7 @@ from ..robot.backends import exact_checker
 from ..robot.closed_form_ik import PandaClosedFormIK
 from ..robot.collision import SceneCollisionChecker
 from ..robot.kinematics import RobotKinematics, panda_urdf_path
+from ..robot.rotations import geodesic_distance_numpy
 from ..robot.scenes import Obstacle, padded
 from ..robot.spheres import CollisionWorld, SphereCollisionChecker
 from ..tensor import TensorSpec
@@ -420,6 +421,8 @@ class IKAdapter:
         if len(request.obstacles) > lim.max_obstacles:
             raise InvalidRequestError(f"at most {lim.max_obstacles} obstacles per request, "
                                       f"got {len(request.obstacles)}")
+        if self._world_of_last(request.obstacles) is not None:  # checked when it was built
+            return
         for o in request.obstacles:  # the rest is checked where they are tensorized
             extent = max(np.abs(np.asarray(o.position, dtype=float)).max(initial=0.0),
                          np.asarray(o.size, dtype=float).max(initial=0.0))
@@ -434,11 +437,7 @@ class IKAdapter:
         world when they are the same (a planning pipeline asks for many targets in one scene;
         0.4 to 0.6 ms a request in the benchmark scenes)."""
         key = tuple(obstacles)
-        try:
-            same = self._world is not None and self._world[0] == key
-        except (TypeError, ValueError):  # fields given as arrays: no cheap comparison
-            same = False
-        if not same:
+        if self._world_of_last(key) is None:
             pad = self.config.collision.padding_m
             if pad > 0.0:
                 for o in key:  # as given: the grown ones are checked where they are tensorized
@@ -446,6 +445,15 @@ class IKAdapter:
             world = CollisionWorld.from_obstacles([padded(o, pad) for o in key], self.spec)
             self._world = (key, world)
         return self._world[1]
+
+    def _world_of_last(self, obstacles) -> CollisionWorld | None:
+        """The last request's world when ``obstacles`` are the same as its (validated then),
+        else None."""
+        try:
+            same = self._world is not None and self._world[0] == tuple(obstacles)
+        except (TypeError, ValueError):  # fields given as arrays: no cheap comparison
+            same = False
+        return self._world[1] if same else None
 
     def _clearance(self, q: torch.Tensor, world: CollisionWorld,
                    poses: torch.Tensor | None = None) -> torch.Tensor:
@@ -692,22 +700,23 @@ class IKAdapter:
             return []
         # the link poses serve the sphere model only: the exact checker poses its own model
         poses = self.kin.link_poses(q) if self.exact is None else None
-        pos_err, rot_err = pose_errors(self.kin, q, target, poses)
-        valid = (torch.ones(q.shape[0], dtype=torch.bool, device=q.device) if known_valid
-                 else self._valid(q, world, poses))
-        clearance = self._clearance(q, world, poses)
-        score = torch.where(valid, torch.exp(-pos_err), 0.0)
-        key = valid.to(q.dtype) * 1e3 + clearance.clamp(-1.0, 1.0)
-        order = torch.argsort(key, descending=True)
-        # one gather and one copy to the host: (B, 7 + 5), columns q, then the figures
-        rows = torch.cat([q, torch.stack([score, pos_err, rot_err, valid.to(q.dtype),
-                                          clearance], 1)], 1).index_select(0, order)
-        rows = rows.detach().cpu().double().numpy()
-        j = q.shape[1]
-        return [IKSolution(q=r[:j].copy(), score=float(r[j]), position_error=float(r[j + 1]),
-                           orientation_error=float(r[j + 2]), collision_free=bool(r[j + 3]),
-                           clearance=float(r[j + 4]))
-                for r in rows]
+        valid = (np.ones(q.shape[0], dtype=bool) if known_valid
+                 else self._valid(q, world, poses).cpu().numpy())
+        clearance = self._clearance(q, world, poses).cpu().double().numpy()
+        # the figures on the host in float64 (a few rows: NumPy's per-call cost is a third of
+        # torch's), of the configurations as returned
+        x = q.detach().cpu().double().numpy()
+        ee = self.kin.ee_pose_numpy(x)  # (B, 4, 4)
+        pos_err = np.linalg.norm(ee[:, :3, 3] - target.position.cpu().double().numpy(), axis=-1)
+        rot_err = (np.zeros_like(pos_err) if target.rotation is None else
+                   geodesic_distance_numpy(target.rotation.cpu().double().numpy(),
+                                           ee[:, :3, :3]))
+        score = np.where(valid, np.exp(-pos_err), 0.0)
+        order = np.argsort(-(valid * 1e3 + clearance.clip(-1.0, 1.0)), kind="stable")
+        return [IKSolution(q=x[i].copy(), score=float(score[i]),
+                           position_error=float(pos_err[i]), orientation_error=float(rot_err[i]),
+                           collision_free=bool(valid[i]), clearance=float(clearance[i]))
+                for i in order.tolist()]
 
 
 def _distinct_rows(old: np.ndarray, new: np.ndarray, apart: float) -> list[int]:

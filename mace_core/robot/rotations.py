@@ -30,3 +30,10 @@ def geodesic_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     rel = a.transpose(-1, -2) @ b
     cos = ((rel.diagonal(dim1=-2, dim2=-1).sum(-1) - 1.0) * 0.5).clamp(-1.0, 1.0)
     return torch.arccos(cos)
+
+
+def geodesic_distance_numpy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """:func:`geodesic_distance` in NumPy: ``(..., 3, 3)`` each -> ``(...)`` rad. The trace of
+    aᵀb is the sum of their elementwise product."""
+    cos = (((a * b).sum((-1, -2)) - 1.0) * 0.5).clip(-1.0, 1.0)
+    return np.arccos(cos)
