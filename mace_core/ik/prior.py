@@ -145,9 +145,10 @@ class ARGMMPrior(nn.Module):
         if p_ee.device.type == "cpu" and not torch.is_grad_enabled():
             context = (p_ee[:1] if shared else p_ee) - self.ctx_mean
             _blas_on_torch_threads()
-            qn = torch.from_numpy(_sample_numpy(
-                self, (context / self.ctx_std).numpy(), uniform[..., 0].numpy(), eps.numpy()))
-            return self.q_low + (qn + 1.0) * 0.5 * (self.q_high - self.q_low)
+            qn = _sample_numpy(self, (context / self.ctx_std).numpy(), uniform[..., 0].numpy(),
+                               eps.numpy())
+            low, high = self.q_low.numpy(), self.q_high.numpy()
+            return torch.from_numpy(low + (qn + 1.0) * (0.5 * (high - low)))
         x = torch.cat([(p_ee - self.ctx_mean) / self.ctx_std, torch.zeros(batch, j, **kw)], -1)
         weights, biases = list(self.weights), list(self.biases)
         first = weights[0] * self.input_mask  # (J, C + J, H): network k sees q_<k only
