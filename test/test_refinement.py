@@ -61,3 +61,26 @@ def test_quaternion_conversion_round_trip():
                       [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
         back = matrix_to_quaternion_xyzw(r)
         assert min(np.abs(back - quat).max(), np.abs(back + quat).max()) < 1e-9
+
+
+@pytest.mark.parametrize("with_rotation", [True, False])
+def test_analytic_projection_is_the_same_in_numpy_and_torch(with_rotation):
+    """The closed-form refiner's projection runs in NumPy on the CPU and in torch on CUDA (one
+    construction, :mod:`mace_core.array_ops`): both give the same answers in the same order,
+    for a full pose and for the seeds' own orientations (a position target)."""
+    from mace_core.array_ops import TORCH_OPS
+    from mace_core.ik.refinement import AnalyticRefiner
+    from mace_core.robot.closed_form_ik import PandaClosedFormIK
+
+    q_true, q0 = seeds_near_target(n=16, noise=0.05, seed=3)
+    pose = KIN.ee_pose(q_true[None])[0]
+    target = IKTarget(position=pose[:3, 3], rotation=pose[:3, :3] if with_rotation else None,
+                      orientation_tolerance=1e-3)
+    numpy_side = AnalyticRefiner(KIN, PandaClosedFormIK(KIN)).project(q0, target)
+    torch_side = AnalyticRefiner(KIN, PandaClosedFormIK(KIN, ops=TORCH_OPS)).project(q0, target)
+    for a, b in zip(numpy_side, torch_side):
+        assert a.dtype == b.dtype == torch.float64 and a.shape == b.shape
+        assert a.shape[0] > 0 and (a - b).abs().max() < 1e-9
+    found = numpy_side[0]
+    reached = KIN.ee_pose(found)
+    assert (reached[:, :3, 3] - target.position).norm(dim=-1).max() < 1e-9
