@@ -167,17 +167,17 @@ def farthest_point_indices(x: np.ndarray, k: int) -> np.ndarray:
     0.8 ms, the matrix costs more than it saves)."""
     k = min(k, x.shape[0])
     chosen = np.zeros(k, dtype=np.int64)
+    pairs = None  # (B, B) squared distances, for small B
     if x.shape[0] <= _PAIRS_UP_TO:
         x = x.astype(np.float64)
         norms = (x * x).sum(-1)
-        pairs = norms[:, None] + norms[None] - 2.0 * (x @ x.T)  # (B, B) squared distances
-        row = lambda i: pairs[i]  # noqa: E731
-    else:
-        row = lambda i: ((x - x[i]) ** 2).sum(-1)  # noqa: E731
-    dist = row(0).copy()
+        pairs = norms[:, None] + norms[None] - 2.0 * (x @ x.T)
+    dist = ((x - x[0]) ** 2).sum(-1)
     for i in range(1, k):
         chosen[i] = int(dist.argmax())
-        np.minimum(dist, row(chosen[i]), out=dist)
+        c = chosen[i]
+        np.minimum(dist, pairs[c] if pairs is not None else ((x - x[c]) ** 2).sum(-1),
+                   out=dist)
     return chosen
 
 

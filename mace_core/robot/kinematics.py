@@ -349,7 +349,7 @@ class RobotKinematics:
 
     def ee_pose_numpy(self, q: np.ndarray) -> np.ndarray:
         """:meth:`ee_pose` in NumPy float64: ``(B, 7)`` -> ``(B, 4, 4)``, for checks on small
-        CPU batches (the closed form's: 64 rows 0.04 against 0.11 ms in torch)."""
+        CPU batches (the closed form's: 64 rows 0.06 against 0.10-0.11 ms in torch)."""
         base, (fold, turn, turn2), chain, slot, rel = self._chain64
         sin, vers = np.sin(q)[..., None, None], (1.0 - np.cos(q))[..., None, None]
         local = fold + sin * turn + vers * turn2  # (B, J, 4, 4)
