@@ -25,10 +25,6 @@ from ..robot.kinematics import RobotKinematics, damped_least_squares
 from ..robot.rotations import geodesic_distance, matrix_to_quaternion_xyzw
 
 
-#: ``(1, 4)`` the last row of a homogeneous transform
-_BOTTOM_ROW = torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
-
-
 @dataclass
 class RefinementConfig:
     """Settings shared by the refiners."""
@@ -277,9 +273,13 @@ class AnalyticRefiner:
                  q7_grid: int = 16, grid_below: int = 4):
         self.kin, self.closed_form, self.grid_below = kin, closed_form, grid_below
         self._upper7 = float(closed_form.upper[6])
-        #: (G,) q7 values to fall back on, float64, by array library
+        # by array library, float64: the (G,) q7 values to fall back on, and the (1, 4) last
+        # row of a homogeneous transform (a pose target's is built from the request's parts)
         grid = np.linspace(float(closed_form.lower[6]), self._upper7, q7_grid)
+        bottom = np.array([[0.0, 0.0, 0.0, 1.0]])
         self._grids = {"numpy": grid, "torch": torch.as_tensor(grid, device=kin.spec.device)}
+        self._bottom = {"numpy": bottom,
+                        "torch": torch.as_tensor(bottom, device=kin.spec.device)}
 
     def _grid_for(self, seeds, ops: ArrayOps):
         """``(G,)`` q7 values spread over joint 7's range, shifted by ``seeds (B, 7)``."""
@@ -301,7 +301,7 @@ class AnalyticRefiner:
         if target.rotation is not None:
             pose = ops.asarray(target.rotation)
             pose = ops.concat([ops.concat([pose, ops.asarray(target.position)[:, None]], 1),
-                               ops.asarray(_BOTTOM_ROW.to(target.position.device))])
+                               self._bottom[ops.name]])
             pose = ops.broadcast_to(pose, (b, 4, 4))
         else:  # the seed's own hand orientation
             pose = cf.forward(seeds, ops)  # a fresh array
