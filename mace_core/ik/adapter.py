@@ -54,6 +54,12 @@ from .refinement_rounds import RefinementRounds, farthest_point_indices, farthes
 from .registry import IK_KINDS, load_ik_prior, load_registry
 from .request import IKAdaptConfig, IKAdaptResult, IKRequest, IKSolution, IKTimings
 
+#: The request fields that override the config (see :meth:`IKAdapter.effective_config`).
+_OVERRIDES = ("num_solutions", "time_budget_s", "iterations", "refinement", "objective",
+              "num_samples", "quantile", "gradient_steps", "learning_rate")
+#: Validated configs kept at most (by their overrides; then the cache starts afresh).
+_CONFIGS_KEPT = 64
+
 #: Origin of joint 2 (the shoulder) in the base frame, m; reach is measured from there.
 _SHOULDER = (0.0, 0.0, 0.333)
 
@@ -324,6 +330,8 @@ class IKAdapter:
         self._last_position: torch.Tensor | None = None  # (3,) target of the last solve()
         self._adapted: ARGMMPrior | None = None  # the prior whose weights a request changed
         self._world: tuple[tuple[Obstacle, ...], CollisionWorld] | None = None  # the last scene
+        #: validated configs by the requests' overrides (:meth:`effective_config`)
+        self._configs: dict[tuple, IKAdaptConfig] = {}
         self.exact_checks = 0  #: configurations put to the exact checker by the current request
 
     @classmethod
@@ -370,7 +378,27 @@ class IKAdapter:
     # -- request handling ------------------------------------------------------------------------
 
     def effective_config(self, request: IKRequest) -> IKAdaptConfig:
-        """The config with the request's overrides applied, validated."""
+        """The config with the request's overrides applied, validated.
+
+        Raises:
+            InvalidRequestError: an override out of its limits, or a bad target or obstacle.
+        """
+        key = (tuple(getattr(request, name) for name in _OVERRIDES), request.rotation is None)
+        try:
+            cfg = self._configs.get(key)
+        except TypeError:  # an unhashable field: validated below, not kept
+            key, cfg = None, None
+        if cfg is None:  # validated once per set of overrides (a pipeline repeats its own)
+            cfg = self._overridden_config(request)
+            if key is not None:
+                if len(self._configs) >= _CONFIGS_KEPT:
+                    self._configs.clear()
+                self._configs[key] = cfg
+        self._validate_request(cfg, request)
+        return cfg
+
+    def _overridden_config(self, request: IKRequest) -> IKAdaptConfig:
+        """The config with the request's overrides applied, its fields validated."""
         cfg = self.config
         mace_over = {name: getattr(request, name) for name in
                      ("iterations", "objective", "num_samples", "quantile", "gradient_steps",
@@ -387,37 +415,38 @@ class IKAdapter:
             ("num_solutions", request.num_solutions), ("time_budget_s", request.time_budget_s),
             ("refinement_mode", refinement),
             ("mace", replace(cfg.mace, **mace_over) if mace_over else None)) if v is not None})
-        self._validate(cfg, request)
-        return cfg
-
-    def _validate(self, cfg: IKAdaptConfig, request: IKRequest) -> None:
-        lim = cfg.limits
-        pos = np.asarray(request.position, dtype=float)
-        if pos.shape != (3,) or not np.isfinite(pos).all():
-            raise InvalidRequestError(f"target position must be 3 finite numbers, got "
-                                      f"{format_numbers(pos)}")
-        if request.rotation is not None:
-            rot = np.asarray(request.rotation, dtype=float)
-            if rot.shape != (3, 3) or not np.isfinite(rot).all():
-                raise InvalidRequestError("target orientation must be a finite rotation")
-            if np.abs(rot @ rot.T - np.eye(3)).max() > 1e-3 or np.linalg.det(rot) < 0:
-                raise InvalidRequestError("target orientation is not a rotation (normalize the "
-                                          "quaternion)")
-            tol = request.orientation_tolerance
-            if not (math.isfinite(tol) and 0.0 <= tol <= math.pi):
-                raise InvalidRequestError(
-                    f"orientation tolerance must be in [0, pi] rad, got {tol:.6g}")
-        reach = float(np.linalg.norm(pos - np.asarray(_SHOULDER)))
-        if reach > lim.reach_m:
-            raise InvalidRequestError(
-                f"target {format_numbers(pos)} is unreachable: {reach:.4g} m from the shoulder, "
-                f"the Panda reaches {lim.reach_m:.2f} m")
         cfg.validate()
         if cfg.refinement_mode != "none" and cfg.refinement_mode not in self.refiners:
             hint = (" (MoveIt's /compute_ik needs moveit_msgs, which is not installed)"
                     if cfg.refinement_mode == "moveit" else "")
             raise InvalidRequestError(
                 f"refinement {quote(cfg.refinement_mode)} is not available{hint}")
+        return cfg
+
+    def _validate_request(self, cfg: IKAdaptConfig, request: IKRequest) -> None:
+        """Raise InvalidRequestError for a bad target or obstacle."""
+        lim = cfg.limits
+        # on Python floats: a handful of numbers, checked in every request
+        pos = np.asarray(request.position, dtype=float)
+        if pos.shape != (3,) or not math.isfinite(sum(pos.tolist())):
+            raise InvalidRequestError(f"target position must be 3 finite numbers, got "
+                                      f"{format_numbers(pos)}")
+        if request.rotation is not None:
+            rot = np.asarray(request.rotation, dtype=float)
+            if rot.shape != (3, 3) or not math.isfinite(sum(rot.reshape(-1).tolist())):
+                raise InvalidRequestError("target orientation must be a finite rotation")
+            if not _is_rotation(rot.tolist()):
+                raise InvalidRequestError("target orientation is not a rotation (normalize the "
+                                          "quaternion)")
+            tol = request.orientation_tolerance
+            if not (math.isfinite(tol) and 0.0 <= tol <= math.pi):
+                raise InvalidRequestError(
+                    f"orientation tolerance must be in [0, pi] rad, got {tol:.6g}")
+        reach = math.dist(pos.tolist(), _SHOULDER)
+        if reach > lim.reach_m:
+            raise InvalidRequestError(
+                f"target {format_numbers(pos)} is unreachable: {reach:.4g} m from the shoulder, "
+                f"the Panda reaches {lim.reach_m:.2f} m")
         if len(request.obstacles) > lim.max_obstacles:
             raise InvalidRequestError(f"at most {lim.max_obstacles} obstacles per request, "
                                       f"got {len(request.obstacles)}")
@@ -717,6 +746,18 @@ class IKAdapter:
                            position_error=float(pos_err[i]), orientation_error=float(rot_err[i]),
                            collision_free=bool(valid[i]), clearance=float(clearance[i]))
                 for i in order.tolist()]
+
+
+def _is_rotation(r: list[list[float]], tolerance: float = 1e-3) -> bool:
+    """Whether the 3 x 3 matrix ``r`` is a rotation: R Rᵀ within ``tolerance`` of the
+    identity, entry by entry, and det R > 0."""
+    for i in range(3):
+        for j in range(i, 3):
+            dot = r[i][0] * r[j][0] + r[i][1] * r[j][1] + r[i][2] * r[j][2]
+            if abs(dot - (i == j)) > tolerance:
+                return False
+    (a, b, c), (d, e, f), (g, h, k) = r
+    return a * (e * k - f * h) - b * (d * k - f * g) + c * (d * h - e * g) > 0.0
 
 
 def _distinct_rows(old: np.ndarray, new: np.ndarray, apart: float) -> list[int]:
