@@ -30,11 +30,11 @@ class ArrayOps:
     where: Callable
     stack: Callable  #: (arrays, axis)
     isfinite: Callable
-    nan_to_num: Callable
+    nan_to_num: Callable  #: non-finite entries replaced by finite ones (NumPy's: by 0)
     norm: Callable  #: Euclidean norm over the last axis
     cross: Callable  #: cross product over the last axis
     clip: Callable  #: (x, low or None, high or None)
-    broadcast_to: Callable  #: (x, shape)
+    broadcast_to: Callable  #: (x, shape): to be read only (NumPy's is a copy: cheaper)
     abs: Callable
     nonzero: Callable  #: (mask) -> tuple of index arrays
     amax: Callable  #: (x, axes) -> the largest value over ``axes``
@@ -59,6 +59,28 @@ def _cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.stack([a1 * b2 - a2 * b1, a2 * b0 - a0 * b2, a0 * b1 - a1 * b0], -1)
 
 
+def _clip(x: np.ndarray, low: float | None, high: float | None) -> np.ndarray:
+    """``np.clip`` as two ufuncs: its Python wrapper costs 4 µs a call on a request's small
+    arrays, each ufunc 1 µs."""
+    if low is not None:
+        x = np.maximum(x, low)
+    return x if high is None else np.minimum(x, high)
+
+
+def _broadcast_to(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``x`` repeated to ``shape``, a new array (``np.broadcast_to``'s read-only view costs
+    4 µs a call, the copy of a request's few hundred values 1 µs)."""
+    out = np.empty(shape, dtype=x.dtype)
+    out[...] = x
+    return out
+
+
+def _finite_or_zero(x: np.ndarray) -> np.ndarray:
+    """``x`` with its NaN and infinite entries 0: what the routines need of ``nan_to_num``
+    (masked rows hold zeros), at a quarter of its 12 µs a call."""
+    return np.where(np.isfinite(x), x, 0.0)
+
+
 TORCH_OPS = ArrayOps(
     "torch", torch.cos, torch.sin, torch.atan2, torch.arccos, torch.arcsin, torch.hypot,
     torch.where, torch.stack, torch.isfinite, torch.nan_to_num,
@@ -68,8 +90,8 @@ TORCH_OPS = ArrayOps(
 
 NUMPY_OPS = ArrayOps(
     "numpy", np.cos, np.sin, np.arctan2, np.arccos, np.arcsin, np.hypot, np.where, np.stack,
-    np.isfinite, np.nan_to_num, lambda x: np.sqrt((x * x).sum(-1)), _cross, np.clip,
-    np.broadcast_to, np.abs, np.nonzero, lambda x, axes: np.max(x, axis=axes), np.concatenate,
+    np.isfinite, _finite_or_zero, lambda x: np.sqrt((x * x).sum(-1)), _cross, _clip,
+    _broadcast_to, np.abs, np.nonzero, lambda x, axes: np.max(x, axis=axes), np.concatenate,
     np.take_along_axis)
 
 

@@ -88,6 +88,8 @@ class ARGMMPrior(nn.Module):
         self.register_buffer("q_high", torch.full((j,), math.pi, **kw))
         self.register_buffer("ctx_mean", torch.zeros(c, **kw))
         self.register_buffer("ctx_std", torch.ones(c, **kw))
+        #: the parameters' data pointers, and NumPy views of the weights and biases
+        self._numpy_views: tuple[tuple, list, list] | None = None
 
     def set_normalization(self, q_low: torch.Tensor, q_high: torch.Tensor,
                           ctx_mean: torch.Tensor, ctx_std: torch.Tensor) -> None:
@@ -167,6 +169,18 @@ class ARGMMPrior(nn.Module):
         qn = x[:, c:]
         return self.q_low + (qn + 1.0) * 0.5 * (self.q_high - self.q_low)
 
+    def numpy_parameters(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """NumPy views of the CPU weights ``(J, in, out)`` and biases ``(J, out)`` per layer,
+        sharing their memory (adaptation's in-place steps show in them); made again only when
+        a parameter's storage changed (making them costs 39 µs a draw, checking 5 µs)."""
+        params = (*self.weights._parameters.values(), *self.biases._parameters.values())
+        key = tuple(p.data_ptr() for p in params)
+        if self._numpy_views is None or self._numpy_views[0] != key:
+            views = [p.detach().numpy() for p in params]
+            layers = len(views) // 2
+            self._numpy_views = (key, views[:layers], [b[:, 0] for b in views[layers:]])
+        return self._numpy_views[1], self._numpy_views[2]
+
     def architecture(self) -> dict:
         """Hyper-parameters to store next to the weights."""
         return asdict(self.config)
@@ -200,8 +214,7 @@ def _sample_numpy(prior: ARGMMPrior, context: np.ndarray, uniform: np.ndarray,
     normals ``(B, J)`` -> normalized joint values ``(B, J)``."""
     cfg = prior.config
     j, k_mix, c = cfg.num_joints, cfg.components, cfg.context_dim
-    weights = [w.detach().numpy() for w in prior.weights]  # (J, in, out)
-    biases = [b.detach().numpy()[:, 0] for b in prior.biases]  # (J, out)
+    weights, biases = prior.numpy_parameters()  # (J, in, out), (J, out)
     batch = uniform.shape[0]
     rows = np.arange(batch)
     # every network's first layer on the context at once: (J, B or 1, H)

@@ -298,18 +298,18 @@ class AnalyticRefiner:
         ops = cf.ops_for(q0)
         seeds = ops.asarray(q0)  # (B, 7)
         b = seeds.shape[0]
+        grid = self._grid_for(seeds, ops)  # solved with the seeds, in one batch
         if target.rotation is not None:
             pose = ops.asarray(target.rotation)
             pose = ops.concat([ops.concat([pose, ops.asarray(target.position)[:, None]], 1),
                                self._bottom[ops.name]])
-            pose = ops.broadcast_to(pose, (b, 4, 4))
+            poses = ops.broadcast_to(pose, (b + grid.shape[0], 4, 4))
         else:  # the seed's own hand orientation
             pose = cf.forward(seeds, ops)  # a fresh array
             pose[:, :3, 3] = ops.asarray(target.position)
-        grid = self._grid_for(seeds, ops)  # solved with the seeds, in one batch
-        sols, ok = cf.solve_arrays(
-            ops.concat([pose, ops.broadcast_to(pose[:1], (grid.shape[0], 4, 4))]),
-            ops.concat([seeds[:, 6], grid]), ops)  # (B + G, 8, 7), (B + G, 8)
+            poses = ops.concat([pose, ops.broadcast_to(pose[:1], (grid.shape[0], 4, 4))])
+        sols, ok = cf.solve_arrays(poses, ops.concat([seeds[:, 6], grid]),
+                                   ops)  # (B + G, 8, 7), (B + G, 8)
         more, more_ok = sols[b:], ok[b:]
         sols, ok = sols[:b], ok[:b]
         dist = ops.where(ok, ops.amax(ops.abs(sols - seeds[:, None]), -1), math.inf)
