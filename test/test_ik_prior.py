@@ -93,6 +93,31 @@ def test_numpy_and_torch_sampling_draw_the_same():
         assert fast.std(0).min() > 0
 
 
+def test_numpy_draw_follows_weights_changed_in_place():
+    """The NumPy draw reads views of the parameters that it keeps between draws: an in-place
+    step (adaptation's), a restored state and new normalization show in the next draw."""
+    prior, other = tiny_prior(2), tiny_prior(3)
+    p = torch.tensor([[0.3, -0.2, 0.5]], dtype=torch.float64).expand(50, 3)
+
+    def both():
+        with torch.no_grad():
+            fast = prior.sample(p, SPEC.generator(6))
+        return fast, prior.sample(p, SPEC.generator(6)).detach()
+
+    first, _ = both()
+    with torch.no_grad():
+        prior.weights[-1].mul_(1.5)  # an optimizer's step, in place
+    stepped, reference = both()
+    assert torch.allclose(stepped, reference, atol=1e-12)
+    assert not torch.allclose(stepped, first)
+    prior.load_state_dict(other.state_dict())  # a request's start: copied in place
+    prior.set_normalization(torch.tensor([-0.5, -1.0]), torch.tensor([2.0, 0.5]),
+                            torch.full((3,), 0.1), torch.full((3,), 2.0))
+    restored, reference = both()
+    assert torch.allclose(restored, reference, atol=1e-12)
+    assert not torch.allclose(restored, stepped)
+
+
 def test_shipped_prior_draws_alike_in_numpy_and_torch():
     """The shipped prior in float32: the two paths agree to float32 rounding (a component
     chosen differently by that rounding would show as a large gap)."""

@@ -484,16 +484,17 @@ class IKAdapter:
             same = False
         return self._world[1] if same else None
 
-    def _clearance(self, q: torch.Tensor, world: CollisionWorld,
-                   poses: torch.Tensor | None = None) -> torch.Tensor:
-        """``(B,)`` m, each row's distance from the obstacles as given (the world is grown by
-        the padding): the exact checker's when configured (PyBullet's measure), else the
-        spheres' (a lower bound)."""
+    def _clearance(self, x: np.ndarray, world: CollisionWorld, q: torch.Tensor,
+                   poses: torch.Tensor | None = None) -> np.ndarray:
+        """``(B,)`` m, float64: each row of ``q (B, 7)`` (``x``: the same in float64 NumPy) from
+        the obstacles as given (the world is grown by the padding): the exact checker's when
+        configured (PyBullet's measure), else the spheres' (a lower bound; ``poses``: their
+        link poses when known)."""
         pad = self.config.collision.padding_m
         if self.exact is None:
-            return self.checker.clearance(q, world, poses=poses) + pad
+            return self.checker.clearance(q, world, poses=poses).cpu().double().numpy() + pad
         self.exact.set_obstacles(world.obstacles)
-        return torch.from_numpy(self.exact.clearance(q)).to(q.device, q.dtype) + pad
+        return self.exact.clearance(x) + pad
 
     def _valid(self, q: torch.Tensor, world: CollisionWorld,
                poses: torch.Tensor | None = None) -> torch.Tensor:
@@ -722,19 +723,19 @@ class IKAdapter:
         Rank: collision-free first, then by clearance from the obstacles (all accepted solutions
         reach the target within tolerance, so their scores differ only in the fifth decimal).
         """
-        finite = torch.isfinite(q).all(dim=1)
-        if not bool(finite.all()):  # never answer NaN joints, whatever went wrong upstream
-            q = q[finite]
-        if q.shape[0] == 0:  # no sample was valid and nothing was refined
+        # on the host in float64 (a few rows: NumPy's per-call cost is a third of torch's), the
+        # configurations as returned
+        x = q.detach().cpu().double().numpy()
+        finite = np.isfinite(x).all(1)
+        if not finite.all():  # never answer NaN joints, whatever went wrong upstream
+            x, q = x[finite], q[torch.from_numpy(finite).to(q.device)]
+        if x.shape[0] == 0:  # no sample was valid and nothing was refined
             return []
         # the link poses serve the sphere model only: the exact checker poses its own model
         poses = self.kin.link_poses(q) if self.exact is None else None
-        valid = (np.ones(q.shape[0], dtype=bool) if known_valid
+        valid = (np.ones(x.shape[0], dtype=bool) if known_valid
                  else self._valid(q, world, poses).cpu().numpy())
-        clearance = self._clearance(q, world, poses).cpu().double().numpy()
-        # the figures on the host in float64 (a few rows: NumPy's per-call cost is a third of
-        # torch's), of the configurations as returned
-        x = q.detach().cpu().double().numpy()
+        clearance = self._clearance(x, world, q, poses)
         ee = self.kin.ee_pose_numpy(x)  # (B, 4, 4)
         pos_err = np.linalg.norm(ee[:, :3, 3] - target.position.cpu().double().numpy(), axis=-1)
         rot_err = (np.zeros_like(pos_err) if target.rotation is None else

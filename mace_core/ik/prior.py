@@ -145,11 +145,11 @@ class ARGMMPrior(nn.Module):
         uniform = torch.rand(batch, j, 1, generator=generator, **kw)
         eps = torch.randn(batch, j, generator=generator, **kw)
         if p_ee.device.type == "cpu" and not torch.is_grad_enabled():
-            context = (p_ee[:1] if shared else p_ee) - self.ctx_mean
+            weights, biases, (low, high, mean, std) = self.numpy_parameters()
+            context = ((p_ee[:1] if shared else p_ee).numpy() - mean) / std
             _blas_on_torch_threads()
-            qn = _sample_numpy(self, (context / self.ctx_std).numpy(), uniform[..., 0].numpy(),
+            qn = _sample_numpy(self.config, weights, biases, context, uniform[..., 0].numpy(),
                                eps.numpy())
-            low, high = self.q_low.numpy(), self.q_high.numpy()
             return torch.from_numpy(low + (qn + 1.0) * (0.5 * (high - low)))
         x = torch.cat([(p_ee - self.ctx_mean) / self.ctx_std, torch.zeros(batch, j, **kw)], -1)
         weights, biases = list(self.weights), list(self.biases)
@@ -169,17 +169,20 @@ class ARGMMPrior(nn.Module):
         qn = x[:, c:]
         return self.q_low + (qn + 1.0) * 0.5 * (self.q_high - self.q_low)
 
-    def numpy_parameters(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """NumPy views of the CPU weights ``(J, in, out)`` and biases ``(J, out)`` per layer,
-        sharing their memory (adaptation's in-place steps show in them); made again only when
-        a parameter's storage changed (making them costs 39 µs a draw, checking 5 µs)."""
-        params = (*self.weights._parameters.values(), *self.biases._parameters.values())
-        key = tuple(p.data_ptr() for p in params)
+    def numpy_parameters(self) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        """NumPy views of the CPU weights ``(J, in, out)`` and biases ``(J, out)`` per layer and
+        of the normalization (``q_low``, ``q_high``, ``ctx_mean``, ``ctx_std``), sharing their
+        memory (adaptation's in-place steps show in them); made again only when a tensor's
+        storage changed (making them costs 39 µs a draw, checking 5 µs)."""
+        norm = (self.q_low, self.q_high, self.ctx_mean, self.ctx_std)
+        tensors = (*self.weights._parameters.values(), *self.biases._parameters.values(), *norm)
+        key = tuple(t.data_ptr() for t in tensors)
         if self._numpy_views is None or self._numpy_views[0] != key:
-            views = [p.detach().numpy() for p in params]
-            layers = len(views) // 2
-            self._numpy_views = (key, views[:layers], [b[:, 0] for b in views[layers:]])
-        return self._numpy_views[1], self._numpy_views[2]
+            views = [t.detach().numpy() for t in tensors]
+            layers = len(self.weights)
+            self._numpy_views = (key, views[:layers],
+                                 [b[:, 0] for b in views[layers:2 * layers]], views[2 * layers:])
+        return self._numpy_views[1:]
 
     def architecture(self) -> dict:
         """Hyper-parameters to store next to the weights."""
@@ -207,14 +210,13 @@ def _blas_on_torch_threads() -> None:
         _BLAS_THREADS[:] = [threads]
 
 
-def _sample_numpy(prior: ARGMMPrior, context: np.ndarray, uniform: np.ndarray,
-                  eps: np.ndarray) -> np.ndarray:
+def _sample_numpy(cfg: ARGMMConfig, weights: list[np.ndarray], biases: list[np.ndarray],
+                  context: np.ndarray, uniform: np.ndarray, eps: np.ndarray) -> np.ndarray:
     """:meth:`ARGMMPrior.sample` in NumPy, on views of the parameters (no copy; adaptation
-    updates them in place): normalized contexts ``(B or 1, C)``, the draw's uniforms and
-    normals ``(B, J)`` -> normalized joint values ``(B, J)``."""
-    cfg = prior.config
+    updates them in place: :meth:`ARGMMPrior.numpy_parameters`), weights ``(J, in, out)``
+    and biases ``(J, out)`` per layer: normalized contexts ``(B or 1, C)``, the draw's
+    uniforms and normals ``(B, J)`` -> normalized joint values ``(B, J)``."""
     j, k_mix, c = cfg.num_joints, cfg.components, cfg.context_dim
-    weights, biases = prior.numpy_parameters()  # (J, in, out), (J, out)
     batch = uniform.shape[0]
     rows = np.arange(batch)
     # every network's first layer on the context at once: (J, B or 1, H)

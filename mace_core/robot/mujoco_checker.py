@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import re
+from types import SimpleNamespace
 from typing import Sequence
 
 import numpy as np
@@ -168,6 +169,7 @@ class MuJoCoCollisionChecker:
         #: m, (ngeom,) each slot's edge rounding (its geom is that much smaller)
         self._rounding = np.zeros(model.ngeom)
         self._obstacles = None
+        self._clearance_plan: SimpleNamespace | None = None  # see _plan_clearance
 
     def set_obstacles(self, obstacles: Sequence[Obstacle]) -> None:
         """Write ``obstacles`` into the slot pool (nothing to do when they are the last ones).
@@ -212,6 +214,7 @@ class MuJoCoCollisionChecker:
             model.geom_quat[g] = quat
             model.geom_contype[g], model.geom_conaffinity[g] = self._slot_contype
         self._obstacles = key
+        self._clearance_plan = None  # made again by the next clearance()
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -314,32 +317,26 @@ class MuJoCoCollisionChecker:
         PyBullet measures it (the hulls grown by its 1 mm margin); ``reach_m`` where nothing is
         nearer, negative where they overlap."""
         q = joint_batch(q, len(self._qpos))
-        mj, model, data = self._mj, self.model, self.data
-        slots = np.flatnonzero(self._obstacle_geom & (model.geom_contype > 0))
         out = np.full(q.shape[0], reach_m)
-        if slots.size == 0:
+        plan = self._clearance_plan or self._plan_clearance()
+        if plan.slot_ids == []:
             return out
+        mj, model, data = self._mj, self.model, self.data
         moving = self._moving_geoms
-        rbound = model.geom_rbound[moving][None, :, None]  # (1, G, 1) link hulls' bounding balls
-        half = model.geom_aabb[slots, 3:]  # (S, 3) each obstacle's box in its own frame
-        rounded = self._rounding[slots]
         centres = np.empty((q.shape[0], moving.size, 3))  # (B, G, 3) link hulls' centres
         for k in range(q.shape[0]):
             self._place(q[k])
             centres[k] = data.geom_xpos[moving]
         # pairs in order of a lower bound of their distance: from the link's bounding sphere to
         # the obstacle's box (a floor's bounding sphere would be useless); once it passes the
-        # nearest distance found, no later pair can be nearer. Obstacles sit on the world body:
-        # their poses are the same in every configuration.
-        rot = data.geom_xmat[slots].reshape(-1, 3, 3)  # (S, 3, 3) world-from-obstacle
-        offset = centres[:, :, None] - data.geom_xpos[slots][None, None]  # (B, G, S, 3)
-        local = np.einsum("skj,bgsk->bgsj", rot, offset)
-        gaps = np.linalg.norm(np.maximum(np.abs(local) - half, 0.0), axis=-1) - rbound
+        # nearest distance found, no later pair can be nearer
+        offset = centres[:, :, None] - plan.centre[None, None]  # (B, G, S, 3)
+        local = np.einsum("skj,bgsk->bgsj", plan.rot, offset)
+        gaps = np.linalg.norm(np.maximum(np.abs(local) - plan.half, 0.0), axis=-1) - plan.rbound
         gaps = gaps.reshape(q.shape[0], -1)
         order = np.argsort(gaps, axis=1)  # (B, G * S)
-        # the pairs' fields as Python numbers: the loop below reads a few of them per pair
-        fromto, distance, count = self._fromto, mj.mj_geomDistance, slots.size
-        moving_ids, slot_ids, rounded = moving.tolist(), slots.tolist(), rounded.tolist()
+        fromto, distance, count = self._fromto, mj.mj_geomDistance, len(plan.slot_ids)
+        moving_ids, slot_ids, rounded = plan.moving_ids, plan.slot_ids, plan.rounded
         for k in range(q.shape[0]):
             self._place(q[k])
             gap = gaps[k].tolist()
@@ -353,6 +350,25 @@ class MuJoCoCollisionChecker:
                                           best + rounding, fromto) - rounding)
             out[k] = min(reach_m, best - PYBULLET_MESH_MARGIN)
         return out
+
+    def _plan_clearance(self) -> SimpleNamespace:
+        """What :meth:`clearance` reads of the obstacles in place, made once per set of them
+        (they sit on the world body: their poses are the same in every configuration): the
+        slots in use (``slot_ids``, their ``rounded`` edges), each one's box (``half (S, 3)``,
+        ``centre (S, 3)``, world-from-obstacle ``rot (S, 3, 3)``), the link hulls' bounding
+        balls ``rbound (1, G, 1)`` and geom ids (``moving_ids``); the pairs' fields as Python
+        numbers, the loop reads a few of them per pair."""
+        model, data = self.model, self.data
+        slots = np.flatnonzero(self._obstacle_geom & (model.geom_contype > 0))
+        if slots.size:
+            self._place(np.zeros(len(self._qpos)))  # poses the obstacles' geoms too
+        moving = self._moving_geoms
+        self._clearance_plan = SimpleNamespace(
+            slot_ids=slots.tolist(), rounded=self._rounding[slots].tolist(),
+            half=model.geom_aabb[slots, 3:], centre=data.geom_xpos[slots].copy(),
+            rot=data.geom_xmat[slots].reshape(-1, 3, 3).copy(),
+            rbound=model.geom_rbound[moving][None, :, None], moving_ids=moving.tolist())
+        return self._clearance_plan
 
     def close(self) -> None:
         """Nothing to release (the model is freed with the checker); for the interface."""
