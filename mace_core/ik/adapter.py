@@ -668,24 +668,26 @@ class IKAdapter:
         return ok & free
 
     def _accept_exact(self, cfg: IKAdaptConfig, accepted: torch.Tensor,
-                      candidates: torch.Tensor, world: CollisionWorld, needed: int,
+                      candidates: torch.Tensor | np.ndarray, world: CollisionWorld, needed: int,
                       deadline: Deadline) -> tuple[torch.Tensor, int, int]:
-        """Rows of ``candidates (B, 7)``, all on the target (the closed form's), put to the
-        exact checker in their order, the first ``2 x needed`` spread out (farthest point: the
-        answer's diversity), until ``needed`` are added, the candidates run out or the deadline
-        passes. Each chunk is what is still needed, grown by the share found valid so far (up
-        to 4x): where nearly all are free, K checks usually do, and the answer is the one twice
-        as many checks would give (the first K of the spread order); where few are, chunks stay
-        large. Rows within ``min_joint_distance`` of an accepted one are skipped. No sphere check
-        first: on the Panda's collision meshes MuJoCo checks a configuration in 15-75 µs, and
-        the spheres refuse most free ones near the target.
+        """Rows of ``candidates (B, 7)`` (NumPy or a tensor), all on the target (the closed
+        form's), put to the exact checker in their order, the first ``2 x needed`` spread out
+        (farthest point: the answer's diversity), until ``needed`` are added, the candidates
+        run out or the deadline passes. Each chunk is what is still needed, grown by the share
+        found valid so far (up to 4x): where nearly all are free, K checks usually do, and the
+        answer is the one twice as many checks would give (the first K of the spread order);
+        where few are, chunks stay large. Rows within ``min_joint_distance`` of an accepted one
+        are skipped. No sphere check first: on the Panda's collision meshes MuJoCo checks a
+        configuration in 15-75 µs, and the spheres refuse most free ones near the target.
 
         Returns: the accepted rows ``(A', 7)``, and how many rows were checked and found valid.
         """
         spread = max(2 * needed, 8)
         checked = valid = start = 0
         # in NumPy throughout: a few small arrays per chunk, and the checker takes NumPy
-        x, kept = candidates.detach().cpu().numpy(), accepted.detach().cpu().numpy()
+        x = (candidates if isinstance(candidates, np.ndarray)
+             else candidates.detach().cpu().numpy())
+        kept = accepted.detach().cpu().numpy()
         if x.shape[0] > spread:
             first = farthest_point_indices(x, spread)
             rest = np.ones(x.shape[0], dtype=bool)

@@ -292,8 +292,13 @@ class AnalyticRefiner:
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every branch of the target pose at each seed's q7, by rank (each seed's nearest
         branch, then each seed's second nearest, ...), and every branch at the q7 grid:
-        ``(A, 7)`` and ``(G', 7)`` float64 (either may be empty). In the closed form's array
-        library (NumPy on the CPU: a third of torch's time for a request's 16 seeds)."""
+        ``(A, 7)`` and ``(G', 7)`` float64 tensors on ``q0``'s device (either may be empty)."""
+        ops = self.closed_form.ops_for(q0)
+        return tuple(ops.tensor(a, q0) for a in self.project_arrays(q0, target))
+
+    def project_arrays(self, q0: torch.Tensor, target: IKTarget):
+        """:meth:`project` in the closed form's array library (NumPy on the CPU: a third of
+        torch's time for a request's 16 seeds), float64."""
         cf = self.closed_form
         ops = cf.ops_for(q0)
         seeds = ops.asarray(q0)  # (B, 7)
@@ -317,17 +322,17 @@ class AnalyticRefiner:
         sols, ok = ops.take_along(sols, order[..., None], 1), ops.take_along(ok, order, 1)
         # every seed's nearest branch first, then every seed's second nearest...: checks taken
         # in this order meet the prior's branches at many q7 before the far ones
-        return ops.tensor(sols.swapaxes(0, 1)[ok.T], q0), ops.tensor(more[more_ok], q0)
+        return sols.swapaxes(0, 1)[ok.T], more[more_ok]
 
-    def candidate_lists(self, q0: torch.Tensor, target: IKTarget,
-                        needed: int | None = None) -> list[torch.Tensor]:
-        """:meth:`project`'s answers in the order checks should take them, each ``(A, 7)`` in
-        ``q0``'s dtype: one list, the seeds' then the grid's, when the seeds give fewer than
+    def candidate_lists(self, q0: torch.Tensor, target: IKTarget, needed: int | None = None):
+        """:meth:`project`'s answers in the order checks should take them, each ``(A, 7)``
+        float64 in the closed form's array library (NumPy on the CPU: the exact checker's, no
+        conversion): one list, the seeds' then the grid's, when the seeds give fewer than
         ``grid_below`` times ``needed`` (the checks' first chunk is spread over both); else the
         seeds' list, then the grid's to fall back on where those run out before ``needed``."""
-        found, grid = (a.to(q0.dtype) for a in self.project(q0, target))
+        found, grid = self.project_arrays(q0, target)
         if found.shape[0] < self.grid_below * (needed or 1):
-            return [torch.cat([found, grid])]
+            return [self.closed_form.ops_for(q0).concat([found, grid])]
         return [found, grid]
 
     def refine(self, q0: torch.Tensor, target: IKTarget,
@@ -338,4 +343,6 @@ class AnalyticRefiner:
         if q0.shape[0] == 0 or (deadline is not None and deadline.expired()):
             return q0
         found = self.candidate_lists(q0, target, needed)[0]
-        return found if found.shape[0] else q0
+        if found.shape[0] == 0:
+            return q0
+        return self.closed_form.ops_for(q0).tensor(found, q0).to(q0.dtype)
