@@ -123,7 +123,10 @@ class ServiceConfig:
     device: str = "auto"  #: "auto", "cpu" or "cuda[:N]"
     torch_threads: int = 1  #: torch's CPU threads; 1 beats 2 on a 2-core machine (0: default)
     models_dir: str = ""  #: folder of the model registry; empty: the package's models/
-    ik_model: str = "panda_ik"  #: registry name of the IK prior
+    #: registry name of the IK prior: ``panda_ik_small`` (3 x 128 per joint) answers position
+    #: requests 10-28 % faster than the paper-sized ``panda_ik`` (5 x 200), all 8 valid alike
+    #: (models/panda_ik_small.md)
+    ik_model: str = "panda_ik_small"
     shape_priors: str = "boxes,objects"  #: comma-separated registry names of shape priors to load
     max_concurrent_waiting: int = 8  #: requests queued behind a running one; more get "busy"
     publish_markers: bool = True  #: publish IK solutions as a visualization_msgs/MarkerArray

@@ -25,7 +25,7 @@ import os
 import sys
 from dataclasses import replace
 
-from mace_core.config import load_service_config
+from mace_core.config import ServiceConfig, load_service_config
 from mace_core.errors import MaceError
 from mace_core.ik.adapter import IKAdapter
 from mace_core.ik.baselines import TRACIK_ORIENTATIONS
@@ -37,6 +37,9 @@ from mace_core.robot.scenes import load_scene
 from mace_core.tensor import TensorSpec
 from mace_ros import fuzz
 from mace_ros import shipped
+
+#: the IK prior of the paper's architecture (App. B: 5 x 200 per joint), the paper tables'
+PAPER_IK_PRIOR = "panda_ik"
 
 
 def _add_ik_parser(sub) -> None:
@@ -65,8 +68,10 @@ def _add_ik_parser(sub) -> None:
     p.add_argument("--models-dir", default="",
                    help="folder of registry.yaml, the weights and panda_spheres.yaml "
                         "(default: the source tree's models/, else the installed package's)")
-    p.add_argument("--ik-prior", "--model", dest="model", default="panda_ik",
-                   help="registry name of the IK prior (models/registry.yaml)")
+    p.add_argument("--ik-prior", "--model", dest="model", default="",
+                   help="registry name of the IK prior (models/registry.yaml; default: the "
+                        f"service's ik_model, {ServiceConfig.ik_model}, or --config's; for "
+                        f"--protocol table1 the paper's architecture, {PAPER_IK_PRIOR})")
     p.add_argument("--config", default=None,
                    help="service parameters YAML (config/panda.yaml) for the IK defaults")
     p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
@@ -113,11 +118,18 @@ def _add_ik_parser(sub) -> None:
     p.set_defaults(func=_run_ik)
 
 
+def _service_ik_model(args: argparse.Namespace) -> str:
+    """The IK prior the node serves with: ``--config``'s ``ik_model``, else the default's."""
+    return (load_service_config(args.config) if args.config else ServiceConfig()).ik_model
+
+
 def _run_ik(args: argparse.Namespace) -> int:
     import torch
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    args.model = args.model or (PAPER_IK_PRIOR if args.protocol == "table1"
+                                else _service_ik_model(args))
     if args.protocol == "prior-accuracy":
         return _run_prior_accuracy(args)
     if not args.scene:
@@ -340,7 +352,7 @@ def _run_paper(args: argparse.Namespace) -> int:
     default_scene = "box.yaml" if args.table == 2 else "wall.yaml"
     scene = load_scene(args.scene or os.path.join(shipped.scenes_dir(), default_scene))
     service = IKAdaptConfig() if args.table == 2 else table1_service_config(IKAdaptConfig())
-    adapter = IKAdapter.from_models(shipped.models_dir(args.models_dir), "panda_ik", service,
+    adapter = IKAdapter.from_models(shipped.models_dir(args.models_dir), PAPER_IK_PRIOR, service,
                                     TensorSpec.resolve(args.device))
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     if args.table == 2:
@@ -385,7 +397,8 @@ def _add_replay_parser(sub) -> None:
     p.add_argument("--methods", default="mace_refine,tracik_restarts",
                    help="comma-separated methods (each group runs those of its target kind)")
     p.add_argument("--models-dir", default="", help="as for mace-bench ik")
-    p.add_argument("--ik-prior", dest="model", default="panda_ik", help="registry name")
+    p.add_argument("--ik-prior", dest="model", default="",
+                   help="registry name (default: the service's ik_model, or --config's)")
     p.add_argument("--config", default=None, help="service parameters YAML")
     p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -433,7 +446,8 @@ def _run_replay(args: argparse.Namespace) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     service = load_service_config(args.config).ik if args.config else IKAdaptConfig()
-    adapter = IKAdapter.from_models(shipped.models_dir(args.models_dir), args.model, service,
+    adapter = IKAdapter.from_models(shipped.models_dir(args.models_dir),
+                                    args.model or _service_ik_model(args), service,
                                     TensorSpec.resolve(args.device))
     client = None
     if args.node:

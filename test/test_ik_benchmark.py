@@ -272,6 +272,21 @@ def test_prior_accuracy_reads_both_kinds_of_ik_prior_and_draws_their_samples(tmp
         assert (tmp_path / f"samples_{name}.png").stat().st_size > 10_000
 
 
+def test_ik_prior_defaults_to_the_services_ik_model(tmp_path):
+    """Without ``--ik-prior`` the benchmark draws from the prior the node serves with:
+    ``--config``'s ``ik_model``, else the service default (``panda_ik_small``)."""
+    from mace_core.config import ServiceConfig
+
+    assert ServiceConfig().ik_model == "panda_ik_small"
+    out, config = tmp_path / "acc.json", tmp_path / "service.yaml"
+    common = ["ik", "--protocol", "prior-accuracy", "--poses", "4", "--samples-per-pose", "2",
+              "--json", str(out)]
+    for extra, expected in (([], "panda_ik_small"), (["--config", str(config)], "panda_ik")):
+        config.write_text("ik_model: panda_ik\n")
+        assert main(common + extra) == 0
+        assert [p["prior"] for p in json.loads(out.read_text())["priors"]] == [expected]
+
+
 def test_extra_obstacles_are_seeded_near_the_target_and_clear_of_it():
     from mace_core.ik.benchmark import with_extra_obstacles
 
