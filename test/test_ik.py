@@ -553,6 +553,30 @@ def test_rounds_explore_uniform_seeds_after_one_that_added_nothing(adapter):
     assert not position_only.rounds.worth_another  # positions adapt after a dry round
 
 
+def test_effective_config_is_validated_once_per_overrides_and_follows_new_defaults(adapter):
+    """Requests with the same overrides share one validated config; new defaults (a warm-up's
+    variant, then the originals back) are seen at once; a bad override is refused every time,
+    and a bad target whatever config is cached."""
+    req = IKRequest(position=np.array([0.5, 0.0, 0.4]), num_solutions=3, seed=1)
+    first = adapter.effective_config(req)
+    assert adapter.effective_config(replace(req, seed=2)) is first  # the seed is no override
+    assert first.num_solutions == 3
+    defaults = adapter.config
+    try:
+        adapter.config = replace(defaults, early_stop=not defaults.early_stop)
+        assert adapter.effective_config(req).early_stop is not defaults.early_stop
+    finally:
+        adapter.config = defaults
+    assert adapter.effective_config(req).early_stop is defaults.early_stop
+    for _ in range(2):
+        with pytest.raises(InvalidRequestError, match="num_solutions"):
+            adapter.effective_config(replace(req, num_solutions=10_000))
+    with pytest.raises(InvalidRequestError, match="3 finite numbers"):
+        adapter.effective_config(replace(req, position=np.array([np.nan, 0.0, 0.4])))
+    with pytest.raises(InvalidRequestError, match="not a rotation"):
+        adapter.effective_config(replace(req, rotation=-np.eye(3), orientation_tolerance=0.01))
+
+
 def test_pose_requests_adapt_with_their_own_gradient_steps(adapter):
     """A full pose in closed form runs MACE with ``pose_gradient_steps`` (cheap iterations
     between cheap explore rounds) unless the request sets M; positions keep ``mace``'s."""

@@ -330,9 +330,19 @@ class IKAdapter:
         self._last_position: torch.Tensor | None = None  # (3,) target of the last solve()
         self._adapted: ARGMMPrior | None = None  # the prior whose weights a request changed
         self._world: tuple[tuple[Obstacle, ...], CollisionWorld] | None = None  # the last scene
+        self.exact_checks = 0  #: configurations put to the exact checker by the current request
+
+    @property
+    def config(self) -> IKAdaptConfig:
+        """The request defaults; setting it (a warm-up's variant) drops the configs that
+        :meth:`effective_config` validated from the last one."""
+        return self._config
+
+    @config.setter
+    def config(self, config: IKAdaptConfig) -> None:
+        self._config = config
         #: validated configs by the requests' overrides (:meth:`effective_config`)
         self._configs: dict[tuple, IKAdaptConfig] = {}
-        self.exact_checks = 0  #: configurations put to the exact checker by the current request
 
     @classmethod
     def from_models(cls, models_dir: str, model_name: str, config: IKAdaptConfig,
