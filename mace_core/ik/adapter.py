@@ -438,12 +438,12 @@ class IKAdapter:
         lim = cfg.limits
         # on Python floats: a handful of numbers, checked in every request
         pos = np.asarray(request.position, dtype=float)
-        if pos.shape != (3,) or not math.isfinite(sum(pos.tolist())):
+        if pos.shape != (3,) or not all(map(math.isfinite, pos.tolist())):
             raise InvalidRequestError(f"target position must be 3 finite numbers, got "
                                       f"{format_numbers(pos)}")
         if request.rotation is not None:
             rot = np.asarray(request.rotation, dtype=float)
-            if rot.shape != (3, 3) or not math.isfinite(sum(rot.reshape(-1).tolist())):
+            if rot.shape != (3, 3) or not all(map(math.isfinite, rot.reshape(-1).tolist())):
                 raise InvalidRequestError("target orientation must be a finite rotation")
             if not _is_rotation(rot.tolist()):
                 raise InvalidRequestError("target orientation is not a rotation (normalize the "

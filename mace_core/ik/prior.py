@@ -10,8 +10,8 @@ sequential over the joints by nature: seven passes, each through one network.
 
 from __future__ import annotations
 
-import functools
 import math
+import sys
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -88,8 +88,9 @@ class ARGMMPrior(nn.Module):
         self.register_buffer("q_high", torch.full((j,), math.pi, **kw))
         self.register_buffer("ctx_mean", torch.zeros(c, **kw))
         self.register_buffer("ctx_std", torch.ones(c, **kw))
-        #: the parameters' data pointers, and NumPy views of the weights and biases
-        self._numpy_views: tuple[tuple, list, list] | None = None
+        #: the tensors' data pointers, and NumPy views of the weights, the biases and the
+        #: normalization (:meth:`numpy_parameters`)
+        self._numpy_views: tuple[tuple, list, list, list] | None = None
 
     def set_normalization(self, q_low: torch.Tensor, q_high: torch.Tensor,
                           ctx_mean: torch.Tensor, ctx_std: torch.Tensor) -> None:
@@ -189,25 +190,21 @@ class ARGMMPrior(nn.Module):
         return asdict(self.config)
 
 
-@functools.cache
-def _numpy_blas() -> ThreadpoolController:
-    """The BLAS libraries loaded (NumPy's), to run :func:`_sample_numpy` on torch's threads."""
-    return ThreadpoolController()
-
-
-#: the thread count this module last set NumPy's BLAS to (empty: never)
-_BLAS_THREADS: list[int] = []
+#: (torch's thread count, modules imported) when this module last limited the BLAS libraries
+_BLAS_STATE: list[int] = []
 
 
 def _blas_on_torch_threads() -> None:
-    """Run NumPy's BLAS on torch's CPU thread count, process-wide, set again only when that
-    count changes: its own default, every core, ran a 16-row draw 4x slower with another
+    """Run the BLAS libraries loaded (NumPy's, and SciPy's once imported) on torch's CPU
+    thread count, process-wide, set again only when that count or the modules imported
+    change (a new import may have loaded another BLAS; finding the libraries costs 5 ms, a
+    check 2 µs): their own default, every core, ran a 16-row draw 4x slower with another
     process busy on this 2-core machine, and a limit entered and left around each draw cost
     0.1 ms of a 0.5 ms draw."""
-    threads = torch.get_num_threads()
-    if _BLAS_THREADS != [threads]:
-        _numpy_blas().limit(limits=threads, user_api="blas")  # kept: never restored
-        _BLAS_THREADS[:] = [threads]
+    state = [torch.get_num_threads(), len(sys.modules)]
+    if _BLAS_STATE != state:
+        ThreadpoolController().limit(limits=state[0], user_api="blas")  # kept: never restored
+        _BLAS_STATE[:] = state
 
 
 def _sample_numpy(cfg: ARGMMConfig, weights: list[np.ndarray], biases: list[np.ndarray],
