@@ -109,11 +109,7 @@ class _RequestPipeline:
 
     def target_pose(self) -> torch.Tensor:
         """``(4, 4)`` float64: the target pose (a full-pose request)."""
-        target = self.target
-        pose = torch.eye(4, dtype=torch.float64, device=target.position.device)
-        pose[:3, :3] = target.rotation.to(torch.float64)
-        pose[:3, 3] = target.position.to(torch.float64)
-        return pose
+        return torch.from_numpy(self.target.pose_numpy).to(self.target.position.device)
 
     def adapted_model(self) -> _ConditionedPrior:
         """What MACE adapts: the prior, or, when the closed form answers this request (a full
@@ -749,10 +745,10 @@ class IKAdapter:
                  else self._valid(q, world, poses).cpu().numpy())
         clearance = self._clearance(x, world, q, poses)
         ee = self.kin.ee_pose_numpy(x)  # (B, 4, 4)
-        pos_err = np.linalg.norm(ee[:, :3, 3] - target.position.cpu().double().numpy(), axis=-1)
+        pose = target.pose_numpy
+        pos_err = np.linalg.norm(ee[:, :3, 3] - pose[:3, 3], axis=-1)
         rot_err = (np.zeros_like(pos_err) if target.rotation is None else
-                   geodesic_distance_numpy(target.rotation.cpu().double().numpy(),
-                                           ee[:, :3, :3]))
+                   geodesic_distance_numpy(pose[:3, :3], ee[:, :3, :3]))
         score = np.where(valid, np.exp(-pos_err), 0.0)
         order = np.argsort(-(valid * 1e3 + clearance.clip(-1.0, 1.0)), kind="stable")
         return [IKSolution(q=x[i].copy(), score=float(score[i]),

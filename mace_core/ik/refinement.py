@@ -9,6 +9,7 @@ through the :class:`Refiner` protocol from outside the core.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -53,6 +54,16 @@ class IKTarget:
     position: torch.Tensor  #: (3,) m
     rotation: torch.Tensor | None = None  #: (3, 3) target orientation, or None for position-only
     orientation_tolerance: float = 0.0  #: rad, used when ``rotation`` is given
+
+    @functools.cached_property
+    def pose_numpy(self) -> np.ndarray:
+        """``(4, 4)`` float64 on the host: the target pose (rotation the identity when none
+        is given), made once per target for the host's closed form and answer figures."""
+        pose = np.eye(4)
+        pose[:3, 3] = self.position.detach().cpu().numpy()
+        if self.rotation is not None:
+            pose[:3, :3] = self.rotation.detach().cpu().numpy()
+        return pose
 
 
 def pose_errors(kin: RobotKinematics, q: torch.Tensor, target: IKTarget,
@@ -273,13 +284,13 @@ class AnalyticRefiner:
                  q7_grid: int = 16, grid_below: int = 4):
         self.kin, self.closed_form, self.grid_below = kin, closed_form, grid_below
         self._upper7 = float(closed_form.upper[6])
-        # by array library, float64: the (G,) q7 values to fall back on, and the (1, 4) last
-        # row of a homogeneous transform (a pose target's is built from the request's parts)
+        # by array library, float64: the (G,) q7 values to fall back on; torch's (1, 4) last row
+        # of a homogeneous transform (a pose target's is built from the request's parts there,
+        # NumPy's is the target's own pose_numpy)
         grid = np.linspace(float(closed_form.lower[6]), self._upper7, q7_grid)
-        bottom = np.array([[0.0, 0.0, 0.0, 1.0]])
         self._grids = {"numpy": grid, "torch": torch.as_tensor(grid, device=kin.spec.device)}
-        self._bottom = {"numpy": bottom,
-                        "torch": torch.as_tensor(bottom, device=kin.spec.device)}
+        self._bottom = torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=torch.float64,
+                                    device=kin.spec.device)
 
     def _grid_for(self, seeds, ops: ArrayOps):
         """``(G,)`` q7 values spread over joint 7's range, shifted by ``seeds (B, 7)``."""
@@ -305,9 +316,12 @@ class AnalyticRefiner:
         b = seeds.shape[0]
         grid = self._grid_for(seeds, ops)  # solved with the seeds, in one batch
         if target.rotation is not None:
-            pose = ops.asarray(target.rotation)
-            pose = ops.concat([ops.concat([pose, ops.asarray(target.position)[:, None]], 1),
-                               self._bottom[ops.name]])
+            if ops.name == "numpy":
+                pose = target.pose_numpy
+            else:
+                pose = ops.asarray(target.rotation)
+                pose = ops.concat([ops.concat([pose, ops.asarray(target.position)[:, None]], 1),
+                                   self._bottom])
             poses = ops.broadcast_to(pose, (b + grid.shape[0], 4, 4))
         else:  # the seed's own hand orientation
             pose = cf.forward(seeds, ops)  # a fresh array
