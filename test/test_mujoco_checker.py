@@ -154,6 +154,24 @@ def test_clearance_is_pybullets_distance(kin, checker):
     assert (ours[~apart] <= 1e-4).all()  # overlapping: negative, or within the tolerance
 
 
+def test_clearance_follows_the_obstacles_set(kin, checker):
+    """The clearance reads the obstacles' boxes it planned for the last set: a new set (a box
+    moved close, the window's, the box's, none) is measured as a checker built for it does."""
+    q = kin.sample_uniform(12, SPEC.generator(5))
+    far, near = (Obstacle(name="b", kind="box", size=(0.1, 0.1, 0.1), position=p)
+                 for p in ((2.0, 0.0, 0.5), (0.4, 0.0, 0.5)))
+    scenes = [load_scene(f"config/scenes/{name}.yaml").obstacles for name in ("window", "box")]
+    for obstacles in [(far,), (near,)] + scenes + [()] + scenes[:1]:
+        checker.set_obstacles(obstacles)
+        ours = checker.clearance(q, reach_m=0.5)
+        with MuJoCoCollisionChecker(obstacles) as fresh:
+            np.testing.assert_allclose(ours, fresh.clearance(q, reach_m=0.5), atol=1e-9)
+        if obstacles in ((), (far,)):  # nothing within reach
+            assert (ours == 0.5).all()
+        else:
+            assert (ours < 0.5).any()
+
+
 # Configurations where mj_collision's mesh contacts overstated the distance past the threshold
 # (found by bisecting to the checker's boundary): links 5 and 7 1.98 mm apart, reported at
 # 2.18 mm; the hand 1.80 mm from the cabinet's top, reported at 2.11 mm. PyBullet and the
