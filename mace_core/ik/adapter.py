@@ -54,9 +54,11 @@ from .refinement_rounds import RefinementRounds, farthest_point_indices, farthes
 from .registry import IK_KINDS, load_ik_prior, load_registry
 from .request import IKAdaptConfig, IKAdaptResult, IKRequest, IKSolution, IKTimings
 
-#: The request fields that override the config (see :meth:`IKAdapter.effective_config`).
-_OVERRIDES = ("num_solutions", "time_budget_s", "iterations", "refinement", "objective",
-              "num_samples", "quantile", "gradient_steps", "learning_rate")
+#: The request fields that override the config's ``mace`` (Algorithm 1's settings), and all
+#: the fields that override the config (see :meth:`IKAdapter.effective_config`).
+_MACE_OVERRIDES = ("iterations", "objective", "num_samples", "quantile", "gradient_steps",
+                   "learning_rate")
+_OVERRIDES = ("num_solutions", "time_budget_s", "refinement") + _MACE_OVERRIDES
 #: Validated configs kept at most (by their overrides; then the cache starts afresh).
 _CONFIGS_KEPT = 64
 
@@ -406,9 +408,8 @@ class IKAdapter:
     def _overridden_config(self, request: IKRequest) -> IKAdaptConfig:
         """The config with the request's overrides applied, its fields validated."""
         cfg = self.config
-        mace_over = {name: getattr(request, name) for name in
-                     ("iterations", "objective", "num_samples", "quantile", "gradient_steps",
-                      "learning_rate") if getattr(request, name) is not None}
+        mace_over = {name: getattr(request, name) for name in _MACE_OVERRIDES
+                     if getattr(request, name) is not None}
         refinement = request.refinement
         if (refinement is None and request.rotation is not None
                 and cfg.pose_refinement_mode in self.refiners):

@@ -284,13 +284,9 @@ class AnalyticRefiner:
                  q7_grid: int = 16, grid_below: int = 4):
         self.kin, self.closed_form, self.grid_below = kin, closed_form, grid_below
         self._upper7 = float(closed_form.upper[6])
-        # by array library, float64: the (G,) q7 values to fall back on; torch's (1, 4) last row
-        # of a homogeneous transform (a pose target's is built from the request's parts there,
-        # NumPy's is the target's own pose_numpy)
+        # by array library, float64: the (G,) q7 values to fall back on
         grid = np.linspace(float(closed_form.lower[6]), self._upper7, q7_grid)
         self._grids = {"numpy": grid, "torch": torch.as_tensor(grid, device=kin.spec.device)}
-        self._bottom = torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=torch.float64,
-                                    device=kin.spec.device)
 
     def _grid_for(self, seeds, ops: ArrayOps):
         """``(G,)`` q7 values spread over joint 7's range, shifted by ``seeds (B, 7)``."""
@@ -316,12 +312,8 @@ class AnalyticRefiner:
         b = seeds.shape[0]
         grid = self._grid_for(seeds, ops)  # solved with the seeds, in one batch
         if target.rotation is not None:
-            if ops.name == "numpy":
-                pose = target.pose_numpy
-            else:
-                pose = ops.asarray(target.rotation)
-                pose = ops.concat([ops.concat([pose, ops.asarray(target.position)[:, None]], 1),
-                                   self._bottom])
+            pose = (target.pose_numpy if ops.name == "numpy"
+                    else torch.as_tensor(target.pose_numpy, device=q0.device))
             poses = ops.broadcast_to(pose, (b + grid.shape[0], 4, 4))
         else:  # the seed's own hand orientation
             pose = cf.forward(seeds, ops)  # a fresh array
