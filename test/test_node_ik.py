@@ -616,28 +616,35 @@ def test_a_bag_replays_against_the_running_node(ik_client, tmp_path):
     assert "over DDS" in node["time_basis"]
 
 
-def test_markers_wait_for_an_idle_node_and_only_the_newest_is_drawn():
-    """Markers are published off the answers' path: not while a request is in flight, and of
-    a burst of answers only the newest (the topic keeps one array)."""
+def test_markers_wait_for_a_quiet_node_and_only_the_newest_is_drawn():
+    """Markers are published off the answers' path: not while a request is in flight, nor
+    before the node has been quiet for the delay (a client asking back to back leaves gaps of
+    well under a millisecond), and of a burst of answers only the newest (the topic keeps one
+    array)."""
     from mace_ros.node import LatestMarkers
 
-    published, busy = [], [True]
+    published, quiet_since = [], [None]
 
     class Publisher:
         def publish(self, msg):
-            published.append(msg)
+            published.append((time.monotonic(), msg))
 
-    markers = LatestMarkers(Publisher(), idle=lambda: not busy[0], delay_s=0.002)
+    markers = LatestMarkers(Publisher(), quiet_since=lambda: quiet_since[0], delay_s=0.05)
     try:
         for k in range(5):
             markers.offer(lambda k=k: f"answer {k}")
             time.sleep(0.005)
         assert published == []  # a request is still in flight
-        busy[0] = False
-        deadline = time.monotonic() + 2.0
+        for _ in range(10):  # answers 0.01 s apart: never quiet for 0.05 s
+            quiet_since[0] = time.monotonic()
+            time.sleep(0.01)
+        assert published == []
+        quiet_since[0] = ended = time.monotonic()
+        deadline = ended + 2.0
         while not published and time.monotonic() < deadline:
             time.sleep(0.005)
         time.sleep(0.02)
-        assert published == ["answer 4"]
+        assert [msg for _, msg in published] == ["answer 4"]
+        assert published[0][0] >= ended + 0.05
     finally:
         markers.close()
