@@ -457,8 +457,9 @@ def test_mace_adapts_on_projected_elites_for_pose_requests(adapter):
     assert not isinstance(position_only.adapted_model(), _ProjectedPrior)
 
 
-def _models_with_pose_prior(tmp_path, conditioning="pose"):
-    """A models folder: the shipped files plus a small untrained prior named ``tiny_pose``."""
+def _models_with_pose_prior(tmp_path, conditioning="pose", joint_order=()):
+    """A models folder: the shipped files plus a small untrained prior named ``tiny_pose``
+    (its factorization in ``joint_order``)."""
     from mace_core.ik.conditioning import context_dim
     from mace_core.ik.prior import ARGMMConfig, ARGMMPrior
     from mace_core.ik.registry import save_ik_prior
@@ -471,7 +472,8 @@ def _models_with_pose_prior(tmp_path, conditioning="pose"):
     spec = TensorSpec.resolve("cpu")
     torch.manual_seed(0)
     tiny = ARGMMPrior(ARGMMConfig(context_dim=context_dim(conditioning),
-                                  conditioning=conditioning, hidden=16, layers=1), spec)
+                                  conditioning=conditioning, hidden=16, layers=1,
+                                  joint_order=joint_order), spec)
     kin = RobotKinematics.panda(spec)
     tiny.set_normalization(kin.lower, kin.upper, torch.zeros(tiny.config.context_dim),
                            torch.ones(tiny.config.context_dim))
@@ -507,6 +509,59 @@ def test_pose_requests_draw_from_the_pose_prior_and_it_is_restored(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(ModelLoadError, match="conditioned on the pose"):
         IKAdapter.from_models(models, "tiny_pose", IKAdaptConfig(), TensorSpec.resolve("cpu"))
+
+
+def test_a_q7_first_pose_prior_draws_only_q7_for_the_closed_form(tmp_path, monkeypatch):
+    """A pose prior whose factorization takes q7 first: the exact checker's rounds draw q7
+    alone (its first network), the seeds' other joints at their range's middle, and the
+    answer is exact and free all the same."""
+    from mace_core.ik.adapter import _RequestPipeline
+    from mace_core.ik.prior import ARGMMPrior
+
+    models = _models_with_pose_prior(tmp_path, joint_order=(6, 0, 1, 2, 3, 4, 5))
+    adapter = IKAdapter.from_models(models, "panda_ik", IKAdaptConfig(pose_prior="tiny_pose"),
+                                    TensorSpec.resolve("cpu"))
+    whole, leading = [], []
+    for name, calls in (("sample", whole), ("sample_leading", leading)):
+        method = getattr(ARGMMPrior, name)
+        monkeypatch.setattr(ARGMMPrior, name, lambda self, *a, _m=method, _c=calls, **k: (
+            _c.append(self) or _m(self, *a, **k)))
+    kin64 = RobotKinematics.panda(TensorSpec(torch.device("cpu"), torch.float64))
+    pose = kin64.ee_pose(torch.tensor([[0.1, 0.5, -0.1, -1.9, 0.1, 2.4, 0.6]],
+                                      dtype=torch.float64))[0]
+    req = IKRequest(position=pose[:3, 3].numpy(), rotation=pose[:3, :3].numpy(),
+                    orientation_tolerance=1e-3, num_solutions=8, seed=0, time_budget_s=2.0)
+    run = _RequestPipeline(adapter, req, None, None)
+    run.draw_first_batch()
+    kin = adapter.kin
+    middle = 0.5 * (kin.lower + kin.upper)
+    assert torch.equal(run.cand_q[:, :6], middle[:6].expand(run.cand_q.shape[0], 6))
+    assert run.cand_q[:, 6].std() > 0
+    result = adapter.solve(req)
+    assert result.num_found == 8 and result.iterations_run == 0
+    assert leading and all(p is adapter.pose_prior for p in leading)
+    assert not [p for p in whole if p is adapter.pose_prior]  # no whole draw of it
+    q = np.stack([s.q for s in result.solutions])
+    with PyBulletCollisionChecker([]) as exact:
+        assert exact.valid(q).all()
+    reached = kin64.ee_pose(torch.from_numpy(q))
+    assert (reached[:, :3, 3] - pose[:3, 3]).norm(dim=-1).max() < 1e-4
+
+
+def test_a_pose_with_no_free_solution_answers_best_effort_on_the_pose(adapter):
+    """A full pose whose every solution collides (a cage around the robot): no solution, and
+    the entries returned as best effort are the prior's seeds moved onto the pose by the
+    closed form, not samples off it."""
+    kin64 = RobotKinematics.panda(TensorSpec(torch.device("cpu"), torch.float64))
+    pose = kin64.ee_pose(torch.tensor([[0.1, 0.5, -0.1, -1.9, 0.1, 2.4, 0.6]],
+                                      dtype=torch.float64))[0]
+    cage = Obstacle(name="cage", kind="box", size=(3.0, 3.0, 3.0), position=(0.0, 0.0, 0.0))
+    result = adapter.solve(IKRequest(
+        position=pose[:3, 3].numpy(), rotation=pose[:3, :3].numpy(), orientation_tolerance=1e-3,
+        obstacles=[cage], iterations=0, num_solutions=4, time_budget_s=0.3, seed=0))
+    assert result.num_found == 0 and result.solutions
+    assert all(not s.collision_free and s.position_error < 1e-4 and s.orientation_error < 1e-3
+               for s in result.solutions)
 
 
 def test_a_pose_prior_must_be_registered_and_pose_conditioned(tmp_path):

@@ -148,11 +148,16 @@ class _RequestPipeline:
 
     def fresh_batch(self, n: int, scored: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Up to ``n`` new samples ``(n, 7)`` of the model as it is now (fewer when the deadline
-        comes first), with their scores ``(n,)`` if asked."""
+        comes first), with their scores ``(n,)`` if asked. For the exact checker's rounds of a
+        full pose in closed form, seeds that carry only their q7
+        (:meth:`~.conditioned._ConditionedPrior.closed_form_seeds`)."""
         t = time.perf_counter()
         with torch.inference_mode():  # cheaper than no_grad with the weights' views
-            batch, scores = draw(self.model, self.score if scored else None, n, self.generator,
-                                 self.cfg.mace.chunk_size, self.deadline)
+            if self.exact_first and not scored:
+                batch, scores = self.model.closed_form_seeds(n, self.generator), None
+            else:
+                batch, scores = draw(self.model, self.score if scored else None, n,
+                                     self.generator, self.cfg.mace.chunk_size, self.deadline)
         self.timings.sampling += time.perf_counter() - t
         return batch, scores
 
@@ -255,7 +260,9 @@ class _RequestPipeline:
                     accepted = accepted[farthest_point_order(accepted, k)]
                 return describe(accepted, self.target, self.world, known_valid=True)
             cand_q, cand_s = self.cand_q, self.cand_s
-            if cand_s is None:  # drawn unscored (a pose for the exact checker)
+            if cand_s is None:  # seeds for the exact checker: on the pose where a branch exists
+                cand_q = self.adapter.closed_form.project(self.target_pose(), cand_q)[0].to(
+                    cand_q.dtype)
                 cand_s = self.score(cand_q)
             order = torch.argsort(cand_s, descending=True)
             if not self.refining:  # the valid samples, spread out

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..robot.closed_form_ik import PandaClosedFormIK
+from ..robot.closed_form_ik import FREE_JOINT, PandaClosedFormIK
 from .prior import ARGMMPrior
 
 
@@ -28,6 +28,22 @@ class _ConditionedPrior:
         candidate."""
         q = self.prior.sample(self.context.expand(n, -1), generator)
         return q.clamp(self.lower, self.upper)
+
+    def closed_form_seeds(self, n: int, generator: torch.Generator,
+                          free_joint: int = FREE_JOINT) -> torch.Tensor:
+        """``(n, 7)`` seeds for the closed form, which reads only each seed's free joint (q7;
+        :class:`~.refinement.AnalyticRefiner` takes every branch at it): that joint drawn from
+        the prior's marginal, the others at the middle of their range. A prior whose
+        factorization takes the free joint first draws it with its first network alone
+        (:meth:`~.prior.ARGMMPrior.sample_leading`: a seventh of a draw); any other draws
+        whole configurations (the same marginal, the other joints unused)."""
+        order = getattr(getattr(self.prior, "config", None), "order", None)
+        if not order or order[0] != free_joint:
+            return self.sample(n, generator)
+        drawn = self.prior.sample_leading(self.context.expand(n, -1), generator, 1)[:, 0]
+        seeds = (0.5 * (self.lower + self.upper)).expand(n, -1).clone()
+        seeds[:, free_joint] = drawn.clamp(self.lower[free_joint], self.upper[free_joint])
+        return seeds
 
     def log_likelihood_fn(self, q: torch.Tensor):
         c = self.context.expand(q.shape[0], -1)

@@ -6,6 +6,11 @@ from its own MLP (5 hidden layers of 200, LeakyReLU). The seven MLPs are stored 
 ``(7, in, out)`` so the likelihood of a batch runs all of them in one batched matmul chain, with a
 mask on the first layer that hides q_j (j >= i) from network i (teacher forcing). Sampling is
 sequential over the joints by nature: seven passes, each through one network.
+
+The factorization may take the joints in another order (``ARGMMConfig.joint_order``): a pose
+prior with the Panda's redundant joint q7 first gives q7's marginal p(q7 | pose) from its first
+network alone (:meth:`ARGMMPrior.sample_leading`), which is all the closed-form IK needs of a
+sample (:class:`~.refinement.AnalyticRefiner`).
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ class ARGMMConfig:
     layers: int = 5  #: number of hidden layers of each per-joint MLP
     components: int = 2  #: Gaussian components per joint
     min_std: float = 1e-3  #: floor of each component's standard deviation (normalized units)
+    #: the joints (0-based) in the order the factorization takes them; empty: 0, 1, ..., J-1
+    joint_order: tuple[int, ...] = ()
 
     @staticmethod
     def from_dict(d: dict) -> "ARGMMConfig":
@@ -45,16 +52,28 @@ class ARGMMConfig:
         unknown = set(d) - known
         if unknown:
             raise ModelLoadError(f"unknown ARGMM config keys: {sorted(unknown)}")
+        d = dict(d)
+        if "joint_order" in d:  # a JSON list in the weights' metadata
+            d["joint_order"] = tuple(d["joint_order"])
         config = ARGMMConfig(**d)
         config.validate()
         return config
 
+    @property
+    def order(self) -> tuple[int, ...]:
+        """The joints in the factorization's order (0-based)."""
+        return self.joint_order or tuple(range(self.num_joints))
+
     def validate(self) -> None:
-        """Raise ModelLoadError when the context size does not fit the conditioning."""
+        """Raise ModelLoadError when the context size does not fit the conditioning, or the
+        joint order is not a permutation of the joints."""
         if context_dim(self.conditioning) != self.context_dim:
             raise ModelLoadError(f"an IK prior conditioned on {self.conditioning} reads "
                                  f"{context_dim(self.conditioning)} numbers, not "
                                  f"{self.context_dim}")
+        if sorted(self.order) != list(range(self.num_joints)):
+            raise ModelLoadError(f"joint_order {list(self.joint_order)} is not an order of the "
+                                 f"{self.num_joints} joints (0-based)")
 
 
 class ARGMMPrior(nn.Module):
@@ -67,8 +86,13 @@ class ARGMMPrior(nn.Module):
 
     def __init__(self, config: ARGMMConfig, spec: TensorSpec):
         super().__init__()
+        config.validate()
         self.config = config
         self.spec = spec
+        #: (J,) the joints in the factorization's order, and where each joint stands in it
+        self._order = list(config.order)
+        self._rank = [self._order.index(i) for i in range(config.num_joints)]
+        self._permuted = self._order != sorted(self._order)
         j, c, h = config.num_joints, config.context_dim, config.hidden
         dims = [c + j] + [h] * config.layers + [3 * config.components]
         kw = dict(device=spec.device, dtype=spec.dtype)
@@ -121,6 +145,8 @@ class ARGMMPrior(nn.Module):
     def log_prob(self, q: torch.Tensor, p_ee: torch.Tensor) -> torch.Tensor:
         """log p(q | p_ee) of configurations ``(B, J)`` (rad) at positions ``(B, 3)``: ``(B,)``."""
         qn = self._normalize_q(q)
+        if self._permuted:  # the factorization's order (the density is the same joint density)
+            qn = qn[:, self._order]
         x = torch.cat([(p_ee - self.ctx_mean) / self.ctx_std, qn], -1)
         log_w, mean, std = self._mixture(self._forward_all(x))  # (J, B, K)
         z = (qn.T.unsqueeze(-1) - mean) / std
@@ -129,7 +155,7 @@ class ARGMMPrior(nn.Module):
         return torch.logsumexp(comp, -1).sum(0) + log_norm
 
     def sample(self, p_ee: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Draw one configuration per row of ``p_ee`` ``(B, 3)``: ``(B, J)`` in radians.
+        """Draw one configuration per row of ``p_ee`` ``(B, C)``: ``(B, J)`` in radians.
 
         Joint by joint through its own network; the component by inverse CDF on one uniform,
         then only the drawn component's mean and std are read out. When the rows are one
@@ -139,23 +165,43 @@ class ARGMMPrior(nn.Module):
         a request's draw is some 300 small operations, and NumPy's dispatch is the cheaper
         (``panda_ik``, one thread, in turns: 16 rows 0.8 against 1.3 ms, 48 rows 1.9 against
         2.2 ms, 256 rows 6.8 against 7.1 ms; the same draws to 1e-5)."""
-        batch, j = p_ee.shape[0], self.config.num_joints
+        qn = self._sample_normalized(p_ee, generator, self.config.num_joints)
+        if self._permuted:  # back to the joints' own order
+            qn = qn[:, self._rank]
+        return self.q_low + (qn + 1.0) * 0.5 * (self.q_high - self.q_low)
+
+    def sample_leading(self, p_ee: torch.Tensor, generator: torch.Generator,
+                       count: int = 1) -> torch.Tensor:
+        """The first ``count`` joints of the factorization's order (``config.order[:count]``)
+        drawn from their marginal, one row per row of ``p_ee (B, C)``: ``(B, count)`` rad,
+        the networks of the later joints not run (a pose prior with q7 first: the q7 that the
+        closed form needs, from one network of seven)."""
+        qn = self._sample_normalized(p_ee, generator, count)
+        joints = self._order[:count]
+        low, high = self.q_low[joints], self.q_high[joints]
+        return low + (qn + 1.0) * 0.5 * (high - low)
+
+    def _sample_normalized(self, p_ee: torch.Tensor, generator: torch.Generator,
+                           count: int) -> torch.Tensor:
+        """The first ``count`` joints of the factorization's order, normalized to [-1, 1]
+        (:meth:`sample`): ``(B, count)``."""
+        batch, c = p_ee.shape[0], self.config.context_dim
         shared = batch > 1 and p_ee.stride(0) == 0
-        k_mix, c = self.config.components, self.config.context_dim
+        k_mix = self.config.components
         kw = dict(device=p_ee.device, dtype=p_ee.dtype)
-        uniform = torch.rand(batch, j, 1, generator=generator, **kw)
-        eps = torch.randn(batch, j, generator=generator, **kw)
+        uniform = torch.rand(batch, count, 1, generator=generator, **kw)
+        eps = torch.randn(batch, count, generator=generator, **kw)
         if p_ee.device.type == "cpu" and not torch.is_grad_enabled():
-            weights, biases, (low, high, mean, std) = self.numpy_parameters()
+            weights, biases, (_, _, mean, std) = self.numpy_parameters()
             context = ((p_ee[:1] if shared else p_ee).numpy() - mean) / std
             _blas_on_torch_threads()
-            qn = _sample_numpy(self.config, weights, biases, context, uniform[..., 0].numpy(),
-                               eps.numpy())
-            return torch.from_numpy(low + (qn + 1.0) * (0.5 * (high - low)))
-        x = torch.cat([(p_ee - self.ctx_mean) / self.ctx_std, torch.zeros(batch, j, **kw)], -1)
+            return torch.from_numpy(_sample_numpy(self.config, weights, biases, context,
+                                                  uniform[..., 0].numpy(), eps.numpy()))
+        x = torch.cat([(p_ee - self.ctx_mean) / self.ctx_std,
+                       torch.zeros(batch, self.config.num_joints, **kw)], -1)
         weights, biases = list(self.weights), list(self.biases)
         first = weights[0] * self.input_mask  # (J, C + J, H): network k sees q_<k only
-        for k in range(j):
+        for k in range(count):
             h = torch.addmm(biases[0][k], x[:1] if shared and k == 0 else x, first[k])
             for layer in range(1, len(weights)):
                 h = torch.addmm(biases[layer][k], nn.functional.leaky_relu(h, 0.2),
@@ -167,8 +213,7 @@ class ARGMMPrior(nn.Module):
                 2, comp.unsqueeze(1).expand(batch, 2, 1))  # (B, 2, 1): mean, raw std
             std = nn.functional.softplus(picked[:, 1, 0]) + self.config.min_std
             x[:, c + k] = torch.addcmul(picked[:, 0, 0], std, eps[:, k])
-        qn = x[:, c:]
-        return self.q_low + (qn + 1.0) * 0.5 * (self.q_high - self.q_low)
+        return x[:, c:c + count]
 
     def numpy_parameters(self) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
         """NumPy views of the CPU weights ``(J, in, out)`` and biases ``(J, out)`` per layer and
@@ -212,12 +257,14 @@ def _sample_numpy(cfg: ARGMMConfig, weights: list[np.ndarray], biases: list[np.n
     """:meth:`ARGMMPrior.sample` in NumPy, on views of the parameters (no copy; adaptation
     updates them in place: :meth:`ARGMMPrior.numpy_parameters`), weights ``(J, in, out)``
     and biases ``(J, out)`` per layer: normalized contexts ``(B or 1, C)``, the draw's
-    uniforms and normals ``(B, J)`` -> normalized joint values ``(B, J)``."""
-    j, k_mix, c = cfg.num_joints, cfg.components, cfg.context_dim
-    batch = uniform.shape[0]
+    uniforms and normals ``(B, J')`` -> normalized values ``(B, J')`` of the first J' <= J
+    joints of the factorization's order."""
+    k_mix, c = cfg.components, cfg.context_dim
+    batch, j = uniform.shape
     rows = np.arange(batch)
-    # every network's first layer on the context at once: (J, B or 1, H)
-    from_context = np.einsum("bc,jch->jbh", context, weights[0][:, :c]) + biases[0][:, None]
+    # the drawn networks' first layer on the context at once: (J', B or 1, H)
+    from_context = (np.einsum("bc,jch->jbh", context, weights[0][:j, :c])
+                    + biases[0][:j, None])
     qn = np.zeros((batch, j), dtype=uniform.dtype)
     for k in range(j):
         h = from_context[k] + qn[:, :k] @ weights[0][k, c:c + k] if k else from_context[k]

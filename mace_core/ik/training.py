@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ..errors import ModelLoadError
 from ..robot.kinematics import RobotKinematics
 from ..tensor import TensorSpec
 from ..training import add_config_arguments, config_from_arguments
@@ -47,12 +48,20 @@ class IKTrainingConfig:
     hidden: int = 200  #: width of each hidden layer (a stage continuing weights keeps theirs)
     layers: int = 5  #: hidden layers per joint network
     components: int = 2  #: Gaussian components per joint
+    #: the factorization's joint order, 1-based joint numbers ("7,1,2,3,4,5,6": q7 first, the
+    #: closed form's free joint); empty: 1 to 7
+    joint_order: str = ""
 
     def architecture(self) -> ARGMMConfig:
-        """The prior's architecture these settings ask for."""
+        """The prior's architecture these settings ask for.
+
+        Raises:
+            ValueError: a joint order that is not comma-separated joint numbers.
+        """
+        order = tuple(int(n) - 1 for n in self.joint_order.split(",") if n.strip())
         return ARGMMConfig(context_dim=context_dim(self.conditioning),
                            conditioning=self.conditioning, hidden=self.hidden,
-                           layers=self.layers, components=self.components)
+                           layers=self.layers, components=self.components, joint_order=order)
 
 
 _WORKER_ROBOT: tuple[int, int] | None = None
@@ -235,6 +244,10 @@ def main_ik(argv: list[str] | None = None) -> int:
                     help="skip training: evaluate the existing weights and rewrite the card")
     args = ap.parse_args(argv)
     cfg = config_from_arguments(IKTrainingConfig, args)
+    try:
+        cfg.architecture().validate()
+    except (ValueError, ModelLoadError) as exc:
+        ap.error(f"--joint-order {cfg.joint_order!r}: {exc}")
     torch.set_num_threads(cfg.threads)
     spec = TensorSpec.resolve("cpu")
     path = os.path.join(args.models_dir, f"{args.name}.safetensors")

@@ -38,6 +38,9 @@ from ..array_ops import ArrayOps, ops_for
 from ..tensor import TensorSpec
 from .kinematics import PANDA_JOINTS, RobotKinematics
 
+#: index of the free joint, q7: the closed form solves q1..q6 given it
+FREE_JOINT = 6
+
 #: Modified-DH lengths of the Panda (m), as the URDF's joint origins give them.
 D1, D3, A4, D5, A7 = 0.333, 0.316, 0.0825, 0.384, 0.088
 L24 = math.hypot(D3, A4)  #: shoulder (O2) to elbow (O4)
