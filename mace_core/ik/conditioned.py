@@ -4,6 +4,7 @@ moved onto a full pose by the closed form), used by :mod:`.adapter`."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..robot.closed_form_ik import FREE_JOINT, PandaClosedFormIK
@@ -41,9 +42,12 @@ class _ConditionedPrior:
         if not order or order[0] != free_joint:
             return self.sample(n, generator)
         drawn = self.prior.sample_leading(self.context.expand(n, -1), generator, 1)[:, 0]
-        seeds = (0.5 * (self.lower + self.upper)).expand(n, -1).clone()
-        seeds[:, free_joint] = drawn.clamp(self.lower[free_joint], self.upper[free_joint])
-        return seeds
+        lower, upper = self.lower, self.upper
+        if drawn.device.type == "cpu":  # a few small arrays: NumPy's calls cost less
+            drawn, lower, upper = drawn.numpy(), lower.numpy(), upper.numpy()
+        seeds = 0.5 * (lower + upper) + 0.0 * drawn[:, None]  # (n, 7), a fresh array
+        seeds[:, free_joint] = drawn.clip(lower[free_joint], upper[free_joint])
+        return torch.from_numpy(seeds) if isinstance(seeds, np.ndarray) else seeds
 
     def log_likelihood_fn(self, q: torch.Tensor):
         c = self.context.expand(q.shape[0], -1)

@@ -178,6 +178,10 @@ class ARGMMPrior(nn.Module):
         closed form needs, from one network of seven)."""
         qn = self._sample_normalized(p_ee, generator, count)
         joints = self._order[:count]
+        if qn.device.type == "cpu" and not torch.is_grad_enabled():  # NumPy's draw: its views
+            _, _, (low, high, _, _) = self.numpy_parameters()
+            low, high = low[joints], high[joints]
+            return torch.from_numpy(low + (qn.numpy() + 1.0) * (0.5 * (high - low)))
         low, high = self.q_low[joints], self.q_high[joints]
         return low + (qn + 1.0) * 0.5 * (high - low)
 
