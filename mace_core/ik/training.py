@@ -193,6 +193,7 @@ MODEL_CARD = """# IK prior `{name}`: autoregressive Gaussian mixture over the 7 
 p(q | c) = Π_i p(q_i | q_<i, c), each factor a {components}-component Gaussian mixture \
 from its own MLP ({layers} hidden layers of {hidden}, LeakyReLU), as in the MACE paper (App. B).
 Conditioning c: {conditioning_text}
+Joints in the factorization's order: {order_text}.
 
 | | |
 |---|---|
@@ -301,6 +302,9 @@ def main_ik(argv: list[str] | None = None) -> int:
             name=args.name, file=os.path.basename(path), size_mb=os.path.getsize(path) / 2**20,
             params=sum(t.numel() for t in prior.parameters()), stages_table=" ".join(rows),
             conditioning_text=CONDITIONING_TEXT[prior.config.conditioning],
+            order_text=", ".join(f"q{i + 1}" for i in prior.config.order) + (
+                " (q7, the closed form's free joint, first: its marginal is one network's "
+                "draw)" if prior.config.order[0] == 6 else ""),
             mean_orientation_deg=math.degrees(card["mean_orientation_error_rad"]),
             **{**card, **asdict(prior.config)}))
     print(f"wrote the model card {args.name}.md")
