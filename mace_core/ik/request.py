@@ -61,11 +61,11 @@ class IKAdaptConfig:
     pose_first_samples: int = 16
     #: registry name of a pose-conditioned IK prior (``mace-train ik --conditioning pose``)
     #: that full poses answered in closed form draw from; empty: they draw from the position
-    #: prior (``ik_model``). A change rebuilds the adapter. ``panda_ik_pose_small``: its
-    #: samples' q7 fit the orientation, so one round usually finds K, and 16 draws cost a
-    #: third of ``panda_ik``'s (pose targets, in turns: median 3.7-6.5 against 4.4-9.0 ms;
-    #: models/panda_ik_pose_small.md)
-    pose_prior: str = "panda_ik_pose_small"
+    #: prior (``ik_model``). A change rebuilds the adapter. ``panda_ik_pose_q7``: its q7
+    #: values fit the orientation, so one round usually finds K, and, q7 first in its
+    #: factorization, it draws them with one network of seven (pose targets, in turns with
+    #: ``panda_ik_pose_small``: median 0.90-0.96x, more diverse; models/panda_ik_pose_q7.md)
+    pose_prior: str = "panda_ik_pose_q7"
     #: configurations uniform in the joint limits added to the seeds of a round of a full pose
     #: answered in closed form when the round before added nothing: every branch at q7 values
     #: the prior does not draw (window pose targets, 20, in turns: 64 gave all 8 on 18 against
