@@ -127,15 +127,18 @@ def test_markers_follow_each_answer(ik_client, ros_node, box):
     received = []
     qos = QoSProfile(depth=1, durability=DurabilityPolicy.TRANSIENT_LOCAL)
     node.create_subscription(MarkerArray, "/mace/ik_solutions", received.append, qos)
-    response = ik_client.call(box_request(box, num_solutions=2), timeout_s=30.0)
-    expected = len(response.solutions) + 2  # DELETEALL, one strip per solution, the target
 
     def matching():
         return [m for m in received if len(m.markers) == expected]
 
-    deadline = time.monotonic() + 10.0
+    # the node builds markers only once it has seen a subscriber: ask again until it has
+    deadline = time.monotonic() + 20.0
     while time.monotonic() < deadline and not matching():
-        executor.spin_once(timeout_sec=0.1)
+        response = ik_client.call(box_request(box, num_solutions=2), timeout_s=30.0)
+        expected = len(response.solutions) + 2  # DELETEALL, one strip per solution, the target
+        until = time.monotonic() + 1.0
+        while time.monotonic() < until and not matching():
+            executor.spin_once(timeout_sec=0.1)
     assert matching(), f"no MarkerArray of {expected} markers on /mace/ik_solutions"
     markers = matching()[-1].markers
     assert markers[0].action == Marker.DELETEALL
@@ -629,6 +632,9 @@ def test_markers_wait_for_a_quiet_node_and_only_the_newest_is_drawn():
         def publish(self, msg):
             published.append((time.monotonic(), msg))
 
+        def get_subscription_count(self):
+            return 1
+
     markers = LatestMarkers(Publisher(), quiet_since=lambda: quiet_since[0], delay_s=0.05)
     try:
         for k in range(5):
@@ -646,5 +652,32 @@ def test_markers_wait_for_a_quiet_node_and_only_the_newest_is_drawn():
         time.sleep(0.02)
         assert [msg for _, msg in published] == ["answer 4"]
         assert published[0][0] >= ended + 0.05
+    finally:
+        markers.close()
+
+
+def test_markers_are_not_built_while_nothing_subscribes():
+    from mace_ros.node import LatestMarkers
+
+    built, subscribers = [], [0]
+
+    class Publisher:
+        def publish(self, msg):
+            built.append(("published", msg))
+
+        def get_subscription_count(self):
+            return subscribers[0]
+
+    markers = LatestMarkers(Publisher(), quiet_since=lambda: 0.0, delay_s=0.001)
+    try:
+        markers.offer(lambda: built.append("built") or "answer 0")
+        time.sleep(0.1)
+        assert built == []
+        subscribers[0] = 1
+        markers.offer(lambda: built.append("built") or "answer 1")
+        deadline = time.monotonic() + 2.0
+        while len(built) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert built == ["built", ("published", "answer 1")]
     finally:
         markers.close()
