@@ -457,6 +457,13 @@ def test_mace_adapts_on_projected_elites_for_pose_requests(adapter):
     assert not isinstance(position_only.adapted_model(), _ProjectedPrior)
 
 
+def _reachable_pose():
+    """The float64 kinematics and ``(4, 4)`` hand pose of a free configuration in the open."""
+    kin64 = RobotKinematics.panda(TensorSpec(torch.device("cpu"), torch.float64))
+    return kin64, kin64.ee_pose(torch.tensor([[0.1, 0.5, -0.1, -1.9, 0.1, 2.4, 0.6]],
+                                             dtype=torch.float64))[0]
+
+
 def _models_with_pose_prior(tmp_path, conditioning="pose", joint_order=()):
     """A models folder: the shipped files plus a small untrained prior named ``tiny_pose``
     (its factorization in ``joint_order``)."""
@@ -490,9 +497,7 @@ def test_pose_requests_draw_from_the_pose_prior_and_it_is_restored(tmp_path):
     models = _models_with_pose_prior(tmp_path)
     cfg = IKAdaptConfig(pose_prior="tiny_pose")
     adapter = IKAdapter.from_models(models, "panda_ik", cfg, TensorSpec.resolve("cpu"))
-    kin64 = RobotKinematics.panda(TensorSpec(torch.device("cpu"), torch.float64))
-    pose = kin64.ee_pose(torch.tensor([[0.1, 0.5, -0.1, -1.9, 0.1, 2.4, 0.6]],
-                                      dtype=torch.float64))[0]
+    kin64, pose = _reachable_pose()
     req = IKRequest(position=pose[:3, 3].numpy(), rotation=pose[:3, :3].numpy(),
                     orientation_tolerance=1e-3, num_solutions=8, seed=0, time_budget_s=2.0)
     run = _RequestPipeline(adapter, req, None, None)
@@ -526,9 +531,7 @@ def test_a_q7_first_pose_prior_draws_only_q7_for_the_closed_form(tmp_path, monke
         method = getattr(ARGMMPrior, name)
         monkeypatch.setattr(ARGMMPrior, name, lambda self, *a, _m=method, _c=calls, **k: (
             _c.append(self) or _m(self, *a, **k)))
-    kin64 = RobotKinematics.panda(TensorSpec(torch.device("cpu"), torch.float64))
-    pose = kin64.ee_pose(torch.tensor([[0.1, 0.5, -0.1, -1.9, 0.1, 2.4, 0.6]],
-                                      dtype=torch.float64))[0]
+    kin64, pose = _reachable_pose()
     req = IKRequest(position=pose[:3, 3].numpy(), rotation=pose[:3, :3].numpy(),
                     orientation_tolerance=1e-3, num_solutions=8, seed=0, time_budget_s=2.0)
     run = _RequestPipeline(adapter, req, None, None)
@@ -552,9 +555,7 @@ def test_a_pose_with_no_free_solution_answers_best_effort_on_the_pose(adapter):
     """A full pose whose every solution collides (a cage around the robot): no solution, and
     the entries returned as best effort are the prior's seeds moved onto the pose by the
     closed form, not samples off it."""
-    kin64 = RobotKinematics.panda(TensorSpec(torch.device("cpu"), torch.float64))
-    pose = kin64.ee_pose(torch.tensor([[0.1, 0.5, -0.1, -1.9, 0.1, 2.4, 0.6]],
-                                      dtype=torch.float64))[0]
+    kin64, pose = _reachable_pose()
     cage = Obstacle(name="cage", kind="box", size=(3.0, 3.0, 3.0), position=(0.0, 0.0, 0.0))
     result = adapter.solve(IKRequest(
         position=pose[:3, 3].numpy(), rotation=pose[:3, :3].numpy(), orientation_tolerance=1e-3,
@@ -581,9 +582,7 @@ def test_rounds_explore_uniform_seeds_after_one_that_added_nothing(adapter):
     dry: about 120 ms with a MACE iteration, 10-30 ms with it)."""
     from mace_core.ik.adapter import _RequestPipeline
 
-    kin64 = RobotKinematics.panda(TensorSpec(torch.device("cpu"), torch.float64))
-    pose = kin64.ee_pose(torch.tensor([[0.1, 0.5, -0.1, -1.9, 0.1, 2.4, 0.6]],
-                                      dtype=torch.float64))[0]
+    kin64, pose = _reachable_pose()
     req = IKRequest(position=pose[:3, 3].numpy(), rotation=pose[:3, :3].numpy(),
                     orientation_tolerance=1e-3, num_solutions=8, seed=0)
     run = _RequestPipeline(adapter, req, None, None)

@@ -43,11 +43,15 @@ class _ConditionedPrior:
             return self.sample(n, generator)
         drawn = self.prior.sample_leading(self.context.expand(n, -1), generator, 1)[:, 0]
         lower, upper = self.lower, self.upper
-        if drawn.device.type == "cpu":  # a few small arrays: NumPy's calls cost less
-            drawn, lower, upper = drawn.numpy(), lower.numpy(), upper.numpy()
-        seeds = 0.5 * (lower + upper) + 0.0 * drawn[:, None]  # (n, 7), a fresh array
-        seeds[:, free_joint] = drawn.clip(lower[free_joint], upper[free_joint])
-        return torch.from_numpy(seeds) if isinstance(seeds, np.ndarray) else seeds
+        if drawn.device.type != "cpu":
+            seeds = (0.5 * (lower + upper)).expand(n, -1).clone()
+            seeds[:, free_joint] = drawn.clamp(lower[free_joint], upper[free_joint])
+            return seeds
+        # a few small arrays: NumPy's calls cost less than torch's
+        lower, upper = lower.numpy(), upper.numpy()
+        seeds = np.tile(0.5 * (lower + upper), (n, 1))
+        seeds[:, free_joint] = drawn.numpy().clip(lower[free_joint], upper[free_joint])
+        return torch.from_numpy(seeds)
 
     def log_likelihood_fn(self, q: torch.Tensor):
         c = self.context.expand(q.shape[0], -1)
