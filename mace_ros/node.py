@@ -153,11 +153,11 @@ class LatestMarkers:
     callback, cost about 1.5 ms of each call's end-to-end time (box pose requests, 60 back to
     back, three runs each way: 5.5-5.8 against 3.7-4.3 ms beyond the solve). Published in the
     gap between two requests, which a client sending them back to back leaves for well under
-    a millisecond, they slowed the next request as much: hence the quiet time, and none is
-    built while nothing subscribes (a planning pipeline without RViz) (box pose
+    a millisecond, they slowed the next request as much: hence the quiet time (box pose
     requests back to back, one node, seven runs each way in turns: median round trip 5.8
     against 6.7 ms when markers went out whenever no request was in flight at a 3 ms tick;
-    the machine's speed moved the runs between 4 and 8 ms).
+    the machine's speed moved the runs between 4 and 8 ms). None is built while nothing
+    subscribes (a planning pipeline without RViz).
     """
 
     def __init__(self, publisher, quiet_since: Callable[[], float | None],

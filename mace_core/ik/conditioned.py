@@ -38,8 +38,7 @@ class _ConditionedPrior:
         factorization takes the free joint first draws it with its first network alone
         (:meth:`~.prior.ARGMMPrior.sample_leading`: a seventh of a draw); any other draws
         whole configurations (the same marginal, the other joints unused)."""
-        order = getattr(getattr(self.prior, "config", None), "order", None)
-        if not order or order[0] != free_joint:
+        if not (isinstance(self.prior, ARGMMPrior) and self.prior.config.order[0] == free_joint):
             return self.sample(n, generator)
         drawn = self.prior.sample_leading(self.context.expand(n, -1), generator, 1)[:, 0]
         lower, upper = self.lower, self.upper
