@@ -429,3 +429,17 @@ def test_context_resampling_trains_each_component_where_it_has_weight():
     assert [s["resampled"] for s in steps[:5]] == [False, True, True, True, False]
     assert 4 <= steps[-1]["alive"] <= 8
     assert min(mode_shares(model)) > 0.1, mode_shares(model)
+
+
+def test_the_training_sets_the_components_initial_width():
+    """``init_std`` is each component's initial standard deviation (scaled joints) at any
+    pose, and a width outside (0, 2] is refused."""
+    from mace_core.ik.avips_training import AVIPSTrainingConfig, build_model
+
+    for width in (0.5, 0.1):
+        model = build_model(AVIPSTrainingConfig(init_std=width, **TINY))
+        _, chol = model.components_at(torch.randn(3, 9))
+        std = torch.linalg.diagonal(chol)
+        assert torch.allclose(std, torch.full_like(std, width), rtol=1e-4)
+    with pytest.raises(ValueError, match="init_std"):
+        AVIPSTrainingConfig(init_std=0.0).validate()

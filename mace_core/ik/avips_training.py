@@ -68,6 +68,8 @@ class AVIPSTrainingConfig:
     kl_change_share: float = 0.1
     #: the largest condition number of a component's covariance (Sec. 3.5.1; 0: unbounded)
     max_condition: float = 1e6
+    #: the components' initial standard deviation, in the scaled joints' units ([-1, 1])
+    init_std: float = 0.5
     #: aVIPS: contexts per component in the resampled M-steps (Sec. 3.3; 0: none; the thesis
     #: drew 128 of its 512) and how often an M-step is a full one (the weights' update)
     resampled_contexts: int = 0
@@ -100,6 +102,8 @@ class AVIPSTrainingConfig:
             raise ValueError("the trust regions' bounds must be > 0")
         if self.resampled_contexts < 0:
             raise ValueError(f"resampled_contexts must be >= 0, got {self.resampled_contexts}")
+        if not 0 < self.init_std <= 2:
+            raise ValueError(f"init_std must be in (0, 2], got {self.init_std}")
         if self.max_condition != 0 and not self.max_condition > 1:
             raise ValueError(f"max_condition must be > 1 (or 0: none), got {self.max_condition}")
 
@@ -142,7 +146,7 @@ def build_model(cfg: AVIPSTrainingConfig) -> ConditionalGMM:
     torch.manual_seed(cfg.seed)  # the networks' initial weights
     return ConditionalGMM(context_dim=9, dim=7, components=components, hidden=cfg.hidden,
                           layers=cfg.layers, gate_hidden=cfg.gate_hidden,
-                          max_condition=cfg.max_condition)
+                          init_std=cfg.init_std, max_condition=cfg.max_condition)
 
 
 def evaluate(model: ConditionalGMM, kin: RobotKinematics, cfg: AVIPSTrainingConfig,
