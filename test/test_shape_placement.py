@@ -12,8 +12,8 @@ from mace_core.errors import InvalidRequestError
 from mace_core.shape.completion import (MACEVAEModel, ShapeCompleter, ShapeCompletionConfig,
                                         ShapeCompletionRequest)
 from mace_core.shape.data import sample_box_clouds
-from mace_core.shape.placement import (PlacedShapeModel, initial_placement, place, split,
-                                       unplace)
+from mace_core.shape.placement import (HEIGHT_STD_SHARE, PlacedShapeModel, initial_placement,
+                                       place, placement_with_height, split, unplace)
 from mace_core.shape.vae import ShapePrior, ShapePriorEntry
 from test_shape_completion import SPEC, BoxFamilyVAE
 
@@ -31,8 +31,8 @@ def test_place_and_unplace_are_inverse_and_a_centred_shape_is_set_down():
 
 def test_the_placement_likelihood_adds_the_placements_gaussian():
     vae = BoxFamilyVAE()
-    model = PlacedShapeModel(MACEVAEModel(vae), torch.tensor([0.1, 0.0, 0.0]),
-                             torch.tensor([0.05, 0.05, 0.0]), standing=True)
+    model = PlacedShapeModel(MACEVAEModel(vae), torch.tensor([0.1, 0.0, 0.0, 0.0]),
+                             torch.tensor([0.05, 0.05, 0.0, 0.0]), standing=True)
     x = model.sample(6, SPEC.generator(1))
     placed, p, lift = split(x)
     assert x.shape == (6, vae.config.num_points + 2, 3) and torch.all(p[:, 2] == 0.0)
@@ -41,6 +41,31 @@ def test_the_placement_likelihood_adds_the_placements_gaussian():
     expected = shape_part + (-0.5 * u * u).sum(dim=1)  # log σ_u = 0 at the start
     assert torch.allclose(model.log_likelihood_fn(x)(), expected, atol=1e-5)
     assert torch.allclose(model.initial_log_likelihood(x), expected, atol=1e-5)
+
+
+def test_a_centred_shape_may_stand_off_its_set_down_height():
+    """A centred prior's placement has a fourth dimension, the height above the set-down
+    (a decoded shape's lowest point is loose): drawn from its Gaussian, carried in the sample,
+    undone with the rest, and rated by the likelihood; a standing prior's stays at 0."""
+    vae = BoxFamilyVAE()
+    seen = torch.tensor([[0.0, 0.0, 0.0], [0.2, 0.0, 0.1], [0.0, 0.1, 0.2]])
+    mean, std = initial_placement(seen, metric=False, length_scale=0.5, standing=False)
+    size = 0.5 * math.exp(float(mean[2]))
+    assert mean[3] == 0.0 and float(std[3]) == pytest.approx(HEIGHT_STD_SHARE * size)
+    assert initial_placement(seen, metric=True, length_scale=0.5)[1][3] == 0.0
+    model = PlacedShapeModel(MACEVAEModel(vae), mean, std, standing=False)
+    x = model.sample(6, SPEC.generator(3))
+    placed, p, lift = split(x)
+    dz = placement_with_height(x)[:, 3]
+    assert dz.abs().max() > 0.0
+    assert torch.allclose(placed[..., 2].amin(dim=1), dz, atol=1e-6)  # set down, then raised
+    canonical = unplace(placed, p, lift)
+    assert torch.allclose(place(canonical, p, standing=False)[0][..., 2].amin(dim=1),
+                          torch.zeros(6), atol=1e-6)
+    shape_part = MACEVAEModel(vae).log_likelihood_fn(canonical)()
+    u = (placement_with_height(x) - mean) / torch.where(std > 0, std, torch.ones_like(std))
+    expected = shape_part + (-0.5 * u * u)[:, [0, 1, 3]].sum(dim=1)
+    assert torch.allclose(model.initial_log_likelihood(x), expected, atol=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -441,7 +441,8 @@ class ShapeCompleter:
         if placed:  # shape and placement together; scored in the request's metres
             length = prior.vae.config.length_scale
             seen = obs.points if obs.kind == "points" else obs.contacts + obs.grasp_center
-            mean, std = initial_placement(seen, prior.entry.metric, length)
+            mean, std = initial_placement(seen, prior.entry.metric, length,
+                                          standing=prior.entry.standing)
             model = PlacedShapeModel(model, mean, std, prior.entry.standing)
             scale = length * math.exp(float(mean[2]))
         timed = {"score_s": 0.0}

@@ -263,7 +263,7 @@ def _answer(method: str, main, plain, cfg: ShapeBenchmarkConfig, obs: dict, seed
                                ).completions
         mean, _ = initial_placement(seen, metric, length_scale)
         mean[:2] = seen[:, :2].mean(dim=0)  # at the observed points' (contacts') centroid
-        return place(drawn, mean[None].expand(k, 3), standing)[0]
+        return place(drawn, mean[None, :3].expand(k, 3), standing)[0]
     _, shift, factor = _aligned(seen, metric, standing, length_scale)
     if "points" in obs:
         request = dict(points=(obs["points"] - shift) / factor)
