@@ -141,6 +141,7 @@ class PlacedShapeModel:
     def __init__(self, shape, mean: torch.Tensor, std: torch.Tensor, standing: bool):
         self.shape = shape
         self.free = (std > 0).to(mean.dtype)
+        self._height_free = bool(std[3] > 0)
         self.m0, self.s0 = mean.detach().clone(), std.detach().clone()
         self.mu = nn.Parameter(torch.zeros_like(mean))
         self.log_std = nn.Parameter(torch.zeros_like(mean))
@@ -163,7 +164,7 @@ class PlacedShapeModel:
             # a fixed height (a standing prior) draws nothing: its samples are as before it
             # had one
             eps = torch.cat([eps, torch.randn(n, 1, generator=generator, device=eps.device,
-                                              dtype=eps.dtype) if self.free[3]
+                                              dtype=eps.dtype) if self._height_free
                              else torch.zeros_like(eps[:, :1])], dim=1)
             p = self.m0 + self.s0 * (self.mu + self.log_std.exp() * eps)
             placed, lift = place(canonical, p[:, :3], self.standing)
