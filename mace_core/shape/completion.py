@@ -107,8 +107,11 @@ class ShapeCompletionConfig:
     #: within each finger's radius more than the shape: a larger elite set averages that out)
     gradient_steps: int = 16  #: M, Adam steps on θ per iteration
     iterations: int = 12  #: T when the request does not set it
-    #: T of a request in the support frame (placement inferred too) that does not set it
-    placement_iterations: int = 40
+    #: T of a request in the support frame (placement inferred too) that does not set it:
+    #: against 40, the placed benchmark's eight modes (20 cases, seed 0) came out within
+    #: -4 % to +1 % of their mean Chamfer in half the median time (boxes' random cut 1.40
+    #: against 2.94 s, objects' camera view 2.91 against 4.67 s)
+    placement_iterations: int = 20
     learning_rate: float = 5e-2  #: Adam step size on (μ_z, log σ_z)
     objective: str = "cem"  #: "cem" (Eq. 3) or "is" (Eq. 2 baseline)
     pool_size: int = 64  #: best candidates kept across iterations (raised to K if smaller)
