@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelLoadError
+from ..robot.closed_form_ik import FREE_JOINT
 from ..robot.kinematics import RobotKinematics
 from ..tensor import TensorSpec
 from ..training import add_config_arguments, config_from_arguments
@@ -304,7 +305,7 @@ def main_ik(argv: list[str] | None = None) -> int:
             conditioning_text=CONDITIONING_TEXT[prior.config.conditioning],
             order_text=", ".join(f"q{i + 1}" for i in prior.config.order) + (
                 " (q7, the closed form's free joint, first: its marginal is one network's "
-                "draw)" if prior.config.order[0] == 6 else ""),
+                "draw)" if prior.config.order[0] == FREE_JOINT else ""),
             mean_orientation_deg=math.degrees(card["mean_orientation_error_rad"]),
             **{**card, **asdict(prior.config)}))
     print(f"wrote the model card {args.name}.md")
