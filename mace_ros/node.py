@@ -6,8 +6,9 @@ adapter, the shape priors named in ``shape_priors`` and their completer) and war
 or corrupt model stops the node with a clear error and exit status 1. Callbacks only convert
 (:mod:`mace_ros.conversions`), call the core and convert back.
 
-Concurrency: the services run in a reentrant callback group on a multi-threaded executor, so every
-request is taken off the wire at once; one :class:`RequestGate`, shared by both services, then
+Concurrency: the services are served by a :class:`~mace_ros.serving.ServiceLoop` (a thread that
+takes every request off the wire at once and a pool that answers them; the node's own executor
+keeps the parameters and clients); one :class:`RequestGate`, shared by both services, then
 serves them one at a time in arrival order (the IK adapter tunes the prior's weights in place, and
 both are heavy). Above ``max_concurrent_waiting`` waiting requests, a new one is answered at once
 with ``success = false``, "busy: N requests waiting". Malformed requests are answered before
@@ -40,7 +41,7 @@ import rclpy
 import torch
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import ReentrantCallbackGroup
-from rclpy.executors import MultiThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -61,6 +62,7 @@ from mace_core.shape.vae import ShapePrior, load_shape_priors
 from mace_core.tensor import TensorSpec
 from mace_ros import conversions, params
 from mace_ros.params import ParameterError
+from mace_ros.serving import ServiceLoop
 from mace_ros.srv import AdaptIK, CompleteShape
 
 #: A reachable target in free space, for the warm-up request (base frame, m).
@@ -298,7 +300,10 @@ class MaceNode(Node):
             raise
 
     def destroy_node(self) -> None:
-        """Stop the markers' thread, then destroy the node."""
+        """Stop the services' loop and the markers' thread, then destroy the node."""
+        service_loop = getattr(self, "_service_loop", None)
+        if service_loop is not None:
+            service_loop.stop()
         markers = getattr(self, "_markers", None)
         if markers is not None:
             markers.close()
@@ -338,16 +343,21 @@ class MaceNode(Node):
                                   depth=max(100, 4 * self.num_threads),
                                   reliability=ReliabilityPolicy.RELIABLE,
                                   durability=DurabilityPolicy.VOLATILE)
-        self._services_group = ReentrantCallbackGroup()
+        self._service_loop = ServiceLoop(self, workers=self.num_threads)
+        group = self._service_loop.callback_group
         self._adapt_ik_srv = self.create_service(
             AdaptIK, "~/adapt_ik", self._on_adapt_ik, qos_profile=requests_qos,
-            callback_group=self._services_group)
+            callback_group=group)
         self._complete_shape_srv = None
         if self._shape is not None:
             self._complete_shape_srv = self.create_service(
                 CompleteShape, "~/complete_shape", self._on_complete_shape,
-                qos_profile=requests_qos, callback_group=self._services_group)
+                qos_profile=requests_qos, callback_group=group)
         self._configure_introspection(self.config.service_introspection)
+        for srv in (self._adapt_ik_srv, self._complete_shape_srv):
+            if srv is not None:
+                self._service_loop.add(srv)
+        self._service_loop.start()
         markers_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
                                  reliability=ReliabilityPolicy.RELIABLE,
                                  durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -598,9 +608,9 @@ class MaceNode(Node):
 
     # -- shutdown ------------------------------------------------------------------------------
 
-    def shut_down(self, executor: MultiThreadedExecutor, reason: str) -> bool:
+    def shut_down(self, executor: SingleThreadedExecutor, reason: str) -> bool:
         """Cancel the request being served and the waiting ones, let their answers ("node
-        shutting down") go out, stop ``executor`` and destroy the node.
+        shutting down") go out, stop the services' loop and ``executor`` and destroy the node.
 
         Returns False when a request did not end within ``SHUTDOWN_GRACE_S``; the node is then
         left to the process's exit (destroying it under a running callback can crash).
@@ -616,9 +626,11 @@ class MaceNode(Node):
         if self.requests_in_flight:
             self.get_logger().warning(f"{self.requests_in_flight} request(s) still running after "
                                       f"{SHUTDOWN_GRACE_S:.1f} s; exiting without waiting")
-            executor.shutdown(timeout_sec=0, wait_for_threads=False)
+            self._service_loop.stop(wait_for_workers=False)
+            executor.shutdown(timeout_sec=0)
             return False
-        executor.shutdown(timeout_sec=0)  # joins the worker threads: every answer is sent
+        self._service_loop.stop()  # joins the workers: every answer is sent
+        executor.shutdown(timeout_sec=0)
         if busy:
             time.sleep(0.1)  # the last answers leave before their service is destroyed
         self.destroy_node()
@@ -706,7 +718,7 @@ def main(args: list[str] | None = None) -> int:
             node.destroy_node()
         rclpy.try_shutdown()
         _exit_now(0)
-    executor = MultiThreadedExecutor(num_threads=node.num_threads)
+    executor = SingleThreadedExecutor()  # parameters and clients; the services have their loop
     executor.add_node(node)
     while not signals.requested.is_set() and rclpy.ok():
         executor.spin_once(timeout_sec=0.1)
