@@ -16,7 +16,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 import rclpy
-from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.utilities import remove_ros_args
 
@@ -29,6 +28,8 @@ from mace_core.shape.completion import ShapeCompletionRequest
 from mace_core.tensor import TensorSpec
 from mace_ros.conversions import (BASE_FRAME, ik_request_to_msg, points_from_cloud, pose_msg,
                                   shape_request_to_msg)
+from mace_ros import serving
+from mace_ros.serving import NeverExecutedGroup
 from mace_ros.srv import AdaptIK, CompleteShape
 
 #: Seconds a call may wait beyond its time budget (queueing behind other requests, transport).
@@ -40,7 +41,7 @@ BOX_FINGER_RADIUS_M = 0.02
 
 
 class MaceClient:
-    """Calls ``/mace/adapt_ik`` and ``/mace/complete_shape`` from its own node and executor (safe
+    """Calls ``/mace/adapt_ik`` and ``/mace/complete_shape`` from its own node, no executor (safe
     to use one per thread).
 
     Call :func:`rclpy.init` first; :meth:`close` destroys the node.
@@ -53,10 +54,11 @@ class MaceClient:
         self.base_frame = base_frame
         if shape_service is None:
             shape_service = service.rsplit("/", 1)[0] + "/complete_shape"
-        self._client = self.node.create_client(AdaptIK, service)
-        self._shape_client = self.node.create_client(CompleteShape, shape_service)
-        self._executor = SingleThreadedExecutor(context=self.node.context)
-        self._executor.add_node(self.node)
+        # no executor: each call waits on its own client (mace_ros.serving.call)
+        group = NeverExecutedGroup()
+        self._client = self.node.create_client(AdaptIK, service, callback_group=group)
+        self._shape_client = self.node.create_client(CompleteShape, shape_service,
+                                                     callback_group=group)
 
     def wait(self, timeout_s: float = 30.0, shape: bool = False) -> bool:
         """True once ``adapt_ik`` (or ``complete_shape`` with ``shape``) is available (False
@@ -78,12 +80,7 @@ class MaceClient:
         if not client.wait_for_service(timeout_sec=timeout_s):
             raise TimeoutError(f"{client.srv_name} is not available (is the node running, "
                                f"with the same ROS_DOMAIN_ID?)")
-        future = client.call_async(request)
-        self._executor.spin_until_future_complete(future, timeout_sec=timeout_s)
-        if not future.done():
-            client.remove_pending_request(future)
-            raise TimeoutError(f"no response from {client.srv_name} in {timeout_s:.0f} s")
-        return future.result()
+        return serving.call(client, request, timeout_s)
 
     def adapt_ik(self, position: Sequence[float], obstacles: Sequence[Obstacle] = (),
                  scene: str | None = None, rotation: np.ndarray | None = None,
@@ -147,7 +144,6 @@ class MaceClient:
 
     def close(self) -> None:
         """Destroy the client's node."""
-        self._executor.shutdown()
         self.node.destroy_node()
 
 

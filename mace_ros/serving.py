@@ -10,6 +10,9 @@ turns by one client (20 requests per scene, K = 8, this 2-core CPU), median end 
 rclpy's multi-threaded executor: box poses 5.36 / 5.18 against 6.24 / 5.94 ms (two runs), wall
 poses 6.19 against 7.33 ms, window positions 17.25 against 18.26 ms.
 
+:func:`call` is the client's side of the same idea: a request sent and its response awaited on a
+wait set of that one client (created with :class:`NeverExecutedGroup`), no executor spun.
+
 The services are created with :attr:`ServiceLoop.callback_group`, which no executor ever runs,
 so that the node's executor (parameters, clients) leaves their requests to the loop. Service
 introspection, QoS and the services' names are the node's as usual (rcl publishes the events
@@ -19,11 +22,13 @@ when a request is taken and its response sent).
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import Any
 
 from rclpy.callback_groups import CallbackGroup
+from rclpy.client import Client
 from rclpy.exceptions import InvalidHandle
 from rclpy.guard_condition import GuardCondition
 from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
@@ -128,3 +133,34 @@ class ServiceLoop:
             service.send_response(response, header)
         except (InvalidHandle, TypeError, _rclpy.RCLError) as exc:
             self._on_error(f"{service.service_name}: the response could not be sent: {exc}")
+
+
+def call(client: Client, request: Any, timeout_s: float) -> Any:
+    """Send ``request`` on ``client`` (created with a :class:`NeverExecutedGroup`) and return its
+    response, waiting on the client alone.
+
+    A response to an earlier call that timed out is dropped when it arrives. Against rclpy's
+    ``call_async`` and a single-threaded executor's ``spin_until_future_complete``, measured on
+    one node's box pose answers (120 calls each, in turns): median end to end 6.06 against
+    6.62 ms.
+
+    Raises:
+        TimeoutError: no response within ``timeout_s``.
+    """
+    context = client.context
+    end = time.monotonic() + timeout_s
+    with context.handle:
+        wait_set = _rclpy.WaitSet(0, 0, 0, 1, 0, 0, context.handle)
+    with client.handle:
+        sequence = client.handle.send_request(request)
+    while (left := end - time.monotonic()) > 0:
+        with context.handle, client.handle:
+            wait_set.clear_entities()
+            wait_set.add_client(client.handle)
+            wait_set.wait(int(left * 1e9))
+            if client.handle.pointer not in wait_set.get_ready_entities("client"):
+                continue
+            header, response = client.handle.take_response(client.srv_type.Response)
+        if header is not None and header.request_id.sequence_number == sequence:
+            return response
+    raise TimeoutError(f"no response from {client.srv_name} in {timeout_s:.0f} s")

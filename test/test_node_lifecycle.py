@@ -97,6 +97,7 @@ def test_parameters_file_applies_under_any_namespace(rclpy_context, tmp_path):
     """The shipped file's sections apply to the node under a namespace (a copy with one value
     changed shows it is the file that applies), and a file whose only section names another
     node is warned about."""
+    import rclpy
     from rclpy.parameter_client import AsyncParameterClient
 
     shipped = open(PARAMS_FILE).read()
@@ -113,7 +114,7 @@ def test_parameters_file_applies_under_any_namespace(rclpy_context, tmp_path):
         params = AsyncParameterClient(client.node, "/robot1/mace")
         assert params.wait_for_services(10.0)
         future = params.get_parameters(["ik.num_solutions", "publish_markers"])
-        client._executor.spin_until_future_complete(future, timeout_sec=10.0)
+        rclpy.spin_until_future_complete(client.node, future, timeout_sec=10.0)
         values = [v.integer_value if v.type == 2 else v.bool_value
                   for v in future.result().values]
     finally:
