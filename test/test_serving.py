@@ -27,6 +27,7 @@ def served(rclpy_context):
             release.wait(timeout=10.0)
         response.success = True
         response.message = threading.current_thread().name
+        response.iterations_run = request.iterations  # which request this answers
         return response
 
     loop.add(node.create_service(AdaptIK, "/serving_test/adapt_ik", callback,
@@ -67,6 +68,19 @@ def test_a_request_is_answered_while_another_one_is_in_its_callback(served):
     release.set()
     caller.join(timeout=10.0)
     assert answers["fast"].success and answers["slow"].success
+
+
+def test_a_late_answer_to_a_timed_out_call_is_not_taken_for_the_next_ones(served):
+    clients, release, AdaptIK = served
+    slow, fast = AdaptIK.Request(), AdaptIK.Request()
+    slow.num_solutions, fast.num_solutions = 2, 1
+    slow.iterations, fast.iterations = 111, 222  # not read by the callback: tells them apart
+    with pytest.raises(TimeoutError, match="no response"):
+        clients[0].call(slow, timeout_s=0.3)
+    release.set()  # its answer now arrives, late
+    answer = clients[0].call(fast, timeout_s=10.0)
+    assert answer.success and answer.message.startswith("mace_request")
+    assert answer.iterations_run == 222
 
 
 def test_a_service_of_another_callback_group_is_refused(rclpy_context):
