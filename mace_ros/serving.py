@@ -98,37 +98,60 @@ class ServiceLoop:
         self._pool.shutdown(wait=wait_for_workers)
 
     def _run(self) -> None:
+        """Take the requests as they come and give each to a worker, until :meth:`stop`."""
         context = self._node.context
         with context.handle:
             wait_set = _rclpy.WaitSet(0, 1, 0, 0, len(self._services), 0, context.handle)
         while not self._stopping.is_set():
-            with ExitStack() as held:
-                try:
-                    for entity in (context, self._wake, *self._services):
-                        held.enter_context(entity.handle)
-                except InvalidHandle:  # the node or context is being destroyed
-                    return
-                wait_set.clear_entities()
-                wait_set.add_guard_condition(self._wake.handle)
-                for service in self._services:
-                    wait_set.add_service(service.handle)
-                wait_set.wait(WAIT_NS)
-                ready = wait_set.get_ready_entities("service")
-                taken = []
-                for service in self._services:
-                    if service.handle.pointer in ready:
-                        request, header = service.handle.service_take_request(
-                            service.srv_type.Request)
-                        if request is not None and header is not None:
-                            taken.append((service, request, header))
+            try:
+                taken = self._wait_and_take(wait_set)
+            except InvalidHandle:  # the node or context is being destroyed
+                return
             for service, request, header in taken:  # answered even when stopping (the gate
                 try:                                # says "node shutting down")
                     self._pool.submit(self._answer, service, request, header)
                 except RuntimeError:  # the pool is shut down: stop() gave up waiting for us
                     return
 
+    def _wait_and_take(self, wait_set) -> list[tuple[Service, Any, Any]]:
+        """Wait (at most :data:`WAIT_NS`) for requests; (service, request, header) of each
+        taken. A request that cannot be taken is reported, and the loop goes on."""
+        context = self._node.context
+        taken = []
+        with ExitStack() as held:
+            for entity in (context, self._wake, *self._services):
+                held.enter_context(entity.handle)
+            wait_set.clear_entities()
+            wait_set.add_guard_condition(self._wake.handle)
+            for service in self._services:
+                wait_set.add_service(service.handle)
+            wait_set.wait(WAIT_NS)
+            ready = wait_set.get_ready_entities("service")
+            for service in self._services:
+                if service.handle.pointer not in ready:
+                    continue
+                try:
+                    request, header = service.handle.service_take_request(
+                        service.srv_type.Request)
+                except (_rclpy.RCLError, TypeError, ValueError) as exc:
+                    self._on_error(f"{service.service_name}: a request could not be taken: "
+                                   f"{exc}")
+                    continue
+                if request is not None and header is not None:
+                    taken.append((service, request, header))
+        return taken
+
     def _answer(self, service: Service, request: Any, header: Any) -> None:
-        response = service.callback(request, service.srv_type.Response())
+        """Run the callback and send its response; a callback that raises is answered with
+        the type's default response (``success`` false) saying so."""
+        try:
+            response = service.callback(request, service.srv_type.Response())
+        except Exception as exc:  # noqa: BLE001 - the caller must get an answer all the same
+            self._on_error(f"{service.service_name}: the callback raised "
+                           f"{type(exc).__name__}: {exc}")
+            response = service.srv_type.Response()
+            if hasattr(response, "message"):
+                response.message = f"internal error: {type(exc).__name__}: {exc}"
         try:
             service.send_response(response, header)
         except (InvalidHandle, TypeError, _rclpy.RCLError) as exc:

@@ -25,6 +25,8 @@ def served(rclpy_context):
     def callback(request, response):
         if request.num_solutions == 2:  # held until released: shows concurrent callbacks
             release.wait(timeout=10.0)
+        if request.num_solutions == 3:
+            raise RuntimeError("a bug in the callback")
         response.success = True
         response.message = threading.current_thread().name
         response.iterations_run = request.iterations  # which request this answers
@@ -81,6 +83,16 @@ def test_a_late_answer_to_a_timed_out_call_is_not_taken_for_the_next_ones(served
     answer = clients[0].call(fast, timeout_s=10.0)
     assert answer.success and answer.message.startswith("mace_request")
     assert answer.iterations_run == 222
+
+
+def test_a_callback_that_raises_is_answered_and_the_loop_goes_on(served):
+    clients, _, AdaptIK = served
+    broken, fine = AdaptIK.Request(), AdaptIK.Request()
+    broken.num_solutions, fine.num_solutions = 3, 1
+    answer = clients[0].call(broken, timeout_s=10.0)
+    assert not answer.success
+    assert answer.message == "internal error: RuntimeError: a bug in the callback"
+    assert clients[0].call(fine, timeout_s=10.0).success
 
 
 def test_a_service_of_another_callback_group_is_refused(rclpy_context):
