@@ -62,8 +62,8 @@ class ServiceLoop:
     """
 
     def __init__(self, node: Node, workers: int, on_error=None):
-        """``on_error(message)`` reports a response that could not be sent (default: the node's
-        logger, as an error)."""
+        """``on_error(message)`` reports a request that went wrong: not taken, its callback
+        raised, its response not sent (default: the node's logger, as an error)."""
         self.callback_group = NeverExecutedGroup()
         self._node = node
         self._services: list[Service] = []
@@ -95,6 +95,8 @@ class ServiceLoop:
             pass
         if self._thread is not None:
             self._thread.join(timeout=1.0)
+            if not self._thread.is_alive():
+                self._wake.destroy()  # a second stop() destroys nothing more
         self._pool.shutdown(wait=wait_for_workers)
 
     def _run(self) -> None:
