@@ -291,7 +291,7 @@ def main_ik(argv: list[str] | None = None) -> int:
     for k, stage in enumerate(stages):
         cmd = "mace-train ik " + " ".join(
             f"--{name.replace('_', '-')} {stage[name]}" for name in asdict(defaults)
-            if name in stage)
+            if name in stage and stage[name] != "")  # an empty value is the default
         if k > 0:
             cmd += f" --init-from {args.models_dir}/{args.name}.safetensors"
         epochs = stage.get("epochs_run", stage["epochs"])
