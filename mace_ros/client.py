@@ -29,7 +29,6 @@ from mace_core.tensor import TensorSpec
 from mace_ros.conversions import (BASE_FRAME, ik_request_to_msg, points_from_cloud, pose_msg,
                                   shape_request_to_msg)
 from mace_ros import serving
-from mace_ros.serving import NeverExecutedGroup
 from mace_ros.srv import AdaptIK, CompleteShape
 
 #: Seconds a call may wait beyond its time budget (queueing behind other requests, transport).
@@ -55,7 +54,7 @@ class MaceClient:
         if shape_service is None:
             shape_service = service.rsplit("/", 1)[0] + "/complete_shape"
         # no executor: each call waits on its own client (mace_ros.serving.call)
-        group = NeverExecutedGroup()
+        group = serving.NeverExecutedGroup()
         self._client = self.node.create_client(AdaptIK, service, callback_group=group)
         self._shape_client = self.node.create_client(CompleteShape, shape_service,
                                                      callback_group=group)
