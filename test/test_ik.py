@@ -438,14 +438,15 @@ def test_pose_candidates_go_to_the_exact_checker_in_chunks():
 def test_mace_adapts_on_projected_elites_for_pose_requests(adapter):
     """With the closed form, what MACE adapts samples exact solutions of the pose (the
     branch nearest each prior sample at its q7); position requests adapt the prior itself."""
-    from mace_core.ik.adapter import _ProjectedPrior, _RequestPipeline
+    from mace_core.ik.conditioned import _ProjectedPrior
+    from mace_core.ik.pipeline import RequestPipeline
 
     kin64 = RobotKinematics.panda(TensorSpec(torch.device("cpu"), torch.float64))
     q = torch.tensor([[0.1, 0.5, -0.1, -1.9, 0.1, 2.4, 0.6]], dtype=torch.float64)
     pose = kin64.ee_pose(q)[0]
     req = IKRequest(position=pose[:3, 3].numpy(), rotation=pose[:3, :3].numpy(),
                     orientation_tolerance=1e-3, num_solutions=8, seed=0)
-    model = _RequestPipeline(adapter, req, None, None).adapted_model()
+    model = RequestPipeline(adapter, req, None, None).adapted_model()
     assert isinstance(model, _ProjectedPrior)
     samples = model.sample(256, adapter.spec.generator(1)).to("cpu", torch.float64)
     err = (kin64.ee_pose(samples)[:, :3, 3] - pose[:3, 3]).norm(dim=-1)
@@ -453,7 +454,7 @@ def test_mace_adapts_on_projected_elites_for_pose_requests(adapter):
     on_pose = err < 1e-5
     assert on_pose.float().mean() > 0.2  # 29 % of this prior's q7 draws have a branch here
     assert torch.equal(on_pose, found)  # exactly the rows with a branch at their q7
-    position_only = _RequestPipeline(adapter, replace(req, rotation=None), None, None)
+    position_only = RequestPipeline(adapter, replace(req, rotation=None), None, None)
     assert not isinstance(position_only.adapted_model(), _ProjectedPrior)
 
 
@@ -492,7 +493,7 @@ def test_pose_requests_draw_from_the_pose_prior_and_it_is_restored(tmp_path):
     """``ik.pose_prior``: a full-pose request draws from (and adapts) the pose-conditioned
     prior at the target pose; position requests keep the position prior; the next request
     starts from the pose prior's pretrained weights."""
-    from mace_core.ik.adapter import _RequestPipeline
+    from mace_core.ik.pipeline import RequestPipeline
 
     models = _models_with_pose_prior(tmp_path)
     cfg = IKAdaptConfig(pose_prior="tiny_pose")
@@ -500,16 +501,16 @@ def test_pose_requests_draw_from_the_pose_prior_and_it_is_restored(tmp_path):
     kin64, pose = _reachable_pose()
     req = IKRequest(position=pose[:3, 3].numpy(), rotation=pose[:3, :3].numpy(),
                     orientation_tolerance=1e-3, num_solutions=8, seed=0, time_budget_s=2.0)
-    run = _RequestPipeline(adapter, req, None, None)
+    run = RequestPipeline(adapter, req, None, None)
     assert run.model.prior is adapter.pose_prior and run.model.context.shape == (9,)
     assert run.adapted_model().prior is adapter.pose_prior
-    position_only = _RequestPipeline(adapter, replace(req, rotation=None), None, None)
+    position_only = RequestPipeline(adapter, replace(req, rotation=None), None, None)
     assert position_only.model.prior is adapter.prior
     before = {k: v.clone() for k, v in adapter.pose_prior.state_dict().items()}
     # a hard request (K = 64 distinct) so that MACE adapts the pose prior
     result = adapter.solve(replace(req, num_solutions=64, iterations=2, time_budget_s=3.0))
     assert result.iterations_run > 0 and adapter._adapted is adapter.pose_prior
-    _RequestPipeline(adapter, req, None, None)  # the next request restores the weights
+    RequestPipeline(adapter, req, None, None)  # the next request restores the weights
     after = adapter.pose_prior.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(ModelLoadError, match="conditioned on the pose"):
@@ -520,7 +521,7 @@ def test_a_q7_first_pose_prior_draws_only_q7_for_the_closed_form(tmp_path, monke
     """A pose prior whose factorization takes q7 first: the exact checker's rounds draw q7
     alone (its first network), the seeds' other joints at their range's middle, and the
     answer is exact and free all the same."""
-    from mace_core.ik.adapter import _RequestPipeline
+    from mace_core.ik.pipeline import RequestPipeline
     from mace_core.ik.prior import ARGMMPrior
 
     models = _models_with_pose_prior(tmp_path, joint_order=(6, 0, 1, 2, 3, 4, 5))
@@ -534,7 +535,7 @@ def test_a_q7_first_pose_prior_draws_only_q7_for_the_closed_form(tmp_path, monke
     kin64, pose = _reachable_pose()
     req = IKRequest(position=pose[:3, 3].numpy(), rotation=pose[:3, :3].numpy(),
                     orientation_tolerance=1e-3, num_solutions=8, seed=0, time_budget_s=2.0)
-    run = _RequestPipeline(adapter, req, None, None)
+    run = RequestPipeline(adapter, req, None, None)
     run.draw_first_batch()
     kin = adapter.kin
     middle = 0.5 * (kin.lower + kin.upper)
@@ -580,12 +581,12 @@ def test_rounds_explore_uniform_seeds_after_one_that_added_nothing(adapter):
     include ``pose_explore_seeds`` uniform configurations (q7 values the prior may not draw),
     and such a round runs before MACE adapts (wall and cabinet targets whose prior q7 values ran
     dry: about 120 ms with a MACE iteration, 10-30 ms with it)."""
-    from mace_core.ik.adapter import _RequestPipeline
+    from mace_core.ik.pipeline import RequestPipeline
 
     kin64, pose = _reachable_pose()
     req = IKRequest(position=pose[:3, 3].numpy(), rotation=pose[:3, :3].numpy(),
                     orientation_tolerance=1e-3, num_solutions=8, seed=0)
-    run = _RequestPipeline(adapter, req, None, None)
+    run = RequestPipeline(adapter, req, None, None)
     run.draw_first_batch()
     rounds, seeds = run.rounds, run.cand_q[:5]
     assert rounds.explore == adapter.config.pose_explore_seeds > 0
@@ -600,7 +601,7 @@ def test_rounds_explore_uniform_seeds_after_one_that_added_nothing(adapter):
     assert rounds.worth_another
     rounds._with_explorers(seeds)
     assert rounds.explored and not rounds.worth_another
-    position_only = _RequestPipeline(adapter, replace(req, rotation=None), None, None)
+    position_only = RequestPipeline(adapter, replace(req, rotation=None), None, None)
     position_only.draw_first_batch()
     assert position_only.rounds.explore == 0
     position_only.rounds.last_added = 0

@@ -700,8 +700,8 @@ def run_benchmark(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
 
 
 #: Core sources whose content the report's ``environment.core_sha256`` identifies.
-_CORE_SOURCES = ("ik/adapter.py", "ik/refinement_rounds.py", "ik/request.py", "mace.py",
-                 "ik/refinement.py", "robot/collision.py", "robot/spheres.py",
+_CORE_SOURCES = ("ik/adapter.py", "ik/pipeline.py", "ik/refinement_rounds.py", "ik/request.py",
+                 "mace.py", "ik/refinement.py", "robot/collision.py", "robot/spheres.py",
                  "robot/kinematics.py", "ik/prior.py", "ik/benchmark.py", "deadline.py",
                  "robot/mujoco_checker.py", "robot/closed_form_ik.py", "ik/baselines.py")
 
