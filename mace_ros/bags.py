@@ -119,9 +119,12 @@ def to_rosbags(msg, typename: str, store: Typestore):
 
 
 def from_rosbags(obj, rclpy_cls):
-    """A rosbags object as an instance of the rclpy message class ``rclpy_cls``."""
+    """A rosbags object as an instance of the rclpy message class ``rclpy_cls``; a field the
+    object lacks (a bag recorded before the field was added) keeps its default."""
     msg = rclpy_cls()
     for field, slot in zip(rclpy_cls.get_fields_and_field_types(), rclpy_cls.SLOT_TYPES):
+        if not hasattr(obj, field):
+            continue
         value = getattr(obj, field)
         current = getattr(msg, field)
         if hasattr(current, "get_fields_and_field_types"):  # a nested message

@@ -96,7 +96,7 @@ class MaceClient:
             time_budget_s: wall-clock budget of the request, s.
             **overrides: other :class:`~mace_core.ik.request.IKRequest` fields (iterations,
                 refinement, objective, num_samples, quantile, gradient_steps, learning_rate,
-                seed, orientation_tolerance).
+                seed, orientation_tolerance, seed_state).
         """
         obstacles = list(obstacles) + (list(load_scene(scene).obstacles) if scene else [])
         request = IKRequest(position=np.asarray(position, dtype=float), obstacles=obstacles,
@@ -202,6 +202,9 @@ def _parser() -> argparse.ArgumentParser:
     ik.add_argument("--iterations", type=int, help="MACE iterations T (0: prior only)")
     ik.add_argument("--refinement", choices=("none", "dls", "tracik", "moveit"))
     ik.add_argument("--seed", type=int)
+    ik.add_argument("--seed-state", type=float, nargs=7, metavar="Q",
+                    help="the robot's joints now, rad (panda_joint1..7): the nearest solution "
+                         "first, the rest by their distance from it")
     ik.add_argument("--service", default="/mace/adapt_ik")
     ik.add_argument("--wait", type=float, default=10.0, help="s to wait for the service")
     shape = sub.add_parser(
@@ -322,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mace-client: {exc}", file=sys.stderr)
         return 2
     overrides = {k: v for k, v in (("iterations", args.iterations),
-                                   ("refinement", args.refinement), ("seed", args.seed))
+                                   ("refinement", args.refinement), ("seed", args.seed),
+                                   ("seed_state", args.seed_state))
                  if v is not None}
 
     def ask(client: MaceClient) -> int:

@@ -15,14 +15,14 @@ from typing import Sequence
 import numpy as np
 import torch
 from geometry_msgs.msg import Point, Pose, PoseStamped, Quaternion, Vector3
-from sensor_msgs.msg import PointCloud2, PointField
+from sensor_msgs.msg import JointState, PointCloud2, PointField
 from shape_msgs.msg import SolidPrimitive
 from std_msgs.msg import ColorRGBA, Header
 from visualization_msgs.msg import Marker, MarkerArray
 
 from mace_core.errors import InvalidRequestError, format_numbers, quote
 from mace_core.ik.request import IKAdaptResult, IKRequest, IKSolution, IKTimings
-from mace_core.robot.kinematics import RobotKinematics
+from mace_core.robot.kinematics import PANDA_JOINTS, RobotKinematics
 from mace_core.robot.rotations import matrix_to_quaternion_xyzw
 from mace_core.robot.scenes import Obstacle, quaternion_xyzw_to_matrix
 from mace_core.shape.completion import ShapeCompletionRequest, ShapeCompletionResult
@@ -188,7 +188,33 @@ def ik_request_from_msg(req: AdaptIK.Request, base_frame: str = BASE_FRAME) -> I
         quantile=float(req.quantile) or None,
         gradient_steps=int(req.gradient_steps) or None,
         learning_rate=float(req.learning_rate) or None,
-        seed=None if req.seed == -1 else int(req.seed))
+        seed=None if req.seed == -1 else int(req.seed),
+        seed_state=seed_state_from_msg(req.seed_state))
+
+
+def seed_state_from_msg(state: JointState,
+                        joint_names: Sequence[str] = PANDA_JOINTS) -> np.ndarray | None:
+    """The arm's ``(7,)`` joint positions in ``joint_names``' order from a JointState that
+    names them (any order; other joints, the fingers, ignored) or holds seven positions and
+    no names; None when it holds no position. The core checks their values."""
+    names, positions = list(state.name), [float(v) for v in state.position]
+    if not positions:
+        return None
+    if not names:
+        if len(positions) != len(joint_names):
+            raise InvalidRequestError(
+                f"seed_state without joint names must hold {len(joint_names)} positions "
+                f"({', '.join(joint_names)}), got {len(positions)}")
+        return np.asarray(positions)
+    if len(names) != len(positions):
+        raise InvalidRequestError(f"seed_state has {len(names)} names and {len(positions)} "
+                                  f"positions")
+    by_name = dict(zip(names, positions))
+    missing = [n for n in joint_names if n not in by_name]
+    if missing:
+        raise InvalidRequestError(f"seed_state lacks {', '.join(missing)} (it names "
+                                  f"{', '.join(quote(n) for n in names[:10])})")
+    return np.asarray([by_name[n] for n in joint_names])
 
 
 def ik_request_to_msg(request: IKRequest, base_frame: str = BASE_FRAME) -> AdaptIK.Request:
@@ -218,6 +244,9 @@ def ik_request_to_msg(request: IKRequest, base_frame: str = BASE_FRAME) -> Adapt
     msg.gradient_steps = int(request.gradient_steps or 0)
     msg.learning_rate = float(request.learning_rate or 0.0)
     msg.seed = -1 if request.seed is None else int(request.seed)
+    if request.seed_state is not None:
+        msg.seed_state = JointState(name=list(PANDA_JOINTS),
+                                    position=[float(v) for v in request.seed_state])
     return msg
 
 

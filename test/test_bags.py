@@ -41,6 +41,25 @@ def test_recorded_requests_read_back_as_sent(tmp_path):
     assert np.allclose(xyz, sample_targets(scene, 2, 1))
 
 
+def test_a_request_recorded_before_a_field_existed_reads_with_its_default():
+    """Bags keep the definitions they were recorded with: an AdaptIK request from before
+    ``seed_state`` was added decodes without it (no seed state), every other field kept."""
+    from types import SimpleNamespace
+
+    from mace_ros.bags import draw_requests, from_rosbags, mace_typestore, to_rosbags
+    from mace_ros.conversions import ik_request_from_msg, ik_request_to_msg
+
+    store, _ = mace_typestore()
+    sent = ik_request_to_msg(draw_requests(load_scene(WALL), 1, 0, target_kind="pose")[0])
+    typename = "mace_ros/srv/AdaptIK_Request"
+    new = to_rosbags(sent, typename, store)
+    old = SimpleNamespace(**{f: getattr(new, f) for f in new.__dataclass_fields__
+                             if f != "seed_state"})
+    read = from_rosbags(old, AdaptIK.Request)
+    assert read == sent and len(read.seed_state.position) == 0
+    assert ik_request_from_msg(read).seed_state is None
+
+
 def test_the_bag_carries_its_definitions_and_rosidl_hashes(tmp_path):
     """MCAP with ``ros2idl`` schemas of every type the event needs, under the RIHS01 hash
     rosidl generated (what ROS 2 tools check), and responses round-trip too."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from geometry_msgs.msg import Pose
-from sensor_msgs.msg import PointCloud2, PointField
+from sensor_msgs.msg import JointState, PointCloud2, PointField
 from shape_msgs.msg import SolidPrimitive
 from std_msgs.msg import Header
 from visualization_msgs.msg import Marker
@@ -46,7 +46,8 @@ def full_request() -> IKRequest:
     return IKRequest(position=np.array([0.5, 0.1, 0.3]), obstacles=obstacles, rotation=ROT_Z90,
                      orientation_tolerance=0.05, num_solutions=5, time_budget_s=0.7,
                      iterations=0, refinement="tracik", objective="is", num_samples=256,
-                     quantile=0.1, gradient_steps=2, learning_rate=1e-3, seed=11)
+                     quantile=0.1, gradient_steps=2, learning_rate=1e-3, seed=11,
+                     seed_state=np.array([0.1, -0.7, 0.2, -2.3, 0.0, 1.6, 0.8]))
 
 
 def assert_requests_equal(a: IKRequest, b: IKRequest) -> None:
@@ -58,6 +59,9 @@ def assert_requests_equal(a: IKRequest, b: IKRequest) -> None:
                  "refinement", "objective", "num_samples", "quantile", "gradient_steps",
                  "learning_rate", "seed"):
         assert getattr(a, name) == pytest.approx(getattr(b, name)), name
+    assert (a.seed_state is None) == (b.seed_state is None)
+    if a.seed_state is not None:
+        np.testing.assert_allclose(a.seed_state, b.seed_state)
     assert len(a.obstacles) == len(b.obstacles)
     for oa, ob in zip(a.obstacles, b.obstacles):
         assert (oa.name, oa.kind) == (ob.name, ob.kind)
@@ -176,6 +180,12 @@ BAD = [
      "obstacle 'table' primitive 0: orientation quaternion (x, y, z, w) is zero"),
     ("iterations", _set("iterations", -2), "iterations must be -1"),
     ("seed", _set("seed", -5), "seed must be -1"),
+    ("seed_state_count", _set("seed_state.name", ["panda_joint1"]),
+     "seed_state has 1 names and 7 positions"),
+    ("seed_state_missing_joint", _set("seed_state.name", [f"j{i}" for i in range(7)]),
+     "seed_state lacks panda_joint1, panda_joint2"),
+    ("seed_state_unnamed_six", _set("seed_state", JointState(position=[0.0] * 6)),
+     "seed_state without joint names must hold 7 positions"),
 ]
 
 
@@ -719,3 +729,19 @@ def test_every_parameter_has_a_description():
     assert len(docs) == len(params.parameter_defaults())
     assert all(docs.values()), [name for name, text in docs.items() if not text]
     assert "debug" in docs["request_log_level"] and "contents" in docs["service_introspection"]
+
+
+def test_seed_state_is_read_by_joint_name_with_other_joints_ignored():
+    """A robot's /joint_states as it comes: another order, the fingers in it; or seven
+    positions without names; or nothing (no seed)."""
+    q = [0.1, -0.7, 0.2, -2.3, 0.0, 1.6, 0.8]
+    names = [f"panda_joint{i}" for i in range(1, 8)]
+    order = [6, 0, 5, 1, 4, 2, 3]
+    state = JointState(name=["panda_finger_joint1"] + [names[i] for i in order],
+                       position=[0.04] + [q[i] for i in order])
+    np.testing.assert_allclose(conv.seed_state_from_msg(state), q)
+    np.testing.assert_allclose(conv.seed_state_from_msg(JointState(position=q)), q)
+    assert conv.seed_state_from_msg(JointState()) is None
+    msg = conv.ik_request_to_msg(IKRequest(position=np.array([0.4, 0.0, 0.4]),
+                                           num_solutions=1, time_budget_s=1.0))
+    assert conv.ik_request_from_msg(msg).seed_state is None

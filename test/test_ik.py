@@ -78,7 +78,7 @@ def test_neighbour_seeds_follow_the_self_motion(adapter, wall, pose_target):
     rounds = RefinementRounds(adapter, cfg, target, CollisionWorld.from_obstacles([], spec),
                               deadline=math.inf, timings=IKTimings(),
                               generator=spec.generator(0))
-    rounds.accepted = base
+    rounds.accepted, rounds.rounds_run = base, 1  # solutions of an earlier round
     seeds = rounds._with_neighbours(base.repeat(16, 1))  # (64, 7): all replaced
     assert seeds.shape == (64, 7)
     # the nearest accepted solution of each seed, and how far the hand moved from it
@@ -263,6 +263,11 @@ BAD = [
     (dict(obstacles=[Obstacle(name="s", kind="sphere", size=(0.1,),
                               position=(1e30, 0.0, 0.2))]), "max_coordinate_m"),
     (dict(refinement="x" * 10_000), r"got 'x{100}'\.\.\. \(10000 characters\)$"),
+    (dict(seed_state=np.zeros(6)), "seed_state must be 7 finite"),
+    (dict(seed_state=np.array([0.0, 0.0, np.nan, -2.0, 0.0, 2.0, 0.0])),
+     "seed_state must be 7 finite"),
+    (dict(seed_state=np.array([0.0, 0.0, 0.0, -120.0, 0.0, 90.0, 45.0])),
+     "panda_joint4 = -120 rad is outside its limits.*radians expected"),
 ]
 
 
@@ -711,3 +716,57 @@ def test_pose_rounds_fall_back_on_the_q7_grid(adapter, monkeypatch):
                               IKTimings(), spec.generator(0), exact_first=True)
     rounds._accept_projections(seeds)
     assert rounds.accepted.shape[0] == 2 and rounds.checked > rounds.checked_valid == 2
+
+
+def _pose_request(scene, q, **kw):
+    """A full-pose request for the hand pose of configuration ``q (7,)``."""
+    kin64 = RobotKinematics.panda(TensorSpec(torch.device("cpu"), torch.float64))
+    pose = kin64.ee_pose(torch.as_tensor(q, dtype=torch.float64)[None])[0].numpy()
+    return IKRequest(position=pose[:3, 3], rotation=pose[:3, :3], orientation_tolerance=1e-3,
+                     obstacles=list(scene.obstacles), num_solutions=8, time_budget_s=5.0, seed=0,
+                     **kw)
+
+
+@pytest.mark.parametrize("pose_target", [True, False])
+def test_a_seed_state_gets_the_solution_nearest_it_first(adapter, pose_target):
+    """With the robot's state as ``seed_state``, the first solution is the one a local solver
+    started there finds (a seed at a free solution of the target: that solution itself), the
+    others follow by their distance from it, and the answer stays diverse."""
+    box = load_scene("config/scenes/box.yaml")
+    q_star = np.array([0.1, 0.5, -0.1, -1.9, 0.1, 2.4, 0.6])
+    req = _pose_request(box, q_star)
+    if not pose_target:
+        req = replace(req, rotation=None, orientation_tolerance=0.0)
+    plain = adapter.solve(req)
+    seeded = adapter.solve(replace(req, seed_state=q_star))
+    assert seeded.num_found == 8, seeded.message
+    away = [float(np.linalg.norm(s.q - q_star)) for s in seeded.solutions]
+    assert away == sorted(away)  # nearest first
+    assert away[0] < (1e-4 if pose_target else 0.05)  # the seed itself, or DLS's step from it
+    assert away[0] < min(np.linalg.norm(s.q - q_star) for s in plain.solutions)
+    assert "from the seed state" in seeded.message
+    with PyBulletCollisionChecker(box.obstacles) as pb:
+        assert pb.valid(np.stack([s.q for s in seeded.solutions])).all()
+    spread = min(np.abs(a.q - b.q).max() for i, a in enumerate(seeded.solutions)
+                 for b in seeded.solutions[i + 1:])
+    assert spread >= IKAdaptConfig().min_joint_distance
+
+
+def test_a_seed_state_inside_an_obstacle_moves_to_the_nearest_free_solution(adapter):
+    """The seed's own configuration collides with a box put on its forearm: the first answer
+    is the nearest solution that is free, still nearer than a seedless answer's nearest."""
+    q_star = np.array([0.1, 0.5, -0.1, -1.9, 0.1, 2.4, 0.6])
+    kin = adapter.kin
+    elbow = kin.link_poses(torch.as_tensor(q_star, dtype=kin.spec.dtype)[None])[0, 4, :3, 3]
+    blocker = Obstacle(name="blocker", kind="sphere", size=(0.06,),
+                       position=tuple(float(v) for v in elbow))
+    box = load_scene("config/scenes/box.yaml")
+    req = replace(_pose_request(box, q_star), obstacles=list(box.obstacles) + [blocker])
+    with PyBulletCollisionChecker(req.obstacles) as pb:
+        assert not pb.valid(q_star[None])[0]  # the seed is not an answer
+        seeded = adapter.solve(replace(req, seed_state=q_star))
+        assert seeded.success, seeded.message
+        assert pb.valid(np.stack([s.q for s in seeded.solutions])).all()
+    plain = adapter.solve(req)
+    nearest = np.linalg.norm(seeded.solutions[0].q - q_star)
+    assert nearest <= min(np.linalg.norm(s.q - q_star) for s in plain.solutions) + 1e-9

@@ -105,6 +105,26 @@ def test_pose_request_is_answered_exactly(ik_client, box):
     assert all(s.orientation_error <= 1e-3 for s in response.solutions)
 
 
+def test_a_seed_state_gets_the_nearest_solution_first(ik_client, box):
+    """``seed_state`` as a robot publishes it (its joints by name, the fingers too): for a pose
+    whose free solution the seed is, that solution comes first and the rest by distance."""
+    from sensor_msgs.msg import JointState
+
+    scene, _ = box
+    q = np.array([0.1, 0.5, -0.1, -1.9, 0.1, 2.4, 0.6])
+    kin64 = RobotKinematics.panda(TensorSpec(torch.device("cpu"), torch.float64))
+    pose = kin64.ee_pose(torch.tensor(q[None], dtype=torch.float64))[0].numpy()
+    request = box_request(box, position=pose[:3, 3], rotation=pose[:3, :3],
+                          orientation_tolerance=1e-3, num_solutions=8)
+    request.seed_state = JointState(name=["panda_finger_joint1"] + list(PANDA_JOINTS[::-1]),
+                                    position=[0.04] + q[::-1].tolist())
+    response = ik_client.call(request, timeout_s=30.0)
+    assert_valid_solutions(response, scene, pose[:3, 3], 8)
+    away = [np.linalg.norm(np.asarray(s.positions) - q) for s in response.solutions]
+    assert away[0] < 1e-4 and away == sorted(away)
+    assert "from the seed state" in response.message
+
+
 @pytest.fixture
 def ros_node(rclpy_context):
     """A plain ROS node with its own executor, for subscriptions and parameter calls."""
@@ -300,6 +320,15 @@ def _huge_learning_rate(req):
     req.learning_rate = 1e38
 
 
+def _seed_state_in_degrees(req):
+    req.seed_state.position = [0.0, -45.0, 0.0, -135.0, 0.0, 90.0, 45.0]
+
+
+def _seed_state_without_the_arm(req):
+    req.seed_state.name = ["panda_finger_joint1"]
+    req.seed_state.position = [0.04]
+
+
 BAD_REQUESTS = [
     (_nan_target, "target position must be finite"),
     (_long_refinement, "'... (10000 characters)"),
@@ -320,6 +349,8 @@ BAD_REQUESTS = [
     (_cone, "primitive type 4 not supported (box, sphere, cylinder)"),
     (_missing_pose, "primitive_poses"),
     (_nan_obstacle, "must be finite"),
+    (_seed_state_in_degrees, "seed_state: panda_joint2 = -45 rad is outside its limits"),
+    (_seed_state_without_the_arm, "seed_state lacks panda_joint1"),
 ]
 
 

@@ -44,6 +44,9 @@ _OVERRIDES = ("num_solutions", "time_budget_s", "refinement") + _MACE_OVERRIDES
 #: Validated configs kept at most (by their overrides; then the cache starts afresh).
 _CONFIGS_KEPT = 64
 
+#: rad a seed state may lie beyond a joint limit (it is clamped onto it)
+SEED_STATE_SLACK_RAD = 0.05
+
 #: Origin of joint 2 (the shoulder) in the base frame, m; reach is measured from there.
 _SHOULDER = (0.0, 0.0, 0.333)
 
@@ -72,6 +75,9 @@ class IKAdapter:
         self._pristine = {id(p): {k: v.detach().clone() for k, v in p.state_dict().items()}
                           for p in (self.prior, self.pose_prior) if p is not None}
         self.kin, self.checker, self.config, self.spec = kin, checker, config, spec
+        #: ``(7,)`` float64 lower and upper joint limits, rad, for checks on the host
+        self._limits_numpy = (kin.lower.detach().cpu().double().numpy(),
+                              kin.upper.detach().cpu().double().numpy())
         #: the exact checker that accepts and describes answers (None: the spheres do)
         self.exact: SceneCollisionChecker | None = exact_checker(config.collision.backend,
                                                                  str(spec.device))
@@ -209,6 +215,8 @@ class IKAdapter:
             if not (math.isfinite(tol) and 0.0 <= tol <= math.pi):
                 raise InvalidRequestError(
                     f"orientation tolerance must be in [0, pi] rad, got {tol:.6g}")
+        if request.seed_state is not None:
+            self._validate_seed_state(request.seed_state)
         reach = math.dist(pos.tolist(), _SHOULDER)
         if reach > lim.reach_m:
             raise InvalidRequestError(
@@ -227,6 +235,23 @@ class IKAdapter:
                     f"obstacle {quote(o.name)}: position {format_numbers(o.position)} and size "
                     f"{format_numbers(o.size)} m must be within limits.max_coordinate_m = "
                     f"{lim.max_coordinate_m:g} m")
+
+    def _validate_seed_state(self, seed_state) -> None:
+        """Raise InvalidRequestError unless ``seed_state`` is the arm's joints, finite and
+        within their limits up to :data:`SEED_STATE_SLACK_RAD` (a robot at a stop may read a
+        hair beyond it; a value far beyond is a unit mistake, degrees for radians)."""
+        kin = self.kin
+        seed = np.asarray(seed_state, dtype=float)
+        if seed.shape != (kin.num_joints,) or not np.isfinite(seed).all():
+            raise InvalidRequestError(f"seed_state must be {kin.num_joints} finite joint "
+                                      f"positions (rad), got {format_numbers(seed.reshape(-1))}")
+        lower, upper = self._limits_numpy
+        outside = (seed < lower - SEED_STATE_SLACK_RAD) | (seed > upper + SEED_STATE_SLACK_RAD)
+        if outside.any():
+            j = int(np.argmax(outside))
+            raise InvalidRequestError(
+                f"seed_state: {kin.joint_names[j]} = {seed[j]:.4g} rad is outside its limits "
+                f"[{lower[j]:.4g}, {upper[j]:.4g}] (radians expected)")
 
     def _world_of(self, obstacles: list[Obstacle]) -> CollisionWorld:
         """The obstacles validated, grown by the padding and tensorized; the last request's
@@ -293,6 +318,7 @@ class IKAdapter:
         self.exact_checks = 0
         run = RequestPipeline(self, request, start, cancel)
         run.draw_first_batch()
+        run.start_near_seed_state()
         run.refine_while_adding()
         run.adapt_with_rounds()
         run.refine_adapted_batches()
@@ -485,12 +511,15 @@ class IKAdapter:
         return torch.cat([accepted, new[fresh]]) if fresh else accepted
 
     def _describe(self, q: torch.Tensor, target: IKTarget, world: CollisionWorld,
-                  known_valid: bool = False) -> list[IKSolution]:
+                  known_valid: bool = False,
+                  seed_state: torch.Tensor | None = None) -> list[IKSolution]:
         """Solutions for rows of ``q``, diverse first choice kept, ranked best first
         (``known_valid``: every row passed :meth:`_acceptable` already).
 
-        Rank: collision-free first, then by clearance from the obstacles (all accepted solutions
-        reach the target within tolerance, so their scores differ only in the fifth decimal).
+        Rank: collision-free first, then by Euclidean joint distance from ``seed_state (7,)``
+        when given (the robot's state: the nearest is the least motion), else by clearance
+        from the obstacles (all accepted solutions reach the target within tolerance, so their
+        scores differ only in the fifth decimal).
         """
         # on the host in float64 (a few rows: NumPy's per-call cost is a third of torch's), the
         # configurations as returned
@@ -511,7 +540,11 @@ class IKAdapter:
         rot_err = (np.zeros_like(pos_err) if target.rotation is None else
                    geodesic_distance_numpy(pose[:3, :3], ee[:, :3, :3]))
         score = np.where(valid, np.exp(-pos_err), 0.0)
-        order = np.argsort(-(valid * 1e3 + clearance.clip(-1.0, 1.0)), kind="stable")
+        if seed_state is None:
+            order = np.argsort(-(valid * 1e3 + clearance.clip(-1.0, 1.0)), kind="stable")
+        else:
+            away = np.linalg.norm(x - seed_state.detach().cpu().double().numpy(), axis=-1)
+            order = np.lexsort((away, ~valid))
         return [IKSolution(q=x[i].copy(), score=float(score[i]),
                            position_error=float(pos_err[i]), orientation_error=float(rot_err[i]),
                            collision_free=bool(valid[i]), clearance=float(clearance[i]))

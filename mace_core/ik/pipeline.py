@@ -6,7 +6,10 @@ calls in turn:
 
 1. sampling (``draw_first_batch``): configurations from the prior p(q | p_target); score 0 on
    collision (or outside the joint limits), else exp(−‖p_target − p_ee(q)‖);
-2. refinement rounds (``refine_while_adding``): diverse candidates near the target seed an exact
+2. with a seed state (the robot's joints now), the solution nearest it
+   (``start_near_seed_state``): the pose's closed-form solutions around the seed's q7, nearest
+   first, or the request's refiner from the seed, as a local solver started there would;
+3. refinement rounds (``refine_while_adding``): diverse candidates near the target seed an exact
    solver (DLS, TRAC-IK, or an external one such as MoveIt) that reaches the target within the
    tolerance; results are re-checked for collision. Once solutions exist, half of a round's
    seeds are drawn around them: where the free space is a narrow passage, the arm's self-motion
@@ -16,22 +19,26 @@ calls in turn:
    ``clutter_seeds``). A full pose on the Panda is refined in closed form: every candidate is
    exact, so the samples are drawn unscored and the candidates go straight to the exact
    checker, a few at a time (``_accept_exact``);
-3. adaptation (``adapt_with_rounds``): when a round adds none, MACE iterations on all the prior's
+4. adaptation (``adapt_with_rounds``): when a round adds none, MACE iterations on all the prior's
    weights (N samples each), with a refinement round on the best pooled samples after each,
    stopped by T, by the time budget, or once K solutions are accepted (T = 0: prior samples
-   only); then rounds on batches of the adapted model (``refine_adapted_batches``) until K
-   solutions or the deadline;
-4. the answer (``answer``): the accepted solutions spread out, or the best samples, ranked.
+   only);
+5. rounds on batches of the adapted model (``refine_adapted_batches``) until K solutions or
+   the deadline;
+6. the answer (``answer``): the accepted solutions spread out, or the best samples, ranked
+   (by the distance from the seed state when one is given, else by clearance).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from ..deadline import Deadline
@@ -49,8 +56,9 @@ class RequestPipeline:
     """One request, as the named stages of the module docstring, with the state they share.
 
     Built by :meth:`IKAdapter.solve`, which calls the stages in order: :meth:`draw_first_batch`,
-    :meth:`refine_while_adding`, :meth:`adapt_with_rounds`, :meth:`refine_adapted_batches`,
-    :meth:`answer`. Every stage checks the deadline and does nothing once K solutions are found.
+    :meth:`start_near_seed_state`, :meth:`refine_while_adding`, :meth:`adapt_with_rounds`,
+    :meth:`refine_adapted_batches`, :meth:`answer`. Every stage checks the deadline and does
+    nothing once K solutions are found.
     """
 
     def __init__(self, adapter: "IKAdapter", request: IKRequest, start: float | None,
@@ -68,6 +76,10 @@ class RequestPipeline:
             rotation=None if request.rotation is None else spec.tensor(request.rotation),
             orientation_tolerance=request.orientation_tolerance)
         self.generator = spec.generator(request.seed)
+        #: ``(7,)`` the request's seed state clamped onto the joint limits, or None
+        self.seed_state = None if request.seed_state is None else torch.as_tensor(
+            request.seed_state, device=spec.device, dtype=spec.dtype).clamp(
+                adapter.kin.lower, adapter.kin.upper)
         #: a full pose answered in closed form (the Panda's)
         self.analytic_pose = (self.target.rotation is not None
                               and self.cfg.refinement_mode == "analytic"
@@ -171,8 +183,15 @@ class RequestPipeline:
                                        explore=cfg.pose_explore_seeds if self.analytic_pose
                                        else 0, exact_first=self.exact_first)
 
+    def start_near_seed_state(self) -> None:
+        """Stage 2: with a seed state, the solution nearest it first
+        (:meth:`RefinementRounds.accept_nearest`); the answer is ranked by the distance from
+        it."""
+        if self.seed_state is not None and self.refining and not self.done:
+            self.done = self.rounds.accept_nearest(self.seed_state)
+
     def refine_while_adding(self) -> None:
-        """Stage 2: a refinement round on the first batch, then rounds on fresh prior batches
+        """Stage 3: a refinement round on the first batch, then rounds on fresh prior batches
         while each adds solutions: cheaper than adapting (a fresh batch plus seeds around the
         solutions found). Without refinement, nothing."""
         if not self.refining:
@@ -196,7 +215,7 @@ class RequestPipeline:
         return self.cfg.early_stop and int((pool_s >= good).sum()) >= self.cfg.refine_seeds
 
     def adapt_with_rounds(self) -> None:
-        """Stage 3: MACE iterations on all the prior's weights (Algorithm 1) with a refinement
+        """Stage 4: MACE iterations on all the prior's weights (Algorithm 1) with a refinement
         round after each, until T, K solutions, or the deadline less ``refine_reserve_s``
         (at most half the budget). The pool of the best samples replaces the candidates."""
         cfg, timings = self.cfg, self.timings
@@ -221,7 +240,7 @@ class RequestPipeline:
         timings.adaptation = time.perf_counter() - t1 - (timings.refinement - refine_before)
 
     def refine_adapted_batches(self) -> None:
-        """Stage 4: refinement rounds on fresh batches of the (adapted) model until K solutions
+        """Stage 5: refinement rounds on fresh batches of the (adapted) model until K solutions
         or the deadline."""
         while self.refining and not self.done and self.rounds.time_for_another():
             self.done = self.rounds.run(*self.fresh_batch(self.cfg.mace.num_samples,
@@ -230,12 +249,15 @@ class RequestPipeline:
     def select_solutions(self) -> list[IKSolution]:
         """At most K solutions, best first: the accepted ones spread out (the last round may
         overshoot K); when none was accepted (or without refinement), the best samples."""
-        cfg, k = self.cfg, self.cfg.num_solutions
-        describe = self.adapter._describe
+        cfg, k, seed = self.cfg, self.cfg.num_solutions, self.seed_state
+        describe = functools.partial(self.adapter._describe, seed_state=seed)
         with torch.inference_mode():
             accepted = self.rounds.accepted
             if self.refining and accepted.shape[0] > 0:
                 if accepted.shape[0] > k:  # all of them otherwise: _describe ranks them
+                    if seed is not None:  # spread out from the one nearest the seed state
+                        nearest = torch.linalg.vector_norm(accepted - seed, dim=-1).argmin()
+                        accepted = torch.cat([accepted[nearest:nearest + 1], accepted])
                     accepted = accepted[farthest_point_order(accepted, k)]
                 return describe(accepted, self.target, self.world, known_valid=True)
             cand_q, cand_s = self.cand_q, self.cand_s
@@ -253,7 +275,7 @@ class RequestPipeline:
             return describe(cand_q[:cfg.num_solutions], self.target, self.world)[:k]
 
     def answer(self) -> IKAdaptResult:
-        """Stage 5: the selected solutions, what was found, and a message for humans."""
+        """Stage 6: the selected solutions, what was found, and a message for humans."""
         solutions = self.select_solutions()
         self.timings.total = time.perf_counter() - self.t0
         cfg, refining = self.cfg, self.refining
@@ -265,6 +287,9 @@ class RequestPipeline:
         if refining and found < len(solutions):
             message += (f"; {len(solutions) - found} more returned as best effort, not "
                         "solutions (off the target or colliding)")
+        if self.seed_state is not None and solutions:
+            away = np.linalg.norm(solutions[0].q - self.seed_state.cpu().double().numpy())
+            message += f"; the first {away:.3f} rad from the seed state"
         message += f" ({self.iterations} MACE iterations, {self.timings.total * 1e3:.0f} ms)"
         return IKAdaptResult(solutions=solutions, joint_names=list(self.adapter.kin.joint_names),
                              num_requested=k, num_found=found,

@@ -262,6 +262,13 @@ class TracIKRefiner:
         return torch.as_tensor(out, dtype=q0.dtype, device=q0.device)
 
 
+#: rad, the offsets from a seed state's q7 at which :meth:`AnalyticRefiner.nearest_to` solves:
+#: 0.05 apart within 0.4 of it, wider beyond (27 values, one batched solve)
+NEAREST_Q7_OFFSETS_RAD = tuple(np.concatenate([
+    np.linspace(-0.4, 0.4, 17), np.array([0.6, 0.8, 1.0, 1.3, 1.6]),
+    -np.array([0.6, 0.8, 1.0, 1.3, 1.6])]).round(3).tolist())
+
+
 class AnalyticRefiner:
     """Full-pose solutions of the Panda in closed form (:mod:`mace_core.robot.closed_form_ik`).
 
@@ -287,6 +294,10 @@ class AnalyticRefiner:
         # by array library, float64: the (G,) q7 values to fall back on
         grid = np.linspace(float(closed_form.lower[6]), self._upper7, q7_grid)
         self._grids = {"numpy": grid, "torch": torch.as_tensor(grid, device=kin.spec.device)}
+        offsets = np.asarray(NEAREST_Q7_OFFSETS_RAD)
+        self._offsets = {"numpy": offsets,
+                         "torch": torch.as_tensor(offsets, device=kin.spec.device)}
+        self._lower7 = float(closed_form.lower[6])
 
     def _grid_for(self, seeds, ops: ArrayOps):
         """``(G,)`` q7 values spread over joint 7's range, shifted by ``seeds (B, 7)``."""
@@ -340,6 +351,24 @@ class AnalyticRefiner:
         # branch by branch over the seeds (each seed's first, then each one's second...):
         # checks taken in this order meet many q7 before many branches of one
         return sols.swapaxes(0, 1)[ok.T], more[more_ok]
+
+    def nearest_to(self, seed: torch.Tensor, target: IKTarget):
+        """The full pose's solutions nearest ``seed (7,)``: every branch at q7 values around the
+        seed's (:data:`NEAREST_Q7_OFFSETS_RAD`), ordered by Euclidean joint distance from the
+        seed, ``(A, 7)`` float64 in the closed form's array library. The nearest point of the
+        pose's self-motion lies at some q7 near the seed's when the hand is near the pose (a
+        local solver started at the seed finds it); far from it, the offsets widen the search
+        (one batched solve: 72 candidates)."""
+        cf = self.closed_form
+        ops = cf.ops_for(seed)
+        start = ops.asarray(seed).reshape(-1)
+        pose = (target.pose_numpy if ops.name == "numpy"
+                else torch.as_tensor(target.pose_numpy, device=seed.device))
+        q7 = ops.clip(self._offsets[ops.name] + float(start[FREE_JOINT]), self._lower7,
+                      self._upper7)
+        sols, ok = cf.solve_arrays(ops.broadcast_to(pose, (q7.shape[0], 4, 4)), q7, ops)
+        found = sols[ok]  # (A, 7)
+        return found[ops.norm(found - start).argsort()]
 
     def candidate_lists(self, q0: torch.Tensor, target: IKTarget, needed: int | None = None):
         """:meth:`project`'s answers in the order checks should take them, each ``(A, 7)``
