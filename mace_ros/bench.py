@@ -30,8 +30,9 @@ from mace_core.errors import MaceError
 from mace_core.ik.adapter import IKAdapter
 from mace_core.ik.baselines import TRACIK_ORIENTATIONS
 from mace_core.ik.benchmark import (METHODS, POSE_METHODS, PROTOCOLS, TABLE1_METHODS,
-                                    TARGET_KINDS, IKBenchmarkConfig, format_table, run_benchmark,
+                                    TARGET_KINDS, IKBenchmarkConfig, run_benchmark,
                                     table1_service_config)
+from mace_core.ik.benchmark_report import format_table
 from mace_core.ik.request import IKAdaptConfig
 from mace_core.robot.scenes import load_scene
 from mace_core.tensor import TensorSpec

@@ -25,8 +25,8 @@ import numpy as np
 
 from mace_core.ik.adapter import IKAdapter
 from mace_core.ik.baselines import TargetOutcome
-from mace_core.ik.benchmark import (METHODS, POSE_METHODS, IKBenchmarkConfig, format_table,
-                                    run_benchmark)
+from mace_core.ik.benchmark import METHODS, POSE_METHODS, IKBenchmarkConfig, run_benchmark
+from mace_core.ik.benchmark_report import format_table
 from mace_core.ik.request import IKRequest
 from mace_core.robot.rotations import matrix_to_quaternion_xyzw
 from mace_core.robot.scenes import Scene, TargetRegion, load_scene
