@@ -268,9 +268,22 @@ def _solution(response) -> np.ndarray | None:
     return np.array([values[names.index(j)] for j in PANDA_JOINTS])
 
 
+def _arm_joints(state, lower: np.ndarray, upper: np.ndarray) -> np.ndarray | None:
+    """The Panda arm's ``(7,)`` joints of a recorded ``RobotState`` (by name; None when it
+    lacks one, e.g. an empty ``is_diff`` state), clipped onto the joint limits as the solvers
+    clip a seed (a default-constructed state has joint 4 at 0, beyond its -0.07 limit)."""
+    names = list(state.joint_state.name)
+    values = np.asarray(state.joint_state.position, dtype=float)
+    if len(values) != len(names) or not all(j in names for j in PANDA_JOINTS):
+        return None
+    q = np.array([values[names.index(j)] for j in PANDA_JOINTS])
+    return np.clip(q, lower, upper) if np.isfinite(q).all() else None
+
+
 def _call(stamp_ns: int, request, world: PlanningSceneState, offsets: dict[str, np.ndarray],
-          tolerance: float) -> MoveItIKCall:
-    """A recorded GetPositionIK request (read by name) as a call."""
+          tolerance: float, limits: tuple[np.ndarray, np.ndarray]) -> MoveItIKCall:
+    """A recorded GetPositionIK request (read by name) as a call; its ``robot_state`` (MoveIt's
+    seed, the robot's joints) becomes the request's ``seed_state``."""
     ik = request.ik_request
     call = MoveItIKCall(stamp_ns=stamp_ns, request=None, group_name=ik.group_name,
                         ik_link_name=ik.ik_link_name,
@@ -288,7 +301,8 @@ def _call(stamp_ns: int, request, world: PlanningSceneState, offsets: dict[str, 
     target = _matrix(ik.pose_stamped.pose) @ offsets[link]
     call.request = IKRequest(position=target[:3, 3], rotation=target[:3, :3],
                              orientation_tolerance=tolerance,
-                             obstacles=obstacles if call.avoid_collisions else [])
+                             obstacles=obstacles if call.avoid_collisions else [],
+                             seed_state=_arm_joints(ik.robot_state, *limits))
     return call
 
 
@@ -297,6 +311,7 @@ def read_moveit_ik_calls(path: str | os.PathLike, kin: RobotKinematics,
     """Every ``/compute_ik`` call the bag holds, in order, each with the planning scene as it
     stood when it was asked and MoveIt's recorded answer (none: no call, no such topic)."""
     offsets = flange_offsets(kin)
+    limits = (kin.lower.detach().cpu().double().numpy(), kin.upper.detach().cpu().double().numpy())
     world = PlanningSceneState(kin.base_link)
     calls: dict[tuple, MoveItIKCall] = {}
     stamps: dict[tuple, dict[int, float]] = {}
@@ -318,7 +333,7 @@ def read_moveit_ik_calls(path: str | os.PathLike, kin: RobotKinematics,
             stamps.setdefault(key, {})[int(info.event_type)] = _stamp_s(info.stamp)
             if len(msg.request) and key not in calls:
                 calls[key] = _call(stamp, msg.request[0], world, offsets,
-                                   orientation_tolerance)
+                                   orientation_tolerance, limits)
             if len(msg.response) and key in calls:
                 call = calls[key]
                 call.error_code = int(msg.response[0].error_code.val)
@@ -393,7 +408,8 @@ def write_moveit_style_bag(path: str | os.PathLike, requests: Iterable[IKRequest
     obstacles (a full scene, when they changed), then the ``/compute_ik`` request event
     (server side); with ``answers`` (per request: MoveIt's solution ``(7,)`` or None for a
     failure, and its latency in s) the response event too. Targets are the requests' end
-    effector poses, asked for ``ik_link``."""
+    effector poses, asked for ``ik_link``; each one's ``robot_state`` is its ``seed_state``
+    (all zeros without one)."""
     store = moveit_typestore()
     t = store.types
     link_from_ee = np.linalg.inv(flange_offsets(kin)[ik_link])
@@ -417,7 +433,9 @@ def write_moveit_style_bag(path: str | os.PathLike, requests: Iterable[IKRequest
             rotation = np.eye(3) if request.rotation is None else request.rotation
             pose = _homogeneous(request.position, rotation) @ link_from_ee
             ik = t["moveit_msgs/msg/PositionIKRequest"](
-                group_name=group, robot_state=_robot_state(store, np.zeros(len(PANDA_JOINTS))),
+                group_name=group, robot_state=_robot_state(
+                    store, np.zeros(len(PANDA_JOINTS)) if request.seed_state is None
+                    else np.asarray(request.seed_state, dtype=float)),
                 avoid_collisions=True, ik_link_name=ik_link,
                 pose_stamped=t["geometry_msgs/msg/PoseStamped"](
                     header=_header(store, kin.base_link, clock), pose=_pose(store, pose)),

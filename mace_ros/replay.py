@@ -48,6 +48,8 @@ class RequestGroup:
     messages: list = field(default_factory=list)  #: the recorded AdaptIK requests, as sent
     #: MoveIt's recorded calls (:class:`mace_ros.moveit_bags.MoveItIKCall`), for its groups
     recorded: list = field(default_factory=list)
+    #: per request, the robot's joints it was asked at, ``(7,)`` (NaN: none recorded)
+    seed_states: list[np.ndarray] = field(default_factory=list)
 
 
 def _same_obstacles(a: Sequence, b: Sequence) -> bool:
@@ -95,6 +97,8 @@ def group_requests(requests: list[IKRequest], defaults: IKBenchmarkConfig,
             target = np.concatenate([target, matrix_to_quaternion_xyzw(
                 np.asarray(request.rotation, dtype=float))])
         groups[key].targets.append(target)
+        groups[key].seed_states.append(np.full(7, np.nan) if request.seed_state is None
+                                       else np.asarray(request.seed_state, dtype=float))
         if messages is not None:
             groups[key].messages.append(messages[index])
         if recorded is not None:
@@ -173,8 +177,10 @@ def replay_bag(path: str, adapter: IKAdapter, methods: tuple[str, ...] = (),
             extra["moveit_recorded"] = recorded_runner(group.recorded)
         if client is not None:
             extra["mace_node"] = node_runner(client, group.messages, node_timeout_s)
+        seeds = np.stack(group.seed_states)
         reports.append(run_benchmark(adapter, group.scene, cfg, log=log,
-                                     targets=np.stack(group.targets), extra=extra or None))
+                                     targets=np.stack(group.targets), extra=extra or None,
+                                     seed_states=seeds if np.isfinite(seeds).any() else None))
     return {"bag": str(path), "requests": len(requests) + len(calls), "groups": reports,
             "moveit": {"calls": len(calls), "replayed": len(replayable),
                        "unsupported": unsupported_summary(calls)}}
@@ -216,6 +222,9 @@ class MethodRow:
     position_error_m: float  #: m, mean over every returned solution
     orientation_error_rad: float  #: rad, mean over every returned solution
     pairwise_rad: float  #: rad, mean over requests of the mean pairwise joint distance (L2)
+    #: rad, median over requests with a seed state of the distance from it to the nearest
+    #: valid answer (nan: none)
+    seed_distance_rad: float = math.nan
 
 
 def time_to_first(row: dict) -> float:
@@ -255,6 +264,7 @@ def method_rows(group: dict) -> list[MethodRow]:
         first, full = times[name]
         pairwise = [r["pairwise_joint_distance_rad"] for r in rows
                     if r.get("pairwise_joint_distance_rad") is not None]
+        seed = [r["seed_distance"] for r in rows if r.get("seed_distance") is not None]
         with np.errstate(invalid="ignore"):  # inf, inf: nan, shown as "-"
             quantiles = [float(np.percentile(t, q)) for t in (first, full) for q in (50, 90)]
         out.append(MethodRow(
@@ -264,7 +274,8 @@ def method_rows(group: dict) -> list[MethodRow]:
             k_median_s=quantiles[2], k_p90_s=quantiles[3],
             position_error_m=_weighted_mean(rows, "mean_position_error_m"),
             orientation_error_rad=_weighted_mean(rows, "mean_orientation_error_rad"),
-            pairwise_rad=float(np.mean(pairwise)) if pairwise else math.nan))
+            pairwise_rad=float(np.mean(pairwise)) if pairwise else math.nan,
+            seed_distance_rad=float(np.median(seed)) if seed else math.nan))
     return out
 
 
@@ -279,24 +290,31 @@ def _num(value: float, scale: float = 1.0, digits: int = 3) -> str:
 def markdown_report(report: dict) -> str:
     """A Markdown table per group (scene and target kind) and method: success, time to the first
     valid answer and to K valid (median / p90, ms; "-": not within the budget for that share),
-    mean position and orientation error, mean pairwise joint distance."""
+    mean position and orientation error, mean pairwise joint distance, and where the requests
+    carried the robot's joints (``seed_state``, MoveIt's ``robot_state``) the median distance
+    from them to the nearest valid answer."""
     parts = [f"# Replay of {report['bag']} ({report['requests']} requests)"]
     for group in report["groups"]:
         cfg = group["config"]
         k = cfg["num_solutions"]
+        rows = method_rows(group)
+        seeded = any(math.isfinite(r.seed_distance_rad) for r in rows)
         parts.append(
             f"## {group['scene']}: {len(group['targets'])} {cfg['target_kind']} requests, "
             f"K = {k}, budget {cfg['time_budget_s']:g} s\n\n"
             f"| method | requests | success | all {k} | first valid, median / p90 (ms) | "
             f"{k} valid, median / p90 (ms) | position error (mm) | orientation error (mrad) | "
-            f"pairwise joint distance (rad) |\n"
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for r in method_rows(group):
+            f"pairwise joint distance (rad) |"
+            + (" nearest valid from the seed state (rad) |" if seeded else "") + "\n"
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+            + (" ---: |" if seeded else ""))
+        for r in rows:
             parts[-1] += (
                 f"\n| {r.method} | {r.requests} | {r.success:.2f} | {r.k_success:.2f} | "
                 f"{_ms(r.first_median_s)} / {_ms(r.first_p90_s)} | "
                 f"{_ms(r.k_median_s)} / {_ms(r.k_p90_s)} | {_num(r.position_error_m, 1e3)} | "
-                f"{_num(r.orientation_error_rad, 1e3)} | {_num(r.pairwise_rad, digits=2)} |")
+                f"{_num(r.orientation_error_rad, 1e3)} | {_num(r.pairwise_rad, digits=2)} |"
+                + (f" {_num(r.seed_distance_rad, digits=2)} |" if seeded else ""))
     note = _moveit_note(report)
     if note:
         parts.append(note + ". `moveit_recorded`: MoveIt's recorded answer "

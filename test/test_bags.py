@@ -165,12 +165,14 @@ def test_a_moveit_bag_replays_with_its_scene_and_answers(tmp_path):
     box = load_scene("config/scenes/box.yaml")
     with PyBulletCollisionChecker(box.obstacles) as checker:
         targets = sample_pose_targets(box, 2, 5, checker)
+    ready = np.array([0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785])  # the robot_state
     requests = [IKRequest(position=t[:3], rotation=np.asarray(quaternion_xyzw_to_matrix(t[3:])),
-                          obstacles=list(box.obstacles), orientation_tolerance=1e-3)
+                          obstacles=list(box.obstacles), orientation_tolerance=1e-3,
+                          seed_state=ready)
                 for t in targets]
     adapter = IKAdapter.from_models("models", "panda_ik", IKAdaptConfig(), TensorSpec())
     solved = adapter.solve(IKRequest(**{**requests[0].__dict__, "num_solutions": 1,
-                                        "time_budget_s": 5.0, "seed": 0}))
+                                        "time_budget_s": 5.0, "seed": 0, "seed_state": None}))
     answers = [(solved.solutions[0].q, 0.004), (None, 0.05)]  # one success, one failure
     write_moveit_style_bag(tmp_path / "moveit", requests, adapter.kin, answers=answers)
     with Reader(tmp_path / "moveit") as reader:
@@ -186,6 +188,7 @@ def test_a_moveit_bag_replays_with_its_scene_and_answers(tmp_path):
         np.testing.assert_allclose(call.request.position, request.position, atol=1e-7)
         np.testing.assert_allclose(call.request.rotation, request.rotation, atol=1e-6)
         assert [o.kind for o in call.request.obstacles] == [o.kind for o in box.obstacles]
+        np.testing.assert_allclose(call.request.seed_state, ready)  # robot_state, by name
     report = replay_bag(str(tmp_path / "moveit"), adapter, ("mace_refine",))
     (group,) = report["groups"]
     assert group["scene"] == "moveit-1-box" and group["config"]["target_kind"] == "pose"
@@ -195,6 +198,11 @@ def test_a_moveit_bag_replays_with_its_scene_and_answers(tmp_path):
     assert [r["time_s"] for r in recorded["per_target"]] == pytest.approx([0.004, 0.05])
     assert group["methods"]["mace_refine"]["k_success_rate"] == 1.0
     assert "| moveit_recorded | 2 | 0.50 | 0.00 | - / - |" in markdown_report(report)
+    # the answers nearest the robot's joints: MoveIt's one solution, and MACE's first
+    assert recorded["per_target"][0]["seed_distance"] == pytest.approx(
+        np.linalg.norm(solved.solutions[0].q - ready))
+    assert group["methods"]["mace_refine"]["median_seed_distance_rad"] is not None
+    assert "nearest valid from the seed state (rad) |" in markdown_report(report)
 
 
 def test_the_planning_scene_follows_moveits_diffs():

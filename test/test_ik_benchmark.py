@@ -22,6 +22,7 @@ from mace_core.ik.adapter import IKAdapter
 from mace_core.ik.baselines import TracIKRestarts, TracIKRestartsConfig
 from mace_core.ik.benchmark import (METHODS, TABLE1_METHODS, IKBenchmarkConfig, SolutionJudge,
                                     run_benchmark, sample_targets, table1_service_config)
+from mace_core.ik.benchmark_report import format_table
 from mace_core.ik.prior import ARGMMConfig, ARGMMPrior
 from mace_core.ik.registry import save_ik_prior
 from mace_core.ik.request import IKAdaptConfig
@@ -44,7 +45,8 @@ SUMMARY_KEYS = {
     "projectable_fraction", "mean_pairwise_joint_distance_rad",
     "mean_pairwise_joint_distance_valid_rad",
     "mean_valid_per_target", "collision_free_fraction", "valid_fraction_prior",
-    "valid_fraction_adapted", "mean_iterations", "mean_attempts", "per_target", "solutions"}
+    "valid_fraction_adapted", "mean_iterations", "mean_attempts", "median_seed_distance_rad",
+    "per_target", "solutions"}
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +229,32 @@ def test_pose_targets_report_exact_answers_from_every_method(models_dir):
     assert set(POSE_METHODS) >= set(cfg.methods)
     with pytest.raises(InvalidRequestError, match="target_kind"):
         IKBenchmarkConfig(target_kind="joint").validate()
+
+
+def test_a_seed_state_is_sent_and_the_answers_nearest_it_are_measured():
+    """``seed_state``: MACE's requests carry it, TRAC-IK starts there; every method's nearest
+    valid answer is measured from it, and MACE's (the solution nearest the seed, sought first)
+    is nearer at the median than the closed-form floor's nearest of K from random q7."""
+    ready = (0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785)
+    adapter = IKAdapter.from_models(os.path.join(ROOT, "models"), "panda_ik", IKAdaptConfig(),
+                                    TensorSpec())
+    cfg = IKBenchmarkConfig(num_targets=6, target_kind="pose", warmup=False, seed_state=ready,
+                            methods=("mace_refine", "tracik_restarts", "analytic_restarts"))
+    report = run_benchmark(adapter, load_scene(SCENE), cfg)
+    m = report["methods"]
+    for name in cfg.methods:
+        rows = [r["seed_distance"] for r in m[name]["per_target"]]
+        assert all(r is not None and 0.0 <= r < 10.0 for r in rows), name
+        assert m[name]["median_seed_distance_rad"] == pytest.approx(np.median(rows)), name
+    assert (m["mace_refine"]["median_seed_distance_rad"]
+            < m["analytic_restarts"]["median_seed_distance_rad"])
+    assert "seed d" in format_table(report)
+    with pytest.raises(InvalidRequestError, match="seed_state must be 7"):
+        IKBenchmarkConfig(seed_state=(0.0, 1.0)).validate()
+    unseeded = run_benchmark(adapter, load_scene(SCENE), replace(
+        cfg, seed_state=(), num_targets=1, methods=("mace_refine",)))
+    assert unseeded["methods"]["mace_refine"]["median_seed_distance_rad"] is None
+    assert "seed d" not in format_table(unseeded)
 
 
 def test_a_users_pose_targets_file(models_dir, tmp_path):

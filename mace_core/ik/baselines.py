@@ -99,6 +99,9 @@ class TargetOutcome:
     attempts: int | None = None  #: TRAC-IK calls (None for MACE)
     converged: int | None = None  #: TRAC-IK calls that reached the target (valid or not)
     stage_times: dict | None = None  #: MACE: s per stage (sampling, adaptation, refinement, total)
+    #: rad, Euclidean joint distance from the request's seed state to the nearest valid
+    #: solution (None: no seed state, or none valid)
+    seed_distance: float | None = None
 
     @classmethod
     def at_once(cls, solutions: np.ndarray, elapsed_s: float, **figures) -> "TargetOutcome":

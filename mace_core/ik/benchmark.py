@@ -102,6 +102,10 @@ class IKBenchmarkConfig:
     #: boxes (4-8 cm) added to the scene per target, drawn near it but clear of the hand's
     #: target (seeded): a workcell that changed between requests; MACE's methods only
     extra_obstacles: int = 0
+    #: the robot's joints at every request (rad, 7; empty: none): MACE's requests carry it as
+    #: ``seed_state`` and TRAC-IK's first attempt starts there, as MoveIt's IK starts at the
+    #: ``robot_state``; each method's answer nearest it is measured (``seed d``)
+    seed_state: tuple[float, ...] = ()
 
     def validate(self) -> None:
         """Raise InvalidRequestError on settings the benchmark cannot run with."""
@@ -136,6 +140,9 @@ class IKBenchmarkConfig:
             raise InvalidRequestError("step and iteration counts must be >= 0")
         if self.extra_obstacles < 0:
             raise InvalidRequestError("extra_obstacles must be >= 0")
+        if len(self.seed_state) not in (0, 7) or not all(map(math.isfinite, self.seed_state)):
+            raise InvalidRequestError(f"seed_state must be 7 finite joint positions (rad) or "
+                                      f"none, got {list(self.seed_state)}")
         if self.extra_obstacles and any(m not in MACE_METHODS for m in self.methods):
             raise InvalidRequestError(f"extra obstacles run MACE's methods only "
                                       f"({sorted(MACE_METHODS)}), got {list(self.methods)}")
@@ -295,7 +302,8 @@ def load_pose_targets(path: str) -> np.ndarray:
 
 
 def _mace_outcome(adapter: IKAdapter, scene: Scene, target: np.ndarray, cfg: IKBenchmarkConfig,
-                  overrides: dict, seed: int) -> TargetOutcome:
+                  overrides: dict, seed: int, seed_state: np.ndarray | None = None
+                  ) -> TargetOutcome:
     target = np.asarray(target, dtype=float)
     pose = {}
     if target.shape[0] == 7:  # x, y, z, qx, qy, qz, qw
@@ -303,7 +311,7 @@ def _mace_outcome(adapter: IKAdapter, scene: Scene, target: np.ndarray, cfg: IKB
                     orientation_tolerance=cfg.orientation_tolerance)
     request = IKRequest(position=target[:3], obstacles=list(scene.obstacles),
                         num_solutions=cfg.num_solutions, time_budget_s=cfg.time_budget_s,
-                        seed=seed, **pose, **overrides)
+                        seed=seed, seed_state=seed_state, **pose, **overrides)
     t0 = time.perf_counter()
     result = adapter.solve(request)
     elapsed = time.perf_counter() - t0
@@ -353,14 +361,16 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
                  log: Callable[[str], None] = lambda _s: None,
                  others: dict[str, IKAdapter] | None = None,
                  targets: np.ndarray | None = None,
-                 extra: dict[str, Callable[[int, np.ndarray], TargetOutcome]] | None = None
-                 ) -> dict:
+                 extra: dict[str, Callable[[int, np.ndarray], TargetOutcome]] | None = None,
+                 seed_states: np.ndarray | None = None) -> dict:
     """The ``requests`` protocol: the JSON-ready dict of :func:`run_benchmark`.
 
     ``others``: more adapters (by label, e.g. a collision backend) whose MACE methods run as
     ``<method>@<label>`` in the same turns, so their figures compare under the same load.
     ``targets``: the targets to run instead of drawn ones (a replayed bag's). ``extra``: more
     methods by name, each answering target ``i`` (e.g. a running node over DDS).
+    ``seed_states``: ``(n, 7)`` the robot's joints at each target's request (a NaN row: none;
+    None: ``cfg.seed_state`` at every one).
     """
     pose_targets = cfg.target_kind == "pose"
     judge = SolutionJudge(scene, cfg.position_tolerance,
@@ -373,6 +383,16 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
         targets = sample_pose_targets(scene, cfg.num_targets, cfg.seed, judge.checker)
     else:
         targets = sample_targets(scene, cfg.num_targets, cfg.seed)
+    if seed_states is None and cfg.seed_state:
+        seed_states = np.tile(np.asarray(cfg.seed_state, dtype=float), (len(targets), 1))
+
+    def seed_of(i: int) -> np.ndarray | None:
+        """Target ``i``'s seed state (the warm-up's, index n: the first target's)."""
+        if seed_states is None:
+            return None
+        row = np.asarray(seed_states[min(i, len(seed_states) - 1)], dtype=float)
+        return row if np.isfinite(row).all() else None
+
     runners: dict[str, Callable[[int, np.ndarray], TargetOutcome]] = {}
     outcomes: dict[str, list[TargetOutcome]] = {method: [] for method in cfg.methods}
 
@@ -403,7 +423,8 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
                                               min_joint_distance=cfg.min_joint_distance))
                 runners[method] = lambda i, target, baseline=baseline: baseline.solve(
                     target[:3], np.random.default_rng([cfg.seed, i]),
-                    quat=target[3:] if pose_targets else None)
+                    quat=target[3:] if pose_targets else None,
+                    seeds=None if seed_of(i) is None else seed_of(i)[None])
             elif method == "analytic_restarts":
                 floor = AnalyticRestarts(adapter.kin, judge.checker, cfg.num_solutions,
                                          cfg.tracik_timeout_s,
@@ -425,7 +446,7 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
                     runners[name] = (
                         lambda i, target, a=served_by, overrides=MACE_METHODS[method]:
                         _mace_outcome(a, scene_of(i, target), target, cfg, overrides,
-                                      seed=cfg.seed * 100003 + i))
+                                      seed=cfg.seed * 100003 + i, seed_state=seed_of(i)))
         for name, runner in (extra or {}).items():
             runners[name], outcomes[name] = runner, []
         if cfg.warmup:  # on the first target, with its own seed (index n)
@@ -447,6 +468,9 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
                 o = run_one(i, target)
                 (o.valid, o.collision_free, o.position_error,
                  o.orientation_error) = judge_i.judge(o.solutions, target)
+                if seed_of(i) is not None and o.valid.any():
+                    o.seed_distance = float(np.linalg.norm(
+                        o.solutions[o.valid] - seed_of(i), axis=-1).min())
                 outcomes[method].append(o)
             if judge_i is not judge:
                 judge_i.close()
@@ -550,8 +574,8 @@ def run_benchmark(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
                   log: Callable[[str], None] = lambda _s: None,
                   others: dict[str, IKAdapter] | None = None,
                   targets: np.ndarray | None = None,
-                  extra: dict[str, Callable[[int, np.ndarray], TargetOutcome]] | None = None
-                  ) -> dict:
+                  extra: dict[str, Callable[[int, np.ndarray], TargetOutcome]] | None = None,
+                  seed_states: np.ndarray | None = None) -> dict:
     """Run the configured protocol on ``scene``; returns the JSON-ready report.
 
     ``others`` (``requests`` protocol): more adapters whose MACE methods run beside ``adapter``'s
@@ -569,7 +593,8 @@ def run_benchmark(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
     if cfg.protocol == "table1":
         body = run_table1(adapter, scene, cfg, log)
     else:
-        body = run_requests(adapter, scene, cfg, urdf_text, log, others, targets, extra)
+        body = run_requests(adapter, scene, cfg, urdf_text, log, others, targets, extra,
+                            seed_states)
     env["load_average_1m"] = environment()["load_average_1m"]
     return dict(scene=scene.name, protocol=cfg.protocol, config=asdict(cfg),
                 service=asdict(adapter.config), environment=env, **body)

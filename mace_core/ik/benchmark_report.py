@@ -39,6 +39,9 @@ class MethodSummary:
     valid_fraction_adapted: float | None  #: MACE methods: mean over targets
     mean_iterations: float | None  #: MACE methods: mean MACE iterations run
     mean_attempts: float | None  #: TRAC-IK: mean attempts per target
+    #: rad, median over targets with a seed state and a valid solution of the Euclidean joint
+    #: distance from the seed to the nearest valid solution (None: no seed states)
+    median_seed_distance_rad: float | None
     per_target: list[dict] = field(default_factory=list)  #: time_s, valid count, ... per target
     solutions: list[list[list[float]]] = field(default_factory=list)  #: per target, (S, 7) rad
 
@@ -83,7 +86,8 @@ def summarize(outcomes: list[TargetOutcome], k: int, time_basis: str,
                    if len(o.position_error) else None,
                    mean_orientation_error_rad=float(o.orientation_error.mean())
                    if len(o.orientation_error) else None,
-                   pairwise_joint_distance_rad=_pairwise_mean(o.solutions), checks=o.checks)
+                   pairwise_joint_distance_rad=_pairwise_mean(o.solutions), checks=o.checks,
+                   seed_distance=o.seed_distance)
         if mace:
             row.update(projection_distance=o.projection_distance,
                        projectable_fraction=o.projectable_fraction)
@@ -117,6 +121,7 @@ def summarize(outcomes: list[TargetOutcome], k: int, time_basis: str,
                                 if mace else None),
         mean_iterations=_mean([o.iterations_run for o in outcomes]) if mace else None,
         mean_attempts=None if mace else _mean([o.attempts for o in outcomes]),
+        median_seed_distance_rad=_median_or_none([o.seed_distance for o in outcomes]),
         per_target=per_target,
         solutions=[o.solutions.round(9).tolist() for o in outcomes])
 
@@ -162,10 +167,11 @@ def format_table(report: dict) -> str:
                          f"{m['median_adaptation_time_s']:>11.3f} "
                          f"{m['max_adaptation_time_s']:>11.3f} {m['mean_iterations']:>6.1f}")
         return "\n".join(lines)
+    seeded = any(m.get("median_seed_distance_rad") is not None for m in methods.values())
     lines = [head, f"{'method':<20} {'succ':>5} {'succK':>5} {'med s':>7} {'p90 s':>7} "
                    f"{'1st med':>7} {'1st p90':>7} {'valid/t':>7} {'err mm':>8} {'rot mrad':>8} "
                    f"{'div rad':>7} {'free':>5} {'checks':>6} {'proj':>5} {'vf pri':>6} "
-                   f"{'vf ada':>6} {'iters':>5}"]
+                   f"{'vf ada':>6} {'iters':>5}" + (f" {'seed d':>6}" if seeded else "")]
     for name, m in methods.items():
         lines.append(
             f"{name:<20} {_fmt(m['success_rate'], digits=2):>5} "
@@ -180,7 +186,8 @@ def format_table(report: dict) -> str:
             f"{_fmt(m['median_projection_distance_rad'], digits=2):>5} "
             f"{_fmt(m['valid_fraction_prior'], digits=2):>6} "
             f"{_fmt(m['valid_fraction_adapted'], digits=2):>6} "
-            f"{_fmt(m['mean_iterations'], digits=1):>5}")
+            f"{_fmt(m['mean_iterations'], digits=1):>5}"
+            + (f" {_fmt(m.get('median_seed_distance_rad'), digits=2):>6}" if seeded else ""))
     if "comparison_analytic" in report:
         c = report["comparison_analytic"]
         lines.append(f"mace_refine vs analytic_restarts: time ratio {c['time_ratio']:.2f}, "
@@ -197,5 +204,7 @@ def format_table(report: dict) -> str:
                  f"(MACE answers all at once); rot: mean orientation error; checks: exact "
                  f"collision checks per target (PyBullet's for the restarts, the service's "
                  f"backend for MACE); proj: median distance (rad, max-norm) from the prior's "
-                 f"samples to their closed-form projections (full poses)")
+                 f"samples to their closed-form projections (full poses)"
+                 + ("; seed d: median joint distance (rad) from the request's seed state to "
+                    "the nearest valid answer" if seeded else ""))
     return "\n".join(lines)
