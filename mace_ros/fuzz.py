@@ -142,9 +142,14 @@ def set_path(msg, path: str, value) -> None:
                 target = seq[int(index)]
 
 
+#: rad, the Panda's ready pose: the base IK request's seed state
+READY_STATE = (0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785)
+
+
 def base_ik_request(scene_path: str, budget_s: float):
     """A valid AdaptIK request: K = 16 at the centre of the scene's target region, position
-    only, refinement "none": MACE alone, so that its iterations run into the budget."""
+    only, refinement "none": MACE alone, so that its iterations run into the budget; the robot
+    at its ready pose (``seed_state``)."""
     from mace_core.ik.request import IKRequest
     from mace_core.robot.scenes import load_scene
     from mace_ros.conversions import ik_request_to_msg
@@ -153,7 +158,7 @@ def base_ik_request(scene_path: str, budget_s: float):
     target = (np.asarray(scene.targets.min) + np.asarray(scene.targets.max)) / 2.0
     msg = ik_request_to_msg(IKRequest(position=target, obstacles=list(scene.obstacles),
                                       num_solutions=16, time_budget_s=budget_s, seed=0,
-                                      refinement="none"))
+                                      refinement="none", seed_state=READY_STATE))
     msg.target.pose.orientation.w = 1.0
     return msg
 
@@ -195,6 +200,8 @@ def _ik_fields() -> list[tuple[str, str]]:
     fields += [(f"obstacles[1].primitive_poses[0].position.{a}", "float") for a in "xyz"]
     fields += [(f"obstacles[1].primitive_poses[0].orientation.{a}", "float") for a in "xw"]
     fields += [("obstacles[1].primitives[0].type", "uint8")]
+    fields += [(f"seed_state.position[{j}]", "float") for j in (0, 3)]
+    fields += [("seed_state.name[6]", "string")]
     return fields
 
 
