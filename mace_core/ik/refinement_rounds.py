@@ -131,10 +131,10 @@ class RefinementRounds:
         """Accept the valid solution nearest ``seed (7,)`` that a local search from it finds,
         before any other: what a local solver started at the robot's state gives (MoveIt's
         IK from its ``robot_state``; README "How /mace/adapt_ik answers" has how often it is as
-        near or nearer). A full pose in closed form: the candidates of :meth:`AnalyticRefiner.nearest_to` put to the
-        exact checker nearest first, in chunks of 1, 2, 4... (the nearest is usually free),
-        until one is; otherwise the request's refiner from the seed. True once K solutions
-        are accepted."""
+        near or nearer). A full pose in closed form: the candidates of
+        :meth:`AnalyticRefiner.nearest_to` put to the exact checker nearest first, in chunks of
+        1, 2, 4... (the nearest is usually free), until one is; otherwise the request's refiner
+        from the seed. True once K solutions are accepted."""
         t = time.perf_counter()
         ad, cfg = self.adapter, self.cfg
         with torch.inference_mode():
