@@ -5,6 +5,7 @@
     response = client.complete_shape(points=partial_cloud, prior="boxes", num_completions=8)
 
     mace-client ik --scene config/scenes/box.yaml --target 0.55 0 0.12 -k 8
+    mace-client ik --scene config/scenes/box.yaml --target 0.55 0 0.12 --seed-from /joint_states
     mace-client shape --prior boxes --cut top -k 8 --png out/shape.png
 """
 
@@ -18,8 +19,10 @@ import numpy as np
 import rclpy
 from rclpy.node import Node
 from rclpy.utilities import remove_ros_args
+from rclpy.wait_for_message import wait_for_message
+from sensor_msgs.msg import JointState
 
-from mace_core.errors import MaceError
+from mace_core.errors import InvalidRequestError, MaceError
 from mace_core.ik.request import IKRequest
 from mace_core.robot.scenes import Obstacle, load_scene, quaternion_xyzw_to_matrix
 from mace_core.shape.benchmark import (BOX_CUTS, GRASP_CENTERS, GRASP_DIRECTIONS, grasp_contacts,
@@ -27,7 +30,7 @@ from mace_core.shape.benchmark import (BOX_CUTS, GRASP_CENTERS, GRASP_DIRECTIONS
 from mace_core.shape.completion import ShapeCompletionRequest
 from mace_core.tensor import TensorSpec
 from mace_ros.conversions import (BASE_FRAME, ik_request_to_msg, points_from_cloud, pose_msg,
-                                  shape_request_to_msg)
+                                  seed_state_from_msg, shape_request_to_msg)
 from mace_ros import serving
 from mace_ros.srv import AdaptIK, CompleteShape
 
@@ -80,6 +83,23 @@ class MaceClient:
             raise TimeoutError(f"{client.srv_name} is not available (is the node running, "
                                f"with the same ROS_DOMAIN_ID?)")
         return serving.call(client, request, timeout_s)
+
+    def joint_state(self, topic: str = "/joint_states", timeout_s: float = 5.0) -> np.ndarray:
+        """The arm's ``(7,)`` joints (panda_joint1..7, rad) from the next ``JointState`` on
+        ``topic`` (a robot's ``/joint_states``: joints by name, the fingers ignored), for
+        ``adapt_ik(..., seed_state=...)``.
+
+        Raises:
+            TimeoutError: no message within ``timeout_s``.
+            InvalidRequestError: the message lacks an arm joint.
+        """
+        got, msg = wait_for_message(JointState, self.node, topic, time_to_wait=timeout_s)
+        if not got:
+            raise TimeoutError(f"no sensor_msgs/JointState on {topic} within {timeout_s:g} s")
+        state = seed_state_from_msg(msg)
+        if state is None:
+            raise InvalidRequestError(f"the JointState on {topic} holds no position")
+        return state
 
     def adapt_ik(self, position: Sequence[float], obstacles: Sequence[Obstacle] = (),
                  scene: str | None = None, rotation: np.ndarray | None = None,
@@ -205,6 +225,9 @@ def _parser() -> argparse.ArgumentParser:
     ik.add_argument("--seed-state", type=float, nargs=7, metavar="Q",
                     help="the robot's joints now, rad (panda_joint1..7): the nearest solution "
                          "first, the rest by their distance from it")
+    ik.add_argument("--seed-from", metavar="TOPIC",
+                    help="take the seed state from the next sensor_msgs/JointState on TOPIC "
+                         "(e.g. /joint_states)")
     ik.add_argument("--service", default="/mace/adapt_ik")
     ik.add_argument("--wait", type=float, default=10.0, help="s to wait for the service")
     shape = sub.add_parser(
@@ -288,7 +311,8 @@ def _main_shape(args: argparse.Namespace, argv: list[str]) -> int:
 def _with_service(argv: list[str], service: str, wait_s: float, shape: bool,
                   ask: Callable[[MaceClient], int]) -> int:
     """Start rclpy, wait for ``service``, run ``ask`` with the client and shut down: its exit
-    status, or 2 when the service is missing, the call times out or is interrupted."""
+    status, or 2 when the service is missing, the call times out or is interrupted, or what it
+    read is refused."""
     rclpy.init(args=argv)
     client = MaceClient(shape_service=service) if shape else MaceClient(service)
     try:
@@ -297,7 +321,7 @@ def _with_service(argv: list[str], service: str, wait_s: float, shape: bool,
                   f"with the same ROS_DOMAIN_ID?)", file=sys.stderr)
             return 2
         return ask(client)
-    except (TimeoutError, KeyboardInterrupt) as exc:
+    except (TimeoutError, KeyboardInterrupt, MaceError) as exc:
         print(f"mace-client: {exc or 'interrupted'}", file=sys.stderr)
         return 2
     finally:
@@ -330,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                  if v is not None}
 
     def ask(client: MaceClient) -> int:
+        if args.seed_from:
+            overrides["seed_state"] = client.joint_state(args.seed_from)
         response = client.adapt_ik(
             target, obstacles=scene.obstacles if scene else (), rotation=rotation,
             orientation_tolerance=args.orientation_tolerance, num_solutions=args.num_solutions,

@@ -139,6 +139,36 @@ def ros_node(rclpy_context):
     node.destroy_node()
 
 
+def test_the_client_takes_the_seed_state_from_a_joint_states_topic(ik_client, ros_node):
+    """``MaceClient.joint_state`` (``mace-client ik --seed-from``): the arm's joints, in
+    panda_joint1..7 order, from the next JointState a robot publishes (fingers first, joints
+    in another order); no publisher: a timeout, not a hang."""
+    from sensor_msgs.msg import JointState
+
+    node, _ = ros_node
+    q = [0.1, -0.7, 0.2, -2.3, 0.0, 1.6, 0.8]
+    publisher = node.create_publisher(JointState, "/mace_test/joint_states", 10)
+    stop = threading.Event()
+
+    def publish():
+        while not stop.is_set():
+            publisher.publish(JointState(name=["panda_finger_joint1"] + list(PANDA_JOINTS[::-1]),
+                                         position=[0.04] + q[::-1]))
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=publish, daemon=True)
+    thread.start()
+    try:
+        np.testing.assert_allclose(ik_client.joint_state("/mace_test/joint_states", 10.0), q)
+    finally:
+        stop.set()
+        thread.join()
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="no sensor_msgs/JointState on /mace_test/silent"):
+        ik_client.joint_state("/mace_test/silent", 0.3)
+    assert time.monotonic() - t0 < 5.0
+
+
 def test_markers_follow_each_answer(ik_client, ros_node, box):
     from rclpy.qos import DurabilityPolicy, QoSProfile
     from visualization_msgs.msg import Marker, MarkerArray
