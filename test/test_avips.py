@@ -179,6 +179,30 @@ def test_each_method_trains_writes_and_reloads_the_same_prior(method, tmp_path):
     assert torch.allclose(prior.model.log_prob(x, z), model.log_prob(x, z))
 
 
+def test_a_later_stage_starts_from_the_given_weights(tmp_path):
+    """``init_from``: training continues from a saved prior (0 steps: it is that prior, its
+    removed components still removed)."""
+    from dataclasses import replace
+
+    from mace_core.ik.avips_training import AVIPSTrainingConfig, save, train
+    from mace_core.robot.kinematics import RobotKinematics
+    from mace_core.tensor import TensorSpec
+
+    kin = RobotKinematics.panda(TensorSpec())
+    first, _ = train(AVIPSTrainingConfig(**TINY), kin)
+    with torch.no_grad():
+        first.alive[0] = False
+    path = str(tmp_path / "first.safetensors")
+    save(first, kin, path, {})
+    again, figures = train(replace(AVIPSTrainingConfig(**TINY), steps=0, seed=1,
+                                   init_from=path), kin)
+    assert figures["steps"] == 0 and not bool(again.alive[0])
+    z, x = torch.randn(3, 9), torch.rand(3, 5, 7) * 2 - 1
+    assert torch.allclose(again.log_prob(x, z), first.log_prob(x, z))
+    fresh, _ = train(replace(AVIPSTrainingConfig(**TINY), steps=0, seed=1), kin)
+    assert not torch.allclose(fresh.log_prob(x, z), first.log_prob(x, z))
+
+
 def test_the_mixture_prior_samples_and_rates_joint_angles():
     """MixturePrior maps the mixture's scaled joints to radians and back: its samples are the
     mixture's, its log-density the mixture's plus the scaling's Jacobian, the same for one

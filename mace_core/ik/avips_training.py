@@ -87,6 +87,9 @@ class AVIPSTrainingConfig:
     #: with ``workcell``: pose targets of that scene (drawn as the pose benchmark draws them)
     #: at which the raw samples' validity is measured
     workcell_targets: int = 20
+    #: weights (an ``ik_avips`` prior of the same architecture) to continue training from;
+    #: empty: the networks' seeded initial weights
+    init_from: str = ""
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -186,6 +189,8 @@ def train(cfg: AVIPSTrainingConfig, kin: RobotKinematics, out: str | None = None
     checkpoints to ``out``; returns the model and the training figures."""
     cfg.validate()
     model = build_model(cfg)
+    if cfg.init_from:  # a later stage: its removed components stay removed
+        model.load_state_dict(load_ik_prior(cfg.init_from, kin.spec).model.state_dict())
     density = target_density(cfg, kin)
     gen = kin.spec.generator(cfg.seed)
 
