@@ -59,3 +59,22 @@ print("found", result.num_found)
                          cwd=str(tmp_path), timeout=300)
     assert out.returncode == 0, out.stderr
     assert "found 2" in out.stdout, out.stdout + out.stderr
+
+
+def test_an_installed_core_finds_the_shipped_files_of_either_install(tmp_path, monkeypatch):
+    """Outside the source tree the core looks for the models and scenes where ``pip install .``
+    puts them, then where the ROS package does (``scripts/setup.sh``'s ``.venv``): so
+    ``mace-train avips --workcell`` finds the robot's spheres from either."""
+    from mace_core import paths
+
+    monkeypatch.setattr(paths, "SOURCE_ROOT", str(tmp_path / "no_source"))
+    monkeypatch.setattr(paths.sys, "prefix", str(tmp_path))
+    ros_models = tmp_path / "share" / "mace_ros" / "models"
+    ros_scenes = tmp_path / "share" / "mace_ros" / "config" / "scenes"
+    ros_models.mkdir(parents=True)
+    ros_scenes.mkdir(parents=True)
+    assert paths.default_models_dir() == str(ros_models)
+    assert paths.default_scenes_dir() == str(ros_scenes)
+    pip_models = tmp_path / "share" / "mace" / "models"
+    pip_models.mkdir(parents=True)
+    assert paths.default_models_dir() == str(pip_models)
