@@ -752,6 +752,21 @@ def test_a_seed_state_gets_the_solution_nearest_it_first(adapter, pose_target):
     assert spread >= IKAdaptConfig().min_joint_distance
 
 
+def test_a_seed_state_with_the_sphere_checker_alone():
+    """Without an exact checker the spheres judge the pose's solutions nearest the seed: the
+    first answer is still the nearest they accept, nearer than a seedless answer's."""
+    spheres = adapter_for_backend("spheres")
+    box = load_scene("config/scenes/box.yaml")
+    q_star = np.array([0.1, 0.5, -0.1, -1.9, 0.1, 2.4, 0.6])
+    req = _pose_request(box, q_star)
+    seeded = spheres.solve(replace(req, seed_state=q_star))
+    assert seeded.num_found == 8, seeded.message
+    away = [float(np.linalg.norm(s.q - q_star)) for s in seeded.solutions]
+    assert away == sorted(away)
+    assert away[0] < min(np.linalg.norm(s.q - q_star) for s in spheres.solve(req).solutions)
+    assert away[0] < 0.3
+
+
 def test_a_seed_state_inside_an_obstacle_moves_to_the_nearest_free_solution(adapter):
     """The seed's own configuration collides with a box put on its forearm: the first answer
     is the nearest solution that is free, still nearer than a seedless answer's nearest."""

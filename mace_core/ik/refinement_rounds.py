@@ -130,32 +130,45 @@ class RefinementRounds:
     def accept_nearest(self, seed: torch.Tensor) -> bool:
         """Accept the valid solution nearest ``seed (7,)`` that a local search from it finds,
         before any other: what a local solver started at the robot's state gives (MoveIt's
-        IK from its ``robot_state``; README "How /mace/adapt_ik answers" has how often it is as
-        near or nearer). A full pose in closed form: the candidates of
-        :meth:`AnalyticRefiner.nearest_to` put to the exact checker nearest first, in chunks of
-        1, 2, 4... (the nearest is usually free), until one is; otherwise the request's refiner
-        from the seed. True once K solutions are accepted."""
+        IK from its ``robot_state``; README "The robot's joints" has how often it is as near
+        or nearer). A full pose in closed form: :meth:`_accept_nearest_projection`; otherwise
+        the request's refiner from the seed. True once K solutions are accepted."""
         t = time.perf_counter()
         ad, cfg = self.adapter, self.cfg
         with torch.inference_mode():
-            if self.exact_first:
-                found = ad.refiners["analytic"].nearest_to(seed, self.target)
-                found = found if isinstance(found, np.ndarray) else found.cpu().numpy()
-                start, size = 0, 1
-                while start < found.shape[0] and not self.deadline.expired():
-                    chunk = found[start:start + size]
-                    ok = ad._exact_valid(chunk, self.world)
-                    if ok.any():
-                        first = torch.from_numpy(chunk[int(np.argmax(ok))][None])
-                        self.accepted = torch.cat([self.accepted, first.to(self.accepted)])
-                        break
-                    start, size = start + size, 2 * size
-            elif cfg.refinement_mode != "none" and not self.deadline.expired():
+            if cfg.refinement_mode == "none" or self.deadline.expired():
+                pass
+            elif self.target.rotation is not None and cfg.refinement_mode == "analytic":
+                self._accept_nearest_projection(seed)
+            else:
                 refined = ad._refine(cfg, seed[None], self.target, self.world, self.deadline, 1)
                 ok = ad._acceptable(cfg, refined, self.target, self.world, 1)
                 self.accepted = ad._merge(cfg, self.accepted, refined[ok])
         self.timings.refinement += time.perf_counter() - t
         return self.done
+
+    def _accept_nearest_projection(self, seed: torch.Tensor) -> None:
+        """Accept the first free one of :meth:`AnalyticRefiner.nearest_to`'s candidates (the
+        pose's solutions nearest the seed first): put to the exact checker in chunks of 1, 2,
+        4... (the nearest is usually free); without one, all judged at once by the spheres."""
+        ad = self.adapter
+        found = ad.refiners["analytic"].nearest_to(seed, self.target)
+        if not self.exact_first:
+            rows = torch.as_tensor(found, device=seed.device, dtype=self.accepted.dtype)
+            ok = ad._acceptable(self.cfg, rows, self.target, self.world).nonzero()
+            if ok.numel():
+                self.accepted = torch.cat([self.accepted, rows[ok[0]]])
+            return
+        found = found if isinstance(found, np.ndarray) else found.cpu().numpy()
+        start, size = 0, 1
+        while start < found.shape[0] and not self.deadline.expired():
+            chunk = found[start:start + size]
+            ok = ad._exact_valid(chunk, self.world)
+            if ok.any():
+                first = torch.from_numpy(chunk[int(np.argmax(ok))][None])
+                self.accepted = torch.cat([self.accepted, first.to(self.accepted)])
+                return
+            start, size = start + size, 2 * size
 
     def run(self, candidates: torch.Tensor, scores: torch.Tensor | None = None) -> bool:
         """Refine seeds chosen among ``candidates (B, 7)`` (with their scores ``(B,)`` when known:
