@@ -98,6 +98,9 @@ def _add_ik_parser(sub) -> None:
     p.add_argument("--seed-state", type=float, nargs=7, metavar="Q", default=None,
                    help="requests: the robot's joints at every request, rad: MACE's requests "
                         "carry it, TRAC-IK's first attempt starts there (MoveIt's robot_state)")
+    p.add_argument("--seed-near", type=float, default=d.seed_near_rad, metavar="SIGMA",
+                   help="pose targets: each request's seed state is the configuration its "
+                        "target was drawn from plus N(0, SIGMA^2) rad per joint")
     p.add_argument("--table1-iterations", type=int, default=d.table1_iterations,
                    help="MACE iterations at most per target")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run")
@@ -151,7 +154,8 @@ def _run_ik(args: argparse.Namespace) -> int:
         tracik_orientation=args.tracik_orientation,
         tracik_jacobian_steps=args.tracik_jacobian_steps, table1_samples=args.table1_samples,
         table1_budget_s=args.table1_budget, table1_iterations=args.table1_iterations,
-        extra_obstacles=args.extra_obstacles, seed_state=tuple(args.seed_state or ()))
+        extra_obstacles=args.extra_obstacles, seed_state=tuple(args.seed_state or ()),
+        seed_near_rad=args.seed_near)
     cfg.validate()
     service = load_service_config(args.config).ik if args.config else IKAdaptConfig()
     if cfg.protocol == "table1":

@@ -78,7 +78,7 @@ def test_neighbour_seeds_follow_the_self_motion(adapter, wall, pose_target):
     rounds = RefinementRounds(adapter, cfg, target, CollisionWorld.from_obstacles([], spec),
                               deadline=math.inf, timings=IKTimings(),
                               generator=spec.generator(0))
-    rounds.accepted, rounds.rounds_run = base, 1  # solutions of an earlier round
+    rounds.accepted = base
     seeds = rounds._with_neighbours(base.repeat(16, 1))  # (64, 7): all replaced
     assert seeds.shape == (64, 7)
     # the nearest accepted solution of each seed, and how far the hand moved from it
@@ -750,6 +750,30 @@ def test_a_seed_state_gets_the_solution_nearest_it_first(adapter, pose_target):
     spread = min(np.abs(a.q - b.q).max() for i, a in enumerate(seeded.solutions)
                  for b in seeded.solutions[i + 1:])
     assert spread >= IKAdaptConfig().min_joint_distance
+
+
+def test_the_seed_states_solution_never_costs_the_answer_a_solution(adapter, monkeypatch):
+    """The solution nearest the seed state replaces the accepted ones within
+    ``min_joint_distance`` of it only when as many remain: one too near is replaced, two too
+    near stay (K would not be reached), one apart from all is added."""
+    from mace_core.ik.pipeline import RequestPipeline
+
+    box = load_scene("config/scenes/box.yaml")
+    q_star = np.array([0.1, 0.5, -0.1, -1.9, 0.1, 2.4, 0.6])
+    req = replace(_pose_request(box, q_star), num_solutions=3, seed_state=q_star)
+    run = RequestPipeline(adapter, req, None, None)
+    run.draw_first_batch()
+    spec = adapter.spec
+    near = spec.tensor(q_star)
+    monkeypatch.setattr(run.rounds, "nearest_solution", lambda seed: near)
+    far = [near + spec.tensor([0.0] * 6 + [d]) for d in (0.5, 1.0, 1.5)]
+    close = [near + spec.tensor([0.0] * 6 + [d]) for d in (0.05, -0.05)]
+    for accepted, expected in (([close[0], far[0], far[1]], [near, far[0], far[1]]),
+                               ([close[0], close[1], far[0]], [close[0], close[1], far[0]]),
+                               ([far[0], far[1]], [near, far[0], far[1]])):
+        run.rounds.accepted = torch.stack(accepted)
+        run.add_nearest_to_seed_state()
+        assert torch.equal(run.rounds.accepted, torch.stack(expected))
 
 
 def test_a_seed_state_with_the_sphere_checker_alone():

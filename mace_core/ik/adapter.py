@@ -318,10 +318,10 @@ class IKAdapter:
         self.exact_checks = 0
         run = RequestPipeline(self, request, start, cancel)
         run.draw_first_batch()
-        run.start_near_seed_state()
         run.refine_while_adding()
         run.adapt_with_rounds()
         run.refine_adapted_batches()
+        run.add_nearest_to_seed_state()
         return run.answer()
 
     def _pretrained_model(self, position: torch.Tensor,

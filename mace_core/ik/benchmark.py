@@ -106,6 +106,10 @@ class IKBenchmarkConfig:
     #: ``seed_state`` and TRAC-IK's first attempt starts there, as MoveIt's IK starts at the
     #: ``robot_state``; each method's answer nearest it is measured (``seed d``)
     seed_state: tuple[float, ...] = ()
+    #: rad, drawn pose targets: each request's seed state is the configuration its target was
+    #: drawn from plus N(0, this²) per joint, clipped onto the limits (the robot near a
+    #: solution: a re-grasp, a small move); 0: none
+    seed_near_rad: float = 0.0
 
     def validate(self) -> None:
         """Raise InvalidRequestError on settings the benchmark cannot run with."""
@@ -143,6 +147,12 @@ class IKBenchmarkConfig:
         if len(self.seed_state) not in (0, 7) or not all(map(math.isfinite, self.seed_state)):
             raise InvalidRequestError(f"seed_state must be 7 finite joint positions (rad) or "
                                       f"none, got {list(self.seed_state)}")
+        if not (math.isfinite(self.seed_near_rad) and self.seed_near_rad >= 0.0):
+            raise InvalidRequestError(f"seed_near_rad must be >= 0, got {self.seed_near_rad}")
+        if self.seed_near_rad and (self.seed_state or self.target_kind != "pose"
+                                   or self.targets_file):
+            raise InvalidRequestError("seed_near_rad needs drawn pose targets and no "
+                                      "seed_state")
         if self.extra_obstacles and any(m not in MACE_METHODS for m in self.methods):
             raise InvalidRequestError(f"extra obstacles run MACE's methods only "
                                       f"({sorted(MACE_METHODS)}), got {list(self.methods)}")
@@ -214,11 +224,11 @@ def sample_targets(scene: Scene, n: int, seed: int) -> np.ndarray:
 TARGET_CLEARANCE_M = 1e-4
 
 
-def sample_pose_targets(scene: Scene, n: int, seed: int,
-                        checker: PyBulletCollisionChecker) -> np.ndarray:
+def sample_pose_targets(scene: Scene, n: int, seed: int, checker: PyBulletCollisionChecker,
+                        configurations: bool = False):
     """``(n, 7)``: hand poses (x, y, z, qx, qy, qz, qw) of configurations that ``checker``
     calls valid with the hand within 1 cm of a target of the scene's region (seeded), so a
-    collision-free solution of each exists.
+    collision-free solution of each exists; with ``configurations``, also those ``(n, 7)``.
 
     PyBullet's distances err by up to tenths of a millimetre near its margins (see
     :mod:`~mace_core.robot.hull_distance`): a configuration it calls free while the hulls are
@@ -251,7 +261,8 @@ def sample_pose_targets(scene: Scene, n: int, seed: int,
                                   f"{n} wanted")
     pose = kin.ee_pose(torch.stack(found))
     quat = np.stack([matrix_to_quaternion_xyzw(r) for r in pose[:, :3, :3].numpy()])
-    return np.concatenate([pose[:, :3, 3].numpy(), quat], 1)
+    poses = np.concatenate([pose[:, :3, 3].numpy(), quat], 1)
+    return (poses, torch.stack(found).numpy()) if configurations else poses
 
 
 def with_extra_obstacles(scene: Scene, target: np.ndarray, count: int, seed: int,
@@ -379,6 +390,14 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
         targets = np.asarray(targets, dtype=float)
     elif cfg.targets_file:
         targets = load_pose_targets(cfg.targets_file)
+    elif pose_targets and cfg.seed_near_rad:
+        targets, drawn_from = sample_pose_targets(scene, cfg.num_targets, cfg.seed,
+                                                  judge.checker, configurations=True)
+        noise = np.random.default_rng([cfg.seed, 7]).normal(0.0, cfg.seed_near_rad,
+                                                            drawn_from.shape)
+        kin = adapter.kin
+        seed_states = np.clip(drawn_from + noise, kin.lower.cpu().numpy(),
+                              kin.upper.cpu().numpy())
     elif pose_targets:
         targets = sample_pose_targets(scene, cfg.num_targets, cfg.seed, judge.checker)
     else:

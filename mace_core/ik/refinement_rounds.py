@@ -59,9 +59,7 @@ class RefinementRounds:
 
     def _with_neighbours(self, seeds: torch.Tensor) -> torch.Tensor:
         """Replace the last ``round(neighbour_share * S)`` of ``seeds (S, 7)`` by accepted
-        solutions moved along their self-motion (none while no round has accepted any; the
-        first round may follow only the seed state's solution, whose neighbours cost it a
-        quarter of a millisecond and add little): ``(S, 7)``.
+        solutions moved along their self-motion (none while nothing is accepted): ``(S, 7)``.
 
         The move is Gaussian joint noise projected onto the null space of the task Jacobian
         (position, plus the weighted orientation rows for a pose target), (I − J⁺J) ξ: to first
@@ -70,7 +68,7 @@ class RefinementRounds:
         """
         count = self.accepted.shape[0]
         n = int(round(self.cfg.neighbour_share * seeds.shape[0]))
-        if count == 0 or n == 0 or self.rounds_run == 0:  # the seed state's solution alone
+        if count == 0 or n == 0:
             return seeds
         spec, kin = self.adapter.spec, self.adapter.kin
         pick = torch.randint(count, (n,), generator=self.generator, device=spec.device)
@@ -127,48 +125,46 @@ class RefinementRounds:
             self.checked += checked
             self.checked_valid += valid
 
-    def accept_nearest(self, seed: torch.Tensor) -> bool:
-        """Accept the valid solution nearest ``seed (7,)`` that a local search from it finds,
-        before any other: what a local solver started at the robot's state gives (MoveIt's
+    def nearest_solution(self, seed: torch.Tensor) -> torch.Tensor | None:
+        """The valid solution ``(7,)`` nearest ``seed (7,)`` that a local search from it finds
+        (None: none found): what a local solver started at the robot's state gives (MoveIt's
         IK from its ``robot_state``; README "The robot's joints" has how often it is as near
-        or nearer). A full pose in closed form: :meth:`_accept_nearest_projection`; otherwise
-        the request's refiner from the seed. True once K solutions are accepted."""
+        or nearer). A full pose in closed form: :meth:`_nearest_projection`; otherwise the
+        request's refiner from the seed. Counts as refinement time; accepts nothing."""
         t = time.perf_counter()
         ad, cfg = self.adapter, self.cfg
+        found = None
         with torch.inference_mode():
             if cfg.refinement_mode == "none" or self.deadline.expired():
                 pass
             elif self.target.rotation is not None and cfg.refinement_mode == "analytic":
-                self._accept_nearest_projection(seed)
+                found = self._nearest_projection(seed)
             else:
                 refined = ad._refine(cfg, seed[None], self.target, self.world, self.deadline, 1)
-                ok = ad._acceptable(cfg, refined, self.target, self.world, 1)
-                self.accepted = ad._merge(cfg, self.accepted, refined[ok])
+                if bool(ad._acceptable(cfg, refined, self.target, self.world, 1)[0]):
+                    found = refined[0]
         self.timings.refinement += time.perf_counter() - t
-        return self.done
+        return found
 
-    def _accept_nearest_projection(self, seed: torch.Tensor) -> None:
-        """Accept the first free one of :meth:`AnalyticRefiner.nearest_to`'s candidates (the
-        pose's solutions nearest the seed first): put to the exact checker in chunks of 1, 2,
-        4... (the nearest is usually free); without one, all judged at once by the spheres."""
+    def _nearest_projection(self, seed: torch.Tensor) -> torch.Tensor | None:
+        """The first free one of :meth:`AnalyticRefiner.nearest_to`'s candidates (the pose's
+        solutions nearest the seed first): put to the exact checker in chunks of 1, 2, 4...
+        (the nearest is usually free); without one, all judged at once by the spheres."""
         ad = self.adapter
         found = ad.refiners["analytic"].nearest_to(seed, self.target)
         if not self.exact_first:
             rows = torch.as_tensor(found, device=seed.device, dtype=self.accepted.dtype)
             ok = ad._acceptable(self.cfg, rows, self.target, self.world).nonzero()
-            if ok.numel():
-                self.accepted = torch.cat([self.accepted, rows[ok[0]]])
-            return
+            return rows[int(ok[0, 0])] if ok.numel() else None
         found = found if isinstance(found, np.ndarray) else found.cpu().numpy()
         start, size = 0, 1
         while start < found.shape[0] and not self.deadline.expired():
             chunk = found[start:start + size]
             ok = ad._exact_valid(chunk, self.world)
             if ok.any():
-                first = torch.from_numpy(chunk[int(np.argmax(ok))][None])
-                self.accepted = torch.cat([self.accepted, first.to(self.accepted)])
-                return
+                return torch.from_numpy(chunk[int(np.argmax(ok))]).to(self.accepted)
             start, size = start + size, 2 * size
+        return None
 
     def run(self, candidates: torch.Tensor, scores: torch.Tensor | None = None) -> bool:
         """Refine seeds chosen among ``candidates (B, 7)`` (with their scores ``(B,)`` when known:
