@@ -255,6 +255,14 @@ def test_a_seed_state_is_sent_and_the_answers_nearest_it_are_measured():
         cfg, seed_state=(), num_targets=1, methods=("mace_refine",)))
     assert unseeded["methods"]["mace_refine"]["median_seed_distance_rad"] is None
     assert "seed d" not in format_table(unseeded)
+    # seeds near each target's own configuration: MACE's nearest is near (the noise's size)
+    near = run_benchmark(adapter, load_scene(SCENE), replace(
+        cfg, seed_state=(), seed_near_rad=0.1, num_targets=3, methods=("mace_refine",)))
+    assert 0.0 < near["methods"]["mace_refine"]["median_seed_distance_rad"] < 0.5
+    for bad in (dict(seed_near_rad=-1.0), dict(seed_near_rad=0.1, seed_state=ready),
+                dict(seed_near_rad=0.1, target_kind="position", methods=("mace_refine",))):
+        with pytest.raises(InvalidRequestError, match="seed_near_rad"):
+            replace(cfg, **{"seed_state": (), **bad}).validate()
 
 
 def test_a_users_pose_targets_file(models_dir, tmp_path):
