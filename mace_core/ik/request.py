@@ -190,8 +190,8 @@ class IKRequest:
     learning_rate: float | None = None  #: Adam step size
     seed: int | None = None  #: random seed; None draws a fresh one
     #: (7,) rad, e.g. the robot's current joints (MoveIt's ``robot_state``): the solution
-    #: nearest it is sought first and the answer is ranked by joint distance from it (None:
-    #: by clearance)
+    #: nearest it joins the answer, which is ranked by joint distance from it (None: by
+    #: clearance)
     seed_state: np.ndarray | None = None
 
 
