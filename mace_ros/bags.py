@@ -258,17 +258,25 @@ def events_of(requests: Iterable, service: str = "/mace/adapt_ik"):
 
 def draw_requests(scene, num_targets: int, seed: int, target_kind: str = "position",
                   num_solutions: int = 8, time_budget_s: float = 1.0,
-                  orientation_tolerance: float = 1e-3) -> list:
+                  orientation_tolerance: float = 1e-3, seed_near_rad: float = 0.0) -> list:
     """Core requests for targets drawn as ``mace-bench ik`` draws them (uniform in the scene's
-    region, or hand poses of valid configurations there)."""
-    from mace_core.ik.benchmark import sample_pose_targets, sample_targets
+    region, or hand poses of valid configurations there); pose targets with ``seed_near_rad``
+    carry the seed states ``mace-bench ik --seed-near`` gives them."""
+    from mace_core.ik.benchmark import near_seed_states, sample_pose_targets, sample_targets
     from mace_core.ik.request import IKRequest
+    from mace_core.robot.kinematics import RobotKinematics
     from mace_core.robot.pybullet_checker import PyBulletCollisionChecker
     from mace_core.robot.scenes import quaternion_xyzw_to_matrix
+    from mace_core.tensor import TensorSpec
 
+    seeds = [None] * num_targets
     if target_kind == "pose":
         with PyBulletCollisionChecker(scene.obstacles) as checker:
-            targets = sample_pose_targets(scene, num_targets, seed, checker)
+            targets, drawn_from = sample_pose_targets(scene, num_targets, seed, checker,
+                                                      configurations=True)
+        if seed_near_rad:
+            seeds = list(near_seed_states(drawn_from, seed_near_rad, seed,
+                                          RobotKinematics.panda(TensorSpec.resolve("cpu"))))
     else:
         targets = sample_targets(scene, num_targets, seed)
     requests = []
@@ -279,14 +287,14 @@ def draw_requests(scene, num_targets: int, seed: int, target_kind: str = "positi
                         orientation_tolerance=orientation_tolerance)
         requests.append(IKRequest(
             position=target[:3], obstacles=list(scene.obstacles), num_solutions=num_solutions,
-            time_budget_s=time_budget_s, seed=seed * 100003 + k, **pose))
+            time_budget_s=time_budget_s, seed=seed * 100003 + k, seed_state=seeds[k], **pose))
     return requests
 
 
 def record_drawn_requests(path: str | os.PathLike, scene, num_targets: int, seed: int,
                           target_kind: str = "position", num_solutions: int = 8,
-                          time_budget_s: float = 1.0, orientation_tolerance: float = 1e-3
-                          ) -> list:
+                          time_budget_s: float = 1.0, orientation_tolerance: float = 1e-3,
+                          seed_near_rad: float = 0.0) -> list:
     """Write a bag of ``/mace/adapt_ik`` request events for targets drawn as
     ``mace-bench ik`` draws them (:func:`draw_requests`), without a node: what a pipeline's
     recorded bag holds. Returns the rclpy requests written."""
@@ -294,7 +302,7 @@ def record_drawn_requests(path: str | os.PathLike, scene, num_targets: int, seed
 
     requests = [ik_request_to_msg(r) for r in draw_requests(
         scene, num_targets, seed, target_kind, num_solutions, time_budget_s,
-        orientation_tolerance)]
+        orientation_tolerance, seed_near_rad)]
     with ServiceEventBag(path) as bag:
         for k, event in enumerate(events_of(requests)):
             bag.write_event("/mace/adapt_ik", event, stamp_ns=(k + 1) * 1_000_000_000)

@@ -389,6 +389,9 @@ def _add_record_parser(sub) -> None:
                    help="as mace-bench ik draws them")
     p.add_argument("--num-solutions", type=int, default=8, help="K of every request")
     p.add_argument("--budget", type=float, default=1.0, help="s, every request's budget")
+    p.add_argument("--seed-near", type=float, default=0.0, metavar="SIGMA",
+                   help="pose targets: each request carries a seed state, its target's own "
+                        "configuration plus N(0, SIGMA^2) rad per joint (as mace-bench ik)")
     p.add_argument("--as-moveit", action="store_true",
                    help="write the drawn pose targets as a MoveIt pipeline's recording: "
                         "/compute_ik calls for panda_link8 and /monitored_planning_scene")
@@ -498,12 +501,16 @@ def _run_record(args: argparse.Namespace) -> int:
         if args.target_kind != "pose":
             raise SystemExit("mace-bench record --as-moveit: MoveIt asks for full poses "
                              "(--target-kind pose)")
-        drawn = draw_requests(load_scene(args.scene), args.targets, args.seed, "pose")
+        drawn = draw_requests(load_scene(args.scene), args.targets, args.seed, "pose",
+                              seed_near_rad=args.seed_near)
         write_moveit_style_bag(args.out, drawn, RobotKinematics.panda(TensorSpec.resolve("cpu")))
         print(f"wrote {len(drawn)} /compute_ik requests (MoveIt's types) to {args.out}")
         return 0
+    if args.seed_near and args.target_kind != "pose":
+        raise SystemExit("mace-bench record --seed-near: pose targets (--target-kind pose)")
     requests = record_drawn_requests(args.out, load_scene(args.scene), args.targets, args.seed,
-                                     args.target_kind, args.num_solutions, args.budget)
+                                     args.target_kind, args.num_solutions, args.budget,
+                                     seed_near_rad=args.seed_near)
     print(f"wrote {len(requests)} /mace/adapt_ik requests to {args.out}")
     return 0
 

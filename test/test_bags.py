@@ -34,6 +34,11 @@ def test_recorded_requests_read_back_as_sent(tmp_path):
         assert np.allclose(np.abs(np.dot([o.x, o.y, o.z, o.w], pose[3:])), 1.0)
         assert request.use_orientation and request.num_solutions == 8
         assert len(request.obstacles) == len(scene.obstacles)
+    seeded = record_drawn_requests(tmp_path / "seeded", scene, 2, 5, target_kind="pose",
+                                   seed_near_rad=0.3)
+    assert read_ik_requests(tmp_path / "seeded") == seeded
+    assert all(len(r.seed_state.position) == 7 for r in seeded)
+    assert not any(len(r.seed_state.position) for r in read)
     positions = record_drawn_requests(tmp_path / "positions", scene, 2, 1)
     assert not any(r.use_orientation for r in positions)
     xyz = [[r.target.pose.position.x, r.target.pose.position.y, r.target.pose.position.z]

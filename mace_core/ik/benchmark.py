@@ -265,6 +265,14 @@ def sample_pose_targets(scene: Scene, n: int, seed: int, checker: PyBulletCollis
     return (poses, torch.stack(found).numpy()) if configurations else poses
 
 
+def near_seed_states(configurations: np.ndarray, std_rad: float, seed: int,
+                     kin: RobotKinematics) -> np.ndarray:
+    """``(n, 7)`` seed states near ``configurations (n, 7)`` (the ones pose targets were drawn
+    from): plus N(0, ``std_rad``²) per joint (seeded), clipped onto ``kin``'s limits."""
+    noise = np.random.default_rng([seed, 7]).normal(0.0, std_rad, configurations.shape)
+    return np.clip(configurations + noise, kin.lower.cpu().numpy(), kin.upper.cpu().numpy())
+
+
 def with_extra_obstacles(scene: Scene, target: np.ndarray, count: int, seed: int,
                          index: int) -> Scene:
     """``scene`` plus ``count`` boxes (sides 4-8 cm) centred within 0.25 m of the target's
@@ -393,11 +401,7 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
     elif pose_targets and cfg.seed_near_rad:
         targets, drawn_from = sample_pose_targets(scene, cfg.num_targets, cfg.seed,
                                                   judge.checker, configurations=True)
-        noise = np.random.default_rng([cfg.seed, 7]).normal(0.0, cfg.seed_near_rad,
-                                                            drawn_from.shape)
-        kin = adapter.kin
-        seed_states = np.clip(drawn_from + noise, kin.lower.cpu().numpy(),
-                              kin.upper.cpu().numpy())
+        seed_states = near_seed_states(drawn_from, cfg.seed_near_rad, cfg.seed, adapter.kin)
     elif pose_targets:
         targets = sample_pose_targets(scene, cfg.num_targets, cfg.seed, judge.checker)
     else:
