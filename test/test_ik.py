@@ -776,6 +776,22 @@ def test_the_seed_states_solution_never_costs_the_answer_a_solution(adapter, mon
         assert torch.equal(run.rounds.accepted, torch.stack(expected))
 
 
+@pytest.mark.parametrize("pose_target", [True, False])
+def test_one_solution_near_a_seed_state_is_answered_without_a_draw(adapter, pose_target):
+    """K = 1 with a seed state (MoveIt's question): the solution nearest the seed, found before
+    any draw from the prior (the seed itself where it is a free solution of the pose)."""
+    box = load_scene("config/scenes/box.yaml")
+    q_star = np.array([0.1, 0.5, -0.1, -1.9, 0.1, 2.4, 0.6])
+    req = replace(_pose_request(box, q_star), num_solutions=1, seed_state=q_star)
+    if not pose_target:
+        req = replace(req, rotation=None, orientation_tolerance=0.0)
+    result = adapter.solve(req)
+    assert result.num_found == 1 and result.timings.sampling == 0.0, result.message
+    assert np.linalg.norm(result.solutions[0].q - q_star) < (1e-4 if pose_target else 0.05)
+    with PyBulletCollisionChecker(box.obstacles) as pb:
+        assert pb.valid(result.solutions[0].q[None])[0]
+
+
 def test_a_seed_state_with_the_sphere_checker_alone():
     """Without an exact checker the spheres judge the pose's solutions nearest the seed: the
     first answer is still the nearest they accept, nearer than a seedless answer's."""

@@ -317,6 +317,7 @@ class IKAdapter:
         """
         self.exact_checks = 0
         run = RequestPipeline(self, request, start, cancel)
+        run.answer_one_from_seed_state()
         run.draw_first_batch()
         run.refine_while_adding()
         run.adapt_with_rounds()

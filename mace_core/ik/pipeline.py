@@ -4,6 +4,9 @@ The product's pipeline for one request (Algorithm 1 with the IK score of paper S
 stage a method of :class:`RequestPipeline` that :meth:`~mace_core.ik.adapter.IKAdapter.solve`
 calls in turn:
 
+0. one solution wanted (K = 1) and a seed state, MoveIt's question: the solution nearest the
+   seed alone, found as in stage 5 (``answer_one_from_seed_state``); the stages after it run
+   only where there is none;
 1. sampling (``draw_first_batch``): configurations from the prior p(q | p_target); score 0 on
    collision (or outside the joint limits), else exp(−‖p_target − p_ee(q)‖);
 2. refinement rounds (``refine_while_adding``): diverse candidates near the target seed an exact
@@ -56,9 +59,10 @@ if TYPE_CHECKING:
 class RequestPipeline:
     """One request, as the named stages of the module docstring, with the state they share.
 
-    Built by :meth:`IKAdapter.solve`, which calls the stages in order: :meth:`draw_first_batch`,
-    :meth:`refine_while_adding`, :meth:`adapt_with_rounds`, :meth:`refine_adapted_batches`,
-    :meth:`add_nearest_to_seed_state`, :meth:`answer`. Every stage checks the deadline and does
+    Built by :meth:`IKAdapter.solve`, which calls the stages in order:
+    :meth:`answer_one_from_seed_state`, :meth:`draw_first_batch`, :meth:`refine_while_adding`,
+    :meth:`adapt_with_rounds`, :meth:`refine_adapted_batches`, :meth:`add_nearest_to_seed_state`,
+    :meth:`answer`. Every stage checks the deadline and does
     nothing once K solutions are found.
     """
 
@@ -98,6 +102,7 @@ class RequestPipeline:
         self.cand_q = self.cand_s = None
         self.valid_prior = self.valid_adapted = 0.0
         self.iterations = 0  #: MACE iterations run
+        self.nearest_sought = False  #: the seed state's nearest solution was sought already
 
     # -- helpers of the stages ------------------------------------------------------------------
 
@@ -155,6 +160,26 @@ class RequestPipeline:
 
     # -- stages ---------------------------------------------------------------------------------
 
+    def _new_rounds(self, cfg, clutter: bool = False) -> RefinementRounds:
+        return RefinementRounds(self.adapter, cfg, self.target, self.world, self.deadline,
+                                self.timings, self.generator, clutter,
+                                explore=cfg.pose_explore_seeds if self.analytic_pose else 0,
+                                exact_first=self.exact_first)
+
+    def answer_one_from_seed_state(self) -> None:
+        """Stage 0: one solution wanted (K = 1) and a seed state, MoveIt's question (the
+        solution near the robot): the nearest solution alone
+        (:meth:`RefinementRounds.nearest_solution`), before any draw; the stages after it run
+        only where there is none."""
+        if self.seed_state is None or not self.refining or self.cfg.num_solutions != 1:
+            return
+        self.rounds = self._new_rounds(self.cfg)
+        near = self.rounds.nearest_solution(self.seed_state)
+        self.nearest_sought = True
+        if near is not None:
+            self.rounds.accepted = near[None]
+            self.done = True
+
     def draw_first_batch(self) -> None:
         """Stage 1: sample the prior, a small batch when refining (often enough), N otherwise.
 
@@ -163,6 +188,8 @@ class RequestPipeline:
         the closed form, which makes every seed exact whatever its distance (the cabinet's pose
         targets: 12.8 ms median without the top-up, 38 ms with it, same answers found).
         """
+        if self.done:
+            return
         cfg = self.cfg
         if self.analytic_pose:
             cfg = self.cfg = replace(cfg, first_samples=cfg.pose_first_samples)
@@ -179,16 +206,13 @@ class RequestPipeline:
                 more_q, more_s = self.fresh_batch(cfg.first_samples - q.shape[0], scored=True)
                 q, s = torch.cat([q, more_q]), torch.cat([s, more_s])
         self.cand_q, self.cand_s, self.valid_adapted = q, s, self.valid_prior
-        self.rounds = RefinementRounds(self.adapter, cfg, self.target, self.world,
-                                       self.deadline, self.timings, self.generator, clutter,
-                                       explore=cfg.pose_explore_seeds if self.analytic_pose
-                                       else 0, exact_first=self.exact_first)
+        self.rounds = self._new_rounds(cfg, clutter)
 
     def refine_while_adding(self) -> None:
         """Stage 2: a refinement round on the first batch, then rounds on fresh prior batches
         while each adds solutions: cheaper than adapting (a fresh batch plus seeds around the
         solutions found). Without refinement, nothing."""
-        if not self.refining:
+        if not self.refining or self.done:
             return
         rounds = self.rounds
         self.done = rounds.run(self.cand_q, self.cand_s)
@@ -248,7 +272,7 @@ class RequestPipeline:
         never costs the answer a solution: sought first, a cabinet target whose free
         solutions barely hold K apart found 7 in the whole budget (9,578 checks, against 168
         without the seed)."""
-        if self.seed_state is None or not self.refining:
+        if self.seed_state is None or not self.refining or self.nearest_sought:
             return
         near = self.rounds.nearest_solution(self.seed_state)
         if near is None:
