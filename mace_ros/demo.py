@@ -5,7 +5,9 @@ completions of a partial box, draw both.
    process (its log goes to ``out/mace_node.log``) and waits for ``/mace/adapt_ik``;
 2. calls the service through a real ROS client with the scene's obstacles and a target at the
    centre of its target region, and prints the solutions and timings;
-3. writes ``out/ik_box.png`` (the arm of each solution, the scene's boxes and the target);
+3. writes ``out/ik_box.png`` (the arm of each solution, the scene's boxes and the target),
+   then asks MoveIt's question: one solution, the hand pointing down, near the robot's ready
+   pose (``seed_state``);
 4. makes a test box (edges drawn from a seed training never used), keeps what a plane cut leaves
    of it, calls ``/mace/complete_shape`` with that partial cloud (and once with 0 iterations, for
    samples of the unadapted prior), prints the completions and writes ``out/shape_box.png`` (the
@@ -86,6 +88,23 @@ def stop_node(proc: subprocess.Popen, timeout_s: float = 10.0) -> int:
 def _tail(path: str, lines: int = 20) -> str:
     with open(path, errors="replace") as f:
         return "".join(f.readlines()[-lines:])
+
+
+def nearest_to_the_robot(client, args: argparse.Namespace, scene, target: np.ndarray) -> bool:
+    """MoveIt's question: one solution for the target, near the robot's joints now (its ready
+    pose as ``seed_state``), the hand pointing down; prints it and how far the arm moves."""
+    from mace_ros.client import format_solutions
+
+    ready = np.array([0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785])
+    down = np.diag([1.0, -1.0, -1.0])  # the hand's z axis along the base's -z
+    t0 = time.monotonic()
+    response = client.adapt_ik(target, scene.obstacles, rotation=down,
+                               orientation_tolerance=1e-3, num_solutions=1,
+                               time_budget_s=args.time_budget, seed=args.seed, seed_state=ready)
+    print(f"[demo] one solution near the ready pose (seed_state), the hand pointing down: "
+          f"response after {(time.monotonic() - t0) * 1e3:.0f} ms (round trip)")
+    print(format_solutions(response))
+    return response.success
 
 
 def complete_box(client, args: argparse.Namespace, num_samples: int) -> bool:
@@ -234,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
                 [s.collision_free for s in result.solutions], scene.obstacles, target,
                 title=f"MACE IK in scene '{scene.name}': {response.message}", labels=labels)
             print(f"[demo] wrote {png}")
+        seeded_ok = nearest_to_the_robot(client, args, scene, target)
         shape_ok = complete_box(client, args, load_service_config(params_file).shape.num_samples)
-        return 0 if response.success and shape_ok else 1
+        return 0 if response.success and seeded_ok and shape_ok else 1
     except (TimeoutError, KeyboardInterrupt) as exc:
         print(f"[demo] {exc or 'interrupted'}", file=sys.stderr)
         return 1
