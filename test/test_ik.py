@@ -792,6 +792,26 @@ def test_one_solution_near_a_seed_state_is_answered_without_a_draw(adapter, pose
         assert pb.valid(result.solutions[0].q[None])[0]
 
 
+def test_a_seed_states_solution_at_a_joint_limit_is_found_by_the_local_attempt(monkeypatch):
+    """A free solution with joints 3 and 5 at their limits is within the limits for a sliver
+    of q7 the closed form's grid around the seed misses (its nearest is 3.26 rad off); the
+    one TRAC-IK attempt from the seed finds it (0.45 rad). (Its clock made 5 ms here: near
+    the limits the attempt took 0.4-0.9 ms on this machine, and CI's may be slower.)"""
+    from mace_core.ik import refinement
+
+    monkeypatch.setattr(refinement, "SEED_STATE_ATTEMPT_S", 0.005)
+    adapter = IKAdapter.from_models(MODELS, "panda_ik", IKAdaptConfig(), TensorSpec.resolve("cpu"))
+    adapter.warm_up()
+    wall = load_scene("config/scenes/wall.yaml")
+    at_limits = np.array([-2.683, -0.322, 2.967, -1.661, 2.967, 3.739, 0.302])
+    seed = np.array([-2.469, -0.191, 2.848, -1.362, 2.967, 3.587, 0.396])
+    req = replace(_pose_request(wall, at_limits), seed_state=seed)
+    first = adapter.solve(req).solutions[0].q
+    assert np.linalg.norm(first - at_limits) < 1e-3
+    adapter.refiners.pop("tracik")
+    assert np.linalg.norm(adapter.solve(req).solutions[0].q - seed) > 3.0
+
+
 def test_a_seed_state_with_the_sphere_checker_alone():
     """Without an exact checker the spheres judge the pose's solutions nearest the seed: the
     first answer is still the nearest they accept, nearer than a seedless answer's."""

@@ -383,6 +383,10 @@ class IKAdapter:
                              iterations=0, num_samples=16, seed=0, obstacles=[Obstacle(
                                  name="warm_up", kind="box", size=(0.1, 0.1, 0.1),
                                  position=(0.5, 0.3, 0.4))]))
+        if "tracik" in self.refiners:  # its first call from a seed state takes twice as long
+            ready = np.array([0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785])
+            pose = self.kin.ee_pose(self.spec.tensor(ready)[None])[0].detach().cpu().double()
+            self.refiners["tracik"].solve_from_seed_state(ready, pose.numpy())
         self._last_position = None
 
     # -- refinement ------------------------------------------------------------------------------

@@ -148,10 +148,21 @@ class RefinementRounds:
 
     def _nearest_projection(self, seed: torch.Tensor) -> torch.Tensor | None:
         """The first free one of :meth:`AnalyticRefiner.nearest_to`'s candidates (the pose's
-        solutions nearest the seed first): put to the exact checker in chunks of 1, 2, 4...
-        (the nearest is usually free); without one, all judged at once by the spheres."""
+        solutions nearest the seed first), with TRAC-IK's one attempt from the seed among them
+        where the service has TRAC-IK (:meth:`TracIKRefiner.solve_from_seed_state`): put to
+        the exact checker in chunks of 1, 2, 4... (the nearest is usually free); without one,
+        all judged at once by the spheres."""
         ad = self.adapter
         found = ad.refiners["analytic"].nearest_to(seed, self.target)
+        tracik = ad.refiners.get("tracik")
+        if tracik is not None:
+            start = seed.detach().cpu().double().numpy()
+            local = tracik.solve_from_seed_state(start, self.target.pose_numpy)
+            if local is not None:
+                rows = found if isinstance(found, np.ndarray) else found.cpu().numpy()
+                at = int(np.searchsorted(np.linalg.norm(rows - start, axis=-1),
+                                         np.linalg.norm(local - start)))
+                found = np.concatenate([rows[:at], local[None], rows[at:]])
         if not self.exact_first:
             rows = torch.as_tensor(found, device=seed.device, dtype=self.accepted.dtype)
             ok = ad._acceptable(self.cfg, rows, self.target, self.world).nonzero()
