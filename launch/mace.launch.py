@@ -3,6 +3,7 @@
     ros2 launch mace_ros mace.launch.py
     ros2 launch mace_ros mace.launch.py params_file:=/path/to/params.yaml device:=cuda
     ros2 launch mace_ros mace.launch.py namespace:=robot1   # /robot1/mace/adapt_ik
+    ros2 launch mace_ros mace.launch.py joint_states_topic:=/joint_states  # the robot's seed
 """
 
 import os
@@ -15,7 +16,8 @@ from launch_ros.substitutions import FindPackageShare
 
 
 def _mace_node(context):
-    """Build the node; ``device`` overrides the parameters file only when it is given.
+    """Build the node; ``device`` and ``joint_states_topic`` override the parameters file only
+    when they are given.
 
     Raises:
         FileNotFoundError: ``params_file`` names no file (the launch stops with this message
@@ -30,6 +32,9 @@ def _mace_node(context):
     device = LaunchConfiguration('device').perform(context)
     if device:
         parameters.append({'device': device})
+    joint_states = LaunchConfiguration('joint_states_topic').perform(context)
+    if joint_states:
+        parameters.append({'joint_states_topic': joint_states})
     return [
         Node(
             package='mace_ros',
@@ -44,7 +49,8 @@ def _mace_node(context):
 
 
 def generate_launch_description():
-    """Declare ``params_file``, ``device`` and ``namespace`` and start the node ``mace``."""
+    """Declare ``params_file``, ``device``, ``namespace`` and ``joint_states_topic`` and start
+    the node ``mace``."""
     return LaunchDescription([
         DeclareLaunchArgument(
             'params_file',
@@ -62,6 +68,12 @@ def generate_launch_description():
             'namespace',
             default_value='',
             description='namespace of the node (its services are <namespace>/mace/...)',
+        ),
+        DeclareLaunchArgument(
+            'joint_states_topic',
+            default_value='',
+            description='sensor_msgs/JointState topic whose latest message seeds IK requests '
+                        'without a seed_state (e.g. /joint_states); empty keeps params_file',
         ),
         OpaqueFunction(function=_mace_node),
     ])

@@ -138,6 +138,12 @@ class ServiceConfig:
     #: ``<service>/_service_event``, what ``ros2 bag record`` captures for a replay),
     #: "metadata" (the events without their contents) or "off"
     service_introspection: str = "contents"
+    #: a ``sensor_msgs/JointState`` topic (a robot's ``/joint_states``) whose latest message
+    #: seeds the IK requests that carry no ``seed_state``, as MoveIt's IK takes the robot's
+    #: current state; empty: none
+    joint_states_topic: str = ""
+    #: s, a joint state older than this seeds nothing (the robot's state is not known)
+    joint_states_max_age_s: float = 1.0
     ik: IKAdaptConfig = field(default_factory=IKAdaptConfig)  #: defaults of /mace/adapt_ik
     shape: ShapeCompletionConfig = field(default_factory=ShapeCompletionConfig)  #: shape service
 

@@ -47,6 +47,7 @@ from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from rclpy.service_introspection import ServiceIntrospectionState
 from rclpy.signals import SignalHandlerOptions
+from sensor_msgs.msg import JointState
 from std_msgs.msg import Header
 from visualization_msgs.msg import MarkerArray
 
@@ -139,6 +140,30 @@ class RequestGate:
             with self._cond:
                 self._serving += 1
                 self._cond.notify_all()
+
+
+class LatestJointState:
+    """The arm's joints in the latest ``JointState`` of a topic (``joint_states_topic``), to seed
+    the IK requests that carry no ``seed_state``; messages without the arm's joints are
+    skipped."""
+
+    def __init__(self):
+        self._latest: tuple[np.ndarray, float] | None = None  # (7,) rad, its monotonic time
+
+    def offer(self, msg: JointState) -> None:
+        try:
+            q = conversions.seed_state_from_msg(msg)
+        except InvalidRequestError:
+            return
+        if q is not None and np.isfinite(q).all():
+            self._latest = (q, time.monotonic())
+
+    def fresh(self, max_age_s: float) -> np.ndarray | None:
+        """The latest joints if they arrived within ``max_age_s``, else None."""
+        latest = self._latest
+        if latest is None or time.monotonic() - latest[1] > max_age_s:
+            return None
+        return latest[0]
 
 
 class LatestMarkers:
@@ -357,6 +382,10 @@ class MaceNode(Node):
         for srv in (self._adapt_ik_srv, self._complete_shape_srv):
             if srv is not None:
                 self._service_loop.add(srv)
+        self._joint_states = LatestJointState()
+        if self.config.joint_states_topic:
+            self.create_subscription(JointState, self.config.joint_states_topic,
+                                     self._joint_states.offer, 10)
         self._service_loop.start()
         markers_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1,
                                  reliability=ReliabilityPolicy.RELIABLE,
@@ -518,6 +547,10 @@ class MaceNode(Node):
         adapter = self._ik  # parameter changes swap in a new adapter; this request keeps its own
         kin = adapter.kin
         ik_request = conversions.ik_request_from_msg(request, kin.base_link)
+        if ik_request.seed_state is None:  # the robot's joints now, when a topic gives them
+            current = self._joint_states.fresh(self.config.joint_states_max_age_s)
+            if current is not None:
+                ik_request = replace(ik_request, seed_state=current)
         with self._gate.turn():
             _check_budget_left(arrival, ik_request.time_budget_s)
             result = adapter.solve(ik_request, start=arrival, cancel=self._cancel)

@@ -9,6 +9,7 @@ config, and validates them.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Mapping
 
@@ -24,7 +25,7 @@ from mace_core.tensor import TensorSpec
 #: Parameters fixed at start: the device and the models are loaded once, and the executor's
 #: threads are sized from max_concurrent_waiting.
 READ_ONLY = frozenset({"device", "torch_threads", "models_dir", "ik_model", "shape_priors",
-                       "max_concurrent_waiting"})
+                       "max_concurrent_waiting", "joint_states_topic"})
 
 
 #: values of ``request_log_level``
@@ -126,6 +127,8 @@ def validate(config: ServiceConfig) -> None:
            config.max_concurrent_waiting)
     _check(config.request_log_level in REQUEST_LOG_LEVELS, "request_log_level",
            f"one of {REQUEST_LOG_LEVELS}", config.request_log_level)
+    _check(math.isfinite(config.joint_states_max_age_s) and config.joint_states_max_age_s > 0,
+           "joint_states_max_age_s", "> 0", config.joint_states_max_age_s)
     try:
         config.ik.validate()
     except InvalidRequestError as exc:

@@ -125,3 +125,54 @@ def test_parameters_file_applies_under_any_namespace(rclpy_context, tmp_path):
     assert values == [5, True], log
     assert f"parameters file {elsewhere}: none of its sections ['mace'] applies" in log, log
     assert f"parameters file {changed}" not in log, log
+
+
+def test_the_robots_joint_states_seed_requests_that_carry_none(rclpy_context, tmp_path):
+    """``joint_states_topic``: the latest JointState a robot publishes there seeds the requests
+    without a ``seed_state`` (one solution near it: the published configuration itself, a free
+    solution of the pose asked for); a state older than ``joint_states_max_age_s`` seeds
+    nothing, and a request's own seed state wins."""
+    import torch
+    from sensor_msgs.msg import JointState
+
+    from mace_core.robot.kinematics import PANDA_JOINTS, RobotKinematics
+    from mace_core.tensor import TensorSpec
+
+    q = np.array([0.1, 0.5, -0.1, -1.9, 0.1, 2.4, 0.6])
+    pose = RobotKinematics.panda(TensorSpec(torch.device("cpu"), torch.float64)).ee_pose(
+        torch.tensor(q[None]))[0].numpy()
+    request = ik_request_to_msg(IKRequest(position=pose[:3, 3], rotation=pose[:3, :3],
+                                          orientation_tolerance=1e-3, num_solutions=1,
+                                          time_budget_s=2.0, seed=0))
+    node = NodeProcess(str(tmp_path / "node.log"), params={
+        "joint_states_topic": "/mace_test/robot/joint_states", "joint_states_max_age_s": 0.5})
+    client = MaceClient(node_name="mace_joint_states_probe")
+    publisher = client.node.create_publisher(JointState, "/mace_test/robot/joint_states", 10)
+    try:
+        wait_for_service(node, client)
+        deadline = time.monotonic() + 10.0
+        seeded = None
+        while time.monotonic() < deadline:  # until the node's subscription has matched
+            publisher.publish(JointState(name=["panda_finger_joint1"] + list(PANDA_JOINTS),
+                                         position=[0.04] + q.tolist()))
+            time.sleep(0.05)
+            seeded = client.call(request, timeout_s=10.0)
+            if "from the seed state" in seeded.message:
+                break
+        assert seeded is not None and "from the seed state" in seeded.message
+        assert np.linalg.norm(np.asarray(seeded.solutions[0].positions) - q) < 1e-4
+        own = ik_request_to_msg(IKRequest(position=pose[:3, 3], rotation=pose[:3, :3],
+                                          orientation_tolerance=1e-3, num_solutions=1,
+                                          time_budget_s=2.0, seed=0,
+                                          seed_state=np.array([0.0, -0.785, 0.0, -2.356, 0.0,
+                                                               1.571, 0.785])))
+        publisher.publish(JointState(name=list(PANDA_JOINTS), position=q.tolist()))
+        assert np.linalg.norm(np.asarray(client.call(own, timeout_s=10.0).solutions[0]
+                                         .positions) - q) > 0.1  # its own seed, not the topic's
+        time.sleep(1.0)  # the last state is now older than 0.5 s
+        stale = client.call(request, timeout_s=10.0)
+        assert stale.success and "seed state" not in stale.message
+    finally:
+        client.close()
+        status = node.stop()
+    assert status == 0, node.log()
