@@ -404,7 +404,10 @@ class MaceNode(Node):
                  f"(padding {self.config.ik.collision.padding_m:g} m; "
                  f"{self._ik.checker.num_spheres} spheres for the penalty), refiners "
                  f"{sorted(self._ik.refiners)}, {self._pose_ik_path()}, warm-up "
-                 f"{warmup_s * 1e3:.0f} ms; {shape}")
+                 f"{warmup_s * 1e3:.0f} ms; {shape}"
+                 + (f"; requests without a seed_state seeded from "
+                    f"{self.config.joint_states_topic}" if self.config.joint_states_topic
+                    else ""))
 
     def _pose_ik_path(self) -> str:
         """Which solver answers requests with an orientation, for the start-up line."""

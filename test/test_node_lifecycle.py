@@ -176,3 +176,4 @@ def test_the_robots_joint_states_seed_requests_that_carry_none(rclpy_context, tm
         client.close()
         status = node.stop()
     assert status == 0, node.log()
+    assert "seeded from /mace_test/robot/joint_states" in node.log()
