@@ -34,6 +34,7 @@ from mace_core.ik.benchmark import (METHODS, POSE_METHODS, PROTOCOLS, TABLE1_MET
                                     table1_service_config)
 from mace_core.ik.benchmark_report import format_table
 from mace_core.ik.request import IKAdaptConfig
+from mace_core.robot.kinematics import PANDA_READY
 from mace_core.robot.scenes import load_scene
 from mace_core.tensor import TensorSpec
 from mace_ros import fuzz
@@ -215,10 +216,6 @@ def _run_prior_accuracy(args: argparse.Namespace) -> int:
     return _report(accuracy_table(results), report(results), args.json)
 
 
-#: the Panda's ready configuration (rad), whose hand pose the samples figure asks for
-READY = (0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785)
-
-
 def _prior_samples_figure(path: str, name: str, prior, kin, args: argparse.Namespace) -> str:
     """``--figure``: ``--samples-per-pose`` raw samples of ``prior`` at the ready pose's hand
     pose, arms drawn; dashed where a sample leaves the joint limits."""
@@ -228,7 +225,7 @@ def _prior_samples_figure(path: str, name: str, prior, kin, args: argparse.Names
     from mace_ros.conversions import arm_points
     from mace_ros.plotting import plot_ik_solutions
 
-    pose = kin.ee_pose(kin.spec.tensor([READY]))  # (1, 4, 4)
+    pose = kin.ee_pose(kin.spec.tensor([PANDA_READY]))  # (1, 4, 4)
     n = args.samples_per_pose
     with torch.no_grad():
         q = prior.sample(context_of(prior.config.conditioning, pose).expand(n, -1),

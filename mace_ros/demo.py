@@ -93,9 +93,10 @@ def _tail(path: str, lines: int = 20) -> str:
 def nearest_to_the_robot(client, args: argparse.Namespace, scene, target: np.ndarray) -> bool:
     """MoveIt's question: one solution for the target, near the robot's joints now (its ready
     pose as ``seed_state``), the hand pointing down; prints it and how far the arm moves."""
+    from mace_core.robot.kinematics import PANDA_READY
     from mace_ros.client import format_solutions
 
-    ready = np.array([0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785])
+    ready = np.array(PANDA_READY)
     down = np.diag([1.0, -1.0, -1.0])  # the hand's z axis along the base's -z
     t0 = time.monotonic()
     response = client.adapt_ik(target, scene.obstacles, rotation=down,

@@ -142,15 +142,12 @@ def set_path(msg, path: str, value) -> None:
                 target = seq[int(index)]
 
 
-#: rad, the Panda's ready pose: the base IK request's seed state
-READY_STATE = (0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785)
-
-
 def base_ik_request(scene_path: str, budget_s: float):
     """A valid AdaptIK request: K = 16 at the centre of the scene's target region, position
     only, refinement "none": MACE alone, so that its iterations run into the budget; the robot
     at its ready pose (``seed_state``)."""
     from mace_core.ik.request import IKRequest
+    from mace_core.robot.kinematics import PANDA_READY
     from mace_core.robot.scenes import load_scene
     from mace_ros.conversions import ik_request_to_msg
 
@@ -158,7 +155,7 @@ def base_ik_request(scene_path: str, budget_s: float):
     target = (np.asarray(scene.targets.min) + np.asarray(scene.targets.max)) / 2.0
     msg = ik_request_to_msg(IKRequest(position=target, obstacles=list(scene.obstacles),
                                       num_solutions=16, time_budget_s=budget_s, seed=0,
-                                      refinement="none", seed_state=READY_STATE))
+                                      refinement="none", seed_state=PANDA_READY))
     msg.target.pose.orientation.w = 1.0
     return msg
 

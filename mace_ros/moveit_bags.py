@@ -311,7 +311,6 @@ def read_moveit_ik_calls(path: str | os.PathLike, kin: RobotKinematics,
     """Every ``/compute_ik`` call the bag holds, in order, each with the planning scene as it
     stood when it was asked and MoveIt's recorded answer (none: no call, no such topic)."""
     offsets = flange_offsets(kin)
-    limits = (kin.lower.detach().cpu().double().numpy(), kin.upper.detach().cpu().double().numpy())
     world = PlanningSceneState(kin.base_link)
     calls: dict[tuple, MoveItIKCall] = {}
     stamps: dict[tuple, dict[int, float]] = {}
@@ -333,7 +332,7 @@ def read_moveit_ik_calls(path: str | os.PathLike, kin: RobotKinematics,
             stamps.setdefault(key, {})[int(info.event_type)] = _stamp_s(info.stamp)
             if len(msg.request) and key not in calls:
                 calls[key] = _call(stamp, msg.request[0], world, offsets,
-                                   orientation_tolerance, limits)
+                                   orientation_tolerance, kin.limits_numpy)
             if len(msg.response) and key in calls:
                 call = calls[key]
                 call.error_code = int(msg.response[0].error_code.val)

@@ -21,7 +21,7 @@ from ..errors import InvalidRequestError, ModelLoadError, format_numbers, quote
 from ..robot.backends import exact_checker
 from ..robot.closed_form_ik import PandaClosedFormIK
 from ..robot.collision import SceneCollisionChecker
-from ..robot.kinematics import RobotKinematics, panda_urdf_path
+from ..robot.kinematics import PANDA_READY, RobotKinematics, panda_urdf_path
 from ..robot.rotations import geodesic_distance_numpy
 from ..robot.scenes import Obstacle, padded
 from ..robot.spheres import CollisionWorld, SphereCollisionChecker
@@ -75,9 +75,6 @@ class IKAdapter:
         self._pristine = {id(p): {k: v.detach().clone() for k, v in p.state_dict().items()}
                           for p in (self.prior, self.pose_prior) if p is not None}
         self.kin, self.checker, self.config, self.spec = kin, checker, config, spec
-        #: ``(7,)`` float64 lower and upper joint limits, rad, for checks on the host
-        self._limits_numpy = (kin.lower.detach().cpu().double().numpy(),
-                              kin.upper.detach().cpu().double().numpy())
         #: the exact checker that accepts and describes answers (None: the spheres do)
         self.exact: SceneCollisionChecker | None = exact_checker(config.collision.backend,
                                                                  str(spec.device))
@@ -245,7 +242,7 @@ class IKAdapter:
         if seed.shape != (kin.num_joints,) or not np.isfinite(seed).all():
             raise InvalidRequestError(f"seed_state must be {kin.num_joints} finite joint "
                                       f"positions (rad), got {format_numbers(seed.reshape(-1))}")
-        lower, upper = self._limits_numpy
+        lower, upper = kin.limits_numpy
         outside = (seed < lower - SEED_STATE_SLACK_RAD) | (seed > upper + SEED_STATE_SLACK_RAD)
         if outside.any():
             j = int(np.argmax(outside))
@@ -384,7 +381,7 @@ class IKAdapter:
                                  name="warm_up", kind="box", size=(0.1, 0.1, 0.1),
                                  position=(0.5, 0.3, 0.4))]))
         if "tracik" in self.refiners:  # its first call from a seed state takes twice as long
-            ready = np.array([0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785])
+            ready = np.array(PANDA_READY)
             pose = self.kin.ee_pose(self.spec.tensor(ready)[None])[0].detach().cpu().double()
             self.refiners["tracik"].solve_from_seed_state(ready, pose.numpy())
         self._last_position = None

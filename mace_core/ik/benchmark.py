@@ -270,7 +270,7 @@ def near_seed_states(configurations: np.ndarray, std_rad: float, seed: int,
     """``(n, 7)`` seed states near ``configurations (n, 7)`` (the ones pose targets were drawn
     from): plus N(0, ``std_rad``²) per joint (seeded), clipped onto ``kin``'s limits."""
     noise = np.random.default_rng([seed, 7]).normal(0.0, std_rad, configurations.shape)
-    return np.clip(configurations + noise, kin.lower.cpu().numpy(), kin.upper.cpu().numpy())
+    return np.clip(configurations + noise, *kin.limits_numpy)
 
 
 def with_extra_obstacles(scene: Scene, target: np.ndarray, count: int, seed: int,
@@ -447,7 +447,7 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
                 runners[method] = lambda i, target, baseline=baseline: baseline.solve(
                     target[:3], np.random.default_rng([cfg.seed, i]),
                     quat=target[3:] if pose_targets else None,
-                    seeds=None if seed_of(i) is None else seed_of(i)[None])
+                    seeds=None if (seed := seed_of(i)) is None else seed[None])
             elif method == "analytic_restarts":
                 floor = AnalyticRestarts(adapter.kin, judge.checker, cfg.num_solutions,
                                          cfg.tracik_timeout_s,

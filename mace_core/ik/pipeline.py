@@ -292,8 +292,9 @@ class RequestPipeline:
             if self.refining and accepted.shape[0] > 0:
                 if accepted.shape[0] > k:  # all of them otherwise: _describe ranks them
                     if seed is not None:  # spread out from the one nearest the seed state
-                        nearest = torch.linalg.vector_norm(accepted - seed, dim=-1).argmin()
-                        accepted = torch.cat([accepted[nearest:nearest + 1], accepted])
+                        first = int(torch.linalg.vector_norm(accepted - seed, dim=-1).argmin())
+                        accepted = torch.cat([accepted[first:first + 1], accepted[:first],
+                                              accepted[first + 1:]])
                     accepted = accepted[farthest_point_order(accepted, k)]
                 return describe(accepted, self.target, self.world, known_valid=True)
             cand_q, cand_s = self.cand_q, self.cand_s

@@ -374,10 +374,11 @@ class AnalyticRefiner:
         # checks taken in this order meet many q7 before many branches of one
         return sols.swapaxes(0, 1)[ok.T], more[more_ok]
 
-    def nearest_to(self, seed: torch.Tensor, target: IKTarget):
+    def nearest_to(self, seed: torch.Tensor, target: IKTarget, also=None):
         """The full pose's solutions nearest ``seed (7,)``: every branch at q7 values around the
-        seed's (:data:`NEAREST_Q7_OFFSETS_RAD`), ordered by Euclidean joint distance from the
-        seed, ``(A, 7)`` float64 in the closed form's array library. The nearest point of the
+        seed's (:data:`NEAREST_Q7_OFFSETS_RAD`), with the rows of the tensor ``also`` (``(E, 7)``:
+        solutions found otherwise), ordered by Euclidean joint distance from the seed,
+        ``(A, 7)`` float64 in the closed form's array library. The nearest point of the
         pose's self-motion lies at some q7 near the seed's when the hand is near the pose (a
         local solver started at the seed finds it); far from it, the offsets widen the search
         (one batched solve of 27 q7 values: up to 216 candidates)."""
@@ -389,7 +390,7 @@ class AnalyticRefiner:
         q7 = ops.clip(self._offsets[ops.name] + float(start[FREE_JOINT]), self._lower7,
                       self._upper7)
         sols, ok = cf.solve_arrays(ops.broadcast_to(pose, (q7.shape[0], 4, 4)), q7, ops)
-        found = sols[ok]  # (A, 7)
+        found = sols[ok] if also is None else ops.concat([sols[ok], ops.asarray(also)])
         return found[ops.norm(found - start).argsort()]
 
     def candidate_lists(self, q0: torch.Tensor, target: IKTarget, needed: int | None = None):

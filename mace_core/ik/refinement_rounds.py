@@ -153,16 +153,13 @@ class RefinementRounds:
         the exact checker in chunks of 1, 2, 4... (the nearest is usually free); without one,
         all judged at once by the spheres."""
         ad = self.adapter
-        found = ad.refiners["analytic"].nearest_to(seed, self.target)
-        tracik = ad.refiners.get("tracik")
+        tracik, local = ad.refiners.get("tracik"), None
         if tracik is not None:
-            start = seed.detach().cpu().double().numpy()
-            local = tracik.solve_from_seed_state(start, self.target.pose_numpy)
+            local = tracik.solve_from_seed_state(seed.detach().cpu().double().numpy(),
+                                                 self.target.pose_numpy)
             if local is not None:
-                rows = found if isinstance(found, np.ndarray) else found.cpu().numpy()
-                at = int(np.searchsorted(np.linalg.norm(rows - start, axis=-1),
-                                         np.linalg.norm(local - start)))
-                found = np.concatenate([rows[:at], local[None], rows[at:]])
+                local = torch.as_tensor(local, device=seed.device)[None]
+        found = ad.refiners["analytic"].nearest_to(seed, self.target, also=local)
         if not self.exact_first:
             rows = torch.as_tensor(found, device=seed.device, dtype=self.accepted.dtype)
             ok = ad._acceptable(self.cfg, rows, self.target, self.world).nonzero()

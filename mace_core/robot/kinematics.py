@@ -21,6 +21,8 @@ from ..tensor import TensorSpec
 
 #: Joint names of the Panda arm, in the order of every ``(B, 7)`` configuration tensor.
 PANDA_JOINTS = tuple(f"panda_joint{i}" for i in range(1, 8))
+#: The Panda's ready configuration (rad): where a robot waits, the seed state of demos and tests.
+PANDA_READY = (0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785)
 #: Finger opening used everywhere (each finger joint at 0.04 m: fingers open, as the scenes say).
 PANDA_FINGERS = {"panda_finger_joint1": 0.04, "panda_finger_joint2": 0.04}
 PANDA_BASE = "panda_link0"
@@ -226,6 +228,8 @@ class RobotKinematics:
             axes.append(joint.axis)
         self.lower = spec.tensor([urdf.joints[n].lower for n in self.joint_names])
         self.upper = spec.tensor([urdf.joints[n].upper for n in self.joint_names])
+        #: ``(J,)`` float64 NumPy copies of ``lower`` and ``upper``, for checks on the host
+        self.limits_numpy = (self.lower.cpu().double().numpy(), self.upper.cpu().double().numpy())
         # Links driven by each joint column: used for the analytic Jacobian.
         self._joint_links = [self.joint_index.index(c) for c in range(len(self.joint_names))]
         first = self._joint_links[0]  # a slice (a view) when they are consecutive, as for a chain
