@@ -113,7 +113,8 @@ def group_requests(requests: list[IKRequest], defaults: IKBenchmarkConfig,
 def node_runner(client, messages: list, timeout_s: float
                 ) -> Callable[[int, np.ndarray], TargetOutcome]:
     """A method that sends recorded request ``i`` to a running node (``client``: a
-    :class:`~mace_ros.client.MaceClient`) and times the call end to end, as a client sees it."""
+    :class:`~mace_ros.client.MaceClient`) and times the call end to end, as a client sees it;
+    the stage times are the node's own (its ``total_time``: the solve, without the call)."""
     def run(i: int, target: np.ndarray) -> TargetOutcome:
         message = messages[min(i, len(messages) - 1)]  # past the end: the warm-up
         t0 = time.perf_counter()
@@ -122,7 +123,11 @@ def node_runner(client, messages: list, timeout_s: float
         return TargetOutcome.at_once([s.positions for s in response.solutions], elapsed,
                                      valid_fraction_prior=response.valid_fraction_prior,
                                      valid_fraction_adapted=response.valid_fraction_adapted,
-                                     iterations_run=response.iterations_run)
+                                     iterations_run=response.iterations_run,
+                                     stage_times=dict(sampling=response.sampling_time,
+                                                      adaptation=response.adaptation_time,
+                                                      refinement=response.refinement_time,
+                                                      total=response.total_time))
     return run
 
 
@@ -279,6 +284,21 @@ def method_rows(group: dict) -> list[MethodRow]:
     return out
 
 
+def node_solve_share(group: dict) -> tuple[float, float] | None:
+    """s, the median over one group's requests of the node's own solve time (the
+    ``total_time`` it answers with) and of the same calls end to end: the difference is what
+    the call over ROS costs (conversions, serialization, DDS, the client's wait). None
+    without ``mace_node``."""
+    node = group["methods"].get("mace_node")
+    if node is None:
+        return None
+    rows = [r for r in node["per_target"] if (r.get("stage_times") or {}).get("total")]
+    if not rows:
+        return None
+    return (float(np.median([r["stage_times"]["total"] for r in rows])),
+            float(np.median([r["time_s"] for r in rows])))
+
+
 def _ms(seconds: float) -> str:
     return "-" if not math.isfinite(seconds) else f"{seconds * 1e3:,.1f}"
 
@@ -315,6 +335,12 @@ def markdown_report(report: dict) -> str:
                 f"{_ms(r.k_median_s)} / {_ms(r.k_p90_s)} | {_num(r.position_error_m, 1e3)} | "
                 f"{_num(r.orientation_error_rad, 1e3)} | {_num(r.pairwise_rad, digits=2)} |"
                 + (f" {_num(r.seed_distance_rad, digits=2)} |" if seeded else ""))
+        share = node_solve_share(group)
+        if share is not None:
+            parts[-1] += (f"\n\n`mace_node`: the node's own solve (the `total_time` it "
+                          f"answers with) took a median {_ms(share[0])} ms of the "
+                          f"{_ms(share[1])} ms a call took end to end; the rest is the call "
+                          f"over ROS (conversions, serialization, DDS, the client's wait).")
     note = _moveit_note(report)
     if note:
         parts.append(note + ". `moveit_recorded`: MoveIt's recorded answer "

@@ -668,7 +668,7 @@ def test_a_bag_replays_against_the_running_node(ik_client, tmp_path):
     from mace_core.ik.adapter import IKAdapter
     from mace_core.ik.request import IKAdaptConfig
     from mace_ros.bags import record_drawn_requests
-    from mace_ros.replay import replay_bag
+    from mace_ros.replay import markdown_report, node_solve_share, replay_bag
 
     record_drawn_requests(tmp_path / "bag", load_scene(BOX_SCENE), 2, 3, num_solutions=2)
     adapter = IKAdapter.from_models(MODELS_DIR, "panda_ik", IKAdaptConfig(), TensorSpec())
@@ -678,6 +678,12 @@ def test_a_bag_replays_against_the_running_node(ik_client, tmp_path):
     assert node["success_rate"] == 1.0 and node["k_success_rate"] == 1.0
     assert all(0.0 < row["time_s"] < 30.0 for row in node["per_target"])
     assert "over DDS" in node["time_basis"]
+    # the node's own solve time is what it answered with, less than the call end to end
+    solves = [row["stage_times"]["total"] for row in node["per_target"]]
+    assert all(0.0 < s < row["time_s"] for s, row in zip(solves, node["per_target"]))
+    solve, end_to_end = node_solve_share(group)
+    assert solve == float(np.median(solves)) and solve < end_to_end
+    assert f"took a median {solve * 1e3:,.1f} ms of the" in markdown_report(report)
 
 
 def test_markers_wait_for_a_quiet_node_and_only_the_newest_is_drawn():
