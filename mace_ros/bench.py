@@ -94,8 +94,8 @@ def _add_ik_parser(sub) -> None:
     p.add_argument("--table1-budget", type=float, default=d.table1_budget_s,
                    help="s of adaptation per target")
     p.add_argument("--extra-obstacles", type=int, default=d.extra_obstacles,
-                   help="requests: boxes added near each target (a changed workcell; MACE's "
-                        "methods only)")
+                   help="requests: boxes added near each target (a changed workcell; every "
+                        "method and the judge see them)")
     p.add_argument("--seed-state", type=float, nargs=7, metavar="Q", default=None,
                    help="requests: the robot's joints at every request, rad: MACE's requests "
                         "carry it, TRAC-IK's first attempt starts there (MoveIt's robot_state)")

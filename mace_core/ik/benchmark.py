@@ -100,7 +100,8 @@ class IKBenchmarkConfig:
     table1_budget_s: float = 1.0  #: s, wall-time budget of one adaptation (table1)
     table1_iterations: int = 40  #: T at most (table1); N, q, M, step size: the service config
     #: boxes (4-8 cm) added to the scene per target, drawn near it but clear of the hand's
-    #: target (seeded): a workcell that changed between requests; MACE's methods only
+    #: target (seeded): a workcell that changed between requests; every method and the judge
+    #: see them (the targets are drawn free of the scene without them)
     extra_obstacles: int = 0
     #: the robot's joints at every request (rad, 7; empty: none): MACE's requests carry it as
     #: ``seed_state`` and TRAC-IK's first attempt starts there, as MoveIt's IK starts at the
@@ -153,9 +154,6 @@ class IKBenchmarkConfig:
                                    or self.targets_file):
             raise InvalidRequestError("seed_near_rad needs drawn pose targets and no "
                                       "seed_state")
-        if self.extra_obstacles and any(m not in MACE_METHODS for m in self.methods):
-            raise InvalidRequestError(f"extra obstacles run MACE's methods only "
-                                      f"({sorted(MACE_METHODS)}), got {list(self.methods)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,6 +416,8 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
 
     runners: dict[str, Callable[[int, np.ndarray], TargetOutcome]] = {}
     outcomes: dict[str, list[TargetOutcome]] = {method: [] for method in cfg.methods}
+    #: the baselines, whose exact checker is each target's judge's (its extra obstacles too)
+    baselines: list[TracIKRestarts | AnalyticRestarts | BatchedRestarts] = []
 
     changed: dict[int, Scene] = {}  # target index -> its scene with the extra obstacles
 
@@ -448,12 +448,14 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
                     target[:3], np.random.default_rng([cfg.seed, i]),
                     quat=target[3:] if pose_targets else None,
                     seeds=None if (seed := seed_of(i)) is None else seed[None])
+                baselines.append(baseline)
             elif method == "analytic_restarts":
                 floor = AnalyticRestarts(adapter.kin, judge.checker, cfg.num_solutions,
                                          cfg.tracik_timeout_s,
                                          min_joint_distance=cfg.min_joint_distance)
                 runners[method] = lambda i, target, floor=floor: floor.solve(
                     pose_matrix(target), np.random.default_rng([cfg.seed, i]))
+                baselines.append(floor)
             elif method == "batched_restarts":
                 batched = BatchedRestarts(adapter.kin, judge.checker, cfg.num_solutions,
                                           cfg.tracik_timeout_s,
@@ -462,6 +464,7 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
                                           orientation_tolerance=cfg.orientation_tolerance)
                 runners[method] = lambda i, target, batched=batched: batched.solve(
                     pose_matrix(target), adapter.spec.generator(cfg.seed * 100003 + i))
+                baselines.append(batched)
             else:
                 for label, served_by in [("", adapter)] + sorted((others or {}).items()):
                     name = f"{method}@{label}" if label else method
@@ -487,6 +490,8 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
             judge_i = (judge if not cfg.extra_obstacles else SolutionJudge(
                 scene_of(i, target), cfg.position_tolerance,
                 orientation_tolerance=cfg.orientation_tolerance))
+            for baseline in baselines:  # they check against the scene as this request has it
+                baseline.checker = judge_i.checker
             for method, run_one in order[shift:] + order[:shift]:
                 o = run_one(i, target)
                 (o.valid, o.collision_free, o.position_error,
