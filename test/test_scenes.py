@@ -10,7 +10,8 @@ import yaml
 
 from mace_core.errors import InvalidRequestError
 from mace_core.robot.scenes import (Obstacle, Scene, TargetRegion, load_scene,
-                                    quaternion_xyzw_to_matrix, scene_from_dict)
+                                    quaternion_xyzw_to_matrix, scene_from_dict,
+                                    validate_obstacles)
 from mace_core.tensor import TensorSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,6 +113,44 @@ def test_load_scene_unreadable(tmp_path):
 def test_obstacle_validate(obstacle, message):
     with pytest.raises(InvalidRequestError, match=message):
         obstacle.validate()
+
+
+GOOD_OBSTACLES = (
+    Obstacle("box", "box", (0.1, 0.2, 0.3), (0.5, 0.0, 0.2),
+             quaternion_xyzw_to_matrix((0.0, 0.0, math.sin(0.3), math.cos(0.3)))),
+    Obstacle("ball", "sphere", (0.05,), (0.4, 0.1, 0.3)),
+    Obstacle("can", "cylinder", (0.2, 0.04), (0.3, -0.2, 0.1)),
+    Obstacle("arrays", "box", np.array([0.1, 0.1, 0.1]), np.zeros(3), np.eye(3)),
+)
+
+
+@pytest.mark.parametrize("bad", [
+    Obstacle("a", "box", (1.0, 1.0), (0.0, 0.0, 0.0)),
+    Obstacle("a", "sphere", (-0.1,), (0.0, 0.0, 0.0)),
+    Obstacle("a", "sphere", 0.1, (0.0, 0.0, 0.0)),
+    Obstacle("a", "cylinder", (0.1, float("nan")), (0.0, 0.0, 0.0)),
+    Obstacle("a", "box", (1.0, 1.0, 1.0), (0.0, 0.0)),
+    Obstacle("a", "box", (1.0, 1.0, 1.0), ("x", 0.0, 0.0)),
+    Obstacle("a", "prism", (1.0,), (0.0, 0.0, 0.0)),
+    Obstacle("a", ["box"], (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)),
+    Obstacle("a", "box", (1.0, 1.0, 1.0), (0.0, 0.0, 0.0),
+             ((1.0, 0.1, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))),
+    Obstacle("a", "box", (1.0, 1.0, 1.0), (0.0, 0.0, 0.0),
+             ((-1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))),
+    Obstacle("a", "box", (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), ((1.0, 0.0), (0.0, 1.0))),
+])
+def test_obstacles_validated_at_once_as_one_at_a_time(bad):
+    """The batched validation (a request's world) accepts what Obstacle.validate accepts and
+    refuses, with its message, the first obstacle it refuses."""
+    validate_obstacles(GOOD_OBSTACLES)
+    validate_obstacles(())
+    with pytest.raises(InvalidRequestError) as one:
+        bad.validate()
+    for where in range(len(GOOD_OBSTACLES) + 1):
+        obstacles = GOOD_OBSTACLES[:where] + (bad,) + GOOD_OBSTACLES[where:]
+        with pytest.raises(InvalidRequestError) as batched:
+            validate_obstacles(obstacles)
+        assert str(batched.value) == str(one.value)
 
 
 def test_sample_targets_inside_region():

@@ -23,7 +23,7 @@ from ..robot.closed_form_ik import PandaClosedFormIK
 from ..robot.collision import SceneCollisionChecker
 from ..robot.kinematics import PANDA_READY, RobotKinematics, panda_urdf_path
 from ..robot.rotations import geodesic_distance_numpy
-from ..robot.scenes import Obstacle, padded
+from ..robot.scenes import Obstacle, padded, validate_obstacles
 from ..robot.spheres import CollisionWorld, SphereCollisionChecker
 from ..tensor import TensorSpec
 from .conditioning import context_of
@@ -257,9 +257,8 @@ class IKAdapter:
         key = tuple(obstacles)
         if self._world_of_last(key) is None:
             pad = self.config.collision.padding_m
-            if pad > 0.0:
-                for o in key:  # as given: the grown ones are checked where they are tensorized
-                    o.validate()
+            if pad > 0.0:  # as given: the grown ones are checked where they are tensorized
+                validate_obstacles(key)
             world = CollisionWorld.from_obstacles([padded(o, pad) for o in key], self.spec)
             self._world = (key, world)
         return self._world[1]

@@ -16,7 +16,7 @@ from ..errors import ModelLoadError
 from .collision import joint_batch, self_collision_link_pairs
 from .kinematics import PANDA_FINGERS, PANDA_JOINTS, URDFModel, panda_urdf_path
 from .rotations import matrix_to_quaternion_xyzw
-from .scenes import Obstacle
+from .scenes import Obstacle, validate_obstacles
 
 
 class PyBulletCollisionChecker:
@@ -41,8 +41,7 @@ class PyBulletCollisionChecker:
         urdf_path = urdf_path or panda_urdf_path()
         with open(urdf_path) as f:
             self.urdf = URDFModel.from_text(f.read(), os.path.dirname(urdf_path))
-        for o in obstacles:
-            o.validate()
+        validate_obstacles(obstacles)
         self.obstacles = tuple(obstacles)
         self.client = p.connect(p.DIRECT)
         if self.client < 0:

@@ -84,7 +84,7 @@ class Obstacle:
     def validate(self) -> None:
         """Raise InvalidRequestError on an unknown kind, bad sizes, NaN/inf or a non-rotation."""
         label = f"obstacle {quote(self.name)}"
-        if self.kind not in OBSTACLE_DIMENSIONS:
+        if not isinstance(self.kind, str) or self.kind not in OBSTACLE_DIMENSIONS:
             raise InvalidRequestError(f"{label}: kind must be one of "
                                       f"{tuple(OBSTACLE_DIMENSIONS)}, got {quote(self.kind)}")
         dims = OBSTACLE_DIMENSIONS[self.kind]
@@ -119,6 +119,53 @@ class Obstacle:
     def rotation_matrix(self) -> np.ndarray:
         """(3, 3) rotation base-from-primitive."""
         return np.asarray(self.rotation, dtype=float)
+
+
+def validate_obstacles(obstacles: Sequence[Obstacle]) -> None:
+    """:meth:`Obstacle.validate` on every one of ``obstacles``, batched: the same verdicts, in
+    one pass of NumPy over all of them (a request's world is validated where it is built, and
+    again by each checker it is written into: one at a time, 20-25 us an obstacle, a third of
+    a millisecond for the cabinet's 14). Where any check fails, or a field is not a plain
+    sequence of numbers, the obstacles are validated one at a time, so the message is the one
+    of :meth:`Obstacle.validate` for the first that fails.
+
+    Raises:
+        InvalidRequestError: an obstacle fails :meth:`Obstacle.validate`.
+    """
+    if not obstacles:
+        return
+    try:
+        ok = _all_valid(obstacles)
+    except (TypeError, ValueError):  # a field of another shape or type: one at a time
+        ok = False
+    if not ok:
+        for o in obstacles:
+            o.validate()
+
+
+def _all_valid(obstacles: Sequence[Obstacle]) -> bool:
+    """Whether every obstacle passes :meth:`Obstacle.validate` (raises TypeError or ValueError
+    where a field is not numbers of the expected shape)."""
+    by_kind: dict[str, list[Sequence[float]]] = {}
+    for o in obstacles:
+        if not isinstance(o.kind, str) or o.kind not in OBSTACLE_DIMENSIONS:
+            return False
+        by_kind.setdefault(o.kind, []).append(o.size)
+    for kind, sizes in by_kind.items():
+        size = np.asarray(sizes, dtype=float)
+        if (size.shape != (len(sizes), OBSTACLE_DIMENSIONS[kind])
+                or not np.isfinite(size).all() or not (size > 0.0).all()):
+            return False
+    pos = np.asarray([o.position for o in obstacles], dtype=float)
+    rot = np.asarray([o.rotation for o in obstacles], dtype=float)
+    n = len(obstacles)
+    if pos.shape != (n, 3) or rot.shape != (n, 3, 3):
+        return False
+    if not (np.isfinite(pos).all() and np.isfinite(rot).all()):
+        return False
+    gram = np.abs(rot @ rot.transpose(0, 2, 1) - np.eye(3)).max()
+    return bool(gram <= ROTATION_TOLERANCE
+                and np.abs(np.linalg.det(rot) - 1.0).max() <= ROTATION_TOLERANCE)
 
 
 def padded(obstacle: Obstacle, padding_m: float) -> Obstacle:
@@ -175,8 +222,7 @@ class Scene:
         names = [o.name for o in self.obstacles]
         if len(set(names)) != len(names):
             raise InvalidRequestError(f"scene '{self.name}': obstacle names are not unique")
-        for obstacle in self.obstacles:
-            obstacle.validate()
+        validate_obstacles(self.obstacles)
         self.targets.validate()
 
     def sample_targets(self, n: int, generator: torch.Generator,

@@ -26,7 +26,7 @@ from ..paths import default_models_dir
 from ..tensor import TensorSpec
 from .collision import self_collision_link_pairs
 from .kinematics import RobotKinematics
-from .scenes import Obstacle
+from .scenes import Obstacle, validate_obstacles
 
 
 def default_spheres_path() -> str:
@@ -285,8 +285,7 @@ class CollisionWorld:
         Raises:
             InvalidRequestError: an obstacle fails :meth:`Obstacle.validate`.
         """
-        for o in obstacles:
-            o.validate()
+        validate_obstacles(obstacles)
         ordered = sorted(obstacles, key=lambda o: _KIND_CODES[o.kind])
         rot = np.stack([o.rotation_matrix for o in ordered]) if ordered else np.zeros((0, 3, 3))
         pos = np.asarray([o.position for o in ordered], dtype=float).reshape(-1, 3)
