@@ -281,6 +281,24 @@ def test_pybullet_screen_matches_pairwise(pybullet_truth):
     assert np.array_equal(exact_self_collision_free(q), ~expected[:, 0])
 
 
+def test_pybullet_obstacles_replaced_in_place(pybullet_truth):
+    """set_obstacles gives the verdicts of a checker built with the new obstacles: the old
+    ones are gone (a benchmark judges each request's changed scene in one client)."""
+    window, q, truth = pybullet_truth["window"]
+    wall, q_wall, truth_wall = pybullet_truth["wall"]
+    q, q_wall = q[:150].numpy(), q_wall[:150].numpy()
+    with PyBulletCollisionChecker(wall.obstacles) as pb:
+        assert np.array_equal(pb.valid(q_wall), truth_wall[:150])
+        pb.set_obstacles(window.obstacles)
+        assert pb.obstacles == tuple(window.obstacles)
+        assert np.array_equal(pb.valid(q), truth[:150])
+        pb.set_obstacles(())
+        with PyBulletCollisionChecker() as empty:
+            assert np.array_equal(pb.valid(q), empty.valid(q))
+        with pytest.raises(InvalidRequestError):
+            pb.set_obstacles([Obstacle("a", "box", (1.0, 1.0), (0.0, 0.0, 0.0))])
+
+
 def _worker_valid(args):
     obstacles, q = args
     with PyBulletCollisionChecker(obstacles) as pb:

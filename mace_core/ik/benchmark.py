@@ -203,6 +203,11 @@ class SolutionJudge:
             valid &= turn <= self.orientation_tolerance
         return valid, free, err, turn
 
+    def set_scene(self, scene: Scene) -> None:
+        """Judge in ``scene`` from now on (its obstacles replace the checker's)."""
+        self.scene = scene
+        self.checker.set_obstacles(scene.obstacles)
+
     def close(self) -> None:
         self.checker.close()
 
@@ -420,6 +425,7 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
     baselines: list[TracIKRestarts | AnalyticRestarts | BatchedRestarts] = []
 
     changed: dict[int, Scene] = {}  # target index -> its scene with the extra obstacles
+    changed_judge: SolutionJudge | None = None  # judges those
 
     def scene_of(i: int, target: np.ndarray) -> Scene:
         """Target ``i``'s scene, with its extra obstacles when asked for (drawn once)."""
@@ -487,9 +493,14 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
         order = list(runners.items())
         for i, target in enumerate(targets):
             shift = i % len(order)
-            judge_i = (judge if not cfg.extra_obstacles else SolutionJudge(
-                scene_of(i, target), cfg.position_tolerance,
-                orientation_tolerance=cfg.orientation_tolerance))
+            judge_i = judge
+            if cfg.extra_obstacles:  # one more client, its obstacles replaced per target: a
+                if changed_judge is None:  # new one each time loads the meshes again and
+                    changed_judge = SolutionJudge(  # leaves the next solve 2x slower
+                        scene_of(i, target), cfg.position_tolerance,
+                        orientation_tolerance=cfg.orientation_tolerance)
+                changed_judge.set_scene(scene_of(i, target))
+                judge_i = changed_judge
             for baseline in baselines:  # they check against the scene as this request has it
                 baseline.checker = judge_i.checker
             for method, run_one in order[shift:] + order[:shift]:
@@ -500,11 +511,11 @@ def run_requests(adapter: IKAdapter, scene: Scene, cfg: IKBenchmarkConfig,
                     o.seed_distance = float(np.linalg.norm(
                         o.solutions[o.valid] - seed_of(i), axis=-1).min())
                 outcomes[method].append(o)
-            if judge_i is not judge:
-                judge_i.close()
         log(f"[{scene.name}] {', '.join(runners)}: done")
     finally:
         judge.close()
+        if changed_judge is not None:
+            changed_judge.close()
     methods = {method: asdict(summarize(rows, cfg.num_solutions,
                                         _time_basis(method.split("@")[0], cfg)))
                for method, rows in outcomes.items()}

@@ -42,7 +42,7 @@ class PyBulletCollisionChecker:
         with open(urdf_path) as f:
             self.urdf = URDFModel.from_text(f.read(), os.path.dirname(urdf_path))
         validate_obstacles(obstacles)
-        self.obstacles = tuple(obstacles)
+        self.obstacles = tuple(obstacles)  #: the obstacles checked against (set_obstacles)
         self.client = p.connect(p.DIRECT)
         if self.client < 0:
             raise ModelLoadError("cannot start a PyBullet DIRECT client")
@@ -74,6 +74,26 @@ class PyBulletCollisionChecker:
         for a, b in combinations(geometric, 2):
             if frozenset((a, b)) not in self._pair_set:
                 p.setCollisionFilterPair(self.robot, self.robot, a, b, 0, physicsClientId=cid)
+        self._bodies: list[int] = []  #: a fixed body per obstacle
+        self._add_bodies()
+        self._moving = [i for i in geometric if i != -1]
+
+    def set_obstacles(self, obstacles: Sequence[Obstacle]) -> None:
+        """Check against ``obstacles`` from now on: their bodies replace the last ones in the
+        same client (a new checker loads the robot's meshes again: 0.1 s and 90 MB).
+
+        Raises:
+            InvalidRequestError: an obstacle fails :meth:`Obstacle.validate`.
+        """
+        validate_obstacles(obstacles)
+        for body in self._bodies:  # (their shapes stay: PyBullet refuses to remove those)
+            self._p.removeBody(body, physicsClientId=self.client)
+        self.obstacles = tuple(obstacles)
+        self._add_bodies()
+
+    def _add_bodies(self) -> None:
+        """A fixed body per obstacle of :attr:`obstacles`, never colliding with the base link."""
+        p, cid = self._p, self.client
         self._bodies = []
         for o in self.obstacles:
             if o.kind == "box":
@@ -92,7 +112,6 @@ class PyBulletCollisionChecker:
             p.setCollisionFilterPair(self.robot, body, -1, -1, 0, physicsClientId=cid)
             self._bodies.append(body)
         self._body_set = set(self._bodies)
-        self._moving = [i for i in geometric if i != -1]
 
     # -- lifecycle ------------------------------------------------------------------------------
     def close(self) -> None:
