@@ -171,12 +171,14 @@ def format_solutions(response: AdaptIK.Response) -> str:
     lines = [f"success: {response.success}  message: {response.message}"]
     if not response.solutions:
         return lines[0]
-    lines.append(f"{'#':>2} {'free':>5} {'pos err mm':>10} {'rot err deg':>11}  joints (rad)")
+    lines.append(f"{'#':>2} {'free':>5} {'pos err mm':>10} {'rot err deg':>11} "
+                 f"{'clear mm':>8}  joints (rad)")
     for i, sol in enumerate(response.solutions):
         joints = " ".join(f"{v:+.3f}" for v in sol.positions)
         lines.append(f"{i + 1:>2} {str(sol.collision_free):>5} "
                      f"{sol.position_error * 1e3:>10.4f} "
-                     f"{np.degrees(sol.orientation_error):>11.3f}  {joints}")
+                     f"{np.degrees(sol.orientation_error):>11.3f} "
+                     f"{sol.clearance * 1e3:>8.1f}  {joints}")
     lines.append(
         f"valid fraction: prior {response.valid_fraction_prior:.3f} -> adapted "
         f"{response.valid_fraction_adapted:.3f} ({response.iterations_run} MACE iterations)")

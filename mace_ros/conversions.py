@@ -263,7 +263,8 @@ def ik_result_to_msg(result: IKAdaptResult, response: AdaptIK.Response) -> Adapt
                       positions=[float(v) for v in sol.q], score=float(sol.score),
                       position_error=float(sol.position_error),
                       orientation_error=float(sol.orientation_error),
-                      collision_free=bool(sol.collision_free))
+                      collision_free=bool(sol.collision_free),
+                      clearance=float(sol.clearance))
         for sol in result.solutions]
     response.valid_fraction_prior = float(result.valid_fraction_prior)
     response.valid_fraction_adapted = float(result.valid_fraction_adapted)
@@ -278,13 +279,13 @@ def ik_result_to_msg(result: IKAdaptResult, response: AdaptIK.Response) -> Adapt
 def ik_result_from_msg(response: AdaptIK.Response) -> IKAdaptResult:
     """The client's view of a response as a core result.
 
-    The message carries no clearance (NaN here) and no K asked for (the number of solutions).
+    The message carries no K asked for (the number of solutions is taken).
     """
     names = list(response.solutions[0].joint_names) if response.solutions else []
     solutions = [IKSolution(q=np.asarray(s.positions, dtype=float), score=s.score,
                             position_error=s.position_error,
                             orientation_error=s.orientation_error,
-                            collision_free=s.collision_free, clearance=math.nan)
+                            collision_free=s.collision_free, clearance=s.clearance)
                  for s in response.solutions]
     timings = IKTimings(sampling=response.sampling_time, adaptation=response.adaptation_time,
                         refinement=response.refinement_time, total=response.total_time)

@@ -227,8 +227,9 @@ def test_result_round_trip():
     back = conv.ik_result_from_msg(response)
     for a, b in zip(result.solutions, back.solutions):
         np.testing.assert_allclose(a.q, b.q)
-        assert (a.score, a.position_error, a.collision_free) == (
-            pytest.approx(b.score), pytest.approx(b.position_error), b.collision_free)
+        assert (a.score, a.position_error, a.collision_free, a.clearance) == (
+            pytest.approx(b.score), pytest.approx(b.position_error), b.collision_free,
+            pytest.approx(b.clearance))
     assert back.timings == result.timings
     assert back.valid_fraction_adapted == pytest.approx(0.75)
 

@@ -72,6 +72,13 @@ def test_box_scene_returns_collision_free_solutions(ik_client, box):
     scene, target = box
     response = ik_client.call(box_request(box), timeout_s=30.0)
     assert_valid_solutions(response, scene, target, 4)
+    # each solution's clearance is PyBullet's distance to the obstacles, ranked largest first
+    clearance = [s.clearance for s in response.solutions]
+    assert clearance == sorted(clearance, reverse=True)
+    q = np.array([s.positions for s in response.solutions])
+    with PyBulletCollisionChecker(scene.obstacles) as exact:
+        np.testing.assert_allclose(clearance, exact.clearance(q, reach_m=1.0), atol=2e-4)
+    assert all(0.0 < c <= 1.0 for c in clearance)
     assert response.total_time > 0.0 and response.sampling_time > 0.0
     assert response.total_time >= response.sampling_time
     assert 0.0 <= response.valid_fraction_prior <= 1.0

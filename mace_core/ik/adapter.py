@@ -34,7 +34,7 @@ from .refinement import (AnalyticRefiner, DLSRefiner, IKTarget, PenaltyFn, Refin
                          pose_errors)
 from .refinement_rounds import farthest_point_indices, farthest_point_order
 from .registry import IK_KINDS, load_ik_prior, load_registry
-from .request import IKAdaptConfig, IKAdaptResult, IKRequest, IKSolution
+from .request import CLEARANCE_REACH_M, IKAdaptConfig, IKAdaptResult, IKRequest, IKSolution
 
 #: The request fields that override the config's ``mace`` (Algorithm 1's settings), and all
 #: the fields that override the config (see :meth:`IKAdapter.effective_config`).
@@ -277,12 +277,14 @@ class IKAdapter:
         """``(B,)`` m, float64: each row of ``q (B, 7)`` (``x``: the same in float64 NumPy) from
         the obstacles as given (the world is grown by the padding): the exact checker's when
         configured (PyBullet's measure), else the spheres' (a lower bound; ``poses``: their
-        link poses when known)."""
+        link poses when known); :data:`CLEARANCE_REACH_M` where none is nearer."""
         pad = self.config.collision.padding_m
         if self.exact is None:
-            return self.checker.clearance(q, world, poses=poses).cpu().double().numpy() + pad
+            near = self.checker.clearance(q, world, poses=poses).cpu().double().numpy() + pad
+            return np.minimum(near, CLEARANCE_REACH_M)
         self.exact.set_obstacles(world.obstacles)
-        return self.exact.clearance(x) + pad
+        return np.minimum(self.exact.clearance(x, reach_m=CLEARANCE_REACH_M) + pad,
+                          CLEARANCE_REACH_M)
 
     def _valid(self, q: torch.Tensor, world: CollisionWorld,
                poses: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,6 +17,8 @@ from ..robot.scenes import Obstacle
 from .refinement import RefinementConfig
 
 REFINEMENTS = ("none", "dls", "tracik", "moveit", "analytic")
+#: m, the farthest a solution's clearance is measured: where no obstacle is nearer, this
+CLEARANCE_REACH_M = 1.0
 
 
 @dataclass
@@ -204,7 +206,9 @@ class IKSolution:
     position_error: float  #: m
     orientation_error: float  #: rad (0 for position-only requests)
     collision_free: bool  #: free of self-collision and obstacles, within joint limits
-    clearance: float  #: m, smallest distance from the robot's spheres to an obstacle
+    #: m, smallest distance from the arm's links to an obstacle as given (the exact checker's
+    #: meshes, or a lower bound by the spheres); :data:`CLEARANCE_REACH_M` where none is nearer
+    clearance: float
 
 
 @dataclass
