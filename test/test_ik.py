@@ -792,6 +792,30 @@ def test_one_solution_near_a_seed_state_is_answered_without_a_draw(adapter, pose
         assert pb.valid(result.solutions[0].q[None])[0]
 
 
+def test_the_local_attempt_is_made_only_where_the_closed_form_has_none_near(
+        adapter, monkeypatch):
+    """TRAC-IK's one attempt from the seed (up to 8 ms on a 2-core machine) is made only where
+    the closed form's nearest free solution is more than LOCAL_ATTEMPT_BEYOND_RAD from the seed:
+    not for a seed near a free solution, which the closed form finds, but from the ready pose,
+    far from this pose's solutions."""
+    from mace_core.ik.refinement_rounds import LOCAL_ATTEMPT_BEYOND_RAD
+    from mace_core.robot.kinematics import PANDA_READY
+
+    tracik, calls = adapter.refiners["tracik"], []
+    real = tracik.solve_from_seed_state
+    monkeypatch.setattr(tracik, "solve_from_seed_state",
+                        lambda seed, pose: calls.append(seed) or real(seed, pose))
+    box = load_scene("config/scenes/box.yaml")
+    q_star = np.array([0.1, 0.5, -0.1, -1.9, 0.1, 2.4, 0.6])
+    near = q_star + np.array([0.05, -0.05, 0.05, 0.05, -0.05, 0.05, -0.03])
+    req = replace(_pose_request(box, q_star), num_solutions=1)
+    found = adapter.solve(replace(req, seed_state=near)).solutions[0].q
+    assert not calls and np.linalg.norm(found - near) < 0.2
+    found = adapter.solve(replace(req, seed_state=np.asarray(PANDA_READY))).solutions[0].q
+    assert len(calls) == 1
+    assert np.linalg.norm(found - np.asarray(PANDA_READY)) > LOCAL_ATTEMPT_BEYOND_RAD
+
+
 def test_a_seed_states_solution_at_a_joint_limit_is_found_by_the_local_attempt(monkeypatch):
     """A free solution with joints 3 and 5 at their limits is within the limits for a sliver
     of q7 the closed form's grid around the seed misses (its nearest is 3.26 rad off); the

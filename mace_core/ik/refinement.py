@@ -289,6 +289,9 @@ class TracIKRefiner:
 NEAREST_Q7_OFFSETS_RAD = tuple(np.concatenate([
     np.linspace(-0.4, 0.4, 17), np.array([0.6, 0.8, 1.0, 1.3, 1.6]),
     -np.array([0.6, 0.8, 1.0, 1.3, 1.6])]).round(3).tolist())
+#: rad, the offsets from the nearest of those at which :meth:`AnalyticRefiner.nearest_to` solves
+#: again (between the grid's values, where a local solver from the seed converges)
+NEAREST_Q7_POLISH_RAD = (-0.025, -0.0125, -0.00625, 0.00625, 0.0125, 0.025)
 
 
 class AnalyticRefiner:
@@ -316,9 +319,10 @@ class AnalyticRefiner:
         # by array library, float64: the (G,) q7 values to fall back on
         grid = np.linspace(float(closed_form.lower[6]), self._upper7, q7_grid)
         self._grids = {"numpy": grid, "torch": torch.as_tensor(grid, device=kin.spec.device)}
-        offsets = np.asarray(NEAREST_Q7_OFFSETS_RAD)
+        offsets, polish = np.asarray(NEAREST_Q7_OFFSETS_RAD), np.asarray(NEAREST_Q7_POLISH_RAD)
         self._offsets = {"numpy": offsets,
                          "torch": torch.as_tensor(offsets, device=kin.spec.device)}
+        self._polish = {"numpy": polish, "torch": torch.as_tensor(polish, device=kin.spec.device)}
         self._lower7 = float(closed_form.lower[6])
 
     def _grid_for(self, seeds, ops: ArrayOps):
@@ -374,24 +378,33 @@ class AnalyticRefiner:
         # checks taken in this order meet many q7 before many branches of one
         return sols.swapaxes(0, 1)[ok.T], more[more_ok]
 
-    def nearest_to(self, seed: torch.Tensor, target: IKTarget, also=None):
-        """The full pose's solutions nearest ``seed (7,)``: every branch at q7 values around the
-        seed's (:data:`NEAREST_Q7_OFFSETS_RAD`), with the rows of the tensor ``also`` (``(E, 7)``:
-        solutions found otherwise), ordered by Euclidean joint distance from the seed,
-        ``(A, 7)`` float64 in the closed form's array library. The nearest point of the
-        pose's self-motion lies at some q7 near the seed's when the hand is near the pose (a
-        local solver started at the seed finds it); far from it, the offsets widen the search
-        (one batched solve of 27 q7 values: up to 216 candidates)."""
+    def nearest_to(self, seed: torch.Tensor, target: IKTarget):
+        """The full pose's solutions nearest ``seed (7,)``, ordered by Euclidean joint distance
+        from it, ``(A, 7)`` float64 in the closed form's array library: every branch at q7
+        values around the seed's (:data:`NEAREST_Q7_OFFSETS_RAD`), then around the nearest of
+        those (:data:`NEAREST_Q7_POLISH_RAD`). The nearest point of the pose's self-motion lies
+        at some q7 near the seed's when the hand is near the pose (a local solver started at
+        the seed finds it); far from it, the offsets widen the search (two batched solves: 27
+        q7 values, up to 216 candidates, then 6)."""
         cf = self.closed_form
         ops = cf.ops_for(seed)
         start = ops.asarray(seed).reshape(-1)
         pose = (target.pose_numpy if ops.name == "numpy"
                 else torch.as_tensor(target.pose_numpy, device=seed.device))
-        q7 = ops.clip(self._offsets[ops.name] + float(start[FREE_JOINT]), self._lower7,
-                      self._upper7)
-        sols, ok = cf.solve_arrays(ops.broadcast_to(pose, (q7.shape[0], 4, 4)), q7, ops)
-        found = sols[ok] if also is None else ops.concat([sols[ok], ops.asarray(also)])
+        found = self._solve_at(pose, self._offsets[ops.name] + float(start[FREE_JOINT]), ops)
+        if found.shape[0]:
+            nearest = found[int(ops.norm(found - start).argmin())]
+            found = ops.concat([found, self._solve_at(
+                pose, self._polish[ops.name] + float(nearest[FREE_JOINT]), ops)])
         return found[ops.norm(found - start).argsort()]
+
+    def _solve_at(self, pose, q7, ops: ArrayOps):
+        """Every solution of ``pose (4, 4)`` at the values ``q7 (G,)`` (clipped onto joint 7's
+        limits): ``(A, 7)``."""
+        q7 = ops.clip(q7, self._lower7, self._upper7)
+        sols, ok = self.closed_form.solve_arrays(ops.broadcast_to(pose, (q7.shape[0], 4, 4)), q7,
+                                                 ops)
+        return sols[ok]
 
     def candidate_lists(self, q0: torch.Tensor, target: IKTarget, needed: int | None = None):
         """:meth:`project`'s answers in the order checks should take them, each ``(A, 7)``
