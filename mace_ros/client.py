@@ -6,6 +6,7 @@
 
     mace-client ik --scene config/scenes/box.yaml --target 0.55 0 0.12 -k 8
     mace-client ik --scene config/scenes/box.yaml --target 0.55 0 0.12 --seed-from /joint_states
+    mace-client ik --target 0.5 0 0.4 --orientation 1 0 0 0 --ik-link panda_link8
     mace-client shape --prior boxes --cut top -k 8 --png out/shape.png
 """
 
@@ -116,7 +117,7 @@ class MaceClient:
             time_budget_s: wall-clock budget of the request, s.
             **overrides: other :class:`~mace_core.ik.request.IKRequest` fields (iterations,
                 refinement, objective, num_samples, quantile, gradient_steps, learning_rate,
-                seed, orientation_tolerance, seed_state).
+                seed, orientation_tolerance, seed_state, ik_link).
         """
         obstacles = list(obstacles) + (list(load_scene(scene).obstacles) if scene else [])
         request = IKRequest(position=np.asarray(position, dtype=float), obstacles=obstacles,
@@ -230,6 +231,9 @@ def _parser() -> argparse.ArgumentParser:
     ik.add_argument("--seed-from", metavar="TOPIC",
                     help="take the seed state from the next sensor_msgs/JointState on TOPIC "
                          "(e.g. /joint_states)")
+    ik.add_argument("--ik-link", default="",
+                    help="the link --target (and --orientation) is for: a link rigidly "
+                         "attached to the end effector, e.g. panda_link8 (needs --orientation)")
     ik.add_argument("--service", default="/mace/adapt_ik")
     ik.add_argument("--wait", type=float, default=10.0, help="s to wait for the service")
     shape = sub.add_parser(
@@ -352,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     overrides = {k: v for k, v in (("iterations", args.iterations),
                                    ("refinement", args.refinement), ("seed", args.seed),
-                                   ("seed_state", args.seed_state))
+                                   ("seed_state", args.seed_state),
+                                   ("ik_link", args.ik_link or None))
                  if v is not None}
 
     def ask(client: MaceClient) -> int:

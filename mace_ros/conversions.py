@@ -189,7 +189,8 @@ def ik_request_from_msg(req: AdaptIK.Request, base_frame: str = BASE_FRAME) -> I
         gradient_steps=int(req.gradient_steps) or None,
         learning_rate=float(req.learning_rate) or None,
         seed=None if req.seed == -1 else int(req.seed),
-        seed_state=seed_state_from_msg(req.seed_state))
+        seed_state=seed_state_from_msg(req.seed_state),
+        ik_link=req.ik_link_name)
 
 
 def seed_state_from_msg(state: JointState,
@@ -247,6 +248,7 @@ def ik_request_to_msg(request: IKRequest, base_frame: str = BASE_FRAME) -> Adapt
     if request.seed_state is not None:
         msg.seed_state = JointState(name=list(PANDA_JOINTS),
                                     position=[float(v) for v in request.seed_state])
+    msg.ik_link_name = request.ik_link
     return msg
 
 

@@ -198,7 +198,7 @@ def _ik_fields() -> list[tuple[str, str]]:
     fields += [(f"obstacles[1].primitive_poses[0].orientation.{a}", "float") for a in "xw"]
     fields += [("obstacles[1].primitives[0].type", "uint8")]
     fields += [(f"seed_state.position[{j}]", "float") for j in (0, 3)]
-    fields += [("seed_state.name[6]", "string")]
+    fields += [("seed_state.name[6]", "string"), ("ik_link_name", "string")]
     return fields
 
 
@@ -239,6 +239,7 @@ def limit_values(params_file: str) -> dict[tuple[str, str], tuple]:
             ("ik", "gradient_steps"): (ik.max_gradient_steps,),
             ("ik", "learning_rate"): (ik.max_learning_rate,),
             ("ik", "refinement"): ("dls", "tracik"), ("ik", "objective"): ("is",),
+            ("ik", "ik_link_name"): ("panda_link8", "panda_grasptarget"),
             ("shape", "num_completions"): (shape.max_completions,),
             ("shape", "iterations"): (shape.max_iterations,),
             ("shape", "finger_radius"): (shape.max_finger_radius,)}

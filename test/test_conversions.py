@@ -47,7 +47,8 @@ def full_request() -> IKRequest:
                      orientation_tolerance=0.05, num_solutions=5, time_budget_s=0.7,
                      iterations=0, refinement="tracik", objective="is", num_samples=256,
                      quantile=0.1, gradient_steps=2, learning_rate=1e-3, seed=11,
-                     seed_state=np.array([0.1, -0.7, 0.2, -2.3, 0.0, 1.6, 0.8]))
+                     seed_state=np.array([0.1, -0.7, 0.2, -2.3, 0.0, 1.6, 0.8]),
+                     ik_link="panda_link8")
 
 
 def assert_requests_equal(a: IKRequest, b: IKRequest) -> None:
@@ -59,6 +60,7 @@ def assert_requests_equal(a: IKRequest, b: IKRequest) -> None:
                  "refinement", "objective", "num_samples", "quantile", "gradient_steps",
                  "learning_rate", "seed"):
         assert getattr(a, name) == pytest.approx(getattr(b, name)), name
+    assert a.ik_link == b.ik_link
     assert (a.seed_state is None) == (b.seed_state is None)
     if a.seed_state is not None:
         np.testing.assert_allclose(a.seed_state, b.seed_state)

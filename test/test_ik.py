@@ -727,6 +727,35 @@ def _pose_request(scene, q, **kw):
                      **kw)
 
 
+def test_a_target_for_the_flange_is_answered_at_the_flange(adapter):
+    """``ik_link`` (MoveIt's ``ik_link_name``): a pose given for a link rigidly attached to the
+    end effector (the flange) is reached by that link; a position alone for it, a link across
+    a joint and an unknown one are refused with the reason."""
+    box = load_scene("config/scenes/box.yaml")
+    q_star = np.array([0.1, 0.5, -0.1, -1.9, 0.1, 2.4, 0.6])
+    kin64 = RobotKinematics.panda(TensorSpec(torch.device("cpu"), torch.float64))
+    flange = kin64.link_names.index("panda_link8")
+    pose = kin64.link_poses(torch.as_tensor(q_star)[None])[0, flange].numpy()
+    req = IKRequest(position=pose[:3, 3], rotation=pose[:3, :3], orientation_tolerance=1e-3,
+                    obstacles=list(box.obstacles), num_solutions=4, time_budget_s=5.0, seed=0,
+                    ik_link="panda_link8")
+    result = adapter.solve(req)
+    assert result.num_found == 4, result.message
+    q = torch.as_tensor(np.stack([s.q for s in result.solutions]))
+    reached = kin64.link_poses(q)[:, flange].numpy()
+    np.testing.assert_allclose(reached[:, :3, 3], np.broadcast_to(pose[:3, 3], (4, 3)),
+                               atol=1e-6)
+    np.testing.assert_allclose(reached[:, :3, :3], np.broadcast_to(pose[:3, :3], (4, 3, 3)),
+                               atol=1e-5)
+    for bad, message in ((dict(rotation=None, orientation_tolerance=0.0), "needs its orientation"),
+                         (dict(ik_link="panda_link6"), "not a link rigidly attached"),
+                         (dict(ik_link="tool0"), "not a link rigidly attached")):
+        with pytest.raises(InvalidRequestError, match=message):
+            adapter.solve(replace(req, **bad))
+    ee = _pose_request(box, q_star, ik_link="panda_grasptarget")
+    assert adapter.solve(ee).num_found == 8
+
+
 @pytest.mark.parametrize("pose_target", [True, False])
 def test_a_seed_state_gets_the_solution_nearest_it_first(adapter, pose_target):
     """With the robot's state as ``seed_state``, the first solution is the one a local solver

@@ -150,3 +150,25 @@ def test_numpy_end_effector_pose_is_torchs():
     kin = RobotKinematics.panda(spec)
     q = kin.sample_uniform(300, spec.generator(2))
     assert np.abs(kin.ee_pose_numpy(q.numpy()) - kin.ee_pose(q).numpy()).max() < 1e-12
+
+
+def test_rigid_transforms_between_links_are_their_relative_poses():
+    """The flange, the hand and the end effector are rigidly attached: the transform from the
+    URDF's fixed joints is their relative pose at any configuration (float64); across a joint,
+    or for an unknown link, there is none."""
+    kin = RobotKinematics.panda(TensorSpec(torch.device("cpu"), torch.float64))
+    urdf = kin.urdf
+    q = kin.sample_uniform(5, kin.spec.generator(3))
+    poses = kin.link_poses(q).numpy()
+    ee = kin.ee_index
+    for link in ("panda_link7", "panda_link8", "panda_hand", "panda_grasptarget"):
+        rigid = urdf.rigid_transform(link, kin.ee_link)
+        i = kin.link_names.index(link)
+        for b in range(5):
+            np.testing.assert_allclose(np.linalg.inv(poses[b, i]) @ poses[b, ee], rigid,
+                                       atol=1e-12)
+    np.testing.assert_allclose(urdf.rigid_transform("panda_grasptarget", "panda_grasptarget"),
+                               np.eye(4))
+    assert urdf.rigid_transform("panda_link6", kin.ee_link) is None
+    assert urdf.rigid_transform("panda_leftfinger", kin.ee_link) is None
+    assert urdf.rigid_transform("no_such_link", kin.ee_link) is None

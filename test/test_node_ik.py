@@ -112,6 +112,28 @@ def test_pose_request_is_answered_exactly(ik_client, box):
     assert all(s.orientation_error <= 1e-3 for s in response.solutions)
 
 
+def test_a_pose_for_the_flange_is_reached_by_the_flange(ik_client, box):
+    """``ik_link_name`` (as MoveIt's): the target is the flange's pose, and the flange reaches
+    it; a link across a joint gets success = false and the links that may be named."""
+    scene, _ = box
+    kin64 = RobotKinematics.panda(TensorSpec(torch.device("cpu"), torch.float64))
+    flange = kin64.link_names.index("panda_link8")
+    q = torch.tensor([[0.1, 0.5, -0.1, -1.9, 0.1, 2.4, 0.6]], dtype=torch.float64)
+    pose = kin64.link_poses(q)[0, flange].numpy()
+    request = box_request(box, position=pose[:3, 3], rotation=pose[:3, :3],
+                          orientation_tolerance=1e-3, ik_link="panda_link8")
+    assert request.ik_link_name == "panda_link8"
+    response = ik_client.call(request, timeout_s=30.0)
+    assert response.success and len(response.solutions) == 4, response.message
+    reached = kin64.link_poses(torch.tensor([s.positions for s in response.solutions],
+                                            dtype=torch.float64))[:, flange].numpy()
+    assert np.abs(reached[:, :3, 3] - pose[:3, 3]).max() < 1e-6
+    assert np.abs(reached[:, :3, :3] - pose[:3, :3]).max() < 1e-5
+    request.ik_link_name = "panda_link6"
+    response = ik_client.call(request, timeout_s=30.0)
+    assert not response.success and "panda_link8" in response.message, response.message
+
+
 def test_a_seed_state_gets_the_nearest_solution_first(ik_client, box):
     """``seed_state`` as a robot publishes it (its joints by name, the fingers too): for a pose
     whose free solution the seed is, that solution comes first and the rest by distance."""

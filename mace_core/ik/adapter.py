@@ -88,6 +88,10 @@ class IKAdapter:
         else:
             self.closed_form = None
         self.refiners.update(refiners or {})
+        #: link -> ``(4, 4)`` pose of the end effector in it, for every link rigidly attached
+        #: to the end effector (the links a request's target may be given for: ``ik_link``)
+        self.ee_in_link = {link: pose for link in kin.urdf.links
+                           if (pose := kin.urdf.rigid_transform(link, kin.ee_link)) is not None}
         self._last_position: torch.Tensor | None = None  # (3,) target of the last solve()
         self._adapted: ARGMMPrior | None = None  # the prior whose weights a request changed
         self._world: tuple[tuple[Obstacle, ...], CollisionWorld] | None = None  # the last scene
@@ -233,6 +237,38 @@ class IKAdapter:
                     f"{format_numbers(o.size)} m must be within limits.max_coordinate_m = "
                     f"{lim.max_coordinate_m:g} m")
 
+    def _at_end_effector(self, request: IKRequest) -> IKRequest:
+        """``request`` with its target moved from ``ik_link`` onto the end effector: ``T_ee =
+        T_link · T_link_ee`` for a link rigidly attached to it (:attr:`ee_in_link`), as MoveIt's
+        ``ik_link_name``; unchanged where it names none or the end effector itself.
+
+        Raises:
+            InvalidRequestError: a link not rigidly attached to the end effector, or a
+                position-only target for a link whose origin is not the end effector's (where
+                the end effector lies depends on the orientation, which is not given).
+        """
+        link, ee = request.ik_link, self.kin.ee_link
+        if link in ("", ee):
+            return request
+        offset = self.ee_in_link.get(link) if isinstance(link, str) else None
+        if offset is None:
+            raise InvalidRequestError(
+                f"ik_link {quote(link)} is not a link rigidly attached to the end effector "
+                f"{quote(ee)} (these are: {', '.join(sorted(self.ee_in_link))})")
+        if request.rotation is None:
+            away = float(np.linalg.norm(offset[:3, 3]))
+            if away > 1e-9:
+                raise InvalidRequestError(
+                    f"a position target for ik_link {quote(link)} needs its orientation "
+                    f"(use_orientation): the end effector {quote(ee)} is {away * 1e3:.1f} mm "
+                    f"from it, in a direction that turns with it")
+            return replace(request, ik_link="")
+        pose = np.eye(4)
+        pose[:3, :3] = np.asarray(request.rotation, dtype=float)
+        pose[:3, 3] = np.asarray(request.position, dtype=float)
+        at_ee = pose @ offset
+        return replace(request, position=at_ee[:3, 3], rotation=at_ee[:3, :3], ik_link="")
+
     def _validate_seed_state(self, seed_state) -> None:
         """Raise InvalidRequestError unless ``seed_state`` is the arm's joints, finite and
         within their limits up to :data:`SEED_STATE_SLACK_RAD` (a robot at a stop may read a
@@ -314,7 +350,7 @@ class IKAdapter:
                 loop (the answer is then whatever was found).
         """
         self.exact_checks = 0
-        run = RequestPipeline(self, request, start, cancel)
+        run = RequestPipeline(self, self._at_end_effector(request), start, cancel)
         run.answer_one_from_seed_state()
         run.draw_first_batch()
         run.refine_while_adding()

@@ -177,7 +177,7 @@ class IKAdaptConfig:
 class IKRequest:
     """One IK query in the robot's base frame. ``None`` fields take the config's defaults."""
 
-    position: np.ndarray  #: (3,) target of the end effector, m
+    position: np.ndarray  #: (3,) target of the end effector (or of ``ik_link``), m
     obstacles: list[Obstacle] = field(default_factory=list)  #: obstacles, base frame
     rotation: np.ndarray | None = None  #: (3, 3) target orientation, or None: position-only
     orientation_tolerance: float = 0.0  #: rad, used with ``rotation``
@@ -195,6 +195,10 @@ class IKRequest:
     #: nearest it joins the answer, which is ranked by joint distance from it (None: by
     #: clearance)
     seed_state: np.ndarray | None = None
+    #: the link whose pose ``position`` and ``rotation`` give (MoveIt's ``ik_link_name``): the
+    #: end effector ("" or its name) or a link rigidly attached to it (the Panda's flange
+    #: ``panda_link8``, ``panda_hand``); tolerances and errors are the end effector's
+    ik_link: str = ""
 
 
 @dataclass

@@ -156,6 +156,27 @@ class URDFModel:
             link = by_child[link].parent
         return chain[::-1]
 
+    def rigid_transform(self, link: str, other: str) -> np.ndarray | None:
+        """``(4, 4)`` float64 pose of ``other`` in ``link``'s frame where the two are rigidly
+        attached (only fixed joints between them and their common ancestor, e.g. the Panda's
+        flange ``panda_link8``, ``panda_hand`` and ``panda_grasptarget``); None where a movable
+        joint lies between them or either is not a link of the robot."""
+        if link not in self.links or other not in self.links:
+            return None
+        a, b = self.path_to_root(link), self.path_to_root(other)
+        shared = 0
+        while shared < min(len(a), len(b)) and a[shared].name == b[shared].name:
+            shared += 1
+        poses = []
+        for path in (a[shared:], b[shared:]):
+            if any(j.kind != "fixed" for j in path):
+                return None
+            pose = np.eye(4)
+            for j in path:
+                pose = pose @ j.origin
+            poses.append(pose)
+        return np.linalg.inv(poses[0]) @ poses[1]
+
 
 def _axis_rotation(axis: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     """Rotations about unit axes (Rodrigues): axis (..., 3), angle (B, ...) -> (B, ..., 3, 3)."""
