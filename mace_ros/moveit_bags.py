@@ -242,20 +242,6 @@ class PlanningSceneState:
 # Reading
 # ----------------------------------------------------------------------------------------------
 
-def flange_offsets(kin: RobotKinematics) -> dict[str, np.ndarray]:
-    """link -> (4, 4) pose of the end effector in that link, for every link rigidly attached to
-    the end effector (the same at two random configurations)."""
-    q = kin.sample_uniform(2, kin.spec.generator(0))
-    poses = kin.link_poses(q).double().cpu().numpy()  # (2, L, 4, 4)
-    ee = kin.ee_index
-    out = {}
-    for i, name in enumerate(kin.link_names):
-        rel = [np.linalg.inv(poses[b, i]) @ poses[b, ee] for b in range(2)]
-        if np.allclose(rel[0], rel[1], atol=1e-5):  # float32 kinematics: 1e-7 apart
-            out[name] = rel[0]
-    return out
-
-
 def _stamp_s(stamp) -> float:
     return float(stamp.sec) + 1e-9 * float(stamp.nanosec)
 
@@ -310,7 +296,7 @@ def read_moveit_ik_calls(path: str | os.PathLike, kin: RobotKinematics,
                          orientation_tolerance: float = 1e-3) -> list[MoveItIKCall]:
     """Every ``/compute_ik`` call the bag holds, in order, each with the planning scene as it
     stood when it was asked and MoveIt's recorded answer (none: no call, no such topic)."""
-    offsets = flange_offsets(kin)
+    offsets = kin.ee_in_link
     world = PlanningSceneState(kin.base_link)
     calls: dict[tuple, MoveItIKCall] = {}
     stamps: dict[tuple, dict[int, float]] = {}
@@ -411,7 +397,7 @@ def write_moveit_style_bag(path: str | os.PathLike, requests: Iterable[IKRequest
     (all zeros without one)."""
     store = moveit_typestore()
     t = store.types
-    link_from_ee = np.linalg.inv(flange_offsets(kin)[ik_link])
+    link_from_ee = np.linalg.inv(kin.ee_in_link[ik_link])
     writer = Writer(path, version=9, storage_plugin=StoragePlugin.MCAP)
     writer.open()
     try:

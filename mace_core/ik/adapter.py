@@ -88,10 +88,6 @@ class IKAdapter:
         else:
             self.closed_form = None
         self.refiners.update(refiners or {})
-        #: link -> ``(4, 4)`` pose of the end effector in it, for every link rigidly attached
-        #: to the end effector (the links a request's target may be given for: ``ik_link``)
-        self.ee_in_link = {link: pose for link in kin.urdf.links
-                           if (pose := kin.urdf.rigid_transform(link, kin.ee_link)) is not None}
         self._last_position: torch.Tensor | None = None  # (3,) target of the last solve()
         self._adapted: ARGMMPrior | None = None  # the prior whose weights a request changed
         self._world: tuple[tuple[Obstacle, ...], CollisionWorld] | None = None  # the last scene
@@ -239,7 +235,7 @@ class IKAdapter:
 
     def _at_end_effector(self, request: IKRequest) -> IKRequest:
         """``request`` with its target moved from ``ik_link`` onto the end effector: ``T_ee =
-        T_link · T_link_ee`` for a link rigidly attached to it (:attr:`ee_in_link`), as MoveIt's
+        T_link · T_link_ee`` for a link rigidly attached to it (``kin.ee_in_link``), as MoveIt's
         ``ik_link_name``; unchanged where it names none or the end effector itself.
 
         Raises:
@@ -250,11 +246,11 @@ class IKAdapter:
         link, ee = request.ik_link, self.kin.ee_link
         if link in ("", ee):
             return request
-        offset = self.ee_in_link.get(link) if isinstance(link, str) else None
+        offset = self.kin.ee_in_link.get(link) if isinstance(link, str) else None
         if offset is None:
             raise InvalidRequestError(
                 f"ik_link {quote(link)} is not a link rigidly attached to the end effector "
-                f"{quote(ee)} (these are: {', '.join(sorted(self.ee_in_link))})")
+                f"{quote(ee)} (these are: {', '.join(sorted(self.kin.ee_in_link))})")
         if request.rotation is None:
             away = float(np.linalg.norm(offset[:3, 3]))
             if away > 1e-9:

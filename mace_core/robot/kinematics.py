@@ -229,6 +229,10 @@ class RobotKinematics:
             raise ModelLoadError(f"end-effector link '{ee_link}' is not below '{base_link}'")
         index = {name: k for k, name in enumerate(self.link_names)}
         self.ee_index = index[ee_link]
+        #: link -> ``(4, 4)`` float64 pose of the end effector in it, for every link rigidly
+        #: attached to the end effector (a target given for such a link is the end effector's)
+        self.ee_in_link = {link: pose for link in self.link_names
+                           if (pose := urdf.rigid_transform(link, ee_link)) is not None}
         self.parent_index: list[int] = [-1]
         self.joint_index: list[int] = [-1]  # column of q driving the link, -1 for constant joints
         origins, axes = [np.eye(4)], [np.zeros(3)]
