@@ -720,7 +720,7 @@ def test_markers_wait_for_a_quiet_node_and_only_the_newest_is_drawn():
     before the node has been quiet for the delay (a client asking back to back leaves gaps of
     well under a millisecond), and of a burst of answers only the newest (the topic keeps one
     array)."""
-    from mace_ros.node import LatestMarkers
+    from mace_ros.latest import LatestMarkers
 
     published, quiet_since = [], [None]
 
@@ -753,7 +753,7 @@ def test_markers_wait_for_a_quiet_node_and_only_the_newest_is_drawn():
 
 
 def test_markers_are_not_built_while_nothing_subscribes():
-    from mace_ros.node import LatestMarkers
+    from mace_ros.latest import LatestMarkers
 
     built, subscribers = [], [0]
 
