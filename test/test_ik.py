@@ -898,3 +898,40 @@ def test_a_seed_state_inside_an_obstacle_moves_to_the_nearest_free_solution(adap
     plain = adapter.solve(req)
     nearest = np.linalg.norm(seeded.solutions[0].q - q_star)
     assert nearest <= min(np.linalg.norm(s.q - q_star) for s in plain.solutions) + 1e-9
+
+
+def test_a_batch_answers_every_target_within_its_share_of_the_budget(adapter):
+    """``solve_batch``: each target answered as alone (K valid poses), in order; a refused one
+    (its reason passed through, or the adapter's) does not stop the others; target i ends by
+    (i + 1) / n of the budget; an empty batch or a bad budget is refused."""
+    from mace_core.ik.batch import solve_batch
+    from mace_core.ik.benchmark import sample_pose_targets
+
+    box = load_scene("config/scenes/box.yaml")
+    with PyBulletCollisionChecker(box.obstacles) as pb:  # hand poses of free configurations
+        _, configurations = sample_pose_targets(box, 3, 0, pb, configurations=True)
+    requests = [replace(_pose_request(box, q), num_solutions=4) for q in configurations]
+    nan = replace(requests[0], position=np.array([np.nan, 0.0, 0.3]))
+    t0 = time.perf_counter()
+    answers = solve_batch(adapter, [requests[0], "refused upstream", nan, *requests[1:]], 1.0)
+    spent = time.perf_counter() - t0
+    assert [a.success for a in answers] == [True, False, False, True, True]
+    assert answers[1].error == "refused upstream" and "finite" in answers[2].error
+    for answer in (answers[0], *answers[3:]):
+        assert answer.result.num_found == 4, answer.result.message
+    assert spent < 1.0 + 0.1
+    with PyBulletCollisionChecker(box.obstacles) as pb:
+        assert pb.valid(np.stack([s.q for s in answers[3].result.solutions])).all()
+    # a target that cannot be answered keeps to its share: the next still gets its own
+    hard = replace(requests[0], num_solutions=64, time_budget_s=30.0)
+    t0 = time.perf_counter()
+    answers = solve_batch(adapter, [hard, requests[1]], 0.4)
+    assert time.perf_counter() - t0 < 0.4 + 0.1
+    assert answers[0].result.timings.total < 0.2 + 0.05 and answers[1].success
+    for bad, message in (([], "1 to limits.max_batch_targets"),
+                         (requests * 1001, "1 to limits.max_batch_targets")):
+        with pytest.raises(InvalidRequestError, match=message):
+            solve_batch(adapter, bad, 1.0)
+    for budget in (0.0, float("nan"), 31.0):
+        with pytest.raises(InvalidRequestError, match="for the whole batch"):
+            solve_batch(adapter, requests, budget)

@@ -32,6 +32,7 @@ class IKLimits:
     max_learning_rate: float = 0.1  #: largest Adam step size (larger ones turn weights to NaN)
     max_time_budget_s: float = 30.0  #: s
     max_obstacles: int = 512  #: primitives per request
+    max_batch_targets: int = 1000  #: targets in one batch (``/mace/adapt_ik_batch``)
     #: m, largest obstacle size and distance of an obstacle's centre from the base along any
     #: axis (float32 geometry stays exact to well below a millimetre within it)
     max_coordinate_m: float = 100.0
@@ -112,7 +113,7 @@ class IKAdaptConfig:
                                           + (f" ({hint})" if hint else ""))
 
         for name in ("max_solutions", "max_samples", "max_iterations", "max_gradient_steps",
-                     "max_obstacles"):
+                     "max_obstacles", "max_batch_targets"):
             check(getattr(lim, name) >= 1, f"limits.{name}", ">= 1", getattr(lim, name))
         for name in ("max_time_budget_s", "max_learning_rate", "max_coordinate_m", "reach_m"):
             value = getattr(lim, name)
