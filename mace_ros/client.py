@@ -30,10 +30,11 @@ from mace_core.shape.benchmark import (BOX_CUTS, GRASP_CENTERS, GRASP_DIRECTIONS
                                        partial_box)
 from mace_core.shape.completion import ShapeCompletionRequest
 from mace_core.tensor import TensorSpec
-from mace_ros.conversions import (BASE_FRAME, ik_request_to_msg, points_from_cloud, pose_msg,
-                                  seed_state_from_msg, shape_request_to_msg)
+from mace_ros.conversions import (BASE_FRAME, ik_batch_request_to_msg, ik_request_to_msg,
+                                  points_from_cloud, pose_msg, seed_state_from_msg,
+                                  shape_request_to_msg)
 from mace_ros import serving
-from mace_ros.srv import AdaptIK, CompleteShape
+from mace_ros.srv import AdaptIK, AdaptIKBatch, CompleteShape
 
 #: Seconds a call may wait beyond its time budget (queueing behind other requests, transport).
 CALL_MARGIN_S = 30.0
@@ -44,15 +45,16 @@ BOX_FINGER_RADIUS_M = 0.02
 
 
 class MaceClient:
-    """Calls ``/mace/adapt_ik`` and ``/mace/complete_shape`` from its own node, no executor (safe
-    to use one per thread).
+    """Calls ``/mace/adapt_ik``, ``/mace/adapt_ik_batch`` and ``/mace/complete_shape`` from its
+    own node, no executor (safe to use one per thread).
 
     Call :func:`rclpy.init` first; :meth:`close` destroys the node.
     """
 
     def __init__(self, service: str = "/mace/adapt_ik", node_name: str = "mace_client",
                  base_frame: str = BASE_FRAME, shape_service: str | None = None):
-        """``shape_service`` defaults to ``complete_shape`` next to ``service``."""
+        """``shape_service`` defaults to ``complete_shape`` next to ``service``; the batch
+        service is ``service`` + ``_batch``."""
         self.node = Node(node_name)
         self.base_frame = base_frame
         if shape_service is None:
@@ -62,6 +64,8 @@ class MaceClient:
         self._client = self.node.create_client(AdaptIK, service, callback_group=group)
         self._shape_client = self.node.create_client(CompleteShape, shape_service,
                                                      callback_group=group)
+        self._batch_client = self.node.create_client(AdaptIKBatch, service + "_batch",
+                                                     callback_group=group)
 
     def wait(self, timeout_s: float = 30.0, shape: bool = False) -> bool:
         """True once ``adapt_ik`` (or ``complete_shape`` with ``shape``) is available (False
@@ -69,9 +73,9 @@ class MaceClient:
         client = self._shape_client if shape else self._client
         return client.wait_for_service(timeout_sec=timeout_s)
 
-    def call(self, request: AdaptIK.Request | CompleteShape.Request,
-             timeout_s: float) -> AdaptIK.Response | CompleteShape.Response:
-        """Send a ready-made request (either service's) and wait for its response.
+    def call(self, request: AdaptIK.Request | AdaptIKBatch.Request | CompleteShape.Request,
+             timeout_s: float):
+        """Send a ready-made request (any of the three services') and wait for its response.
 
         Waits for the service first: a request sent before the server is discovered is lost.
 
@@ -79,6 +83,7 @@ class MaceClient:
             TimeoutError: no service, or no response within ``timeout_s``.
         """
         client = (self._shape_client if isinstance(request, CompleteShape.Request)
+                  else self._batch_client if isinstance(request, AdaptIKBatch.Request)
                   else self._client)
         if not client.wait_for_service(timeout_sec=timeout_s):
             raise TimeoutError(f"{client.srv_name} is not available (is the node running, "
@@ -125,6 +130,21 @@ class MaceClient:
                             time_budget_s=time_budget_s, **overrides)
         return self.call(ik_request_to_msg(request, self.base_frame),
                          timeout_s=time_budget_s + CALL_MARGIN_S)
+
+    def adapt_ik_batch(self, targets: np.ndarray, obstacles: Sequence[Obstacle] = (),
+                       scene: str | None = None, num_solutions: int = 8,
+                       time_budget_s: float = 1.0, **fields) -> AdaptIKBatch.Response:
+        """Ask for ``num_solutions`` configurations at each of ``targets`` in one call
+        (``/mace/adapt_ik_batch``, next to ``adapt_ik``): ``(N, 3)`` positions or ``(N, 7)``
+        poses (x, y, z, qx, qy, qz, qw), base frame; ``time_budget_s`` per target. ``fields``:
+        total_time_budget_s (the whole batch's; 0: the node's default), orientation_tolerance,
+        ik_link, seed, seed_state (:func:`~mace_ros.conversions.ik_batch_request_to_msg`).
+        One answer per target."""
+        obstacles = list(obstacles) + (list(load_scene(scene).obstacles) if scene else [])
+        msg = ik_batch_request_to_msg(targets, obstacles, num_solutions, time_budget_s,
+                                      base_frame=self.base_frame, **fields)
+        whole = msg.total_time_budget or len(msg.targets) * time_budget_s
+        return self.call(msg, timeout_s=whole + CALL_MARGIN_S)
 
     def complete_shape(self, points=None, viewpoint=None, contacts=None, directions=None,
                        prior: str = "boxes", num_completions: int = 8,

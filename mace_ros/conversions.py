@@ -21,13 +21,14 @@ from std_msgs.msg import ColorRGBA, Header
 from visualization_msgs.msg import Marker, MarkerArray
 
 from mace_core.errors import InvalidRequestError, format_numbers, quote
+from mace_core.ik.batch import IKBatchAnswer
 from mace_core.ik.request import IKAdaptResult, IKRequest, IKSolution, IKTimings
 from mace_core.robot.kinematics import PANDA_JOINTS, RobotKinematics
 from mace_core.robot.rotations import matrix_to_quaternion_xyzw
 from mace_core.robot.scenes import Obstacle, quaternion_xyzw_to_matrix
 from mace_core.shape.completion import ShapeCompletionRequest, ShapeCompletionResult
-from mace_ros.msg import CollisionObject, IKSolution as IKSolutionMsg
-from mace_ros.srv import AdaptIK, CompleteShape
+from mace_ros.msg import CollisionObject, IKAnswer, IKSolution as IKSolutionMsg
+from mace_ros.srv import AdaptIK, AdaptIKBatch, CompleteShape
 
 #: The robot's base frame: every pose of a request must be in it (there is no tf2 here).
 BASE_FRAME = "panda_link0"
@@ -160,15 +161,7 @@ def ik_request_from_msg(req: AdaptIK.Request, base_frame: str = BASE_FRAME) -> I
 
     ``num_solutions`` and ``time_budget`` are passed on as given: the core rejects 0.
     """
-    _check_frame(req.target.header.frame_id, base_frame, "target")
-    position = np.asarray(_point(req.target.pose.position), dtype=float)
-    if not np.all(np.isfinite(position)):
-        raise InvalidRequestError(f"target position must be finite, got "
-                                  f"{format_numbers(position)}")
-    rotation = None
-    if req.use_orientation:
-        rotation = np.asarray(_rotation_from_quaternion(req.target.pose.orientation,
-                                                        "target orientation"))
+    position, rotation = _target_from_msg(req.target, req.use_orientation, base_frame)
     if req.iterations < -1:
         raise InvalidRequestError(f"iterations must be -1 (the node's default) or >= 0, got "
                                   f"{req.iterations}")
@@ -191,6 +184,102 @@ def ik_request_from_msg(req: AdaptIK.Request, base_frame: str = BASE_FRAME) -> I
         seed=None if req.seed == -1 else int(req.seed),
         seed_state=seed_state_from_msg(req.seed_state),
         ik_link=req.ik_link_name)
+
+
+def _target_from_msg(target: PoseStamped, use_orientation: bool, base_frame: str,
+                     what: str = "target") -> tuple[np.ndarray, np.ndarray | None]:
+    """A target's ``(3,)`` position and ``(3, 3)`` rotation (None without ``use_orientation``),
+    in the base frame."""
+    _check_frame(target.header.frame_id, base_frame, what)
+    position = np.asarray(_point(target.pose.position), dtype=float)
+    if not np.all(np.isfinite(position)):
+        raise InvalidRequestError(f"{what} position must be finite, got "
+                                  f"{format_numbers(position)}")
+    rotation = None
+    if use_orientation:
+        rotation = np.asarray(_rotation_from_quaternion(target.pose.orientation,
+                                                        f"{what} orientation"))
+    return position, rotation
+
+
+def ik_batch_requests_from_msg(req: AdaptIKBatch.Request, base_frame: str = BASE_FRAME,
+                               max_total_s: float = math.inf
+                               ) -> tuple[list[IKRequest | str], float]:
+    """An AdaptIKBatch request as one request per target (the shared fields in each, the
+    per-target ``time_budget``; target ``i`` seeded with ``seed + i``), or for a target
+    malformed here the reason, and the whole batch's budget (s): ``total_time_budget``, or
+    where it is 0 the per-target budget times the targets, at most ``max_total_s``. Raises
+    InvalidRequestError for what all targets share (obstacles, seed)."""
+    if req.seed < -1:
+        raise InvalidRequestError(f"seed must be -1 (random) or >= 0, got {req.seed}")
+    shared = dict(obstacles=obstacles_from_msgs(req.obstacles, base_frame),
+                  orientation_tolerance=(float(req.orientation_tolerance)
+                                         if req.use_orientation else 0.0),
+                  num_solutions=int(req.num_solutions), time_budget_s=float(req.time_budget),
+                  seed_state=seed_state_from_msg(req.seed_state), ik_link=req.ik_link_name)
+    requests: list[IKRequest | str] = []
+    for i, target in enumerate(req.targets):
+        try:
+            position, rotation = _target_from_msg(target, req.use_orientation, base_frame,
+                                                  f"target {i}")
+        except InvalidRequestError as exc:
+            requests.append(str(exc))
+            continue
+        requests.append(IKRequest(position=position, rotation=rotation,
+                                  seed=None if req.seed == -1 else int(req.seed) + i, **shared))
+    total = (float(req.total_time_budget)
+             or min(len(requests) * float(req.time_budget), max_total_s))
+    return requests, total
+
+
+def ik_batch_request_to_msg(targets: np.ndarray, obstacles: Sequence[Obstacle] = (),
+                            num_solutions: int = 8, time_budget_s: float = 1.0,
+                            total_time_budget_s: float = 0.0,
+                            orientation_tolerance: float = 1e-3, ik_link: str = "",
+                            seed: int | None = None, seed_state: np.ndarray | None = None,
+                            base_frame: str = BASE_FRAME) -> AdaptIKBatch.Request:
+    """Build an AdaptIKBatch request (the client's side): ``targets`` ``(N, 3)`` positions, or
+    ``(N, 7)`` poses (x, y, z, qx, qy, qz, qw) with ``orientation_tolerance``; ``time_budget_s``
+    per target, ``total_time_budget_s`` for the batch (0: the node's default)."""
+    targets = np.asarray(targets, dtype=float)
+    if targets.ndim != 2 or targets.shape[1] not in (3, 7):
+        raise ValueError(f"targets must be (N, 3) positions or (N, 7) poses, got "
+                         f"{targets.shape}")
+    msg = AdaptIKBatch.Request()
+    msg.use_orientation = targets.shape[1] == 7
+    for row in targets.tolist():
+        target = PoseStamped(header=Header(frame_id=base_frame))
+        target.pose.position = Point(x=row[0], y=row[1], z=row[2])
+        if msg.use_orientation:
+            target.pose.orientation = Quaternion(x=row[3], y=row[4], z=row[5], w=row[6])
+        msg.targets.append(target)
+    msg.orientation_tolerance = float(orientation_tolerance) if msg.use_orientation else 0.0
+    msg.ik_link_name = ik_link
+    msg.obstacles = obstacles_to_msgs(obstacles, base_frame)
+    msg.num_solutions, msg.time_budget = int(num_solutions), float(time_budget_s)
+    msg.total_time_budget = float(total_time_budget_s)
+    msg.seed = -1 if seed is None else int(seed)
+    if seed_state is not None:
+        msg.seed_state = JointState(name=list(PANDA_JOINTS),
+                                    position=[float(v) for v in seed_state])
+    return msg
+
+
+def ik_batch_answers_to_msg(answers: Sequence[IKBatchAnswer],
+                            response: AdaptIKBatch.Response) -> AdaptIKBatch.Response:
+    """Fill ``response`` with one IKAnswer per target (in order) and return it: ``success``
+    when some target has a solution, ``message`` how many."""
+    response.answers = [
+        IKAnswer(success=a.success, message=a.result.message if a.result else a.error,
+                 solutions=_solution_msgs(a.result) if a.result else [],
+                 total_time=float(a.result.timings.total) if a.result else 0.0)
+        for a in answers]
+    found = sum(a.success for a in answers)
+    refused = sum(a.result is None for a in answers)
+    response.success = found > 0
+    response.message = (f"{found} of {len(answers)} targets have a solution"
+                        + (f"; {refused} refused (see their messages)" if refused else ""))
+    return response
 
 
 def seed_state_from_msg(state: JointState,
@@ -260,14 +349,7 @@ def ik_result_to_msg(result: IKAdaptResult, response: AdaptIK.Response) -> Adapt
     """Fill ``response`` from a core result (best solution first) and return it."""
     response.success = result.success
     response.message = result.message
-    response.solutions = [
-        IKSolutionMsg(joint_names=list(result.joint_names),
-                      positions=[float(v) for v in sol.q], score=float(sol.score),
-                      position_error=float(sol.position_error),
-                      orientation_error=float(sol.orientation_error),
-                      collision_free=bool(sol.collision_free),
-                      clearance=float(sol.clearance))
-        for sol in result.solutions]
+    response.solutions = _solution_msgs(result)
     response.valid_fraction_prior = float(result.valid_fraction_prior)
     response.valid_fraction_adapted = float(result.valid_fraction_adapted)
     response.iterations_run = int(result.iterations_run)
@@ -276,6 +358,16 @@ def ik_result_to_msg(result: IKAdaptResult, response: AdaptIK.Response) -> Adapt
     response.refinement_time = float(result.timings.refinement)
     response.total_time = float(result.timings.total)
     return response
+
+
+def _solution_msgs(result: IKAdaptResult) -> list[IKSolutionMsg]:
+    return [IKSolutionMsg(joint_names=list(result.joint_names),
+                          positions=[float(v) for v in sol.q], score=float(sol.score),
+                          position_error=float(sol.position_error),
+                          orientation_error=float(sol.orientation_error),
+                          collision_free=bool(sol.collision_free),
+                          clearance=float(sol.clearance))
+            for sol in result.solutions]
 
 
 def ik_result_from_msg(response: AdaptIK.Response) -> IKAdaptResult:

@@ -1,5 +1,6 @@
-"""The ``mace`` node: serves ``~/adapt_ik`` (collision-aware IK by MACE) and its markers, and
-``~/complete_shape`` (shape completion by MACE-VAE).
+"""The ``mace`` node: serves ``~/adapt_ik`` (collision-aware IK by MACE) and its markers,
+``~/adapt_ik_batch`` (many targets in one call) and ``~/complete_shape`` (shape completion by
+MACE-VAE).
 
 Everything is built once at start (device, kinematics, collision spheres, the IK prior, the
 adapter, the shape priors named in ``shape_priors`` and their completer) and warmed up; a missing
@@ -8,7 +9,7 @@ or corrupt model stops the node with a clear error and exit status 1. Callbacks 
 
 Concurrency: the services are served by a :class:`~mace_ros.serving.ServiceLoop` (a thread that
 takes every request off the wire at once and a pool that answers them; the node's own executor
-keeps the parameters and clients); one :class:`RequestGate`, shared by both services, then
+keeps the parameters and clients); one :class:`RequestGate`, shared by the services, then
 serves them one at a time in arrival order (the IK adapter tunes the prior's weights in place, and
 both are heavy). Above ``max_concurrent_waiting`` waiting requests, a new one is answered at once
 with ``success = false``, "busy: N requests waiting". Malformed requests are answered before
@@ -55,6 +56,7 @@ from mace_core.config import ServiceConfig
 from mace_core.deadline import Deadline
 from mace_core.errors import InvalidRequestError, MaceError, quote
 from mace_core.ik.adapter import IKAdapter
+from mace_core.ik.batch import solve_batch
 from mace_core.ik.refinement import IKTarget, Refiner
 from mace_core.ik.request import IKRequest
 from mace_core.robot.kinematics import RobotKinematics
@@ -65,7 +67,7 @@ from mace_ros import conversions, params
 from mace_ros.params import ParameterError
 from mace_ros.latest import LatestJointState, LatestMarkers
 from mace_ros.serving import ServiceLoop
-from mace_ros.srv import AdaptIK, CompleteShape
+from mace_ros.srv import AdaptIK, AdaptIKBatch, CompleteShape
 
 #: A reachable target in free space, for the warm-up request (base frame, m).
 WARMUP_TARGET = (0.4, 0.0, 0.4)
@@ -287,13 +289,16 @@ class MaceNode(Node):
         self._adapt_ik_srv = self.create_service(
             AdaptIK, "~/adapt_ik", self._on_adapt_ik, qos_profile=requests_qos,
             callback_group=group)
+        self._adapt_ik_batch_srv = self.create_service(
+            AdaptIKBatch, "~/adapt_ik_batch", self._on_adapt_ik_batch,
+            qos_profile=requests_qos, callback_group=group)
         self._complete_shape_srv = None
         if self._shape is not None:
             self._complete_shape_srv = self.create_service(
                 CompleteShape, "~/complete_shape", self._on_complete_shape,
                 qos_profile=requests_qos, callback_group=group)
         self._configure_introspection(self.config.service_introspection)
-        for srv in (self._adapt_ik_srv, self._complete_shape_srv):
+        for srv in (self._adapt_ik_srv, self._adapt_ik_batch_srv, self._complete_shape_srv):
             if srv is not None:
                 self._service_loop.add(srv)
         self._joint_states = LatestJointState()
@@ -313,6 +318,7 @@ class MaceNode(Node):
                  f"{sorted(self._shape_priors)}, warm-up {shape_warmup_s:.1f} s"
                  if self._complete_shape_srv else "no shape service (shape_priors is empty)")
         log.info(f"ready in {time.perf_counter() - t0:.1f} s: {self._adapt_ik_srv.service_name} "
+                 f"(and {self._adapt_ik_batch_srv.service_name}) "
                  f"on {self.spec.device}, IK prior '{self.config.ik_model}' from "
                  f"{self.models_dir}, collision backend {self.config.ik.collision.backend} "
                  f"(padding {self.config.ik.collision.padding_m:g} m; "
@@ -399,7 +405,7 @@ class MaceNode(Node):
         return time.perf_counter() - t0
 
     def _configure_introspection(self, state: str) -> None:
-        """Service introspection of both services (``service_introspection``): events on
+        """Service introspection of the services (``service_introspection``): events on
         ``<service>/_service_event`` that ``ros2 bag record`` captures for a replay."""
         states = dict(zip(INTROSPECTION_STATES, (
             ServiceIntrospectionState.OFF, ServiceIntrospectionState.METADATA,
@@ -411,7 +417,7 @@ class MaceNode(Node):
         qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100,
                          reliability=ReliabilityPolicy.RELIABLE,
                          durability=DurabilityPolicy.VOLATILE)
-        for srv in (self._adapt_ik_srv, self._complete_shape_srv):
+        for srv in (self._adapt_ik_srv, self._adapt_ik_batch_srv, self._complete_shape_srv):
             if srv is not None:
                 srv.configure_introspection(self.get_clock(), qos, states[state])
 
@@ -480,6 +486,28 @@ class MaceNode(Node):
                     result, kin, header, ik_request.position))
         return (f"target {np.round(ik_request.position, 3).tolist()}, "
                 f"{len(ik_request.obstacles)} obstacles: {result.message}")
+
+    def _on_adapt_ik_batch(self, request: AdaptIKBatch.Request,
+                           response: AdaptIKBatch.Response) -> AdaptIKBatch.Response:
+        return self._serve("adapt_ik_batch", self._adapt_ik_batch, request, response)
+
+    def _adapt_ik_batch(self, request: AdaptIKBatch.Request, response: AdaptIKBatch.Response,
+                        arrival: float) -> str:
+        adapter = self._ik  # parameter changes swap in a new adapter; this request keeps its own
+        requests, budget = conversions.ik_batch_requests_from_msg(
+            request, adapter.kin.base_link, adapter.config.limits.max_time_budget_s)
+        current = self._joint_states.fresh(self.config.joint_states_max_age_s)
+        if current is not None:  # the robot's joints seed the targets that carry none
+            requests = [r if isinstance(r, str) or r.seed_state is not None
+                        else replace(r, seed_state=current) for r in requests]
+        with self._gate.turn():
+            _check_budget_left(arrival, budget)
+            answers = solve_batch(adapter, requests, budget, start=arrival, cancel=self._cancel)
+            if self._cancel.is_set():
+                raise ShuttingDownError()
+        conversions.ik_batch_answers_to_msg(answers, response)
+        response.total_time = time.perf_counter() - arrival
+        return f"{len(requests)} targets: {response.message}"
 
     def _on_complete_shape(self, request: CompleteShape.Request,
                            response: CompleteShape.Response) -> CompleteShape.Response:

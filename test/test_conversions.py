@@ -748,3 +748,34 @@ def test_seed_state_is_read_by_joint_name_with_other_joints_ignored():
     msg = conv.ik_request_to_msg(IKRequest(position=np.array([0.4, 0.0, 0.4]),
                                            num_solutions=1, time_budget_s=1.0))
     assert conv.ik_request_from_msg(msg).seed_state is None
+
+
+def test_a_batch_request_becomes_one_request_per_target():
+    """AdaptIKBatch: the shared fields in every target's request, target i seeded seed + i; a
+    malformed target becomes its reason, the others are kept; positions alone stay
+    position-only."""
+    poses = np.array([[0.5, 0.1, 0.3, 0.0, 0.0, 0.0, 1.0], [0.4, -0.1, 0.2, 1.0, 0.0, 0.0, 0.0],
+                      [0.4, 0.0, 0.2, 0.0, 0.0, 0.0, 0.0]])  # a zero quaternion
+    request = full_request()
+    msg = conv.ik_batch_request_to_msg(poses, request.obstacles, num_solutions=5,
+                                       time_budget_s=2.5, orientation_tolerance=0.01,
+                                       ik_link="panda_link8", seed=7,
+                                       seed_state=request.seed_state)
+    requests, budget = conv.ik_batch_requests_from_msg(msg)
+    assert budget == 3 * 2.5 and len(requests) == 3
+    msg.total_time_budget = 4.0
+    assert conv.ik_batch_requests_from_msg(msg)[1] == 4.0
+    msg.total_time_budget = 0.0
+    assert conv.ik_batch_requests_from_msg(msg, max_total_s=6.0)[1] == 6.0
+    assert isinstance(requests[2], str) and "target 2 orientation" in requests[2]
+    for i, r in enumerate(requests[:2]):
+        np.testing.assert_allclose(r.position, poses[i, :3])
+        assert (r.num_solutions, r.seed, r.ik_link, r.orientation_tolerance, r.time_budget_s) == (
+            5, 7 + i, "panda_link8", 0.01, 2.5)
+        np.testing.assert_allclose(r.seed_state, request.seed_state)
+        assert len(r.obstacles) == 3
+    np.testing.assert_allclose(requests[1].rotation, np.diag([1.0, -1.0, -1.0]), atol=1e-12)
+    positions, _ = conv.ik_batch_requests_from_msg(conv.ik_batch_request_to_msg(poses[:, :3]))
+    assert all(r.rotation is None and r.seed is None for r in positions)
+    with pytest.raises(ValueError, match="targets must be"):
+        conv.ik_batch_request_to_msg(poses[:, :4])

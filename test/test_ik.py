@@ -902,8 +902,9 @@ def test_a_seed_state_inside_an_obstacle_moves_to_the_nearest_free_solution(adap
 
 def test_a_batch_answers_every_target_within_its_share_of_the_budget(adapter):
     """``solve_batch``: each target answered as alone (K valid poses), in order; a refused one
-    (its reason passed through, or the adapter's) does not stop the others; target i ends by
-    (i + 1) / n of the budget; an empty batch or a bad budget is refused."""
+    (its reason passed through, or the adapter's) does not stop the others; target i ends
+    within its own budget and by (i + 1) / n of the batch's; an empty batch or a bad budget is
+    refused."""
     from mace_core.ik.batch import solve_batch
     from mace_core.ik.benchmark import sample_pose_targets
 
@@ -928,6 +929,9 @@ def test_a_batch_answers_every_target_within_its_share_of_the_budget(adapter):
     answers = solve_batch(adapter, [hard, requests[1]], 0.4)
     assert time.perf_counter() - t0 < 0.4 + 0.1
     assert answers[0].result.timings.total < 0.2 + 0.05 and answers[1].success
+    # ... and to its own budget, where that is shorter
+    answers = solve_batch(adapter, [replace(hard, time_budget_s=0.05), requests[1]], 2.0)
+    assert answers[0].result.timings.total < 0.05 + 0.05 and answers[1].success
     for bad, message in (([], "1 to limits.max_batch_targets"),
                          (requests * 1001, "1 to limits.max_batch_targets")):
         with pytest.raises(InvalidRequestError, match=message):

@@ -134,6 +134,36 @@ def test_a_pose_for_the_flange_is_reached_by_the_flange(ik_client, box):
     assert not response.success and "panda_link8" in response.message, response.message
 
 
+def test_a_batch_of_targets_is_answered_in_one_call(ik_client, box):
+    """``/mace/adapt_ik_batch``: one answer per target, in order, each as ``adapt_ik`` would
+    give it (valid for PyBullet, on the pose); a malformed target gets its own refusal; an
+    empty batch is refused as a whole."""
+    from mace_core.ik.benchmark import sample_pose_targets
+    from mace_ros.srv import AdaptIKBatch
+
+    scene, _ = box
+    with PyBulletCollisionChecker(scene.obstacles) as pb:
+        poses = sample_pose_targets(scene, 3, 1, pb)
+    targets = np.concatenate([poses[:1], [[np.nan, 0.0, 0.3, 0.0, 0.0, 0.0, 1.0]], poses[1:]])
+    response = ik_client.adapt_ik_batch(targets, obstacles=scene.obstacles, num_solutions=4,
+                                        time_budget_s=0.5, total_time_budget_s=2.0,
+                                        orientation_tolerance=1e-3, seed=0)
+    assert response.success and len(response.answers) == 4, response.message
+    assert [a.success for a in response.answers] == [True, False, True, True]
+    assert "target 1 position must be finite" in response.answers[1].message
+    assert "3 of 4 targets" in response.message and response.total_time < 2.1
+    kin64 = RobotKinematics.panda(TensorSpec(torch.device("cpu"), torch.float64))
+    for answer, pose in zip(np.array(response.answers)[[0, 2, 3]], poses):
+        q = np.array([s.positions for s in answer.solutions])
+        assert len(q) == 4
+        with PyBulletCollisionChecker(scene.obstacles) as pb:
+            assert pb.valid(q).all()
+        reached = kin64.ee_pose(torch.as_tensor(q))[:, :3, 3].numpy()
+        assert np.abs(reached - pose[:3]).max() < 1e-6
+    empty = ik_client.call(AdaptIKBatch.Request(num_solutions=4, time_budget=1.0), 30.0)
+    assert not empty.success and "1 to limits.max_batch_targets" in empty.message
+
+
 def test_a_seed_state_gets_the_nearest_solution_first(ik_client, box):
     """``seed_state`` as a robot publishes it (its joints by name, the fingers too): for a pose
     whose free solution the seed is, that solution comes first and the rest by distance."""

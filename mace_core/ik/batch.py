@@ -5,9 +5,11 @@ A pipeline that asks for each of its candidate grasps in a call of its own pays 
 overhead every time (over ROS on this 2-core CPU: 2-3 ms a call beside a full pose's 2-3 ms of
 solving, README "Recording and replaying"); in one call it pays it once, and the targets share
 the obstacles' world (validated and built for the first one) and the warm models. Each target
-is a request of its own (:meth:`~mace_core.ik.adapter.IKAdapter.solve`, K solutions); target
-``i`` of ``n`` must end by ``(i + 1) / n`` of the batch's budget, so the time an easy target
-leaves over goes to those after it, and one hard target cannot starve the rest.
+is a request of its own (:meth:`~mace_core.ik.adapter.IKAdapter.solve`, K solutions) within
+its own time budget, and target ``i`` of ``n`` also ends by ``(i + 1) / n`` of the batch's: the
+time an easy target leaves over goes to those after it, and no target starves the rest (a
+window pose target with no 8 free solutions spent 16 s of a 20 s batch before targets had a
+budget of their own).
 """
 
 from __future__ import annotations
@@ -43,11 +45,12 @@ class IKBatchAnswer:
 def solve_batch(adapter: "IKAdapter", requests: Sequence[IKRequest | str], time_budget_s: float,
                 start: float | None = None, cancel: threading.Event | None = None
                 ) -> list[IKBatchAnswer]:
-    """Answer ``requests`` in order within ``time_budget_s`` (counted from ``start``, a
-    ``time.perf_counter()`` value; None: now): request ``i`` of ``n`` gets the time left until
-    ``(i + 1) / n`` of the budget (at least :data:`MIN_TARGET_BUDGET_S`), its own
-    ``time_budget_s`` ignored. A string stands for a target refused before (its reason, passed
-    through); a request the adapter refuses is answered with its reason, and the others go on.
+    """Answer ``requests`` in order within ``time_budget_s`` for the whole batch (counted from
+    ``start``, a ``time.perf_counter()`` value; None: now): request ``i`` of ``n`` within its
+    own ``time_budget_s`` and the time left until ``(i + 1) / n`` of the batch's, whichever
+    ends first (at least :data:`MIN_TARGET_BUDGET_S`). A string stands for a target refused
+    before (its reason, passed through); a request the adapter refuses is answered with its
+    reason, and the others go on.
 
     Raises:
         InvalidRequestError: no request, more than ``limits.max_batch_targets``, or a budget
@@ -69,7 +72,10 @@ def solve_batch(adapter: "IKAdapter", requests: Sequence[IKRequest | str], time_
             answers.append(IKBatchAnswer(None, request))
             continue
         due = t0 + time_budget_s * (i + 1) / n
-        budget = max(due - time.perf_counter(), MIN_TARGET_BUDGET_S)
+        share = max(due - time.perf_counter(), MIN_TARGET_BUDGET_S)
+        own = request.time_budget_s  # None: the share alone; a bad one: the adapter refuses it
+        budget = (share if own is None
+                  else min(own, share) if 0.0 < own <= limits.max_time_budget_s else own)
         try:
             answers.append(IKBatchAnswer(adapter.solve(replace(request, time_budget_s=budget),
                                                        cancel=cancel)))
