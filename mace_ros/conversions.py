@@ -212,6 +212,9 @@ def ik_batch_requests_from_msg(req: AdaptIKBatch.Request, base_frame: str = BASE
     InvalidRequestError for what all targets share (obstacles, seed)."""
     if req.seed < -1:
         raise InvalidRequestError(f"seed must be -1 (random) or >= 0, got {req.seed}")
+    if not 0.0 < req.time_budget <= max_total_s:  # NaN fails too
+        raise InvalidRequestError(f"time_budget (each target's) must be in (0, "
+                                  f"{max_total_s:g}] s, got {req.time_budget:.6g}")
     shared = dict(obstacles=obstacles_from_msgs(req.obstacles, base_frame),
                   orientation_tolerance=(float(req.orientation_tolerance)
                                          if req.use_orientation else 0.0),

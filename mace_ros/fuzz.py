@@ -1,6 +1,7 @@
 """``mace-bench fuzz``: extreme and malformed requests to the node's services, over DDS.
 
-Every numeric field of ``/mace/adapt_ik`` and ``/mace/complete_shape`` (and of their obstacles,
+Every numeric field of ``/mace/adapt_ik``, ``/mace/adapt_ik_batch`` and ``/mace/complete_shape``
+(and of their obstacles,
 poses, clouds and contacts) is set, one at a time and then several at once, to 0, -1, NaN, ±inf,
 ±1e38, ±1e300 and its integer type's extremes; strings get empty, 10,000-character and
 non-ASCII values. Fields with a declared limit (``config/panda.yaml``'s ``ik.limits``, ``shape``)
@@ -69,7 +70,7 @@ class FuzzConfig:
 class Mutation:
     """One field of a request set to one value."""
 
-    service: str  #: "ik" or "shape"
+    service: str  #: "ik", "batch" or "shape"
     path: str  #: dotted path in the request message, with [i] indices; see :func:`set_path`
     value: Any  #: the value written
 
@@ -160,6 +161,23 @@ def base_ik_request(scene_path: str, budget_s: float):
     return msg
 
 
+def base_batch_request(scene_path: str, budget_s: float):
+    """A valid AdaptIKBatch request: two position targets (the centre of the scene's target
+    region and 5 cm above it), K = 4, ``budget_s`` a target, the robot at its ready pose."""
+    from mace_core.robot.kinematics import PANDA_READY
+    from mace_core.robot.scenes import load_scene
+    from mace_ros.conversions import ik_batch_request_to_msg
+
+    scene = load_scene(scene_path)
+    target = (np.asarray(scene.targets.min) + np.asarray(scene.targets.max)) / 2.0
+    msg = ik_batch_request_to_msg(np.stack([target, target + [0.0, 0.0, 0.05]]),
+                                  scene.obstacles, num_solutions=4, time_budget_s=budget_s,
+                                  seed=0, seed_state=np.asarray(PANDA_READY))
+    for t in msg.targets:
+        t.pose.orientation.w = 1.0
+    return msg
+
+
 def base_shape_request(budget_s: float, contacts: bool):
     """A valid CompleteShape request on the boxes prior: a box's lower half, or 5 contacts."""
     from mace_core.shape.benchmark import (GRASP_CENTERS, GRASP_DIRECTIONS, grasp_contacts,
@@ -202,6 +220,18 @@ def _ik_fields() -> list[tuple[str, str]]:
     return fields
 
 
+def _batch_fields() -> list[tuple[str, str]]:
+    """(path, type) of every AdaptIKBatch request field fuzzed."""
+    fields = [(f"targets[0].pose.position.{a}", "float") for a in "xyz"]
+    fields += [(f"targets[1].pose.orientation.{a}", "float") for a in "xw"]
+    fields += [("orientation_tolerance", "float"), ("time_budget", "float"),
+               ("total_time_budget", "float"), ("num_solutions", "uint32"), ("seed", "int64"),
+               ("ik_link_name", "string"), ("targets[1].header.frame_id", "string"),
+               ("obstacles[1].primitives[0].dimensions[0]", "float"),
+               ("seed_state.position[3]", "float")]
+    return fields
+
+
 def _shape_fields() -> list[tuple[str, str]]:
     """(path, type) of every CompleteShape request field fuzzed; ``cloud*`` and ``cloud.point``
     are the whole cloud scaled by the value and one point's z set to it."""
@@ -240,6 +270,9 @@ def limit_values(params_file: str) -> dict[tuple[str, str], tuple]:
             ("ik", "learning_rate"): (ik.max_learning_rate,),
             ("ik", "refinement"): ("dls", "tracik"), ("ik", "objective"): ("is",),
             ("ik", "ik_link_name"): ("panda_link8", "panda_grasptarget"),
+            ("batch", "num_solutions"): (ik.max_solutions,),
+            ("batch", "time_budget"): (ik.max_time_budget_s,),
+            ("batch", "total_time_budget"): (ik.max_time_budget_s,),
             ("shape", "num_completions"): (shape.max_completions,),
             ("shape", "iterations"): (shape.max_iterations,),
             ("shape", "finger_radius"): (shape.max_finger_radius,)}
@@ -250,7 +283,8 @@ def single_mutations(limits: dict[tuple[str, str], tuple] | None = None) -> list
     where ``limits`` (see :func:`limit_values`) has one."""
     limits = limits or {}
     out = []
-    for service, fields in (("ik", _ik_fields()), ("shape", _shape_fields())):
+    for service, fields in (("ik", _ik_fields()), ("batch", _batch_fields()),
+                            ("shape", _shape_fields())):
         for path, kind in fields:
             values = _values(kind) + limits.get((service, path), ())
             out += [Mutation(service, path, v) for v in values]
@@ -264,9 +298,9 @@ def schedule(config: FuzzConfig) -> list[list[Mutation]]:
     singles = single_mutations(limit_values(config.params_file) if config.params_file else None)
     rng.shuffle(singles)
     plan = [[m] for m in singles[:config.requests]]
-    by_service = {s: [m for m in singles if m.service == s] for s in ("ik", "shape")}
+    by_service = {s: [m for m in singles if m.service == s] for s in ("ik", "batch", "shape")}
     while len(plan) < config.requests:
-        pool = by_service[rng.choice(("ik", "shape"))]
+        pool = by_service[rng.choice(("ik", "batch", "shape"))]
         plan.append(rng.sample(pool, rng.choice((2, 3))))
     return plan
 
@@ -277,6 +311,7 @@ class RequestBuilder:
     def __init__(self, config: FuzzConfig):
         self.config = config
         self._ik = base_ik_request(config.scene, config.ik_budget_s)
+        self._batch = base_batch_request(config.scene, config.ik_budget_s)
         self._cloud = base_shape_request(config.shape_budget_s, contacts=False)
         self._contacts = base_shape_request(config.shape_budget_s, contacts=True)
 
@@ -292,14 +327,14 @@ class RequestBuilder:
         from mace_ros.conversions import cloud_from_points, points_from_cloud
 
         service = mutations[0].service
-        if service == "ik":
-            msg = copy.deepcopy(self._ik)
+        if service in ("ik", "batch"):
+            msg = copy.deepcopy(self._ik if service == "ik" else self._batch)
         else:
             contact = any(m.path.startswith(("contact", "grasp", "finger")) for m in mutations)
             msg = copy.deepcopy(self._contacts if contact else self._cloud)
         applied: list[Mutation] = []
         for m in mutations:
-            if m.path.startswith("target.pose.orientation") or m.path == "orientation_tolerance":
+            if "pose.orientation" in m.path or m.path == "orientation_tolerance":
                 msg.use_orientation = True
             if m.path.startswith("viewpoint"):
                 msg.has_viewpoint = True
@@ -334,6 +369,9 @@ def request_budget(msg) -> float:
     """The budget a valid request runs under, s; 0 for a budget the node must refuse (and the
     node's default of 1 s for IK is never in play here: the base requests set one)."""
     budget = float(msg.time_budget)
+    if hasattr(msg, "total_time_budget"):  # a batch: the whole call's
+        budget = (float(msg.total_time_budget)
+                  or (min(len(msg.targets) * budget, MAX_BUDGET_S) if budget > 0 else budget))
     return budget if 0.0 < budget <= MAX_BUDGET_S else 0.0
 
 
@@ -342,12 +380,18 @@ def nonfinite_numbers(service: str, response) -> bool:
     from mace_ros.conversions import points_from_cloud
 
     values = [response.total_time]
-    if service == "ik":
+    if service == "batch":
+        for answer in response.answers:
+            values.append(answer.total_time)
+            for sol in answer.solutions:
+                values += list(sol.positions) + [sol.score, sol.position_error,
+                                                 sol.orientation_error, sol.clearance]
+    elif service == "ik":
         values += [response.valid_fraction_prior, response.valid_fraction_adapted,
                    response.sampling_time, response.adaptation_time, response.refinement_time]
         for sol in response.solutions:
             values += list(sol.positions) + [sol.score, sol.position_error,
-                                             sol.orientation_error]
+                                             sol.orientation_error, sol.clearance]
     else:
         values += list(response.scores) + [response.sampling_time, response.adaptation_time]
         for cloud in response.completions:

@@ -779,3 +779,7 @@ def test_a_batch_request_becomes_one_request_per_target():
     assert all(r.rotation is None and r.seed is None for r in positions)
     with pytest.raises(ValueError, match="targets must be"):
         conv.ik_batch_request_to_msg(poses[:, :4])
+    for budget in (0.0, float("nan"), 31.0):
+        msg.time_budget = budget
+        with pytest.raises(InvalidRequestError, match="each target's"):
+            conv.ik_batch_requests_from_msg(msg, max_total_s=30.0)
