@@ -54,10 +54,13 @@ def _add_ik_parser(sub) -> None:
     p.add_argument("--targets", type=int, default=d.num_targets, help="number of targets")
     p.add_argument("--seed", type=int, default=d.seed, help="seeds targets and requests")
     p.add_argument("--json", default="", help="write the report to this file")
-    p.add_argument("--protocol", choices=PROTOCOLS + ("prior-accuracy",), default=d.protocol,
+    p.add_argument("--protocol", choices=PROTOCOLS + ("prior-accuracy", "batch"),
+                   default=d.protocol,
                    help="requests: K solutions per target; table1: the paper's Table 1; "
                         "prior-accuracy: raw samples of --ik-prior (comma-separated names) "
-                        "at uniform configurations' hand poses (aVIPS thesis Table 5.1)")
+                        "at uniform configurations' hand poses (aVIPS thesis Table 5.1); "
+                        "batch: --targets in one batch (/mace/adapt_ik_batch's path, in "
+                        "process), valid solutions per second")
     p.add_argument("--poses", type=int, default=10_240, help="prior-accuracy: target poses")
     p.add_argument("--samples-per-pose", type=int, default=25,
                    help="prior-accuracy: draws per pose")
@@ -142,6 +145,8 @@ def _run_ik(args: argparse.Namespace) -> int:
         return _run_prior_accuracy(args)
     if not args.scene:
         raise SystemExit("mace-bench ik: --scene is required by this protocol")
+    if args.protocol == "batch":
+        return _run_batch(args)
     pose = args.target_kind == "pose" or bool(args.targets_file)
     protocol_methods = (TABLE1_METHODS if args.protocol != "requests"
                         else POSE_METHODS if pose else METHODS)
@@ -186,6 +191,22 @@ def _run_ik(args: argparse.Namespace) -> int:
     report["ik_prior"] = args.model
     report["pose_prior"] = pose_priors[0] or "none"
     return _report(format_table(report), report, args.json)
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    """``--protocol batch``: one batch of ``--targets`` (see
+    :mod:`mace_core.ik.batch_benchmark`)."""
+    from mace_core.ik.batch_benchmark import format_batch, run_batch_benchmark
+
+    service = load_service_config(args.config).ik if args.config else IKAdaptConfig()
+    adapter = IKAdapter.from_models(shipped.models_dir(args.models_dir), args.model, service,
+                                    TensorSpec.resolve(args.device))
+    report = run_batch_benchmark(adapter, load_scene(args.scene), args.targets, args.seed,
+                                 args.target_kind, args.num_solutions, args.budget,
+                                 orientation_tolerance=args.orientation_tolerance,
+                                 log=lambda s: print(s, file=sys.stderr, flush=True))
+    report["ik_prior"] = args.model
+    return _report(format_batch(report), report, args.json)
 
 
 def _run_prior_accuracy(args: argparse.Namespace) -> int:
