@@ -108,6 +108,27 @@ def nearest_to_the_robot(client, args: argparse.Namespace, scene, target: np.nda
     return response.success
 
 
+def grasp_candidates(client, args: argparse.Namespace, scene, target: np.ndarray) -> bool:
+    """A grasp planner's question: 12 candidate grasps around the target (the hand pointing
+    down, turned about the vertical 30 degrees apart) in one /mace/adapt_ik_batch call; prints
+    how many are reachable with K solutions each and the call's time."""
+    from mace_core.robot.rotations import matrix_to_quaternion_xyzw
+
+    poses = []
+    for angle in np.arange(12) * np.pi / 6:
+        c, s = np.cos(angle), np.sin(angle)
+        turned = np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]) @ np.diag(
+            [1.0, -1.0, -1.0])
+        poses.append(np.concatenate([target, matrix_to_quaternion_xyzw(turned)]))
+    t0 = time.monotonic()
+    response = client.adapt_ik_batch(np.array(poses), scene.obstacles, num_solutions=4,
+                                     time_budget_s=args.time_budget, seed=args.seed)
+    print(f"[demo] 12 candidate grasps (hand down, turned 30 degrees apart) in one "
+          f"/mace/adapt_ik_batch call: {response.message}, K = 4 each; response after "
+          f"{(time.monotonic() - t0) * 1e3:.0f} ms (round trip)")
+    return response.success
+
+
 def complete_box(client, args: argparse.Namespace, num_samples: int) -> bool:
     """Complete a partial test box through ``/mace/complete_shape``; draw it with 3 samples of
     the prior (the node's ``shape.num_samples`` is ``num_samples``). True on success."""
@@ -255,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
                 title=f"MACE IK in scene '{scene.name}': {response.message}", labels=labels)
             print(f"[demo] wrote {png}")
         seeded_ok = nearest_to_the_robot(client, args, scene, target)
+        batch_ok = grasp_candidates(client, args, scene, target)
         shape_ok = complete_box(client, args, load_service_config(params_file).shape.num_samples)
-        return 0 if response.success and seeded_ok and shape_ok else 1
+        return 0 if response.success and seeded_ok and batch_ok and shape_ok else 1
     except (TimeoutError, KeyboardInterrupt) as exc:
         print(f"[demo] {exc or 'interrupted'}", file=sys.stderr)
         return 1
