@@ -469,11 +469,8 @@ class MaceNode(Node):
                   arrival: float) -> str:
         adapter = self._ik  # parameter changes swap in a new adapter; this request keeps its own
         kin = adapter.kin
-        ik_request = conversions.ik_request_from_msg(request, kin.base_link)
-        if ik_request.seed_state is None:  # the robot's joints now, when a topic gives them
-            current = self._joint_states.fresh(self.config.joint_states_max_age_s)
-            if current is not None:
-                ik_request = replace(ik_request, seed_state=current)
+        ik_request = self._with_robot_state(conversions.ik_request_from_msg(request,
+                                                                            kin.base_link))
         with self._gate.turn():
             _check_budget_left(arrival, ik_request.time_budget_s)
             result = adapter.solve(ik_request, start=arrival, cancel=self._cancel)
@@ -487,6 +484,14 @@ class MaceNode(Node):
         return (f"target {np.round(ik_request.position, 3).tolist()}, "
                 f"{len(ik_request.obstacles)} obstacles: {result.message}")
 
+    def _with_robot_state(self, request: IKRequest | str) -> IKRequest | str:
+        """``request`` seeded with the robot's joints now (``joint_states_topic``, when fresh)
+        where it carries no ``seed_state``; a refused batch target (its reason) as it is."""
+        if isinstance(request, str) or request.seed_state is not None:
+            return request
+        current = self._joint_states.fresh(self.config.joint_states_max_age_s)
+        return request if current is None else replace(request, seed_state=current)
+
     def _on_adapt_ik_batch(self, request: AdaptIKBatch.Request,
                            response: AdaptIKBatch.Response) -> AdaptIKBatch.Response:
         return self._serve("adapt_ik_batch", self._adapt_ik_batch, request, response)
@@ -496,10 +501,7 @@ class MaceNode(Node):
         adapter = self._ik  # parameter changes swap in a new adapter; this request keeps its own
         requests, budget = conversions.ik_batch_requests_from_msg(
             request, adapter.kin.base_link, adapter.config.limits.max_time_budget_s)
-        current = self._joint_states.fresh(self.config.joint_states_max_age_s)
-        if current is not None:  # the robot's joints seed the targets that carry none
-            requests = [r if isinstance(r, str) or r.seed_state is not None
-                        else replace(r, seed_state=current) for r in requests]
+        requests = [self._with_robot_state(r) for r in requests]
         with self._gate.turn():
             _check_budget_left(arrival, budget)
             answers = solve_batch(adapter, requests, budget, start=arrival, cancel=self._cancel)
