@@ -7,6 +7,7 @@
     mace-client ik --scene config/scenes/box.yaml --target 0.55 0 0.12 -k 8
     mace-client ik --scene config/scenes/box.yaml --target 0.55 0 0.12 --seed-from /joint_states
     mace-client ik --target 0.5 0 0.4 --orientation 1 0 0 0 --ik-link panda_link8
+    mace-client ik --scene config/scenes/box.yaml --targets-file grasps.yaml -k 4
     mace-client shape --prior boxes --cut top -k 8 --png out/shape.png
 """
 
@@ -209,6 +210,18 @@ def format_solutions(response: AdaptIK.Response) -> str:
     return "\n".join(lines)
 
 
+def format_batch_answers(response: AdaptIKBatch.Response) -> str:
+    """A text table of an AdaptIKBatch response: one row per target (its best solution)."""
+    lines = [f"success: {response.success}  message: {response.message}  "
+             f"({response.total_time * 1e3:.1f} ms)"]
+    for i, answer in enumerate(response.answers):
+        best = (" ".join(f"{v:+.3f}" for v in answer.solutions[0].positions)
+                if answer.solutions else "-")
+        lines.append(f"{i:>3} {str(answer.success):>5} {len(answer.solutions):>2} solutions, "
+                     f"{answer.total_time * 1e3:6.1f} ms  best: {best}  ({answer.message})")
+    return "\n".join(lines)
+
+
 def format_shape_response(response: CompleteShape.Response) -> str:
     """A text table of a CompleteShape response: one row per completion (its score and the
     extent of its bounding box in the observation's frame), then the stage timings."""
@@ -251,6 +264,9 @@ def _parser() -> argparse.ArgumentParser:
     ik.add_argument("--seed-from", metavar="TOPIC",
                     help="take the seed state from the next sensor_msgs/JointState on TOPIC "
                          "(e.g. /joint_states)")
+    ik.add_argument("--targets-file", metavar="FILE",
+                    help="YAML list of poses [x, y, z, qx, qy, qz, qw] in panda_link0: all asked "
+                         "for in one /mace/adapt_ik_batch call, --time-budget each")
     ik.add_argument("--ik-link", default="",
                     help="the link --target (and --orientation) is for: a link rigidly "
                          "attached to the end effector, e.g. panda_link8 (needs --orientation)")
@@ -364,10 +380,15 @@ def main(argv: list[str] | None = None) -> int:
         return _main_shape(args, argv)
     try:
         scene = load_scene(args.scene) if args.scene else None
-        if args.target is None and scene is None:
-            print("mace-client: give --target or --scene", file=sys.stderr)
+        targets = None
+        if args.targets_file:
+            from mace_core.ik.benchmark import load_pose_targets
+
+            targets = load_pose_targets(args.targets_file)
+        elif args.target is None and scene is None:
+            print("mace-client: give --target, --scene or --targets-file", file=sys.stderr)
             return 2
-        target = args.target if args.target is not None else (
+        target = args.target if args.target is not None or scene is None else (
             (np.asarray(scene.targets.min) + np.asarray(scene.targets.max)) / 2.0)
         rotation = (None if args.orientation is None
                     else np.asarray(quaternion_xyzw_to_matrix(args.orientation)))
@@ -383,6 +404,14 @@ def main(argv: list[str] | None = None) -> int:
     def ask(client: MaceClient) -> int:
         if args.seed_from:
             overrides["seed_state"] = client.joint_state(args.seed_from)
+        if args.targets_file:
+            batch = client.adapt_ik_batch(
+                targets, obstacles=scene.obstacles if scene else (),
+                num_solutions=args.num_solutions, time_budget_s=args.time_budget,
+                orientation_tolerance=args.orientation_tolerance or 1e-3,
+                **{k: v for k, v in overrides.items() if k in ("seed", "seed_state", "ik_link")})
+            print(format_batch_answers(batch))
+            return 0 if batch.success else 1
         response = client.adapt_ik(
             target, obstacles=scene.obstacles if scene else (), rotation=rotation,
             orientation_tolerance=args.orientation_tolerance, num_solutions=args.num_solutions,

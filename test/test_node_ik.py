@@ -164,6 +164,29 @@ def test_a_batch_of_targets_is_answered_in_one_call(ik_client, box):
     assert not empty.success and "1 to limits.max_batch_targets" in empty.message
 
 
+def test_the_client_sends_a_file_of_poses_as_one_batch(mace_node, box, tmp_path):
+    """``mace-client ik --targets-file``: the poses in one ``/mace/adapt_ik_batch`` call, a row
+    per target; exit status 0 when some target has a solution."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from mace_core.ik.benchmark import sample_pose_targets
+
+    scene, _ = box
+    with PyBulletCollisionChecker(scene.obstacles) as pb:
+        poses = sample_pose_targets(scene, 2, 2, pb)
+    path = tmp_path / "grasps.yaml"
+    path.write_text(yaml.safe_dump(poses.tolist()))
+    done = subprocess.run([sys.executable, "-m", "mace_ros.client", "ik", "--scene", BOX_SCENE,
+                           "--targets-file", str(path), "-k", "2", "--time-budget", "0.5"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 of 2 targets have a solution" in done.stdout
+    assert sum(" True  2 solutions" in line for line in done.stdout.splitlines()) == 2
+
+
 def test_a_seed_state_gets_the_nearest_solution_first(ik_client, box):
     """``seed_state`` as a robot publishes it (its joints by name, the fingers too): for a pose
     whose free solution the seed is, that solution comes first and the rest by distance."""
