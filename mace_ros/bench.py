@@ -435,6 +435,10 @@ def _add_replay_parser(sub) -> None:
     p.add_argument("--node", action="store_true",
                    help="also send every request to the running node (/mace/adapt_ik and "
                         "/mace/complete_shape, method mace_node, end-to-end time)")
+    p.add_argument("--node-batch", action="store_true",
+                   help="with --node: also send each group's requests in one "
+                        "/mace/adapt_ik_batch call (method mace_node_batch, the call's time "
+                        "over its requests)")
     p.add_argument("--json", default="",
                    help="write the report to this file (every request's record and solutions)")
     p.add_argument("--markdown", default="", help="write a Markdown table per group here")
@@ -489,7 +493,8 @@ def _run_replay(args: argparse.Namespace) -> int:
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     try:
         report = replay_bag(args.bag, adapter, tuple(m for m in args.methods.split(",") if m),
-                            IKBenchmarkConfig(seed=args.seed), log=log, client=client)
+                            IKBenchmarkConfig(seed=args.seed), log=log, client=client,
+                            node_batch=args.node_batch)
         report["shape"] = _replay_shape_calls(args, client, log)
     finally:
         if client is not None:

@@ -131,6 +131,37 @@ def node_runner(client, messages: list, timeout_s: float
     return run
 
 
+def node_batch_runner(client, group: RequestGroup, timeout_s: float
+                      ) -> Callable[[int, np.ndarray], TargetOutcome]:
+    """A method that sends all of ``group``'s requests to a running node in one
+    ``/mace/adapt_ik_batch`` call (at the first request's turn; the warm-up sends the first
+    request alone) and gives each request its answer, timed as the call's end-to-end time over
+    the requests: what a pipeline that asks for its targets together pays for each."""
+    targets = np.stack(group.targets)
+    pose = group.target_kind == "pose"
+    answered: dict[str, tuple] = {}
+
+    def ask(rows: np.ndarray):
+        t0 = time.perf_counter()
+        response = client.adapt_ik_batch(
+            rows, obstacles=group.scene.obstacles, num_solutions=group.num_solutions,
+            time_budget_s=group.time_budget_s,
+            orientation_tolerance=group.orientation_tolerance if pose else 0.0)
+        return response.answers, (time.perf_counter() - t0) / len(rows)
+
+    def run(i: int, target: np.ndarray) -> TargetOutcome:
+        if i >= len(targets):  # the warm-up
+            answers, per = ask(targets[:1])
+            answer = answers[0]
+        else:
+            if "all" not in answered:
+                answered["all"] = ask(targets)
+            answers, per = answered["all"]
+            answer = answers[i]
+        return TargetOutcome.at_once([s.positions for s in answer.solutions], per)
+    return run
+
+
 def recorded_runner(calls: list) -> Callable[[int, np.ndarray], TargetOutcome]:
     """A method that answers request ``i`` with MoveIt's recorded answer (one solution, or none
     on a failure) after its recorded latency."""
@@ -144,14 +175,17 @@ def recorded_runner(calls: list) -> Callable[[int, np.ndarray], TargetOutcome]:
 def replay_bag(path: str, adapter: IKAdapter, methods: tuple[str, ...] = (),
                defaults: IKBenchmarkConfig = IKBenchmarkConfig(),
                log: Callable[[str], None] = lambda _s: None, client=None,
-               node_timeout_s: float = 30.0) -> dict:
+               node_timeout_s: float = 30.0, node_batch: bool = False) -> dict:
     """Replay every ``/mace/adapt_ik`` request of the bag at ``path``, and every MoveIt
     ``/compute_ik`` call (:mod:`mace_ros.moveit_bags`): the JSON-ready report (``groups``: one
     benchmark report per group, ``requests``: how many were read, ``moveit``: MoveIt's calls,
     how many were replayed and what was left out).
     ``methods``: those of a group's target kind run (none given or none of its kind: all).
     ``client`` (a :class:`~mace_ros.client.MaceClient`): the recorded requests also go to a
-    running node, method ``mace_node``, timed end to end. MoveIt's calls are asked for K =
+    running node, method ``mace_node``, timed end to end; with ``node_batch``, each group's
+    requests also go in one batch call, method ``mace_node_batch`` (:func:`node_batch_runner`;
+    not for groups whose requests carry the robot's joints, which a batch shares). MoveIt's
+    calls are asked for K =
     ``defaults.num_solutions`` within ``defaults.time_budget_s`` (its own timeout bounds a
     solver's attempt, not the pipeline's wait), and MoveIt's recorded answers run as method
     ``moveit_recorded`` where every call's response and latency were recorded."""
@@ -180,9 +214,11 @@ def replay_bag(path: str, adapter: IKAdapter, methods: tuple[str, ...] = (),
         if group.recorded and all(c.latency_s is not None and c.error_code is not None
                                   for c in group.recorded):
             extra["moveit_recorded"] = recorded_runner(group.recorded)
+        seeds = np.stack(group.seed_states)
         if client is not None:
             extra["mace_node"] = node_runner(client, group.messages, node_timeout_s)
-        seeds = np.stack(group.seed_states)
+            if node_batch and not np.isfinite(seeds).any():
+                extra["mace_node_batch"] = node_batch_runner(client, group, node_timeout_s)
         reports.append(run_benchmark(adapter, group.scene, cfg, log=log,
                                      targets=np.stack(group.targets), extra=extra or None,
                                      seed_states=seeds if np.isfinite(seeds).any() else None))

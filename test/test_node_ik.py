@@ -754,8 +754,12 @@ def test_a_bag_replays_against_the_running_node(ik_client, tmp_path):
 
     record_drawn_requests(tmp_path / "bag", load_scene(BOX_SCENE), 2, 3, num_solutions=2)
     adapter = IKAdapter.from_models(MODELS_DIR, "panda_ik", IKAdaptConfig(), TensorSpec())
-    report = replay_bag(str(tmp_path / "bag"), adapter, ("mace_refine",), client=ik_client)
+    report = replay_bag(str(tmp_path / "bag"), adapter, ("mace_refine",), client=ik_client,
+                        node_batch=True)
     (group,) = report["groups"]
+    batch = group["methods"]["mace_node_batch"]  # the same requests in one batch call
+    assert batch["k_success_rate"] == 1.0 and "adapt_ik_batch" in batch["time_basis"]
+    assert len({row["time_s"] for row in batch["per_target"]}) == 1  # the call's share each
     node = group["methods"]["mace_node"]
     assert node["success_rate"] == 1.0 and node["k_success_rate"] == 1.0
     assert all(0.0 < row["time_s"] < 30.0 for row in node["per_target"])

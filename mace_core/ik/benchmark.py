@@ -370,6 +370,10 @@ def _time_basis(method: str, cfg: IKBenchmarkConfig) -> str:
     if method == "mace_node":
         return (f"end to end over DDS, as a client sees it: the running node's answer to the "
                 f"recorded request (K={cfg.num_solutions}, {cfg.time_budget_s:g} s budget)")
+    if method == "mace_node_batch":
+        return (f"end to end over DDS: one /mace/adapt_ik_batch call to the running node with "
+                f"every request of the group (K={cfg.num_solutions}, {cfg.time_budget_s:g} s "
+                f"each), divided by the requests")
     if method == "mace_refine":
         return (f"request wall time: returns at K={cfg.num_solutions} refined solutions "
                 f"(checked by ik.collision.backend, within tolerance) or the "
