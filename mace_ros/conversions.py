@@ -21,7 +21,7 @@ from std_msgs.msg import ColorRGBA, Header
 from visualization_msgs.msg import Marker, MarkerArray
 
 from mace_core.errors import InvalidRequestError, format_numbers, quote
-from mace_core.ik.batch import IKBatchAnswer
+from mace_core.ik.batch import IKBatchAnswer, default_total_budget
 from mace_core.ik.request import IKAdaptResult, IKRequest, IKSolution, IKTimings
 from mace_core.robot.kinematics import PANDA_JOINTS, RobotKinematics
 from mace_core.robot.rotations import matrix_to_quaternion_xyzw
@@ -231,7 +231,7 @@ def ik_batch_requests_from_msg(req: AdaptIKBatch.Request, base_frame: str = BASE
         requests.append(IKRequest(position=position, rotation=rotation,
                                   seed=None if req.seed == -1 else int(req.seed) + i, **shared))
     total = (float(req.total_time_budget)
-             or min(len(requests) * float(req.time_budget), max_total_s))
+             or default_total_budget(len(requests), float(req.time_budget), max_total_s))
     return requests, total
 
 

@@ -368,10 +368,13 @@ class RequestBuilder:
 def request_budget(msg) -> float:
     """The budget a valid request runs under, s; 0 for a budget the node must refuse (and the
     node's default of 1 s for IK is never in play here: the base requests set one)."""
+    from mace_core.ik.batch import default_total_budget
+
     budget = float(msg.time_budget)
     if hasattr(msg, "total_time_budget"):  # a batch: the whole call's
         budget = (float(msg.total_time_budget)
-                  or (min(len(msg.targets) * budget, MAX_BUDGET_S) if budget > 0 else budget))
+                  or (default_total_budget(len(msg.targets), budget, MAX_BUDGET_S) if budget > 0
+                      else budget))
     return budget if 0.0 < budget <= MAX_BUDGET_S else 0.0
 
 

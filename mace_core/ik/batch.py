@@ -30,6 +30,12 @@ if TYPE_CHECKING:
 MIN_TARGET_BUDGET_S = 1e-3
 
 
+def default_total_budget(num_targets: int, per_target_s: float, max_s: float) -> float:
+    """s, a batch's budget where none is given: its targets' budgets, at most ``max_s`` (the
+    service's ``limits.max_time_budget_s``)."""
+    return min(num_targets * per_target_s, max_s)
+
+
 @dataclass
 class IKBatchAnswer:
     """One target's answer: its result, or why it was refused (``result`` None)."""

@@ -15,11 +15,11 @@ from typing import Callable
 
 import numpy as np
 
-from ..robot.scenes import Scene, quaternion_xyzw_to_matrix
+from ..robot.scenes import Scene
 from .adapter import IKAdapter
-from .batch import solve_batch
-from .benchmark import SolutionJudge, environment, sample_pose_targets, sample_targets
-from .request import IKRequest
+from .batch import default_total_budget, solve_batch
+from .benchmark import (SolutionJudge, environment, sample_pose_targets, sample_targets,
+                        target_request)
 
 
 def run_batch_benchmark(adapter: IKAdapter, scene: Scene, num_targets: int, seed: int,
@@ -36,16 +36,13 @@ def run_batch_benchmark(adapter: IKAdapter, scene: Scene, num_targets: int, seed
         pose = target_kind == "pose"
         targets = (sample_pose_targets(scene, num_targets, seed, judge.checker) if pose
                    else sample_targets(scene, num_targets, seed))
-        requests = [IKRequest(position=np.asarray(t[:3], dtype=float),
-                              obstacles=list(scene.obstacles),
-                              rotation=(np.asarray(quaternion_xyzw_to_matrix(t[3:])) if pose
-                                        else None),
-                              orientation_tolerance=orientation_tolerance if pose else 0.0,
-                              num_solutions=num_solutions, time_budget_s=time_budget_s,
-                              seed=seed * 100003 + i)
+        requests = [target_request(t, scene, orientation_tolerance,
+                                   num_solutions=num_solutions, time_budget_s=time_budget_s,
+                                   seed=seed * 100003 + i)
                     for i, t in enumerate(np.asarray(targets))]
         total = (total_time_budget_s if total_time_budget_s is not None
-                 else min(time_budget_s * num_targets, adapter.config.limits.max_time_budget_s))
+                 else default_total_budget(num_targets, time_budget_s,
+                                           adapter.config.limits.max_time_budget_s))
         adapter.warm_up()
         log(f"[{scene.name}] batch of {num_targets} {target_kind} targets, K = {num_solutions}, "
             f"{total:g} s")
@@ -56,7 +53,7 @@ def run_batch_benchmark(adapter: IKAdapter, scene: Scene, num_targets: int, seed
         for answer, target in zip(answers, np.asarray(targets)):
             q = (np.array([s.q for s in answer.result.solutions]) if answer.result
                  else np.zeros((0, 7)))
-            valid.append(int(judge.judge(q, target)[0].sum()) if len(q) else 0)
+            valid.append(int(judge.judge(q, target)[0].sum()))
             times.append(answer.result.timings.total if answer.result else 0.0)
     finally:
         judge.close()

@@ -323,17 +323,26 @@ def load_pose_targets(path: str) -> np.ndarray:
     return np.stack(rows)
 
 
+def target_request(target: np.ndarray, scene: Scene, orientation_tolerance: float,
+                   **fields) -> IKRequest:
+    """A benchmark target, ``(3,)`` a position or ``(7,)`` a pose (x, y, z, qx, qy, qz, qw),
+    as a request in ``scene`` (``fields``: the other IKRequest fields)."""
+    target = np.asarray(target, dtype=float)
+    pose = {}
+    if target.shape[0] == 7:
+        pose = dict(rotation=np.asarray(quaternion_xyzw_to_matrix(target[3:])),
+                    orientation_tolerance=orientation_tolerance)
+    return IKRequest(position=target[:3], obstacles=list(scene.obstacles), **pose, **fields)
+
+
 def _mace_outcome(adapter: IKAdapter, scene: Scene, target: np.ndarray, cfg: IKBenchmarkConfig,
                   overrides: dict, seed: int, seed_state: np.ndarray | None = None
                   ) -> TargetOutcome:
     target = np.asarray(target, dtype=float)
-    pose = {}
-    if target.shape[0] == 7:  # x, y, z, qx, qy, qz, qw
-        pose = dict(rotation=np.asarray(quaternion_xyzw_to_matrix(target[3:])),
-                    orientation_tolerance=cfg.orientation_tolerance)
-    request = IKRequest(position=target[:3], obstacles=list(scene.obstacles),
-                        num_solutions=cfg.num_solutions, time_budget_s=cfg.time_budget_s,
-                        seed=seed, seed_state=seed_state, **pose, **overrides)
+    pose = target.shape[0] == 7
+    request = target_request(target, scene, cfg.orientation_tolerance,
+                             num_solutions=cfg.num_solutions, time_budget_s=cfg.time_budget_s,
+                             seed=seed, seed_state=seed_state, **overrides)
     t0 = time.perf_counter()
     result = adapter.solve(request)
     elapsed = time.perf_counter() - t0
