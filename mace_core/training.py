@@ -3,6 +3,7 @@
     mace-train ik [--samples N --epochs E ...]        the Panda IK prior (models/panda_ik.*)
     mace-train shape --prior boxes|objects [...]      a point-cloud VAE prior
     mace-train avips [--method avips|vi|gaussian ...] the aVIPS IK mixture and its baselines
+    mace-train placement --prior boxes|objects [...]  a shape prior's placement estimator
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def config_from_arguments(cls: type[T], args: argparse.Namespace) -> T:
 def main(argv: list[str] | None = None) -> int:
     """Dispatch to the training command of one prior family."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("ik", "shape", "avips"):
+    if not argv or argv[0] not in ("ik", "shape", "avips", "placement"):
         print(__doc__.strip())
         return 2
     if argv[0] == "ik":
@@ -41,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         from .ik.avips_training import main_avips
 
         return main_avips(argv[1:])
+    if argv[0] == "placement":
+        from .shape.placement_training import main_placement
+
+        return main_placement(argv[1:])
     from .shape.training import main_shape
 
     return main_shape(argv[1:])

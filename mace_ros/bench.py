@@ -288,8 +288,8 @@ def _add_shape_parser(sub) -> None:
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up")
     p.add_argument("--placement", choices=("canonical", "random"), default="canonical",
                    help="random: each shape placed at random on a table and observed there, "
-                        "sent in the support frame (methods prior, align_then_complete, mace; "
-                        "cloud modes only)")
+                        "sent in the support frame (methods prior, align_then_complete, "
+                        "mace_rule: MACE with the placement started by rule, mace)")
     p.set_defaults(func=_run_shape)
 
 

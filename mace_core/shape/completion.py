@@ -112,6 +112,10 @@ class ShapeCompletionConfig:
     #: -4 % to +1 % of their mean Chamfer in half the median time (boxes' random cut 1.40
     #: against 2.94 s, objects' camera view 2.91 against 4.67 s)
     placement_iterations: int = 20
+    #: start a support-frame request's placement from the prior's learned estimator
+    #: (:mod:`.placement_estimator`) where the prior ships one; False: from the observation's
+    #: bounding box and extent alone
+    placement_estimator: bool = True
     learning_rate: float = 5e-2  #: Adam step size on (μ_z, log σ_z)
     objective: str = "cem"  #: "cem" (Eq. 3) or "is" (Eq. 2 baseline)
     pool_size: int = 64  #: best candidates kept across iterations (raised to K if smaller)
@@ -419,6 +423,20 @@ class ShapeCompleter:
             return partial_cloud_scores(cand, obs.points, c.chamfer_k, c.temperature, scale, vis)
         return score
 
+    def _initial_placement(self, prior: ShapePrior, obs: _Observation
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """θ_p's start ``(4,)`` mean and std of (x, y, log s, dz) in the support frame: the
+        prior's placement estimator's Gaussian over (x, y, log s) where it has one and the
+        config asks for it (:mod:`.placement_estimator`), else the observation's bounding box
+        and extent (:func:`.placement.initial_placement`)."""
+        seen = obs.points if obs.kind == "points" else obs.contacts + obs.grasp_center
+        estimate = None
+        if prior.placement is not None and self.config.placement_estimator:
+            estimate = prior.placement.gaussian(seen, obs.directions, obs.viewpoint,
+                                                obs.grasp_center)
+        return initial_placement(seen, prior.entry.metric, prior.vae.config.length_scale,
+                                 standing=prior.entry.standing, estimate=estimate)
+
     # -- main ---------------------------------------------------------------------------------
 
     def complete(self, request: ShapeCompletionRequest, start: float | None = None,
@@ -443,9 +461,7 @@ class ShapeCompleter:
         scale = None
         if placed:  # shape and placement together; scored in the request's metres
             length = prior.vae.config.length_scale
-            seen = obs.points if obs.kind == "points" else obs.contacts + obs.grasp_center
-            mean, std = initial_placement(seen, prior.entry.metric, length,
-                                          standing=prior.entry.standing)
+            mean, std = self._initial_placement(prior, obs)
             model = PlacedShapeModel(model, mean, std, prior.entry.standing)
             scale = length * math.exp(float(mean[2]))
         timed = {"score_s": 0.0}

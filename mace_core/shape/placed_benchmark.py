@@ -17,7 +17,10 @@ Methods:
 - ``align_then_complete``: the observation centred (and scaled) by its own bounding box into
   the prior's canonical frame, completed there as today, and moved back: the baseline a user
   would write;
-- ``mace``: the completer in the support frame (shape and placement together).
+- ``mace_rule``: the completer in the support frame with its placement started by rule (the
+  observation's bounding box and extent: ``placement_estimator`` off);
+- ``mace``: the completer in the support frame (shape and placement together), its placement
+  started by the prior's learned estimator where it ships one (:mod:`.placement_estimator`).
 """
 
 from __future__ import annotations
@@ -35,13 +38,13 @@ from ..tensor import TensorSpec
 from .benchmark import (METHODS, MODES, ShapeBenchmarkConfig, ShapeCase, _completers, _units,
                         box_cases, chamfer_to, environment, mean_pairwise_chamfer, object_cases,
                         observe)
-from .completion import ShapeCompletionConfig, ShapeCompletionRequest
+from .completion import ShapeCompleter, ShapeCompletionConfig, ShapeCompletionRequest
 from .data import BOX_EDGE_RANGE_M, rotate_z, sample_box_clouds
 from .placement import initial_placement, place
 from .vae import ShapePrior
 
 #: Methods of the placed benchmark, in table order.
-PLACED_METHODS = ("prior", "align_then_complete", "mace")
+PLACED_METHODS = ("prior", "align_then_complete", "mace_rule", "mace")
 #: Modes of a placed box whose exact posterior :func:`placed_box_posterior` gives (the points
 #: alone are observed: no viewpoint, no fingers' free paths)
 REFERENCE_MODES = ("random_cut", "top_cut")
@@ -187,9 +190,12 @@ def run_placed_benchmark(priors: dict[str, ShapePrior], config: ShapeCompletionC
     scale, num_points = prior.vae.config.length_scale, prior.vae.config.num_points
     completers = _completers({cfg.prior: prior}, config, cfg.num_completions, spec)
     main, plain = completers["mace"][0], completers["prior"][0]
+    rule = (ShapeCompleter({cfg.prior: prior}, replace(config, placement_estimator=False), spec)
+            if "mace_rule" in methods else None)
     if cfg.warmup:
-        main.warmup()
-        plain.warmup()
+        for completer in (main, plain, rule):
+            if completer is not None:
+                completer.warmup()
     cases = (box_cases(cfg.num_cases, cfg.seed, num_points, cfg.sensor_points, spec)
              if cfg.prior == "boxes" else
              object_cases(cfg.num_cases, cfg.seed, num_points, cfg.object_points, spec,
@@ -208,8 +214,8 @@ def run_placed_benchmark(priors: dict[str, ShapePrior], config: ShapeCompletionC
             row = dict(case=c, shape=case.name, mode=mode, placement=asdict(where), methods={})
             for method in methods:
                 t0 = time.perf_counter()
-                completions = _answer(method, main, plain, cfg, placed, seed, metric, standing,
-                                      scale)
+                completions = _answer(method, rule if method == "mace_rule" else main, plain,
+                                      cfg, placed, seed, metric, standing, scale)
                 wall = time.perf_counter() - t0
                 cd = chamfer_to(completions, truth) / where.scale ** 2
                 row["methods"][method] = dict(
@@ -255,7 +261,7 @@ def _answer(method: str, main, plain, cfg: ShapeBenchmarkConfig, obs: dict, seed
     common = dict(prior=cfg.prior, num_completions=k, time_budget_s=cfg.time_budget_s,
                   seed=seed, iterations=None if cfg.iterations < 0 else cfg.iterations)
     seen = obs["points"] if "points" in obs else obs["contacts"]
-    if method == "mace":
+    if method in ("mace", "mace_rule"):
         return main.complete(ShapeCompletionRequest(frame="support", **common, **obs)
                              ).completions
     if method == "prior":

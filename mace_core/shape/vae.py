@@ -25,6 +25,7 @@ from torch import nn
 
 from ..errors import ModelLoadError
 from ..tensor import TensorSpec
+from .placement_estimator import PlacementEstimator, load_placement_estimator
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,10 @@ class ShapePriorEntry:
     standing: bool = True
     description: str = ""  #: free text (data, model card)
     card: str = ""  #: model card markdown, relative to the registry's folder
+    #: safetensors of the prior's placement estimator (:mod:`.placement_estimator`), relative
+    #: to the registry's folder; empty: none (a support-frame request starts by rule)
+    placement_weights: str = ""
+    placement_hidden: int = 128  #: its width (:class:`~.placement_estimator.PlacementEstimator`)
 
 
 _ENTRY_KEYS = {f.name for f in dataclasses.fields(ShapePriorEntry)} - {"name"}
@@ -215,8 +220,19 @@ def parse_shape_registry(data: object) -> dict[str, ShapePriorEntry]:
             name=str(name), weights=str(raw["weights"]), architecture=config,
             frame=str(raw.get("frame", "")), description=str(raw.get("description", "")),
             card=str(raw.get("card", "")), metric=raw.get("metric", True),
-            standing=raw.get("standing", True))
+            standing=raw.get("standing", True),
+            placement_weights=str(raw.get("placement_weights", "")),
+            placement_hidden=_positive_int(raw.get("placement_hidden", 128),
+                                           f"{name}: placement_hidden"))
     return entries
+
+
+def _positive_int(value: object, what: str) -> int:
+    """``value`` as an int > 0, else ModelLoadError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ModelLoadError(f"shape registry entry {what} must be an integer > 0, got "
+                             f"{value!r}")
+    return value
 
 
 def load_shape_registry(path: str | Path) -> dict[str, ShapePriorEntry]:
@@ -288,6 +304,8 @@ class ShapePrior:
 
     entry: ShapePriorEntry  #: registry entry (architecture, frame, files)
     vae: PointCloudVAE  #: frozen networks on the completer's device
+    #: where an observed object stands (support-frame requests), or None
+    placement: PlacementEstimator | None = None
 
     @property
     def name(self) -> str:
@@ -305,7 +323,9 @@ def load_shape_priors(registry_path: str | Path, spec: TensorSpec,
             raise ModelLoadError(f"priors {unknown} not in {registry_path} "
                                  f"(known: {sorted(entries)})")
         entries = {n: entries[n] for n in names}
-    return {n: ShapePrior(e, load_vae(e, registry_path.parent, spec)) for n, e in entries.items()}
+    return {n: ShapePrior(e, load_vae(e, registry_path.parent, spec),
+                          load_placement_estimator(e, registry_path.parent, spec))
+            for n, e in entries.items()}
 
 
 def parameter_count(model: nn.Module) -> int:
