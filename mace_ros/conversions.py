@@ -263,8 +263,7 @@ def ik_batch_request_to_msg(targets: np.ndarray, obstacles: Sequence[Obstacle] =
     msg.total_time_budget = float(total_time_budget_s)
     msg.seed = -1 if seed is None else int(seed)
     if seed_state is not None:
-        msg.seed_state = JointState(name=list(PANDA_JOINTS),
-                                    position=[float(v) for v in seed_state])
+        msg.seed_state = seed_state_to_msg(seed_state)
     return msg
 
 
@@ -283,6 +282,12 @@ def ik_batch_answers_to_msg(answers: Sequence[IKBatchAnswer],
     response.message = (f"{found} of {len(answers)} targets have a solution"
                         + (f"; {refused} refused (see their messages)" if refused else ""))
     return response
+
+
+def seed_state_to_msg(q) -> JointState:
+    """A seed state ``(7,)`` (rad) as the JointState a request carries, the arm's joints by
+    name."""
+    return JointState(name=list(PANDA_JOINTS), position=[float(v) for v in q])
 
 
 def seed_state_from_msg(state: JointState,
@@ -338,8 +343,7 @@ def ik_request_to_msg(request: IKRequest, base_frame: str = BASE_FRAME) -> Adapt
     msg.learning_rate = float(request.learning_rate or 0.0)
     msg.seed = -1 if request.seed is None else int(request.seed)
     if request.seed_state is not None:
-        msg.seed_state = JointState(name=list(PANDA_JOINTS),
-                                    position=[float(v) for v in request.seed_state])
+        msg.seed_state = seed_state_to_msg(request.seed_state)
     msg.ik_link_name = request.ik_link
     return msg
 
